@@ -1,0 +1,1 @@
+"""Pure rules of runledger: no I/O, no grpc, no SQL."""

@@ -1,0 +1,161 @@
+"""The run search language: `params.lr = "2e-5" AND metrics.`train/loss` < 0.5 AND status = "FINISHED"`.
+
+Parsed here into plain clauses; the SQL backend turns clauses into queries. MLflow users will find
+the syntax familiar (single or double quotes, backticks for keys with special characters).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from runledger_server.domain.errors import InvalidArgument
+
+KINDS = ("params", "tags", "metrics")
+ATTRIBUTES = ("status", "display_name", "run_id", "experiment", "create_time")
+OPS = ("=", "!=", "<", "<=", ">", ">=", "LIKE", "IN")
+
+_TOKEN = re.compile(
+    r"""\s*(?:
+        (?P<op><=|>=|!=|=|<|>)
+      | (?P<str>'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")
+      | (?P<num>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?(?![\w/]))
+      | (?P<punct>[(),])
+      | (?P<field>(?:params|tags|metrics)\.(?:`[^`]+`|[\w./:-]+)|[A-Za-z_]\w*)
+    )""",
+    re.VERBOSE,
+)
+
+
+@dataclass(frozen=True)
+class Clause:
+    kind: str  # params | tags | metrics | attribute
+    key: str  # param/tag/metric key, or the attribute name
+    op: str
+    values: tuple[str | float, ...]
+
+
+@dataclass(frozen=True)
+class OrderBy:
+    kind: str
+    key: str
+    descending: bool
+
+
+def _tokens(text: str, field: str) -> list[tuple[str, str]]:
+    out, pos = [], 0
+    text = text.rstrip()
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if not m or m.end() == pos:
+            raise InvalidArgument(f"{field}: cannot parse near {text[pos:pos + 20]!r}", field=field)
+        kind = m.lastgroup or ""
+        out.append((kind, m.group(kind)))
+        pos = m.end()
+    return out
+
+
+def _field(token: str, field: str) -> tuple[str, str]:
+    if "." in token and token.split(".", 1)[0] in KINDS:
+        kind, key = token.split(".", 1)
+        if key.startswith("`"):
+            key = key[1:-1]
+        return kind, key
+    name = token.lower()
+    if name not in ATTRIBUTES:
+        raise InvalidArgument(
+            f"{field}: unknown field {token!r}; use params.<key>, tags.<key>, metrics.<key> or one of "
+            f"{', '.join(ATTRIBUTES)}",
+            field=field,
+        )
+    return "attribute", name
+
+
+def _literal(kind: str, text: str) -> str | float:
+    if kind == "str":
+        return re.sub(r"\\(.)", r"\1", text[1:-1])
+    return float(text)
+
+
+def parse_filter(text: str, field: str = "filter") -> tuple[Clause, ...]:
+    if not text or not text.strip():
+        return ()
+    toks = _tokens(text, field)
+    clauses: list[Clause] = []
+    i = 0
+
+    def need(cond: bool, what: str) -> None:
+        if not cond:
+            raise InvalidArgument(f"{field}: expected {what} in {text!r}", field=field)
+
+    while True:
+        need(i < len(toks) and toks[i][0] == "field", "a field such as params.lr")
+        kind, key = _field(toks[i][1], field)
+        i += 1
+        need(i < len(toks), "an operator")
+        tk, tv = toks[i]
+        if tk == "field" and tv.upper() in ("LIKE", "IN"):
+            op = tv.upper()
+        elif tk == "field" and tv.upper() == "NOT" and i + 1 < len(toks) and toks[i + 1][1].upper() == "IN":
+            op = "NOT IN"
+            i += 1
+        else:
+            need(tk == "op", "an operator (= != < <= > >= LIKE IN)")
+            op = tv
+        i += 1
+        values: list[str | float] = []
+        if op in ("IN", "NOT IN"):
+            need(i < len(toks) and toks[i][1] == "(", "'('")
+            i += 1
+            while True:
+                need(i < len(toks) and toks[i][0] in ("str", "num"), "a value")
+                values.append(_literal(*toks[i]))
+                i += 1
+                need(i < len(toks) and toks[i][1] in (",", ")"), "',' or ')'")
+                i += 1
+                if toks[i - 1][1] == ")":
+                    break
+        else:
+            need(i < len(toks) and toks[i][0] in ("str", "num"), "a quoted string or a number")
+            values.append(_literal(*toks[i]))
+            i += 1
+        if op == "LIKE":
+            need(isinstance(values[0], str), "a quoted pattern after LIKE")
+        if kind == "metrics":
+            need(op not in ("LIKE",), "a numeric comparison for metrics")
+            need(all(isinstance(v, float) for v in values), "a number for metrics")
+        else:
+            values = [v if isinstance(v, str) else _num_text(v) for v in values]
+        if kind == "attribute" and key == "status":
+            values = [_status(str(v), field) for v in values]
+        clauses.append(Clause(kind, key, op, tuple(values)))
+        if i == len(toks):
+            return tuple(clauses)
+        need(toks[i][0] == "field" and toks[i][1].upper() == "AND", "AND between clauses")
+        i += 1
+
+
+def _num_text(v: float) -> str:
+    return str(int(v)) if v.is_integer() else repr(v)
+
+
+def _status(value: str, field: str) -> str:
+    v = value.upper().removeprefix("RUN_STATUS_")
+    if v not in ("RUNNING", "FINISHED", "FAILED", "KILLED"):
+        raise InvalidArgument(f"{field}: unknown status {value!r}", field=field)
+    return v
+
+
+def parse_order_by(text: str, field: str = "order_by") -> OrderBy:
+    if not text or not text.strip():
+        return OrderBy("attribute", "create_time", False)
+    parts = text.strip().rsplit(None, 1)
+    descending = False
+    if len(parts) == 2 and parts[1].upper() in ("ASC", "DESC"):
+        descending = parts[1].upper() == "DESC"
+        text = parts[0]
+    toks = _tokens(text, field)
+    if len(toks) != 1 or toks[0][0] != "field":
+        raise InvalidArgument(f"{field}: expected one field and an optional ASC/DESC, got {text!r}", field=field)
+    kind, key = _field(toks[0][1], field)
+    return OrderBy(kind, key, descending)

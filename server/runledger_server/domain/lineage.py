@@ -1,0 +1,112 @@
+"""Lineage as a content address: the five reproducibility facts and their fingerprint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from runledger_server.domain.errors import AlreadyExists, InvalidArgument
+
+REQUIRED_FIELDS: tuple[str, ...] = ("data_version", "code_commit", "config", "base_model", "seed")
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """A run's lineage; `None` marks a field not recorded yet. `config` is JSON object text."""
+
+    data_version: str | None = None
+    code_commit: str | None = None
+    config: str | None = None
+    base_model: str | None = None
+    seed: int | None = None
+
+    def missing_fields(self) -> list[str]:
+        return [name for name in REQUIRED_FIELDS if getattr(self, name) is None]
+
+    def is_complete(self) -> bool:
+        return not self.missing_fields()
+
+    def as_dict(self) -> dict[str, Any]:
+        """The recorded fields with `config` parsed, as the fingerprint sees them."""
+        out: dict[str, Any] = {}
+        for name in REQUIRED_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = parse_config(value) if name == "config" else value
+        return out
+
+    def fingerprint(self) -> str | None:
+        """sha256 hex of the canonical JSON, or None while incomplete."""
+        if not self.is_complete():
+            return None
+        return fingerprint_of(self.as_dict())
+
+
+def parse_config(text: str) -> dict[str, Any]:
+    """Parse config JSON text, keeping ints as ints and floats as floats; it must be an object."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise InvalidArgument(f"lineage.config is not valid JSON: {exc}", field="lineage.config") from exc
+    if not isinstance(value, dict):
+        raise InvalidArgument("lineage.config must be a JSON object", field="lineage.config")
+    return value
+
+
+def fingerprint_of(lineage: dict[str, Any]) -> str:
+    """The canonical fingerprint of a complete lineage dict (the reference rule, verbatim)."""
+    canonical = json.dumps({k: lineage[k] for k in REQUIRED_FIELDS}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def validate(lineage: Lineage) -> None:
+    """Reject malformed fields before anything is stored."""
+    for name in ("data_version", "code_commit", "base_model"):
+        value = getattr(lineage, name)
+        if value is not None and (not value or len(value) > 1024 or "\x00" in value):
+            raise InvalidArgument(
+                f"lineage.{name} must be 1-1024 characters without NUL", field=f"lineage.{name}"
+            )
+    if lineage.config is not None:
+        parse_config(lineage.config)
+
+
+def merge(current: Lineage, update: Lineage) -> Lineage:
+    """Apply an update. Fields merge while incomplete; once complete, a changed field is refused."""
+    validate(update)
+    changes: dict[str, Any] = {}
+    for f in fields(Lineage):
+        new = getattr(update, f.name)
+        if new is None:
+            continue
+        old = getattr(current, f.name)
+        if old is not None and not _same(f.name, old, new) and current.is_complete():
+            raise AlreadyExists(
+                f"lineage is complete and immutable: lineage.{f.name} is already set to a different value",
+                reason="LINEAGE_IMMUTABLE",
+                field=f"lineage.{f.name}",
+            )
+        changes[f.name] = new
+    return replace(current, **changes)
+
+
+def drifted_fields(expected: Lineage, claimed: Lineage) -> list[str]:
+    """The fields of a claimed reproduction that differ from (or are missing against) the original."""
+    out = []
+    for name in REQUIRED_FIELDS:
+        a, b = getattr(expected, name), getattr(claimed, name)
+        if b is None or a is None or not _same(name, a, b):
+            out.append(name)
+    return out
+
+
+def _same(name: str, a: Any, b: Any) -> bool:
+    if name == "config":
+        return _canon(a) == _canon(b)
+    return bool(a == b)
+
+
+def _canon(text: str) -> str:
+    return json.dumps(parse_config(text), sort_keys=True, separators=(",", ":"))

@@ -1,0 +1,94 @@
+"""Metric batches: validation of the packed per-key arrays and min/max-preserving downsampling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from runledger_server.domain import names
+from runledger_server.domain.errors import InvalidArgument
+
+MAX_SERIES_PER_BATCH = 10_000
+MAX_POINTS_PER_BATCH = 1_000_000
+
+
+@dataclass(frozen=True)
+class Series:
+    """The points of one key: parallel arrays, NaN and infinities kept bit-exact."""
+
+    key: str
+    steps: np.ndarray  # int64
+    values: np.ndarray  # float64
+    timestamps_ms: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return int(self.steps.shape[0])
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch from one writer; (run_id, writer_id, seq) identifies it for exactly-once storage."""
+
+    run_id: str
+    writer_id: str
+    seq: int
+    series: tuple[Series, ...]
+
+    @property
+    def points(self) -> int:
+        return sum(len(s) for s in self.series)
+
+
+def validate_batch(run_id: str, writer_id: str, seq: int, series: tuple[Series, ...]) -> Batch:
+    names.run_id(run_id)
+    if not writer_id or len(writer_id) > 128 or "\x00" in writer_id:
+        raise InvalidArgument("writer_id is required (1-128 characters, no NUL)", field="writer_id")
+    if seq < 0:
+        raise InvalidArgument(f"seq must be >= 0, got {seq}", field="seq")
+    if len(series) > MAX_SERIES_PER_BATCH:
+        raise InvalidArgument(f"a batch holds at most {MAX_SERIES_PER_BATCH} series", field="series")
+    total = 0
+    for s in series:
+        names.key(s.key, "series.key")
+        n = len(s.steps)
+        if len(s.values) != n or len(s.timestamps_ms) != n:
+            raise InvalidArgument(
+                f"metric {s.key!r}: steps, values and timestamps_ms must have equal lengths "
+                f"(got {n}, {len(s.values)}, {len(s.timestamps_ms)})",
+                field=f"series[{s.key}]",
+                metadata={"key": s.key},
+            )
+        total += n
+    if total > MAX_POINTS_PER_BATCH:
+        raise InvalidArgument(f"a batch holds at most {MAX_POINTS_PER_BATCH} points", field="series")
+    return Batch(run_id, writer_id, seq, series)
+
+
+def downsample(steps: np.ndarray, values: np.ndarray, max_points: int) -> np.ndarray:
+    """Indices (sorted) of at most ~max_points points keeping the first, the last, and each bucket's min and max.
+
+    The global minimum and maximum are always kept, so a spike or a collapse never vanishes from a
+    curve. NaN points are kept where a bucket holds one (a divergence is information).
+    """
+    n = int(steps.shape[0])
+    if max_points <= 0 or n <= max_points:
+        return np.arange(n)
+    if max_points < 4:
+        max_points = 4
+    has_nan = bool(np.isnan(values).any())
+    buckets = max(1, (max_points - 2) // (3 if has_nan else 2))
+    edges = np.linspace(1, n - 1, buckets + 1).astype(np.int64)
+    keep = [np.array([0, n - 1])]
+    finite = np.where(np.isnan(values), np.inf, values)
+    finite_max = np.where(np.isnan(values), -np.inf, values)
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        if hi <= lo:
+            continue
+        keep.append(np.array([lo + int(np.argmin(finite[lo:hi])), lo + int(np.argmax(finite_max[lo:hi]))]))
+        nan_idx = np.flatnonzero(np.isnan(values[lo:hi]))
+        if nan_idx.size:
+            keep.append(np.array([lo + int(nan_idx[0])]))
+    if np.any(~np.isnan(values)):
+        keep.append(np.array([int(np.nanargmin(values)), int(np.nanargmax(values))]))
+    return np.unique(np.concatenate(keep))

@@ -1,0 +1,97 @@
+"""Resource names and IDs (AIP-122): parsing and validation, so every service names fields the same way."""
+
+from __future__ import annotations
+
+import re
+
+from runledger_server.domain.errors import InvalidArgument
+
+_SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_RUN_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+_EXPERIMENT = re.compile(r"^experiments/([a-z0-9][a-z0-9-]{0,63})$")
+_VERSION = re.compile(r"^models/([^/@]+)/versions/([0-9]+)$")
+_ALIAS_REF = re.compile(r"^models/([^/@]+)@([^/@]+)$")
+_GATE = re.compile(r"^models/([^/@]+)/gates/([^/@]+)$")
+
+MAX_KEY = 250
+MAX_VALUE = 1 << 20  # 1 MiB per param/tag value: refused above, never truncated
+
+
+def slug(value: str, field: str) -> str:
+    """A model, gate or alias ID: letters, digits, `.`, `_`, `-`, 1-128 chars, alphanumeric first."""
+    if not _SLUG.match(value or ""):
+        raise InvalidArgument(
+            f"{field} {value!r} is not a valid ID: use letters, digits, '.', '_', '-' "
+            "(1-128 characters, starting with a letter or digit)",
+            field=field,
+        )
+    return value
+
+
+def run_id(value: str, field: str = "run_id") -> str:
+    if not value:
+        raise InvalidArgument(f"{field} is required", field=field)
+    if not _RUN_ID.match(value):
+        raise InvalidArgument(
+            f"{field} {value!r} is not a valid run ID (lowercase letters, digits, '-', 1-64 characters)",
+            field=field,
+        )
+    return value
+
+
+def experiment_id(name: str, field: str = "experiment") -> str:
+    """`experiments/{id}` -> id."""
+    if not name:
+        raise InvalidArgument(f"{field} is required (format: experiments/{{experiment}})", field=field)
+    m = _EXPERIMENT.match(name)
+    if not m:
+        raise InvalidArgument(f"{field} {name!r} is not of the form experiments/{{experiment}}", field=field)
+    return m.group(1)
+
+
+def model_id(name: str, field: str = "model") -> str:
+    """`models/{model}` (or the bare ID) -> model ID."""
+    if not name:
+        raise InvalidArgument(f"{field} is required (format: models/{{model}})", field=field)
+    bare = name[len("models/"):] if name.startswith("models/") else name
+    return slug(bare, field)
+
+
+def version_ref(name: str, field: str = "name") -> tuple[str, int | None, str | None]:
+    """`models/{m}/versions/{n}` or `models/{m}@{alias}` (also bare `{m}@{alias}`) -> (model, version, alias)."""
+    if not name:
+        raise InvalidArgument(f"{field} is required", field=field)
+    m = _VERSION.match(name)
+    if m:
+        return slug(m.group(1), field), int(m.group(2)), None
+    candidate = name if name.startswith("models/") else f"models/{name}"
+    m = _ALIAS_REF.match(candidate)
+    if m:
+        return slug(m.group(1), field), None, slug(m.group(2), field)
+    raise InvalidArgument(
+        f"{field} {name!r} is not of the form models/{{model}}/versions/{{version}} or models/{{model}}@{{alias}}",
+        field=field,
+    )
+
+
+def gate_ref(name: str, field: str = "name") -> tuple[str, str]:
+    m = _GATE.match(name or "")
+    if not m:
+        raise InvalidArgument(f"{field} {name!r} is not of the form models/{{model}}/gates/{{gate}}", field=field)
+    return slug(m.group(1), field), slug(m.group(2), field)
+
+
+def key(value: str, field: str) -> str:
+    """A param, tag or metric key: 1-250 characters, no NUL, no surrounding whitespace."""
+    if not value or len(value) > MAX_KEY or "\x00" in value or value.strip() != value:
+        raise InvalidArgument(
+            f"{field} {value!r} is not a valid key (1-{MAX_KEY} characters, no NUL, no surrounding spaces)",
+            field=field,
+        )
+    return value
+
+
+def text_value(value: str, field: str) -> str:
+    if len(value) > MAX_VALUE or "\x00" in value:
+        raise InvalidArgument(f"{field} is longer than {MAX_VALUE} characters or contains NUL", field=field)
+    return value
