@@ -1,0 +1,103 @@
+"""Wiring: build the stores, services and servicers for a Settings. The only module that knows the
+concrete backends."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from runledger.v1 import (
+    artifact_service_pb2,
+    artifact_service_pb2_grpc,
+    registry_service_pb2,
+    registry_service_pb2_grpc,
+    tracking_service_pb2,
+    tracking_service_pb2_grpc,
+)
+
+from runledger_server.backends.sql import migrate
+from runledger_server.backends.sql.database import Database
+from runledger_server.backends.sql.tracking_store import SqlTrackingStore
+from runledger_server.config import Settings
+from runledger_server.services.metric_ingest import MetricIngest
+from runledger_server.services.tracking import TrackingService
+from runledger_server.transport.tracking_servicer import TrackingServicer
+
+_LOGGER = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+SERVICE_NAMES = (
+    tracking_service_pb2.DESCRIPTOR.services_by_name["TrackingService"].full_name,
+    artifact_service_pb2.DESCRIPTOR.services_by_name["ArtifactService"].full_name,
+    registry_service_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name,
+)
+
+
+@dataclass
+class Server:
+    """A built server: start it, stop it gracefully (acknowledged writes are finished first)."""
+
+    grpc_server: grpc.aio.Server
+    port: int
+    settings: Settings
+    _closers: list = field(default_factory=list)  # type: ignore[type-arg]
+    _health: health.aio.HealthServicer | None = None
+
+    async def start(self) -> None:
+        await self.grpc_server.start()
+        if self._health is not None:
+            for name in ("", *SERVICE_NAMES):
+                await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        await self.grpc_server.stop(self.settings.grace_seconds if grace is None else grace)
+        for close in reversed(self._closers):
+            close()
+
+    async def wait_for_termination(self) -> None:
+        await self.grpc_server.wait_for_termination()
+
+
+async def build_server(settings: Settings) -> tuple[Server, int]:
+    """Create (but do not start) the server; the port is the bound one (0 picks a free port)."""
+    db = Database(settings.database_url)
+    migrate.upgrade(db)
+    executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="runledger-worker")
+    tracking_store = SqlTrackingStore(db)
+    ingest = MetricIngest(tracking_store)
+    tracking = TrackingService(tracking_store, ingest)
+
+    grpc_server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    tracking_service_pb2_grpc.add_TrackingServiceServicer_to_server(TrackingServicer(tracking, executor), grpc_server)
+    artifact_service_pb2_grpc.add_ArtifactServiceServicer_to_server(
+        artifact_service_pb2_grpc.ArtifactServiceServicer(), grpc_server
+    )
+    registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(
+        registry_service_pb2_grpc.RegistryServiceServicer(), grpc_server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+    reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, health.SERVICE_NAME), grpc_server)
+
+    port = grpc_server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise OSError(f"cannot listen on {settings.host}:{settings.port}")
+    server = Server(grpc_server, port, settings, _health=health_servicer)
+    server._closers += [db.dispose, lambda: executor.shutdown(wait=True), ingest.close]
+    _LOGGER.info(
+        "runledger serving on %s:%d (metadata: %s, artifacts: %s)",
+        settings.host, port, db.url.render_as_string(hide_password=True), settings.artifact_location,
+    )
+    return server, port

@@ -1,0 +1,1 @@
+"""Concrete stores: SQL metadata (SQLAlchemy) and artifact bytes (local directory, MinIO/S3)."""

@@ -1,0 +1,1 @@
+"""The SQLAlchemy metadata store: SQLite embedded, PostgreSQL for several replicas."""

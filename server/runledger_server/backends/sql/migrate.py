@@ -1,0 +1,38 @@
+"""Bring the schema to the latest migration; replicas starting together on PostgreSQL take turns."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import text
+
+from runledger_server.backends.sql.database import Database
+
+_LOGGER = logging.getLogger(__name__)
+_MIGRATIONS = Path(__file__).parent / "migrations"
+_LOCK_ID = 0x72756E6C  # "runl": the advisory lock replicas hold while migrating
+
+
+def alembic_config() -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(_MIGRATIONS))
+    return cfg
+
+
+def upgrade(db: Database) -> None:
+    cfg = alembic_config()
+    with db.engine.connect() as conn:
+        if db.dialect == "postgresql":
+            conn.execute(text("SELECT pg_advisory_lock(:id)"), {"id": _LOCK_ID})
+            conn.commit()
+        try:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+            conn.commit()
+        finally:
+            if db.dialect == "postgresql":
+                conn.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": _LOCK_ID})
+                conn.commit()

@@ -1,0 +1,8 @@
+"""Every table of the metadata store, gathered on one Base for migrations."""
+
+from __future__ import annotations
+
+from runledger_server.backends.sql import tracking_tables
+from runledger_server.backends.sql.base import Base
+
+__all__ = ["Base", "tracking_tables"]

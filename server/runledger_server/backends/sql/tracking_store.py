@@ -1,0 +1,603 @@
+"""SQLAlchemy implementation of the tracking store."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from sqlalchemy import ColumnElement, and_, exists, insert, not_, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from runledger_server.backends.sql.base import now_us
+from runledger_server.backends.sql.database import Database
+from runledger_server.backends.sql.tracking_tables import (
+    EvalScoreRow,
+    ExperimentRow,
+    ExperimentTagRow,
+    LatestMetricRow,
+    MetricBatchRow,
+    MetricChunkRow,
+    RunParamRow,
+    RunRow,
+    RunTagRow,
+)
+from runledger_server.domain import ids, paging
+from runledger_server.domain import lineage as lineage_rules
+from runledger_server.domain.errors import AlreadyExists, InvalidArgument, NotFound
+from runledger_server.domain.filters import Clause, OrderBy
+from runledger_server.domain.lineage import Lineage
+from runledger_server.domain.metrics import Batch
+from runledger_server.store.entities import EvalResult, Experiment, LatestMetric, Page, Run
+
+_LOGGER = logging.getLogger(__name__)
+
+FINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
+_STEP, _VAL, _TS = np.dtype("<i8"), np.dtype("<f8"), np.dtype("<i8")
+
+
+class SqlTrackingStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._known_runs: set[str] = set()  # runs are never deleted, so a positive cache is always valid
+
+    # ---- experiments -------------------------------------------------------------------------
+    def create_experiment(self, display_name: str, description: str, tags: dict[str, str]) -> Experiment:
+        with self.db.write() as s:
+            existing = s.scalar(select(ExperimentRow.id).where(ExperimentRow.display_name == display_name))
+            if existing is not None:
+                raise AlreadyExists(
+                    f"experiment display_name {display_name!r} is taken by experiments/{existing}",
+                    field="display_name",
+                    metadata={"experiment": f"experiments/{existing}"},
+                )
+            row = ExperimentRow(
+                id=ids.new_id(), display_name=display_name, description=description, create_time_us=now_us()
+            )
+            s.add(row)
+            s.add_all(ExperimentTagRow(experiment_id=row.id, key=k, value=v) for k, v in tags.items())
+            s.flush()
+            return _experiment(row, dict(tags))
+
+    def get_experiment(self, experiment_id: str) -> Experiment:
+        with self.db.read() as s:
+            row = s.get(ExperimentRow, experiment_id)
+            if row is None:
+                raise NotFound(f"experiments/{experiment_id} not found", field="name")
+            return _experiment(row, _experiment_tags(s, [row.id]).get(row.id, {}))
+
+    def list_experiments(self, clauses: Sequence[Clause], page_size: int, page_token: str) -> Page[Experiment]:
+        query = {"filter": [c.__dict__ for c in clauses]}
+        cursor = paging.decode(page_token, query)
+        stmt = select(ExperimentRow)
+        for c in clauses:
+            stmt = stmt.where(_experiment_clause(c))
+        if cursor:
+            ct, eid = cursor
+            stmt = stmt.where(
+                or_(ExperimentRow.create_time_us > ct, and_(ExperimentRow.create_time_us == ct, ExperimentRow.id > eid))
+            )
+        stmt = stmt.order_by(ExperimentRow.create_time_us, ExperimentRow.id).limit(page_size + 1)
+        with self.db.read() as s:
+            rows = list(s.scalars(stmt))
+            more = len(rows) > page_size
+            rows = rows[:page_size]
+            tags = _experiment_tags(s, [r.id for r in rows])
+        token = paging.encode([rows[-1].create_time_us, rows[-1].id], query) if more else ""
+        return Page([_experiment(r, tags.get(r.id, {})) for r in rows], token)
+
+    # ---- runs --------------------------------------------------------------------------------
+    def create_run(
+        self,
+        run_id: str,
+        experiment_id: str,
+        display_name: str,
+        tags: dict[str, str],
+        params: dict[str, str],
+        lineage: Lineage,
+        start_time_us: int | None,
+    ) -> Run:
+        merged = lineage_rules.merge(Lineage(), lineage)
+        with self.db.write() as s:
+            if s.get(ExperimentRow, experiment_id) is None:
+                raise NotFound(f"experiments/{experiment_id} not found", field="experiment")
+            if s.get(RunRow, run_id) is not None:
+                raise AlreadyExists(f"runs/{run_id} already exists", field="run_id")
+            now = now_us()
+            row = RunRow(
+                id=run_id,
+                experiment_id=experiment_id,
+                display_name=display_name,
+                status="RUNNING",
+                create_time_us=now,
+                update_time_us=now,
+                start_time_us=start_time_us or now,
+                end_time_us=None,
+            )
+            _apply_lineage(row, merged)
+            s.add(row)
+            s.flush()
+            s.add_all(_param_row(run_id, k, v) for k, v in params.items())
+            s.add_all(RunTagRow(run_id=run_id, key=k, value=v) for k, v in tags.items())
+            s.flush()
+            run = self._load(s, [row])[0]
+        self._known_runs.add(run_id)
+        return run
+
+    def get_run(self, run_id: str) -> Run:
+        with self.db.read() as s:
+            return self._load(s, [_require_run(s, run_id)])[0]
+
+    def update_run(
+        self, run_id: str, status: str | None, end_time_us: int | None, display_name: str | None
+    ) -> Run:
+        with self.db.write() as s:
+            row = _require_run(s, run_id)
+            now = now_us()
+            if status is not None:
+                row.status = status
+                row.end_time_us = (end_time_us or now) if status in FINAL_STATUSES else None
+            elif end_time_us is not None:
+                row.end_time_us = end_time_us
+            if display_name is not None:
+                row.display_name = display_name
+            row.update_time_us = now
+            s.flush()
+            return self._load(s, [row])[0]
+
+    def search_runs(
+        self,
+        experiment_ids: Sequence[str],
+        clauses: Sequence[Clause],
+        order_by: OrderBy,
+        page_size: int,
+        page_token: str,
+    ) -> Page[Run]:
+        query = {
+            "experiments": sorted(experiment_ids),
+            "filter": [c.__dict__ for c in clauses],
+            "order": order_by.__dict__,
+        }
+        cursor = paging.decode(page_token, query)
+        sort = _sort_expr(order_by)
+        stmt = select(RunRow, sort.label("sort_value"))
+        if experiment_ids:
+            stmt = stmt.where(RunRow.experiment_id.in_(experiment_ids))
+        for c in clauses:
+            stmt = stmt.where(_run_clause(c))
+        if cursor is not None:
+            stmt = stmt.where(_after(sort, order_by.descending, cursor))
+        stmt = stmt.order_by(
+            sort.is_(None),
+            sort.desc() if order_by.descending else sort.asc(),
+            RunRow.create_time_us,
+            RunRow.id,
+        ).limit(page_size + 1)
+        with self.db.read() as s:
+            result = list(s.execute(stmt))
+            more = len(result) > page_size
+            result = result[:page_size]
+            runs = self._load(s, [r[0] for r in result])
+        token = ""
+        if more:
+            last_row, last_value = result[-1]
+            token = paging.encode([last_value, last_row.create_time_us, last_row.id], query)
+        return Page(runs, token)
+
+    def runs_in_creation_order(self, run_ids: Sequence[str]) -> list[str]:
+        with self.db.read() as s:
+            found = list(
+                s.execute(
+                    select(RunRow.id).where(RunRow.id.in_(run_ids)).order_by(RunRow.create_time_us, RunRow.id)
+                ).scalars()
+            )
+        missing = sorted(set(run_ids) - set(found))
+        if missing:
+            raise NotFound(f"runs not found: {', '.join(missing)}", field="run_ids")
+        return found
+
+    # ---- params, tags, lineage ---------------------------------------------------------------
+    def log_params(self, run_id: str, params: dict[str, str]) -> dict[str, str]:
+        with self.db.write() as s:
+            _require_run(s, run_id)
+            existing = dict(
+                s.execute(select(RunParamRow.key, RunParamRow.value).where(RunParamRow.run_id == run_id)).all()
+            )
+            for key in sorted(params):
+                if key in existing and existing[key] != params[key]:
+                    raise AlreadyExists(
+                        f"param {key!r} of runs/{run_id} is already set to a different value "
+                        f"({_clip(existing[key])!r}); params are immutable",
+                        reason="PARAM_IMMUTABLE",
+                        field=f"params[{key}]",
+                        metadata={"key": key},
+                    )
+            new = {k: v for k, v in params.items() if k not in existing}
+            s.add_all(_param_row(run_id, k, v) for k, v in new.items())
+            if new:
+                s.execute(update(RunRow).where(RunRow.id == run_id).values(update_time_us=now_us()))
+            return {**existing, **new}
+
+    def set_tags(self, run_id: str, tags: dict[str, str], remove_keys: Sequence[str]) -> dict[str, str]:
+        with self.db.write() as s:
+            _require_run(s, run_id)
+            rows = {r.key: r for r in s.scalars(select(RunTagRow).where(RunTagRow.run_id == run_id))}
+            for key in remove_keys:
+                if key in rows:
+                    s.delete(rows.pop(key))
+            for key, value in tags.items():
+                if key in rows:
+                    rows[key].value = value
+                else:
+                    rows[key] = RunTagRow(run_id=run_id, key=key, value=value)
+                    s.add(rows[key])
+            s.execute(update(RunRow).where(RunRow.id == run_id).values(update_time_us=now_us()))
+            return {k: r.value for k, r in rows.items()}
+
+    def set_lineage(self, run_id: str, lineage: Lineage) -> Lineage:
+        with self.db.write() as s:
+            row = _require_run(s, run_id)
+            merged = lineage_rules.merge(_lineage(row), lineage)
+            _apply_lineage(row, merged)
+            row.update_time_us = now_us()
+            return merged
+
+    # ---- metrics -----------------------------------------------------------------------------
+    def commit_metric_batches(self, batches: Sequence[Batch]) -> list[bool | Exception]:
+        try:
+            return self._commit_group(batches)
+        except AlreadyExists:
+            # Another replica stored one of these batches concurrently: commit them one at a time.
+            return [self._commit_group([b])[0] for b in batches]
+
+    def _commit_group(self, batches: Sequence[Batch]) -> list[bool | Exception]:
+        results: list[bool | Exception] = [False] * len(batches)
+        with self.db.write() as s:
+            unknown = {b.run_id for b in batches} - self._known_runs
+            if unknown:
+                found = set(s.scalars(select(RunRow.id).where(RunRow.id.in_(unknown))))
+                self._known_runs |= found
+            seen: dict[tuple[str, str], set[int]] = defaultdict(set)
+            wanted: dict[tuple[str, str], list[int]] = defaultdict(list)
+            for b in batches:
+                wanted[(b.run_id, b.writer_id)].append(b.seq)
+            for (run_id, writer_id), seqs in wanted.items():
+                if run_id in self._known_runs:
+                    seen[(run_id, writer_id)] = set(
+                        s.scalars(
+                            select(MetricBatchRow.seq).where(
+                                MetricBatchRow.run_id == run_id,
+                                MetricBatchRow.writer_id == writer_id,
+                                MetricBatchRow.seq.in_(seqs),
+                            )
+                        )
+                    )
+            now = now_us()
+            batch_rows: list[dict[str, Any]] = []
+            chunk_rows: list[dict[str, Any]] = []
+            latest: dict[tuple[str, str], tuple[int, float, int]] = {}
+            for i, b in enumerate(batches):
+                if b.run_id not in self._known_runs:
+                    results[i] = NotFound(f"runs/{b.run_id} not found", field="run_id")
+                    continue
+                done = seen[(b.run_id, b.writer_id)]
+                if b.seq in done:
+                    results[i] = True
+                    continue
+                done.add(b.seq)
+                batch_rows.append(
+                    {"run_id": b.run_id, "writer_id": b.writer_id, "seq": b.seq, "points": b.points,
+                     "commit_time_us": now}
+                )
+                for series in b.series:
+                    if len(series) == 0:
+                        continue
+                    steps = series.steps
+                    chunk_rows.append(
+                        {
+                            "run_id": b.run_id, "key": series.key, "writer_id": b.writer_id, "seq": b.seq,
+                            "count": len(series), "min_step": int(steps.min()), "max_step": int(steps.max()),
+                            "steps": steps.astype(_STEP, copy=False).tobytes(),
+                            "values": series.values.astype(_VAL, copy=False).tobytes(),
+                            "timestamps_ms": series.timestamps_ms.astype(_TS, copy=False).tobytes(),
+                        }
+                    )
+                    j = int(np.argmax(steps[::-1]))  # the last occurrence of the highest step
+                    j = len(steps) - 1 - j
+                    point = (int(steps[j]), float(series.values[j]), int(series.timestamps_ms[j]))
+                    prev = latest.get((b.run_id, series.key))
+                    if prev is None or point[0] >= prev[0]:
+                        latest[(b.run_id, series.key)] = point
+            if batch_rows:
+                s.execute(insert(MetricBatchRow), batch_rows)
+            if chunk_rows:
+                s.execute(insert(MetricChunkRow), chunk_rows)
+            if latest:
+                self._upsert_latest(s, latest)
+        return results
+
+    def _upsert_latest(self, s: Session, latest: dict[tuple[str, str], tuple[int, float, int]]) -> None:
+        rows = [
+            {"run_id": r, "key": k, "step": st, "value": None if math.isnan(v) else v, "timestamp_ms": ts}
+            for (r, k), (st, v, ts) in latest.items()
+        ]
+        ins: Any = (postgresql.insert if self.db.dialect == "postgresql" else sqlite.insert)(LatestMetricRow)
+        stmt = ins.on_conflict_do_update(
+            index_elements=["run_id", "key"],
+            set_={"step": ins.excluded.step, "value": ins.excluded.value, "timestamp_ms": ins.excluded.timestamp_ms},
+            where=ins.excluded.step >= LatestMetricRow.step,
+        )
+        s.execute(stmt, rows)
+
+    def metric_history(
+        self, run_id: str, key: str, start_step: int | None, end_step: int | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        stmt = select(MetricChunkRow.steps, MetricChunkRow.values, MetricChunkRow.timestamps_ms).where(
+            MetricChunkRow.run_id == run_id, MetricChunkRow.key == key
+        )
+        if start_step is not None:
+            stmt = stmt.where(MetricChunkRow.max_step >= start_step)
+        if end_step is not None:
+            stmt = stmt.where(MetricChunkRow.min_step <= end_step)
+        with self.db.read() as s:
+            _require_run(s, run_id)
+            chunks = s.execute(stmt.order_by(MetricChunkRow.id)).all()
+        if not chunks:
+            return np.empty(0, _STEP), np.empty(0, _VAL), np.empty(0, _TS)
+        steps = np.frombuffer(b"".join(c[0] for c in chunks), _STEP)
+        values = np.frombuffer(b"".join(c[1] for c in chunks), _VAL)
+        stamps = np.frombuffer(b"".join(c[2] for c in chunks), _TS)
+        if start_step is not None or end_step is not None:
+            mask = np.ones(steps.shape[0], bool)
+            if start_step is not None:
+                mask &= steps >= start_step
+            if end_step is not None:
+                mask &= steps <= end_step
+            steps, values, stamps = steps[mask], values[mask], stamps[mask]
+        if steps.shape[0] > 1 and np.any(steps[1:] < steps[:-1]):
+            order = np.argsort(steps, kind="stable")
+            steps, values, stamps = steps[order], values[order], stamps[order]
+        return steps, values, stamps
+
+    # ---- eval results ------------------------------------------------------------------------
+    def log_eval_result(self, run_id: str, suite_fingerprint: str, metrics: dict[str, float]) -> EvalResult:
+        with self.db.write() as s:
+            _require_run(s, run_id)
+            rows = {
+                r.metric: r
+                for r in s.scalars(
+                    select(EvalScoreRow).where(
+                        EvalScoreRow.run_id == run_id, EvalScoreRow.suite_fingerprint == suite_fingerprint
+                    )
+                )
+            }
+            for metric in sorted(metrics):
+                if metric in rows and rows[metric].value != metrics[metric]:
+                    raise AlreadyExists(
+                        f"eval score {metric!r} of runs/{run_id} on suite {suite_fingerprint} is already "
+                        f"recorded as {rows[metric].value}; eval results are immutable",
+                        reason="EVAL_RESULT_IMMUTABLE",
+                        field=f"metrics[{metric}]",
+                        metadata={"key": metric},
+                    )
+            now = now_us()
+            for metric, value in metrics.items():
+                if metric not in rows:
+                    rows[metric] = EvalScoreRow(
+                        run_id=run_id, suite_fingerprint=suite_fingerprint, metric=metric, value=value,
+                        create_time_us=now,
+                    )
+                    s.add(rows[metric])
+            s.flush()
+            return EvalResult(
+                run_id, suite_fingerprint, {m: r.value for m, r in rows.items()},
+                min(r.create_time_us for r in rows.values()),
+            )
+
+    def eval_scores(self, run_ids: Sequence[str], metric: str) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = defaultdict(dict)
+        with self.db.read() as s:
+            for run_id, suite, value in s.execute(
+                select(EvalScoreRow.run_id, EvalScoreRow.suite_fingerprint, EvalScoreRow.value).where(
+                    EvalScoreRow.run_id.in_(run_ids), EvalScoreRow.metric == metric
+                )
+            ):
+                out[run_id][suite] = value
+        return dict(out)
+
+    # ---- loading -----------------------------------------------------------------------------
+    def _load(self, s: Session, rows: Sequence[RunRow]) -> list[Run]:
+        ids_ = [r.id for r in rows]
+        if not ids_:
+            return []
+        params: dict[str, dict[str, str]] = defaultdict(dict)
+        tags: dict[str, dict[str, str]] = defaultdict(dict)
+        latest: dict[str, dict[str, LatestMetric]] = defaultdict(dict)
+        for run_id, k, v in s.execute(
+            select(RunParamRow.run_id, RunParamRow.key, RunParamRow.value).where(RunParamRow.run_id.in_(ids_))
+        ):
+            params[run_id][k] = v
+        for run_id, k, v in s.execute(
+            select(RunTagRow.run_id, RunTagRow.key, RunTagRow.value).where(RunTagRow.run_id.in_(ids_))
+        ):
+            tags[run_id][k] = v
+        for m in s.scalars(select(LatestMetricRow).where(LatestMetricRow.run_id.in_(ids_))):
+            value = math.nan if m.value is None else m.value
+            latest[m.run_id][m.key] = LatestMetric(m.step, value, m.timestamp_ms)
+        return [
+            Run(
+                run_id=r.id,
+                experiment_id=r.experiment_id,
+                display_name=r.display_name,
+                status=r.status,
+                params=params.get(r.id, {}),
+                tags=tags.get(r.id, {}),
+                lineage=_lineage(r),
+                lineage_fingerprint=r.lineage_fingerprint,
+                latest_metrics=latest.get(r.id, {}),
+                create_time_us=r.create_time_us,
+                update_time_us=r.update_time_us,
+                start_time_us=r.start_time_us,
+                end_time_us=r.end_time_us,
+            )
+            for r in rows
+        ]
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+def _require_run(s: Session, run_id: str) -> RunRow:
+    row = s.get(RunRow, run_id)
+    if row is None:
+        raise NotFound(f"runs/{run_id} not found", field="run_id")
+    return row
+
+
+def _clip(text: str, n: int = 80) -> str:
+    return text if len(text) <= n else text[:n] + "…"
+
+
+def _param_row(run_id: str, key: str, value: str) -> RunParamRow:
+    return RunParamRow(run_id=run_id, key=key, value=value, value_prefix=value[:200])
+
+
+def _lineage(row: RunRow) -> Lineage:
+    return Lineage(row.data_version, row.code_commit, row.config, row.base_model, row.seed)
+
+
+def _apply_lineage(row: RunRow, lineage: Lineage) -> None:
+    row.data_version = lineage.data_version
+    row.code_commit = lineage.code_commit
+    row.config = lineage.config
+    row.base_model = lineage.base_model
+    row.seed = lineage.seed
+    row.lineage_fingerprint = lineage.fingerprint()
+
+
+def _experiment(row: ExperimentRow, tags: dict[str, str]) -> Experiment:
+    return Experiment(row.id, row.display_name, row.description, tags, row.create_time_us)
+
+
+def _experiment_tags(s: Session, experiment_ids: list[str]) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = defaultdict(dict)
+    if experiment_ids:
+        for eid, k, v in s.execute(
+            select(ExperimentTagRow.experiment_id, ExperimentTagRow.key, ExperimentTagRow.value).where(
+                ExperimentTagRow.experiment_id.in_(experiment_ids)
+            )
+        ):
+            out[eid][k] = v
+    return out
+
+
+def _compare(column: Any, op: str, values: tuple[Any, ...]) -> ColumnElement[bool]:
+    v = values[0]
+    if op == "=":
+        return column == v  # type: ignore[no-any-return]
+    if op == "!=":
+        return column != v  # type: ignore[no-any-return]
+    if op == "<":
+        return column < v  # type: ignore[no-any-return]
+    if op == "<=":
+        return column <= v  # type: ignore[no-any-return]
+    if op == ">":
+        return column > v  # type: ignore[no-any-return]
+    if op == ">=":
+        return column >= v  # type: ignore[no-any-return]
+    if op == "LIKE":
+        return column.like(v)  # type: ignore[no-any-return]
+    if op == "IN":
+        return column.in_(values)  # type: ignore[no-any-return]
+    if op == "NOT IN":
+        return not_(column.in_(values))
+    raise InvalidArgument(f"unsupported operator {op!r}", field="filter")
+
+
+def _experiment_clause(c: Clause) -> ColumnElement[bool]:
+    if c.kind == "tags":
+        return exists().where(
+            ExperimentTagRow.experiment_id == ExperimentRow.id,
+            ExperimentTagRow.key == c.key,
+            _compare(ExperimentTagRow.value, c.op, c.values),
+        )
+    if c.kind == "attribute" and c.key == "display_name":
+        return _compare(ExperimentRow.display_name, c.op, c.values)
+    raise InvalidArgument(
+        f"filter: experiments can be filtered on display_name and tags.<key>, not {c.kind}.{c.key}", field="filter"
+    )
+
+
+def _run_clause(c: Clause) -> ColumnElement[bool]:
+    if c.kind == "params":
+        return exists().where(
+            RunParamRow.run_id == RunRow.id, RunParamRow.key == c.key, _compare(RunParamRow.value, c.op, c.values)
+        )
+    if c.kind == "tags":
+        return exists().where(
+            RunTagRow.run_id == RunRow.id, RunTagRow.key == c.key, _compare(RunTagRow.value, c.op, c.values)
+        )
+    if c.kind == "metrics":
+        return exists().where(
+            LatestMetricRow.run_id == RunRow.id,
+            LatestMetricRow.key == c.key,
+            LatestMetricRow.value.is_not(None),
+            _compare(LatestMetricRow.value, c.op, c.values),
+        )
+    column = {
+        "status": RunRow.status,
+        "display_name": RunRow.display_name,
+        "run_id": RunRow.id,
+        "experiment": RunRow.experiment_id,
+        "create_time": RunRow.create_time_us,
+    }[c.key]
+    values = c.values
+    if c.key == "experiment":
+        values = tuple(str(v).removeprefix("experiments/") for v in values)
+    if c.key == "create_time":  # milliseconds since the epoch in the filter
+        try:
+            values = tuple(int(float(v) * 1000) for v in values)
+        except ValueError as exc:
+            raise InvalidArgument("filter: create_time takes milliseconds since the epoch", field="filter") from exc
+    return _compare(column, c.op, values)
+
+
+def _sort_expr(order: OrderBy) -> Any:
+    if order.kind == "params":
+        return (
+            select(RunParamRow.value)
+            .where(RunParamRow.run_id == RunRow.id, RunParamRow.key == order.key)
+            .scalar_subquery()
+        )
+    if order.kind == "tags":
+        return (
+            select(RunTagRow.value).where(RunTagRow.run_id == RunRow.id, RunTagRow.key == order.key).scalar_subquery()
+        )
+    if order.kind == "metrics":
+        return (
+            select(LatestMetricRow.value)
+            .where(LatestMetricRow.run_id == RunRow.id, LatestMetricRow.key == order.key)
+            .scalar_subquery()
+        )
+    return {
+        "status": RunRow.status,
+        "display_name": RunRow.display_name,
+        "run_id": RunRow.id,
+        "experiment": RunRow.experiment_id,
+        "create_time": RunRow.create_time_us,
+    }[order.key]
+
+
+def _after(sort: Any, descending: bool, cursor: list[Any]) -> ColumnElement[bool]:
+    try:
+        value, ct, rid = cursor
+    except ValueError as exc:
+        raise InvalidArgument("page_token is malformed", field="page_token") from exc
+    tie = or_(RunRow.create_time_us > ct, and_(RunRow.create_time_us == ct, RunRow.id > rid))
+    if value is None:
+        return and_(sort.is_(None), tie)
+    beyond = sort < value if descending else sort > value
+    return or_(beyond, and_(sort == value, tie), sort.is_(None))
+

@@ -1,0 +1,51 @@
+"""The `runledger` command: `serve` runs the server; `demo` runs a simulated post-training sweep."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from runledger_server import config
+from runledger_server.app import build_server
+
+_LOGGER = logging.getLogger(__name__)
+
+
+async def serve(settings: config.Settings) -> None:
+    server, port = await build_server(settings)
+    await server.start()
+    print(f"runledger listening on {settings.host}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    _LOGGER.info("shutting down: finishing in-flight requests and acknowledged writes")
+    await server.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="runledger", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="run the gRPC server")
+    config.add_arguments(p_serve)
+    p_demo = sub.add_parser("demo", help="start an embedded server and run a simulated post-training sweep")
+    p_demo.add_argument("--data-dir", default=None, help="data directory (default: a fresh temporary one)")
+    p_demo.add_argument("--server", default=None, help="use a running server at HOST:PORT instead")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        asyncio.run(serve(config.from_args(args)))
+        return 0
+    from runledger_server.demo import run_demo
+
+    return run_demo(data_dir=args.data_dir, server=args.server)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Server settings: the only module that reads the environment; everything else receives a Settings."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 50051
+DEFAULT_DATA_DIR = "./runledger-data"
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Where the S3/MinIO artifact backend lives and how to sign requests."""
+
+    endpoint: str = ""
+    access_key: str = ""
+    secret_key: str = ""
+    secure: bool = False
+    region: str = ""
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    db_url: str = ""  # empty: SQLite under data_dir
+    artifacts: str = ""  # empty: a local directory under data_dir; or s3://bucket/prefix
+    s3: S3Settings = field(default_factory=S3Settings)
+    grace_seconds: float = 10.0
+
+    @property
+    def database_url(self) -> str:
+        return self.db_url or f"sqlite:///{(self.data_dir / 'runledger.db').as_posix()}"
+
+    @property
+    def artifact_location(self) -> str:
+        return self.artifacts or str(self.data_dir / "artifacts")
+
+
+def _env_bool(value: str | None, default: bool) -> bool:
+    if value is None or value == "":
+        return default
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help=f"listen address (env RUNLEDGER_HOST, default {DEFAULT_HOST})")
+    parser.add_argument("--port", type=int, help=f"port, 0 picks a free one (env RUNLEDGER_PORT, default {DEFAULT_PORT})")
+    parser.add_argument("--data-dir", help=f"data directory (env RUNLEDGER_DATA_DIR, default {DEFAULT_DATA_DIR})")
+    parser.add_argument("--db", help="SQLAlchemy URL, e.g. postgresql+psycopg://... (env RUNLEDGER_DB)")
+    parser.add_argument("--artifacts", help="directory or s3://bucket/prefix (env RUNLEDGER_ARTIFACTS)")
+    parser.add_argument("--s3-endpoint", help="host:port of the S3/MinIO server (env RUNLEDGER_S3_ENDPOINT)")
+    parser.add_argument("--s3-secure", choices=["true", "false"], help="use TLS for S3 (env RUNLEDGER_S3_SECURE)")
+
+
+def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
+    """Flags win over RUNLEDGER_* environment variables, which win over defaults."""
+    env = os.environ if env is None else env
+
+    def pick(flag: object, name: str, default: str) -> str:
+        if flag is not None:
+            return str(flag)
+        return env.get(name, default)
+
+    secure_flag = getattr(args, "s3_secure", None)
+    return Settings(
+        host=pick(getattr(args, "host", None), "RUNLEDGER_HOST", DEFAULT_HOST),
+        port=int(pick(getattr(args, "port", None), "RUNLEDGER_PORT", str(DEFAULT_PORT))),
+        data_dir=Path(pick(getattr(args, "data_dir", None), "RUNLEDGER_DATA_DIR", DEFAULT_DATA_DIR)),
+        db_url=pick(getattr(args, "db", None), "RUNLEDGER_DB", ""),
+        artifacts=pick(getattr(args, "artifacts", None), "RUNLEDGER_ARTIFACTS", ""),
+        s3=S3Settings(
+            endpoint=pick(getattr(args, "s3_endpoint", None), "RUNLEDGER_S3_ENDPOINT", ""),
+            access_key=env.get("AWS_ACCESS_KEY_ID") or env.get("MINIO_ROOT_USER", ""),
+            secret_key=env.get("AWS_SECRET_ACCESS_KEY") or env.get("MINIO_ROOT_PASSWORD", ""),
+            secure=_env_bool(secure_flag if secure_flag is not None else env.get("RUNLEDGER_S3_SECURE"), False),
+            region=env.get("AWS_REGION", ""),
+        ),
+    )
+
+
+def from_argv(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Settings:
+    parser = argparse.ArgumentParser(prog="runledger serve")
+    add_arguments(parser)
+    return from_args(parser.parse_args(list(argv)), env)

@@ -1,0 +1,47 @@
+"""Opaque page tokens over a keyset cursor (AIP-158): never raw offsets, bound to the query they page."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from typing import Any
+
+from runledger_server.domain.errors import InvalidArgument
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+
+def page_size(requested: int, default: int = DEFAULT_PAGE_SIZE, maximum: int = MAX_PAGE_SIZE) -> int:
+    if requested < 0:
+        raise InvalidArgument(f"page_size must be >= 0, got {requested}", field="page_size")
+    return min(requested or default, maximum)
+
+
+def _query_hash(query: Any) -> str:
+    return hashlib.sha256(json.dumps(query, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def encode(cursor: list[Any], query: Any) -> str:
+    raw = json.dumps({"c": cursor, "q": _query_hash(query)}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode(token: str, query: Any) -> list[Any] | None:
+    """The cursor of a token, or None for the first page; a token from another query is refused."""
+    if not token:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        data = json.loads(raw)
+        cursor, qhash = data["c"], data["q"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidArgument("page_token is malformed", field="page_token") from exc
+    if qhash != _query_hash(query):
+        raise InvalidArgument(
+            "page_token belongs to a different query (filter, order or parent changed)", field="page_token"
+        )
+    if not isinstance(cursor, list):
+        raise InvalidArgument("page_token is malformed", field="page_token")
+    return cursor

@@ -1,0 +1,51 @@
+"""A runledger server on a background thread of this process: for notebooks, demos and tests."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import Future
+
+from runledger_server.app import Server, build_server
+from runledger_server.config import Settings
+
+
+class EmbeddedServer:
+    """`with EmbeddedServer(settings) as srv: Client(srv.address)`; stops gracefully on exit."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="runledger-server", daemon=True)
+        self._server: Server | None = None
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.host}:{self.port}"
+
+    def start(self) -> EmbeddedServer:
+        self._thread.start()
+        fut: Future[tuple[Server, int]] = asyncio.run_coroutine_threadsafe(self._start(), self._loop)
+        self._server, self.port = fut.result(timeout=60)
+        return self
+
+    async def _start(self) -> tuple[Server, int]:
+        server, port = await build_server(self.settings)
+        await server.start()
+        return server, port
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        if self._server is not None:
+            asyncio.run_coroutine_threadsafe(self._server.stop(grace), self._loop).result(timeout=120)
+            self._server = None
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=30)
+            self._loop.close()
+
+    def __enter__(self) -> EmbeddedServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

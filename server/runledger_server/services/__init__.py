@@ -1,0 +1,1 @@
+"""Use cases: validation, transactions through the store interfaces, calls into the domain rules."""

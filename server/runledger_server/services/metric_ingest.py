@@ -1,0 +1,89 @@
+"""Group commit of metric batches: every stream's batches share few transactions; acks wait for commit.
+
+One committer thread per server process drains a queue of pending batches, stores them in one
+transaction, then resolves each batch's future. Under load many batches ride one commit (one
+fsync), which is what lets one SQLite file take millions of points per second.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+
+from runledger_server.domain.errors import Unavailable
+from runledger_server.domain.metrics import Batch
+from runledger_server.store.tracking import TrackingStore
+
+_LOGGER = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+class MetricIngest:
+    def __init__(
+        self,
+        store: TrackingStore,
+        *,
+        max_group_points: int = 2_000_000,
+    ) -> None:
+        self._store = store
+        self._queue: queue.Queue[object] = queue.Queue()
+        self._max_group_points = max_group_points
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="metric-group-commit", daemon=True)
+        self._thread.start()
+
+    def submit(self, batch: Batch) -> Future[bool]:
+        """Queue a batch; the future resolves to True for a duplicate, False when newly stored."""
+        fut: Future[bool] = Future()
+        if self._closed:
+            fut.set_exception(Unavailable("the server is shutting down", reason="SHUTTING_DOWN"))
+            return fut
+        self._queue.put((batch, fut))
+        return fut
+
+    def close(self) -> None:
+        """Commit everything queued, then stop (graceful shutdown finishes acknowledged writes)."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(_STOP)
+            self._thread.join()
+
+    def _run(self) -> None:
+        # No waiting for company: whatever queued up during the previous commit forms the next
+        # group, so a lone writer pays no added latency and many writers share each commit.
+        stopping = False
+        while not stopping:
+            item = self._queue.get()
+            if item is _STOP:
+                break
+            group = [item]
+            points = item[0].points  # type: ignore[index]
+            while points < self._max_group_points:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    stopping = True
+                    break
+                group.append(nxt)
+                points += nxt[0].points  # type: ignore[index]
+            self._commit(group)  # type: ignore[arg-type]
+
+    def _commit(self, group: list[tuple[Batch, Future[bool]]]) -> None:
+        try:
+            results = self._store.commit_metric_batches([b for b, _ in group])
+        except Exception as exc:  # the whole transaction failed: every batch learns why
+            if not isinstance(exc, Unavailable):
+                _LOGGER.exception("metric group commit failed")
+            for _, fut in group:
+                fut.set_exception(exc)
+            return
+        for (_, fut), result in zip(group, results, strict=True):
+            if isinstance(result, Exception):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)

@@ -1,0 +1,194 @@
+"""Tracking use cases: experiments, runs, params, tags, lineage, metrics, eval results, sweep winners."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from concurrent.futures import Future
+
+import numpy as np
+
+from runledger_server.domain import filters, ids, names, paging, sweeps
+from runledger_server.domain.errors import InvalidArgument
+from runledger_server.domain.lineage import Lineage
+from runledger_server.domain.metrics import Batch, downsample
+from runledger_server.services.metric_ingest import MetricIngest
+from runledger_server.store.entities import EvalResult, Experiment, Page, Run
+from runledger_server.store.tracking import TrackingStore
+
+_LOGGER = logging.getLogger(__name__)
+
+STATUSES = ("RUNNING", "FINISHED", "FAILED", "KILLED")
+MAX_SELECT_CANDIDATES = 10_000
+
+
+class TrackingService:
+    def __init__(self, store: TrackingStore, ingest: MetricIngest) -> None:
+        self.store = store
+        self.ingest = ingest
+
+    # experiments
+    def create_experiment(self, display_name: str, description: str, tags: dict[str, str]) -> Experiment:
+        if not display_name or len(display_name) > 256 or "\x00" in display_name:
+            raise InvalidArgument("display_name is required (1-256 characters, no NUL)", field="display_name")
+        _check_map(tags, "tags")
+        return self.store.create_experiment(display_name, names.text_value(description, "description"), tags)
+
+    def get_experiment(self, name: str) -> Experiment:
+        return self.store.get_experiment(names.experiment_id(name, "name"))
+
+    def list_experiments(self, filter_text: str, page_size: int, page_token: str) -> Page[Experiment]:
+        return self.store.list_experiments(filters.parse_filter(filter_text), paging.page_size(page_size), page_token)
+
+    # runs
+    def create_run(
+        self,
+        experiment: str,
+        *,
+        run_id: str,
+        display_name: str,
+        tags: dict[str, str],
+        params: dict[str, str],
+        lineage: Lineage,
+        start_time_us: int | None,
+    ) -> Run:
+        experiment_id = names.experiment_id(experiment)
+        run_id = names.run_id(run_id) if run_id else ids.new_id()
+        if len(display_name) > 256 or "\x00" in display_name:
+            raise InvalidArgument("display_name must be at most 256 characters, no NUL", field="display_name")
+        _check_map(tags, "tags")
+        _check_map(params, "params")
+        return self.store.create_run(run_id, experiment_id, display_name, tags, params, lineage, start_time_us)
+
+    def get_run(self, run_id: str) -> Run:
+        return self.store.get_run(names.run_id(run_id))
+
+    def update_run(
+        self, run_id: str, *, status: str | None, end_time_us: int | None, display_name: str | None
+    ) -> Run:
+        names.run_id(run_id)
+        if status is not None and status not in STATUSES:
+            raise InvalidArgument(f"status {status!r} is not one of {', '.join(STATUSES)}", field="status")
+        if display_name is not None and (len(display_name) > 256 or "\x00" in display_name):
+            raise InvalidArgument("display_name must be at most 256 characters, no NUL", field="display_name")
+        return self.store.update_run(run_id, status, end_time_us, display_name)
+
+    def search_runs(
+        self, experiments: Sequence[str], filter_text: str, order_by: str, page_size: int, page_token: str
+    ) -> Page[Run]:
+        experiment_ids = [names.experiment_id(e, "experiments") for e in experiments]
+        return self.store.search_runs(
+            experiment_ids,
+            filters.parse_filter(filter_text),
+            filters.parse_order_by(order_by),
+            paging.page_size(page_size),
+            page_token,
+        )
+
+    # params, tags, lineage
+    def log_params(self, run_id: str, params: dict[str, str]) -> dict[str, str]:
+        names.run_id(run_id)
+        if not params:
+            raise InvalidArgument("params must not be empty", field="params")
+        _check_map(params, "params")
+        return self.store.log_params(run_id, params)
+
+    def set_tags(self, run_id: str, tags: dict[str, str], remove_keys: Sequence[str]) -> dict[str, str]:
+        names.run_id(run_id)
+        _check_map(tags, "tags")
+        for key in remove_keys:
+            names.key(key, "remove_keys")
+        both = set(tags) & set(remove_keys)
+        if both:
+            raise InvalidArgument(f"tag {sorted(both)[0]!r} is both set and removed", field="remove_keys")
+        return self.store.set_tags(run_id, tags, remove_keys)
+
+    def set_lineage(self, run_id: str, lineage: Lineage) -> Lineage:
+        names.run_id(run_id)
+        return self.store.set_lineage(run_id, lineage)
+
+    # metrics
+    def submit_metrics(self, batch: Batch) -> Future[bool]:
+        """Queue a validated batch for group commit; resolves after the commit (True = duplicate)."""
+        return self.ingest.submit(batch)
+
+    def metric_history(
+        self, run_id: str, key: str, start_step: int | None, end_step: int | None, max_points: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        names.run_id(run_id)
+        names.key(key, "key")
+        if max_points < 0:
+            raise InvalidArgument(f"max_points must be >= 0, got {max_points}", field="max_points")
+        if start_step is not None and end_step is not None and end_step < start_step:
+            raise InvalidArgument("end_step must be >= start_step", field="end_step")
+        steps, values, stamps = self.store.metric_history(run_id, key, start_step, end_step)
+        if max_points and steps.shape[0] > max_points:
+            keep = downsample(steps, values, max_points)
+            steps, values, stamps = steps[keep], values[keep], stamps[keep]
+        return steps, values, stamps
+
+    # eval results and sweeps
+    def log_eval_result(self, run_id: str, suite_fingerprint: str, metrics: dict[str, float]) -> EvalResult:
+        names.run_id(run_id)
+        _suite(suite_fingerprint, "suite_fingerprint")
+        if not metrics:
+            raise InvalidArgument("metrics must not be empty", field="metrics")
+        for metric, value in metrics.items():
+            names.key(metric, "metrics")
+            sweeps.require_finite(value, f"metrics[{metric}]")
+        return self.store.log_eval_result(run_id, suite_fingerprint, metrics)
+
+    def select_winner(
+        self,
+        *,
+        run_ids: Sequence[str],
+        experiment: str,
+        filter_text: str,
+        metric: str,
+        direction: sweeps.Direction | None,
+        suite_fingerprint: str | None,
+    ) -> sweeps.SweepResult:
+        names.key(metric, "metric")
+        if direction is None:
+            raise InvalidArgument("direction is required (MAXIMIZE or MINIMIZE)", field="direction")
+        if suite_fingerprint is not None:
+            _suite(suite_fingerprint, "suite_fingerprint")
+        if run_ids and experiment:
+            raise InvalidArgument("give either run_ids or experiment, not both", field="run_ids")
+        if run_ids:
+            for r in run_ids:
+                names.run_id(r, "run_ids")
+            ordered = self.store.runs_in_creation_order(list(dict.fromkeys(run_ids)))
+        elif experiment:
+            ordered = self._experiment_runs(experiment, filter_text)
+        else:
+            raise InvalidArgument("candidates are required: give run_ids or experiment", field="run_ids")
+        scores = self.store.eval_scores(ordered, metric)
+        candidates = [sweeps.Candidate(r, scores.get(r, {})) for r in ordered]
+        return sweeps.select_winner(candidates, metric, direction, suite_fingerprint=suite_fingerprint)
+
+    def _experiment_runs(self, experiment: str, filter_text: str) -> list[str]:
+        out: list[str] = []
+        token = ""
+        while True:
+            page = self.search_runs([experiment], filter_text, "create_time", paging.MAX_PAGE_SIZE, token)
+            out.extend(r.run_id for r in page.items)
+            token = page.next_page_token
+            if not token:
+                return out
+            if len(out) >= MAX_SELECT_CANDIDATES:
+                raise InvalidArgument(
+                    f"more than {MAX_SELECT_CANDIDATES} candidate runs; narrow them with filter", field="filter"
+                )
+
+
+def _check_map(values: dict[str, str], field: str) -> None:
+    for k, v in values.items():
+        names.key(k, field)
+        names.text_value(v, f"{field}[{k}]")
+
+
+def _suite(value: str, field: str) -> str:
+    if not value or len(value) > 256 or "\x00" in value:
+        raise InvalidArgument(f"{field} is required (1-256 characters)", field=field)
+    return value

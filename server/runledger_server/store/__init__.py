@@ -1,0 +1,1 @@
+"""Store interfaces (typing.Protocol) and the entities they return; backends implement them."""

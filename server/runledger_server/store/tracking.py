@@ -1,0 +1,74 @@
+"""The tracking store interface: what the tracking use cases need from metadata storage."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+from runledger_server.domain.filters import Clause, OrderBy
+from runledger_server.domain.lineage import Lineage
+from runledger_server.domain.metrics import Batch
+from runledger_server.store.entities import EvalResult, Experiment, Page, Run
+
+
+class TrackingStore(Protocol):
+    """Each method is one transaction; refusals raise DomainError and change nothing."""
+
+    def create_experiment(self, display_name: str, description: str, tags: dict[str, str]) -> Experiment: ...
+
+    def get_experiment(self, experiment_id: str) -> Experiment: ...
+
+    def list_experiments(self, clauses: Sequence[Clause], page_size: int, page_token: str) -> Page[Experiment]: ...
+
+    def create_run(
+        self,
+        run_id: str,
+        experiment_id: str,
+        display_name: str,
+        tags: dict[str, str],
+        params: dict[str, str],
+        lineage: Lineage,
+        start_time_us: int | None,
+    ) -> Run: ...
+
+    def get_run(self, run_id: str) -> Run: ...
+
+    def update_run(
+        self, run_id: str, status: str | None, end_time_us: int | None, display_name: str | None
+    ) -> Run: ...
+
+    def search_runs(
+        self,
+        experiment_ids: Sequence[str],
+        clauses: Sequence[Clause],
+        order_by: OrderBy,
+        page_size: int,
+        page_token: str,
+    ) -> Page[Run]: ...
+
+    def log_params(self, run_id: str, params: dict[str, str]) -> dict[str, str]: ...
+
+    def set_tags(self, run_id: str, tags: dict[str, str], remove_keys: Sequence[str]) -> dict[str, str]: ...
+
+    def set_lineage(self, run_id: str, lineage: Lineage) -> Lineage: ...
+
+    def commit_metric_batches(self, batches: Sequence[Batch]) -> list[bool | Exception]:
+        """Store many batches in one transaction (group commit). Per batch: True when it was a
+        duplicate (already stored), False when newly stored, or the refusal for that batch alone."""
+        ...
+
+    def metric_history(
+        self, run_id: str, key: str, start_step: int | None, end_step: int | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(steps, values, timestamps_ms) of one key in step order (stable for equal steps)."""
+        ...
+
+    def log_eval_result(self, run_id: str, suite_fingerprint: str, metrics: dict[str, float]) -> EvalResult: ...
+
+    def eval_scores(self, run_ids: Sequence[str], metric: str) -> dict[str, dict[str, float]]:
+        """run_id -> {suite_fingerprint: score} for one metric."""
+        ...
+
+    def runs_in_creation_order(self, run_ids: Sequence[str]) -> list[str]: ...

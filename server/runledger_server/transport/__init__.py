@@ -1,0 +1,1 @@
+"""gRPC servicers: protobuf <-> domain conversion only; errors.py maps refusals to statuses."""

@@ -1,0 +1,102 @@
+"""Conversions between protobuf messages and domain entities shared by the servicers."""
+
+from __future__ import annotations
+
+import numpy as np
+from google.protobuf.timestamp_pb2 import Timestamp
+from runledger.v1 import common_pb2, tracking_pb2
+
+from runledger_server.domain.errors import InvalidArgument
+from runledger_server.domain.lineage import Lineage
+from runledger_server.domain.metrics import Series
+from runledger_server.domain.sweeps import Direction
+from runledger_server.store import entities
+
+_I8, _F8 = np.dtype(np.int64), np.dtype(np.float64)
+
+
+def timestamp(us: int | None) -> Timestamp | None:
+    if us is None:
+        return None
+    ts = Timestamp()
+    ts.FromMicroseconds(us)
+    return ts
+
+
+def micros(ts: Timestamp, present: bool) -> int | None:
+    return ts.ToMicroseconds() if present else None
+
+
+def lineage_from_proto(msg: common_pb2.Lineage) -> Lineage:
+    return Lineage(
+        data_version=msg.data_version if msg.HasField("data_version") else None,
+        code_commit=msg.code_commit if msg.HasField("code_commit") else None,
+        config=msg.config if msg.HasField("config") else None,
+        base_model=msg.base_model if msg.HasField("base_model") else None,
+        seed=msg.seed if msg.HasField("seed") else None,
+    )
+
+
+def lineage_to_proto(lineage: Lineage) -> common_pb2.Lineage:
+    msg = common_pb2.Lineage()
+    for name in ("data_version", "code_commit", "config", "base_model", "seed"):
+        value = getattr(lineage, name)
+        if value is not None:
+            setattr(msg, name, value)
+    return msg
+
+
+def direction_from_proto(value: int, field: str = "direction") -> Direction | None:
+    if value == common_pb2.DIRECTION_MAXIMIZE:
+        return Direction.MAXIMIZE
+    if value == common_pb2.DIRECTION_MINIMIZE:
+        return Direction.MINIMIZE
+    if value == common_pb2.DIRECTION_UNSPECIFIED:
+        return None
+    raise InvalidArgument(f"{field} has an unknown value {value}", field=field)
+
+
+def direction_to_proto(direction: Direction) -> common_pb2.Direction.ValueType:
+    return common_pb2.DIRECTION_MAXIMIZE if direction is Direction.MAXIMIZE else common_pb2.DIRECTION_MINIMIZE
+
+
+def series_from_proto(msg: tracking_pb2.MetricSeries) -> Series:
+    return Series(
+        key=msg.key,
+        steps=np.array(msg.steps, dtype=_I8),
+        values=np.array(msg.values, dtype=_F8),
+        timestamps_ms=np.array(msg.timestamps_ms, dtype=_I8),
+    )
+
+
+def experiment_to_proto(e: entities.Experiment) -> tracking_pb2.Experiment:
+    return tracking_pb2.Experiment(
+        name=f"experiments/{e.experiment_id}",
+        experiment_id=e.experiment_id,
+        display_name=e.display_name,
+        description=e.description,
+        tags=e.tags,
+        create_time=timestamp(e.create_time_us),
+    )
+
+
+def run_to_proto(r: entities.Run) -> tracking_pb2.Run:
+    return tracking_pb2.Run(
+        name=f"runs/{r.run_id}",
+        run_id=r.run_id,
+        experiment=f"experiments/{r.experiment_id}",
+        display_name=r.display_name,
+        status=tracking_pb2.RunStatus.Value(f"RUN_STATUS_{r.status}"),
+        params=r.params,
+        tags=r.tags,
+        lineage=lineage_to_proto(r.lineage),
+        lineage_fingerprint=r.lineage_fingerprint or "",
+        missing_lineage_fields=r.lineage.missing_fields(),
+        latest_metrics={
+            k: tracking_pb2.LatestMetric(step=m.step, value=m.value, timestamp_ms=m.timestamp_ms)
+            for k, m in r.latest_metrics.items()
+        },
+        create_time=timestamp(r.create_time_us),
+        update_time=timestamp(r.update_time_us),
+        end_time=timestamp(r.end_time_us),
+    )

@@ -1,0 +1,101 @@
+"""The one place that turns domain refusals into gRPC statuses with google.rpc error details (AIP-193)."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from runledger_server.domain.errors import Code, DomainError
+
+_LOGGER = logging.getLogger(__name__)
+
+DOMAIN = "runledger"
+
+_CODES: dict[Code, grpc.StatusCode] = {c: getattr(grpc.StatusCode, c.value) for c in Code}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def to_status(err: DomainError) -> grpc.Status:
+    code = _CODES[err.code]
+    details = [error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata)]
+    if err.code is Code.INVALID_ARGUMENT and err.field:
+        details.append(
+            error_details_pb2.BadRequest(
+                field_violations=[error_details_pb2.BadRequest.FieldViolation(field=err.field, description=err.message)]
+            )
+        )
+    if err.code is Code.FAILED_PRECONDITION:
+        details.append(
+            error_details_pb2.PreconditionFailure(
+                violations=[
+                    error_details_pb2.PreconditionFailure.Violation(
+                        type=err.reason, subject=err.field or "", description=err.message
+                    )
+                ]
+            )
+        )
+    packed = []
+    for d in details:
+        a = any_pb2.Any()
+        a.Pack(d)
+        packed.append(a)
+    status = status_pb2.Status(code=getattr(code_pb2, err.code.value), message=err.message, details=packed)
+    return rpc_status.to_status(status)
+
+
+def internal_status() -> grpc.Status:
+    status = status_pb2.Status(code=code_pb2.INTERNAL, message="internal error; see the server log")
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason="INTERNAL", domain=DOMAIN))
+    status.details.append(info)
+    return rpc_status.to_status(status)
+
+
+async def abort(context: grpc.aio.ServicerContext, status: grpc.Status) -> None:
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+def status_for(exc: BaseException, method: str) -> grpc.Status:
+    """A refusal's own status; anything unexpected is logged once and becomes a bare INTERNAL."""
+    if isinstance(exc, DomainError):
+        return to_status(exc)
+    _LOGGER.exception("unexpected error in %s", method)
+    return internal_status()
+
+
+def handle_errors(fn: F) -> F:
+    """Wrap an async servicer method (unary or streaming) so refusals become proper statuses."""
+    name = fn.__qualname__
+    if inspect.isasyncgenfunction(fn):
+
+        @functools.wraps(fn)
+        async def gen_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                async for item in fn(self, request, context):
+                    yield item
+            except (grpc.aio.AbortError, GeneratorExit):
+                raise
+            except Exception as exc:
+                await abort(context, status_for(exc, name))
+
+        return gen_wrapper  # type: ignore[return-value]
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await abort(context, status_for(exc, name))
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,227 @@
+"""TrackingService over gRPC (asyncio): requests become use-case calls run on a worker pool."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
+from typing import Any, TypeVar
+
+import grpc
+from runledger.v1 import tracking_pb2, tracking_service_pb2_grpc
+from runledger.v1 import tracking_service_pb2 as pb
+
+from runledger_server.domain.metrics import validate_batch
+from runledger_server.services.tracking import TrackingService
+from runledger_server.transport import convert
+from runledger_server.transport.errors import abort, handle_errors, status_for
+
+_LOGGER = logging.getLogger(__name__)
+
+T = TypeVar("T")
+HISTORY_CHUNK_POINTS = 65_536
+MAX_IN_FLIGHT_PER_STREAM = 64
+
+
+class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
+    def __init__(self, service: TrackingService, executor: Executor) -> None:
+        self._svc = service
+        self._executor = executor
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    @handle_errors
+    async def CreateExperiment(self, request: pb.CreateExperimentRequest, context: Any) -> tracking_pb2.Experiment:
+        e = await self._call(
+            self._svc.create_experiment, request.display_name, request.description, dict(request.tags)
+        )
+        return convert.experiment_to_proto(e)
+
+    @handle_errors
+    async def GetExperiment(self, request: pb.GetExperimentRequest, context: Any) -> tracking_pb2.Experiment:
+        return convert.experiment_to_proto(await self._call(self._svc.get_experiment, request.name))
+
+    @handle_errors
+    async def ListExperiments(self, request: pb.ListExperimentsRequest, context: Any) -> pb.ListExperimentsResponse:
+        page = await self._call(self._svc.list_experiments, request.filter, request.page_size, request.page_token)
+        return pb.ListExperimentsResponse(
+            experiments=[convert.experiment_to_proto(e) for e in page.items], next_page_token=page.next_page_token
+        )
+
+    @handle_errors
+    async def CreateRun(self, request: pb.CreateRunRequest, context: Any) -> tracking_pb2.Run:
+        run = await self._call(
+            self._svc.create_run,
+            request.experiment,
+            run_id=request.run_id,
+            display_name=request.display_name,
+            tags=dict(request.tags),
+            params=dict(request.params),
+            lineage=convert.lineage_from_proto(request.lineage),
+            start_time_us=convert.micros(request.start_time, request.HasField("start_time")),
+        )
+        return convert.run_to_proto(run)
+
+    @handle_errors
+    async def GetRun(self, request: pb.GetRunRequest, context: Any) -> tracking_pb2.Run:
+        return convert.run_to_proto(await self._call(self._svc.get_run, request.run_id))
+
+    @handle_errors
+    async def UpdateRun(self, request: pb.UpdateRunRequest, context: Any) -> tracking_pb2.Run:
+        status = None
+        if request.status != tracking_pb2.RUN_STATUS_UNSPECIFIED:
+            try:
+                status = tracking_pb2.RunStatus.Name(request.status).removeprefix("RUN_STATUS_")
+            except ValueError:
+                status = str(request.status)
+        run = await self._call(
+            self._svc.update_run,
+            request.run_id,
+            status=status,
+            end_time_us=convert.micros(request.end_time, request.HasField("end_time")),
+            display_name=request.display_name if request.HasField("display_name") else None,
+        )
+        return convert.run_to_proto(run)
+
+    @handle_errors
+    async def SearchRuns(self, request: pb.SearchRunsRequest, context: Any) -> pb.SearchRunsResponse:
+        page = await self._call(
+            self._svc.search_runs,
+            list(request.experiments),
+            request.filter,
+            request.order_by,
+            request.page_size,
+            request.page_token,
+        )
+        return pb.SearchRunsResponse(
+            runs=[convert.run_to_proto(r) for r in page.items], next_page_token=page.next_page_token
+        )
+
+    @handle_errors
+    async def LogParams(self, request: pb.LogParamsRequest, context: Any) -> pb.LogParamsResponse:
+        params = await self._call(self._svc.log_params, request.run_id, dict(request.params))
+        return pb.LogParamsResponse(params=params)
+
+    @handle_errors
+    async def SetTags(self, request: pb.SetTagsRequest, context: Any) -> pb.SetTagsResponse:
+        tags = await self._call(self._svc.set_tags, request.run_id, dict(request.tags), list(request.remove_keys))
+        return pb.SetTagsResponse(tags=tags)
+
+    @handle_errors
+    async def SetLineage(self, request: pb.SetLineageRequest, context: Any) -> pb.SetLineageResponse:
+        lineage = await self._call(
+            self._svc.set_lineage, request.run_id, convert.lineage_from_proto(request.lineage)
+        )
+        return pb.SetLineageResponse(
+            lineage=convert.lineage_to_proto(lineage),
+            fingerprint=lineage.fingerprint() or "",
+            missing_fields=lineage.missing_fields(),
+        )
+
+    async def StreamMetrics(
+        self, request_iterator: AsyncIterator[pb.StreamMetricsRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamMetricsResponse]:
+        """Acks go out in arrival order, each only after its batch's group commit."""
+        pending: asyncio.Queue[tuple[str, int, asyncio.Future[bool]] | None] = asyncio.Queue(
+            MAX_IN_FLIGHT_PER_STREAM
+        )
+        failure: list[BaseException] = []
+
+        async def reader() -> None:
+            try:
+                async for req in request_iterator:
+                    batch = validate_batch(
+                        req.run_id, req.writer_id, req.seq, tuple(convert.series_from_proto(s) for s in req.series)
+                    )
+                    fut = asyncio.wrap_future(self._svc.submit_metrics(batch))
+                    await pending.put((req.writer_id, req.seq, fut))
+            except BaseException as exc:  # surfaced to the client through the ack loop
+                failure.append(exc)
+            finally:
+                await pending.put(None)
+
+        task = asyncio.create_task(reader())
+        try:
+            while True:
+                item = await pending.get()
+                if item is None:
+                    break
+                writer_id, seq, fut = item
+                try:
+                    duplicate = await fut
+                except Exception as exc:
+                    await abort(context, status_for(exc, "StreamMetrics"))
+                    return
+                yield pb.StreamMetricsResponse(writer_id=writer_id, seq=seq, duplicate=duplicate)
+            if failure and not isinstance(failure[0], asyncio.CancelledError):
+                await abort(context, status_for(failure[0], "StreamMetrics"))
+        finally:
+            task.cancel()
+
+    @handle_errors
+    async def LogMetrics(self, request: pb.LogMetricsRequest, context: Any) -> pb.LogMetricsResponse:
+        batch = validate_batch(
+            request.run_id, request.writer_id, request.seq, tuple(convert.series_from_proto(s) for s in request.series)
+        )
+        duplicate = await asyncio.wrap_future(self._svc.submit_metrics(batch))
+        return pb.LogMetricsResponse(writer_id=request.writer_id, seq=request.seq, duplicate=duplicate)
+
+    @handle_errors
+    async def GetMetricHistory(
+        self, request: pb.GetMetricHistoryRequest, context: Any
+    ) -> AsyncIterator[tracking_pb2.MetricSeries]:
+        steps, values, stamps = await self._call(
+            self._svc.metric_history,
+            request.run_id,
+            request.key,
+            request.start_step if request.HasField("start_step") else None,
+            request.end_step if request.HasField("end_step") else None,
+            request.max_points,
+        )
+        n = int(steps.shape[0])
+        if n == 0:
+            yield tracking_pb2.MetricSeries(key=request.key)
+            return
+        for lo in range(0, n, HISTORY_CHUNK_POINTS):
+            hi = min(n, lo + HISTORY_CHUNK_POINTS)
+            yield tracking_pb2.MetricSeries(
+                key=request.key, steps=steps[lo:hi], values=values[lo:hi], timestamps_ms=stamps[lo:hi]
+            )
+
+    @handle_errors
+    async def LogEvalResult(self, request: pb.LogEvalResultRequest, context: Any) -> tracking_pb2.EvalResult:
+        result = await self._call(
+            self._svc.log_eval_result, request.run_id, request.suite_fingerprint, dict(request.metrics)
+        )
+        return tracking_pb2.EvalResult(
+            run_id=result.run_id,
+            suite_fingerprint=result.suite_fingerprint,
+            metrics=result.metrics,
+            create_time=convert.timestamp(result.create_time_us),
+        )
+
+    @handle_errors
+    async def SelectWinner(self, request: pb.SelectWinnerRequest, context: Any) -> pb.SelectWinnerResponse:
+        result = await self._call(
+            self._svc.select_winner,
+            run_ids=list(request.run_ids),
+            experiment=request.experiment,
+            filter_text=request.filter,
+            metric=request.metric,
+            direction=convert.direction_from_proto(request.direction),
+            suite_fingerprint=request.suite_fingerprint if request.HasField("suite_fingerprint") else None,
+        )
+        return pb.SelectWinnerResponse(
+            winner_run_id=result.winner_run_id,
+            score=result.score,
+            suite_fingerprint=result.suite_fingerprint,
+            cohort=[pb.ScoredRun(run_id=r, score=s) for r, s in result.cohort],
+            excluded=[
+                pb.ExcludedRun(run_id=e.run_id, reason=e.reason, suite_fingerprints=e.suites) for e in result.excluded
+            ],
+        )
+
