@@ -98,6 +98,9 @@ async def build_server(settings: Settings) -> tuple[Server, int]:
     server._closers += [db.dispose, lambda: executor.shutdown(wait=True), ingest.close]
     _LOGGER.info(
         "runledger serving on %s:%d (metadata: %s, artifacts: %s)",
-        settings.host, port, db.url.render_as_string(hide_password=True), settings.artifact_location,
+        settings.host,
+        port,
+        db.url.render_as_string(hide_password=True),
+        settings.artifact_location,
     )
     return server, port

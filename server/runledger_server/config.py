@@ -51,7 +51,9 @@ def _env_bool(value: str | None, default: bool) -> bool:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help=f"listen address (env RUNLEDGER_HOST, default {DEFAULT_HOST})")
-    parser.add_argument("--port", type=int, help=f"port, 0 picks a free one (env RUNLEDGER_PORT, default {DEFAULT_PORT})")
+    parser.add_argument(
+        "--port", type=int, help=f"port, 0 picks a free one (env RUNLEDGER_PORT, default {DEFAULT_PORT})"
+    )
     parser.add_argument("--data-dir", help=f"data directory (env RUNLEDGER_DATA_DIR, default {DEFAULT_DATA_DIR})")
     parser.add_argument("--db", help="SQLAlchemy URL, e.g. postgresql+psycopg://... (env RUNLEDGER_DB)")
     parser.add_argument("--artifacts", help="directory or s3://bucket/prefix (env RUNLEDGER_ARTIFACTS)")

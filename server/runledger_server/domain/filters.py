@@ -48,7 +48,7 @@ def _tokens(text: str, field: str) -> list[tuple[str, str]]:
     while pos < len(text):
         m = _TOKEN.match(text, pos)
         if not m or m.end() == pos:
-            raise InvalidArgument(f"{field}: cannot parse near {text[pos:pos + 20]!r}", field=field)
+            raise InvalidArgument(f"{field}: cannot parse near {text[pos : pos + 20]!r}", field=field)
         kind = m.lastgroup or ""
         out.append((kind, m.group(kind)))
         pos = m.end()

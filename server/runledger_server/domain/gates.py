@@ -56,28 +56,47 @@ def decide(
 
     def out(promoted: bool, reason: str, message: str) -> Decision:
         return Decision(
-            promoted, reason, candidate_version, candidate_score, incumbent_version, incumbent_score,
-            gate.threshold, gate.direction, message,
+            promoted,
+            reason,
+            candidate_version,
+            candidate_score,
+            incumbent_version,
+            incumbent_score,
+            gate.threshold,
+            gate.direction,
+            message,
         )
 
     if expected_revision is not None and expected_revision != current_revision:
-        return out(False, STALE_REVISION,
-                   f"expected_revision {expected_revision} is stale: the alias is at revision {current_revision}")
+        return out(
+            False,
+            STALE_REVISION,
+            f"expected_revision {expected_revision} is stale: the alias is at revision {current_revision}",
+        )
     if candidate_score is None:
-        return out(False, GATE_NOT_RECORDED,
-                   f"gate {gate.gate_id!r} has no recorded result for version {candidate_version}")
+        return out(
+            False, GATE_NOT_RECORDED, f"gate {gate.gate_id!r} has no recorded result for version {candidate_version}"
+        )
     op = ">=" if gate.direction is Direction.MAXIMIZE else "<="
     if not gate.direction.passes(candidate_score, gate.threshold):
-        return out(False, GATE_FAILED,
-                   f"version {candidate_version} scored {candidate_score} on gate {gate.gate_id!r}, "
-                   f"which does not meet {op} {gate.threshold}")
+        return out(
+            False,
+            GATE_FAILED,
+            f"version {candidate_version} scored {candidate_score} on gate {gate.gate_id!r}, "
+            f"which does not meet {op} {gate.threshold}",
+        )
     if incumbent_version is not None:
         if incumbent_score is None:
-            return out(False, INCUMBENT_NOT_SCORED,
-                       f"incumbent version {incumbent_version} has no result on gate {gate.gate_id!r}; "
-                       "it cannot be compared")
+            return out(
+                False,
+                INCUMBENT_NOT_SCORED,
+                f"incumbent version {incumbent_version} has no result on gate {gate.gate_id!r}; it cannot be compared",
+            )
         if not gate.direction.better(candidate_score, incumbent_score):
-            return out(False, NOT_BETTER_THAN_INCUMBENT,
-                       f"version {candidate_version} scored {candidate_score}, not strictly better than "
-                       f"incumbent version {incumbent_version} at {incumbent_score}; the incumbent holds")
+            return out(
+                False,
+                NOT_BETTER_THAN_INCUMBENT,
+                f"version {candidate_version} scored {candidate_score}, not strictly better than "
+                f"incumbent version {incumbent_version} at {incumbent_score}; the incumbent holds",
+            )
     return out(True, PROMOTED, f"version {candidate_version} promoted with score {candidate_score}")

@@ -66,9 +66,7 @@ def validate(lineage: Lineage) -> None:
     for name in ("data_version", "code_commit", "base_model"):
         value = getattr(lineage, name)
         if value is not None and (not value or len(value) > 1024 or "\x00" in value):
-            raise InvalidArgument(
-                f"lineage.{name} must be 1-1024 characters without NUL", field=f"lineage.{name}"
-            )
+            raise InvalidArgument(f"lineage.{name} must be 1-1024 characters without NUL", field=f"lineage.{name}")
     if lineage.config is not None:
         parse_config(lineage.config)
 

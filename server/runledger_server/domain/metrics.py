@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,7 +83,7 @@ def downsample(steps: np.ndarray, values: np.ndarray, max_points: int) -> np.nda
     keep = [np.array([0, n - 1])]
     finite = np.where(np.isnan(values), np.inf, values)
     finite_max = np.where(np.isnan(values), -np.inf, values)
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+    for lo, hi in itertools.pairwise(edges):
         if hi <= lo:
             continue
         keep.append(np.array([lo + int(np.argmin(finite[lo:hi])), lo + int(np.argmax(finite_max[lo:hi]))]))

@@ -53,7 +53,7 @@ def model_id(name: str, field: str = "model") -> str:
     """`models/{model}` (or the bare ID) -> model ID."""
     if not name:
         raise InvalidArgument(f"{field} is required (format: models/{{model}})", field=field)
-    bare = name[len("models/"):] if name.startswith("models/") else name
+    bare = name[len("models/") :] if name.startswith("models/") else name
     return slug(bare, field)
 
 

@@ -63,9 +63,7 @@ class TrackingService:
     def get_run(self, run_id: str) -> Run:
         return self.store.get_run(names.run_id(run_id))
 
-    def update_run(
-        self, run_id: str, *, status: str | None, end_time_us: int | None, display_name: str | None
-    ) -> Run:
+    def update_run(self, run_id: str, *, status: str | None, end_time_us: int | None, display_name: str | None) -> Run:
         names.run_id(run_id)
         if status is not None and status not in STATUSES:
             raise InvalidArgument(f"status {status!r} is not one of {', '.join(STATUSES)}", field="status")

@@ -35,9 +35,7 @@ class TrackingStore(Protocol):
 
     def get_run(self, run_id: str) -> Run: ...
 
-    def update_run(
-        self, run_id: str, status: str | None, end_time_us: int | None, display_name: str | None
-    ) -> Run: ...
+    def update_run(self, run_id: str, status: str | None, end_time_us: int | None, display_name: str | None) -> Run: ...
 
     def search_runs(
         self,

@@ -19,13 +19,10 @@ _LOGGER = logging.getLogger(__name__)
 
 DOMAIN = "runledger"
 
-_CODES: dict[Code, grpc.StatusCode] = {c: getattr(grpc.StatusCode, c.value) for c in Code}
-
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def to_status(err: DomainError) -> grpc.Status:
-    code = _CODES[err.code]
     details = [error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata)]
     if err.code is Code.INVALID_ARGUMENT and err.field:
         details.append(

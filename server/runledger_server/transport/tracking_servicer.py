@@ -36,9 +36,7 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
 
     @handle_errors
     async def CreateExperiment(self, request: pb.CreateExperimentRequest, context: Any) -> tracking_pb2.Experiment:
-        e = await self._call(
-            self._svc.create_experiment, request.display_name, request.description, dict(request.tags)
-        )
+        e = await self._call(self._svc.create_experiment, request.display_name, request.description, dict(request.tags))
         return convert.experiment_to_proto(e)
 
     @handle_errors
@@ -113,9 +111,7 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
 
     @handle_errors
     async def SetLineage(self, request: pb.SetLineageRequest, context: Any) -> pb.SetLineageResponse:
-        lineage = await self._call(
-            self._svc.set_lineage, request.run_id, convert.lineage_from_proto(request.lineage)
-        )
+        lineage = await self._call(self._svc.set_lineage, request.run_id, convert.lineage_from_proto(request.lineage))
         return pb.SetLineageResponse(
             lineage=convert.lineage_to_proto(lineage),
             fingerprint=lineage.fingerprint() or "",
@@ -126,9 +122,7 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
         self, request_iterator: AsyncIterator[pb.StreamMetricsRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamMetricsResponse]:
         """Acks go out in arrival order, each only after its batch's group commit."""
-        pending: asyncio.Queue[tuple[str, int, asyncio.Future[bool]] | None] = asyncio.Queue(
-            MAX_IN_FLIGHT_PER_STREAM
-        )
+        pending: asyncio.Queue[tuple[str, int, asyncio.Future[bool]] | None] = asyncio.Queue(MAX_IN_FLIGHT_PER_STREAM)
         failure: list[BaseException] = []
 
         async def reader() -> None:
@@ -224,4 +218,3 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
                 pb.ExcludedRun(run_id=e.run_id, reason=e.reason, suite_fingerprints=e.suites) for e in result.excluded
             ],
         )
-

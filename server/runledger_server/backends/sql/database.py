@@ -87,10 +87,7 @@ def _translate() -> Iterator[None]:
         yield
     except IntegrityError as exc:
         _LOGGER.debug("integrity error: %s", exc)
-        raise AlreadyExists(
-            "the resource was created concurrently or already exists", reason="CONFLICT"
-        ) from exc
+        raise AlreadyExists("the resource was created concurrently or already exists", reason="CONFLICT") from exc
     except OperationalError as exc:
         _LOGGER.warning("database unavailable: %s", exc.orig)
         raise Unavailable(f"the metadata database is unavailable: {exc.orig}", reason="DATABASE_UNAVAILABLE") from exc
-

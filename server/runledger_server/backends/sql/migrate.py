@@ -30,7 +30,7 @@ def upgrade(db: Database) -> None:
             conn.commit()
         try:
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+            command.upgrade(cfg, "heads")
             conn.commit()
         finally:
             if db.dialect == "postgresql":

@@ -132,9 +132,7 @@ class SqlTrackingStore:
         with self.db.read() as s:
             return self._load(s, [_require_run(s, run_id)])[0]
 
-    def update_run(
-        self, run_id: str, status: str | None, end_time_us: int | None, display_name: str | None
-    ) -> Run:
+    def update_run(self, run_id: str, status: str | None, end_time_us: int | None, display_name: str | None) -> Run:
         with self.db.write() as s:
             row = _require_run(s, run_id)
             now = now_us()
@@ -290,8 +288,13 @@ class SqlTrackingStore:
                     continue
                 done.add(b.seq)
                 batch_rows.append(
-                    {"run_id": b.run_id, "writer_id": b.writer_id, "seq": b.seq, "points": b.points,
-                     "commit_time_us": now}
+                    {
+                        "run_id": b.run_id,
+                        "writer_id": b.writer_id,
+                        "seq": b.seq,
+                        "points": b.points,
+                        "commit_time_us": now,
+                    }
                 )
                 for series in b.series:
                     if len(series) == 0:
@@ -299,8 +302,13 @@ class SqlTrackingStore:
                     steps = series.steps
                     chunk_rows.append(
                         {
-                            "run_id": b.run_id, "key": series.key, "writer_id": b.writer_id, "seq": b.seq,
-                            "count": len(series), "min_step": int(steps.min()), "max_step": int(steps.max()),
+                            "run_id": b.run_id,
+                            "key": series.key,
+                            "writer_id": b.writer_id,
+                            "seq": b.seq,
+                            "count": len(series),
+                            "min_step": int(steps.min()),
+                            "max_step": int(steps.max()),
                             "steps": steps.astype(_STEP, copy=False).tobytes(),
                             "values": series.values.astype(_VAL, copy=False).tobytes(),
                             "timestamps_ms": series.timestamps_ms.astype(_TS, copy=False).tobytes(),
@@ -388,13 +396,18 @@ class SqlTrackingStore:
             for metric, value in metrics.items():
                 if metric not in rows:
                     rows[metric] = EvalScoreRow(
-                        run_id=run_id, suite_fingerprint=suite_fingerprint, metric=metric, value=value,
+                        run_id=run_id,
+                        suite_fingerprint=suite_fingerprint,
+                        metric=metric,
+                        value=value,
                         create_time_us=now,
                     )
                     s.add(rows[metric])
             s.flush()
             return EvalResult(
-                run_id, suite_fingerprint, {m: r.value for m, r in rows.items()},
+                run_id,
+                suite_fingerprint,
+                {m: r.value for m, r in rows.items()},
                 min(r.create_time_us for r in rows.values()),
             )
 
@@ -600,4 +613,3 @@ def _after(sort: Any, descending: bool, cursor: list[Any]) -> ColumnElement[bool
         return and_(sort.is_(None), tie)
     beyond = sort < value if descending else sort > value
     return or_(beyond, and_(sort == value, tie), sort.is_(None))
-

@@ -1,0 +1,53 @@
+"""Artifact store interfaces: the blob store (bytes by sha256) and the index ((run, path) -> digest)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import BinaryIO, Protocol
+
+from runledger_server.store.entities import Page
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    """One recorded file of a run: where its content lives by address."""
+
+    run_id: str
+    path: str
+    sha256: str
+    size: int
+    uri: str
+    create_time_us: int
+
+
+class BlobStore(Protocol):
+    """Content-addressed bytes. Writes are idempotent per digest; nothing is visible until complete."""
+
+    def exists(self, sha256: str) -> bool: ...
+
+    def put(self, sha256: str, stream: BinaryIO, size: int) -> str:
+        """Store a fully known content under its digest; return its URI."""
+        ...
+
+    def open_range(self, sha256: str, offset: int) -> Iterator[bytes]: ...
+
+    def uri(self, sha256: str) -> str: ...
+
+    def delete(self, sha256: str) -> None: ...
+
+
+class ArtifactIndex(Protocol):
+    """Records which run path holds which content; one transaction per call."""
+
+    def record(self, run_id: str, path: str, sha256: str, size: int, uri: str) -> ArtifactRecord: ...
+
+    def get(self, run_id: str, path: str) -> ArtifactRecord | None: ...
+
+    def by_digest(self, sha256: str) -> ArtifactRecord | None: ...
+
+    def list(self, run_id: str, prefix: str, page_size: int, page_token: str) -> Page[ArtifactRecord]: ...
+
+    def under(self, run_id: str, directory: str) -> Sequence[ArtifactRecord]:
+        """Every file below a directory path (for manifests), sorted by path."""
+        ...
