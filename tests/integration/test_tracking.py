@@ -1,0 +1,464 @@
+"""TrackingService over the real server: every RPC, its refusals, and that refusals change nothing."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import struct
+
+import grpc
+import pytest
+
+from runledger.v1 import common_pb2, tracking_pb2, tracking_service_pb2 as pb
+from tests.support import refusal
+
+EXAMPLE_LINEAGE = common_pb2.Lineage(
+    data_version="sft-mix-v3",
+    code_commit="a1b2c3d",
+    config='{"lr": 2e-5, "lora_r": 16}',
+    base_model="Qwen/Qwen3-8B",
+    seed=0,
+)
+_NAMES = itertools.count()
+EXAMPLE_FINGERPRINT = "b06a681fb46bb8d9aceed5caf216654a5dcb3ccc55f3c5965abbaae565ab830d"
+
+
+def _experiment(tracking, name: str = "") -> tracking_pb2.Experiment:
+    name = name or f"sweep-{next(_NAMES)}"
+    return tracking.CreateExperiment(pb.CreateExperimentRequest(display_name=name, tags={"team": "rl"}))
+
+
+def _run(tracking, exp, **kw) -> tracking_pb2.Run:
+    return tracking.CreateRun(pb.CreateRunRequest(experiment=exp.name, **kw))
+
+
+def _series(key, steps, values, ts=None):
+    return tracking_pb2.MetricSeries(
+        key=key, steps=steps, values=values, timestamps_ms=ts if ts is not None else [1000 + s for s in steps]
+    )
+
+
+def _history(tracking, run_id, key, **kw):
+    steps, values, ts = [], [], []
+    for chunk in tracking.GetMetricHistory(pb.GetMetricHistoryRequest(run_id=run_id, key=key, **kw)):
+        assert chunk.key == key
+        steps += chunk.steps
+        values += chunk.values
+        ts += chunk.timestamps_ms
+    return steps, values, ts
+
+
+def _bits(values):
+    return [struct.pack("<d", v) for v in values]
+
+
+# ---- experiments -------------------------------------------------------------------------------
+def test_experiments_create_get_list_and_unique_name(tracking) -> None:
+    exp = _experiment(tracking, "qwen3-sft")
+    assert exp.name == f"experiments/{exp.experiment_id}" and exp.tags["team"] == "rl"
+    assert tracking.GetExperiment(pb.GetExperimentRequest(name=exp.name)) == exp
+    r = refusal(lambda: tracking.CreateExperiment(pb.CreateExperimentRequest(display_name="qwen3-sft")))
+    assert r.code == grpc.StatusCode.ALREADY_EXISTS and r.reason == "ALREADY_EXISTS"
+    assert r.metadata["experiment"] == exp.name and "display_name" in r.message
+    for i in range(5):
+        _experiment(tracking, f"e{i}")
+    names, token = [], ""
+    while True:
+        page = tracking.ListExperiments(pb.ListExperimentsRequest(page_size=2, page_token=token))
+        names += [e.display_name for e in page.experiments]
+        token = page.next_page_token
+        if not token:
+            break
+    assert names == ["qwen3-sft", "e0", "e1", "e2", "e3", "e4"]
+    only = tracking.ListExperiments(pb.ListExperimentsRequest(filter='display_name = "e3"'))
+    assert [e.display_name for e in only.experiments] == ["e3"]
+
+
+def test_experiment_refusals(tracking) -> None:
+    r = refusal(lambda: tracking.CreateExperiment(pb.CreateExperimentRequest(display_name="")))
+    assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "display_name"
+    r = refusal(lambda: tracking.GetExperiment(pb.GetExperimentRequest(name="experiments/nope")))
+    assert r.code == grpc.StatusCode.NOT_FOUND and "experiments/nope" in r.message
+    r = refusal(lambda: tracking.GetExperiment(pb.GetExperimentRequest(name="bogus")))
+    assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "name"
+    r = refusal(lambda: tracking.ListExperiments(pb.ListExperimentsRequest(page_token="garbage!")))
+    assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "page_token"
+    assert len(tracking.ListExperiments(pb.ListExperimentsRequest()).experiments) == 0
+
+
+# ---- runs --------------------------------------------------------------------------------------
+def test_run_lifecycle(tracking) -> None:
+    exp = _experiment(tracking)
+    run = _run(tracking, exp, display_name="r0", params={"lr": "2e-5"}, tags={"stage": "sft"}, lineage=EXAMPLE_LINEAGE)
+    assert run.status == tracking_pb2.RUN_STATUS_RUNNING
+    assert run.lineage_fingerprint == EXAMPLE_FINGERPRINT and not run.missing_lineage_fields
+    assert not run.HasField("end_time")
+    done = tracking.UpdateRun(pb.UpdateRunRequest(run_id=run.run_id, status=tracking_pb2.RUN_STATUS_FINISHED))
+    assert done.status == tracking_pb2.RUN_STATUS_FINISHED and done.HasField("end_time")
+    renamed = tracking.UpdateRun(pb.UpdateRunRequest(run_id=run.run_id, display_name="r0-final"))
+    assert renamed.display_name == "r0-final" and renamed.status == tracking_pb2.RUN_STATUS_FINISHED
+    got = tracking.GetRun(pb.GetRunRequest(run_id=run.run_id))
+    assert got.params == {"lr": "2e-5"} and got.tags == {"stage": "sft"} and got.display_name == "r0-final"
+
+
+def test_client_chosen_run_id_is_retry_safe(tracking) -> None:
+    exp = _experiment(tracking)
+    run = _run(tracking, exp, run_id="my-run-1")
+    assert run.run_id == "my-run-1"
+    r = refusal(lambda: _run(tracking, exp, run_id="my-run-1"))
+    assert r.code == grpc.StatusCode.ALREADY_EXISTS and "my-run-1" in r.message
+    r = refusal(lambda: _run(tracking, exp, run_id="Bad ID"))
+    assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "run_id"
+
+
+def test_run_refusals_change_nothing(tracking) -> None:
+    exp = _experiment(tracking)
+    r = refusal(lambda: tracking.CreateRun(pb.CreateRunRequest(experiment="experiments/missing")))
+    assert r.code == grpc.StatusCode.NOT_FOUND and r.metadata["field"] == "experiment"
+    r = refusal(lambda: _run(tracking, exp, lineage=common_pb2.Lineage(config="[1, 2]")))
+    assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "lineage.config"
+    r = refusal(lambda: _run(tracking, exp, params={"": "x"}))
+    assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "params"
+    assert not tracking.SearchRuns(pb.SearchRunsRequest(experiments=[exp.name])).runs
+    r = refusal(lambda: tracking.GetRun(pb.GetRunRequest(run_id="nope")))
+    assert r.code == grpc.StatusCode.NOT_FOUND and r.metadata["field"] == "run_id"
+    run = _run(tracking, exp)
+    r = refusal(lambda: tracking.UpdateRun(pb.UpdateRunRequest(run_id=run.run_id, status=17)))  # type: ignore[arg-type]
+    assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "status"
+    assert tracking.GetRun(pb.GetRunRequest(run_id=run.run_id)).status == tracking_pb2.RUN_STATUS_RUNNING
+
+
+def test_params_are_immutable(tracking) -> None:
+    run = _run(tracking, _experiment(tracking), params={"lr": "2e-5"})
+    same = tracking.LogParams(pb.LogParamsRequest(run_id=run.run_id, params={"lr": "2e-5", "lora_r": "16"}))
+    assert same.params == {"lr": "2e-5", "lora_r": "16"}
+    r = refusal(
+        lambda: tracking.LogParams(pb.LogParamsRequest(run_id=run.run_id, params={"beta": "0.1", "lr": "3e-5"}))
+    )
+    assert r.code == grpc.StatusCode.ALREADY_EXISTS and r.reason == "PARAM_IMMUTABLE"
+    assert r.metadata["key"] == "lr" and "'lr'" in r.message
+    # the refused call stored none of its params, not even the new key
+    assert tracking.GetRun(pb.GetRunRequest(run_id=run.run_id)).params == {"lr": "2e-5", "lora_r": "16"}
+
+
+def test_long_param_values_are_kept_whole(tracking) -> None:
+    run = _run(tracking, _experiment(tracking))
+    value = "x" * 50_000  # MLflow truncates at 6,000 characters; we keep every one
+    tracking.LogParams(pb.LogParamsRequest(run_id=run.run_id, params={"prompt": value}))
+    assert tracking.GetRun(pb.GetRunRequest(run_id=run.run_id)).params["prompt"] == value
+
+
+def test_tags_are_mutable(tracking) -> None:
+    run = _run(tracking, _experiment(tracking), tags={"a": "1", "b": "2"})
+    out = tracking.SetTags(pb.SetTagsRequest(run_id=run.run_id, tags={"a": "10", "c": "3"}, remove_keys=["b"]))
+    assert out.tags == {"a": "10", "c": "3"}
+    r = refusal(lambda: tracking.SetTags(pb.SetTagsRequest(run_id=run.run_id, tags={"a": "1"}, remove_keys=["a"])))
+    assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "remove_keys"
+    assert tracking.GetRun(pb.GetRunRequest(run_id=run.run_id)).tags == {"a": "10", "c": "3"}
+
+
+# ---- lineage -----------------------------------------------------------------------------------
+def test_lineage_fingerprint_matches_reference_and_is_immutable(tracking) -> None:
+    run = _run(tracking, _experiment(tracking))
+    partial = tracking.SetLineage(
+        pb.SetLineageRequest(run_id=run.run_id, lineage=common_pb2.Lineage(data_version="sft-mix-v3", seed=0))
+    )
+    assert partial.fingerprint == "" and list(partial.missing_fields) == ["code_commit", "config", "base_model"]
+    # while incomplete, fields may still be corrected
+    tracking.SetLineage(pb.SetLineageRequest(run_id=run.run_id, lineage=common_pb2.Lineage(code_commit="0000000")))
+    full = tracking.SetLineage(pb.SetLineageRequest(run_id=run.run_id, lineage=EXAMPLE_LINEAGE))
+    assert full.fingerprint == EXAMPLE_FINGERPRINT and not full.missing_fields
+    # key order and spacing of the config JSON do not matter; the parsed values do
+    again = common_pb2.Lineage(config='{"lora_r":16,"lr":2e-05}')
+    assert (
+        tracking.SetLineage(pb.SetLineageRequest(run_id=run.run_id, lineage=again)).fingerprint == EXAMPLE_FINGERPRINT
+    )
+    for drift in (
+        common_pb2.Lineage(seed=1),
+        common_pb2.Lineage(data_version="sft-mix-v4"),
+        common_pb2.Lineage(config='{"lr": 2e-5, "lora_r": 16.0}'),
+    ):
+        field = drift.ListFields()[0][0].name
+        r = refusal(lambda d=drift: tracking.SetLineage(pb.SetLineageRequest(run_id=run.run_id, lineage=d)))
+        assert r.code == grpc.StatusCode.ALREADY_EXISTS and r.reason == "LINEAGE_IMMUTABLE"
+        assert r.metadata["field"] == f"lineage.{field}" and field in r.message
+    assert tracking.GetRun(pb.GetRunRequest(run_id=run.run_id)).lineage_fingerprint == EXAMPLE_FINGERPRINT
+
+
+# ---- metrics -----------------------------------------------------------------------------------
+def test_stream_metrics_acks_and_dedup(tracking) -> None:
+    run = _run(tracking, _experiment(tracking))
+    batches = [
+        pb.StreamMetricsRequest(
+            run_id=run.run_id,
+            writer_id="rank0",
+            seq=i,
+            series=[
+                _series("train/loss", [i * 10 + j for j in range(10)], [1.0 / (1 + i * 10 + j) for j in range(10)])
+            ],
+        )
+        for i in range(20)
+    ]
+    acks = list(tracking.StreamMetrics(iter(batches + batches[:5])))
+    assert [(a.writer_id, a.seq, a.duplicate) for a in acks] == [("rank0", i, False) for i in range(20)] + [
+        ("rank0", i, True) for i in range(5)
+    ]
+    steps, values, _ = _history(tracking, run.run_id, "train/loss")
+    assert steps == list(range(200)) and values == [1.0 / (1 + s) for s in steps]
+
+
+def test_many_writers_into_one_run(tracking) -> None:
+    run = _run(tracking, _experiment(tracking))
+
+    def writer(rank: int):
+        for seq in range(10):
+            yield pb.StreamMetricsRequest(
+                run_id=run.run_id,
+                writer_id=f"rank{rank}",
+                seq=seq,
+                series=[_series("rl/reward", [seq], [rank + seq / 10])],
+            )
+
+    streams = [tracking.StreamMetrics(writer(rank)) for rank in range(4)]
+    for s in streams:
+        assert len(list(s)) == 10
+    steps, values, _ = _history(tracking, run.run_id, "rl/reward")
+    assert len(steps) == 40 and steps == sorted(steps)
+    assert sorted(values) == sorted(rank + seq / 10 for rank in range(4) for seq in range(10))
+
+
+def test_nan_and_infinities_round_trip_exactly(tracking) -> None:
+    run = _run(tracking, _experiment(tracking))
+    values = [0.5, math.nan, math.inf, -math.inf, -0.0, 5e-324, 1.7976931348623157e308]
+    tracking.LogMetrics(
+        pb.LogMetricsRequest(
+            run_id=run.run_id, writer_id="w", seq=0, series=[_series("train/loss", list(range(7)), values)]
+        )
+    )
+    _, got, _ = _history(tracking, run.run_id, "train/loss")
+    assert _bits(got) == _bits(values)
+    latest = tracking.GetRun(pb.GetRunRequest(run_id=run.run_id)).latest_metrics["train/loss"]
+    assert latest.step == 6 and latest.value == 1.7976931348623157e308
+    tracking.LogMetrics(
+        pb.LogMetricsRequest(run_id=run.run_id, writer_id="w", seq=1, series=[_series("train/loss", [7], [math.nan])])
+    )
+    latest = tracking.GetRun(pb.GetRunRequest(run_id=run.run_id)).latest_metrics["train/loss"]
+    assert latest.step == 7 and math.isnan(latest.value)
+
+
+def test_metric_refusals_store_nothing(tracking) -> None:
+    run = _run(tracking, _experiment(tracking))
+    bad = pb.LogMetricsRequest(
+        run_id=run.run_id,
+        writer_id="w",
+        seq=0,
+        series=[
+            _series("ok", [1], [1.0]),
+            tracking_pb2.MetricSeries(key="rl/kl", steps=[1, 2], values=[0.1], timestamps_ms=[1, 2]),
+        ],
+    )
+    r = refusal(lambda: tracking.LogMetrics(bad))
+    assert r.code == grpc.StatusCode.INVALID_ARGUMENT and "rl/kl" in r.message and r.metadata["key"] == "rl/kl"
+    assert _history(tracking, run.run_id, "ok")[0] == []
+    r = refusal(lambda: tracking.LogMetrics(pb.LogMetricsRequest(run_id="ghost", writer_id="w", seq=0)))
+    assert r.code == grpc.StatusCode.NOT_FOUND and r.metadata["field"] == "run_id"
+    r = refusal(lambda: tracking.LogMetrics(pb.LogMetricsRequest(run_id=run.run_id, writer_id="", seq=0)))
+    assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "writer_id"
+    # the same invalid batch over the stream ends the stream with the same status
+    r = refusal(lambda: list(tracking.StreamMetrics(iter([pb.StreamMetricsRequest(**_fields(bad))]))))
+    assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["key"] == "rl/kl"
+    # the batch was never recorded: a corrected batch with the same seq is stored, not a duplicate
+    good = pb.LogMetricsRequest(run_id=run.run_id, writer_id="w", seq=0, series=[_series("ok", [1], [1.0])])
+    assert tracking.LogMetrics(good).duplicate is False
+    assert _history(tracking, run.run_id, "ok")[0] == [1]
+
+
+def _fields(msg):
+    return {f.name: v for f, v in msg.ListFields()}
+
+
+def test_history_step_range_and_downsampling(tracking) -> None:
+    run = _run(tracking, _experiment(tracking))
+    n = 10_000
+    values = [math.sin(i / 100) for i in range(n)]
+    values[4321] = 50.0  # a spike
+    values[777] = -50.0  # a collapse
+    tracking.LogMetrics(
+        pb.LogMetricsRequest(run_id=run.run_id, writer_id="w", seq=0, series=[_series("loss", list(range(n)), values)])
+    )
+    steps, _, _ = _history(tracking, run.run_id, "loss", start_step=100, end_step=199)
+    assert steps == list(range(100, 200))
+    steps, got, _ = _history(tracking, run.run_id, "loss", max_points=100)
+    assert len(steps) <= 100 and steps[0] == 0 and steps[-1] == n - 1
+    assert 4321 in steps and 777 in steps and max(got) == 50.0 and min(got) == -50.0
+    assert steps == sorted(steps)
+    r = refusal(
+        lambda: list(
+            tracking.GetMetricHistory(pb.GetMetricHistoryRequest(run_id=run.run_id, key="loss", max_points=-1))
+        )
+    )
+    assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "max_points"
+
+
+# ---- search ------------------------------------------------------------------------------------
+def _seed_runs(tracking):
+    exp = _experiment(tracking)
+    runs = []
+    for i, (lr, loss, team) in enumerate(
+        [("1e-5", 0.9, "rl"), ("2e-5", 0.4, "sft"), ("3e-5", 0.7, "rl"), ("4e-5", None, "rl")]
+    ):
+        run = _run(tracking, exp, display_name=f"r{i}", params={"lr": lr}, tags={"team": team})
+        if loss is not None:
+            tracking.LogMetrics(
+                pb.LogMetricsRequest(
+                    run_id=run.run_id, writer_id="w", seq=0, series=[_series("train/loss", [5], [loss])]
+                )
+            )
+        runs.append(run)
+    tracking.UpdateRun(pb.UpdateRunRequest(run_id=runs[0].run_id, status=tracking_pb2.RUN_STATUS_FAILED))
+    return exp, runs
+
+
+@pytest.mark.parametrize(
+    ("filter_text", "expected"),
+    [
+        ('params.lr = "2e-5"', ["r1"]),
+        ("params.lr >= '3e-5'", ["r2", "r3"]),
+        ('tags.team = "rl"', ["r0", "r2", "r3"]),
+        ("metrics.`train/loss` < 0.8", ["r1", "r2"]),
+        ('metrics.train/loss < 0.8 AND tags.team = "rl"', ["r2"]),
+        ('status = "FAILED"', ["r0"]),
+        ("status IN ('RUNNING') and params.lr != '2e-5'", ["r2", "r3"]),
+        ('display_name LIKE "r%"', ["r0", "r1", "r2", "r3"]),
+    ],
+)
+def test_search_filters(tracking, filter_text, expected) -> None:
+    exp, _ = _seed_runs(tracking)
+    found = tracking.SearchRuns(pb.SearchRunsRequest(experiments=[exp.name], filter=filter_text))
+    assert [r.display_name for r in found.runs] == expected
+
+
+def test_search_order_and_paging(tracking) -> None:
+    exp, _ = _seed_runs(tracking)
+    order = []
+    token = ""
+    while True:
+        page = tracking.SearchRuns(
+            pb.SearchRunsRequest(
+                experiments=[exp.name], order_by="metrics.`train/loss` ASC", page_size=1, page_token=token
+            )
+        )
+        order += [r.display_name for r in page.runs]
+        token = page.next_page_token
+        if not token:
+            break
+    assert order == ["r1", "r2", "r0", "r3"]  # runs without the metric sort last
+    desc = tracking.SearchRuns(pb.SearchRunsRequest(experiments=[exp.name], order_by="params.lr DESC"))
+    assert [r.display_name for r in desc.runs] == ["r3", "r2", "r1", "r0"]
+    first = tracking.SearchRuns(pb.SearchRunsRequest(experiments=[exp.name], page_size=2))
+    r = refusal(
+        lambda: tracking.SearchRuns(
+            pb.SearchRunsRequest(experiments=[exp.name], order_by="params.lr", page_token=first.next_page_token)
+        )
+    )
+    assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "page_token"
+
+
+@pytest.mark.parametrize(
+    ("filter_text", "order_by", "field"),
+    [
+        ("params.lr ~ 1", "", "filter"),
+        ("bogus = 1", "", "filter"),
+        ("metrics.loss < 'x'", "", "filter"),
+        ("", "a b c", "order_by"),
+    ],
+)
+def test_search_refusals(tracking, filter_text, order_by, field) -> None:
+    r = refusal(lambda: tracking.SearchRuns(pb.SearchRunsRequest(filter=filter_text, order_by=order_by)))
+    assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == field
+
+
+# ---- eval results and sweeps ---------------------------------------------------------------------
+SUITE = "mmlu@abcd"
+
+
+def _sweep(tracking, scores, suite=SUITE):
+    exp = _experiment(tracking)
+    runs = {}
+    for name, score in scores:
+        run = _run(tracking, exp, display_name=name)
+        s = suite if not isinstance(score, tuple) else score[1]
+        v = score if not isinstance(score, tuple) else score[0]
+        tracking.LogEvalResult(pb.LogEvalResultRequest(run_id=run.run_id, suite_fingerprint=s, metrics={"mmlu": v}))
+        runs[name] = run.run_id
+    return exp, runs
+
+
+def _select(tracking, **kw):
+    kw.setdefault("metric", "mmlu")
+    kw.setdefault("direction", common_pb2.DIRECTION_MAXIMIZE)
+    return tracking.SelectWinner(pb.SelectWinnerRequest(**kw))
+
+
+def test_select_winner_reference_sweep(tracking) -> None:
+    exp, runs = _sweep(tracking, [("r0", 0.61), ("r1", 0.66), ("r2", 0.59), ("r3", 0.64)])
+    out = _select(tracking, experiment=exp.name)
+    assert out.winner_run_id == runs["r1"] and out.score == 0.66 and out.suite_fingerprint == SUITE
+    assert [c.run_id for c in out.cohort] == [runs[n] for n in ("r1", "r3", "r0", "r2")]
+    by_ids = _select(tracking, run_ids=list(runs.values()))
+    assert by_ids.winner_run_id == runs["r1"]
+
+
+def test_select_winner_minimize_and_ties(tracking) -> None:
+    exp, runs = _sweep(tracking, [("a", 0.9), ("b", 0.4), ("c", 0.7)])
+    assert _select(tracking, experiment=exp.name, direction=common_pb2.DIRECTION_MINIMIZE).winner_run_id == runs["b"]
+    exp2, runs2 = _sweep(tracking, [("first", 0.7), ("second", 0.7)])
+    assert _select(tracking, experiment=exp2.name).winner_run_id == runs2["first"]
+
+
+def test_select_winner_refuses_mixed_suites(tracking) -> None:
+    exp, runs = _sweep(tracking, [("r0", 0.61), ("phantom", (0.99, "easyeval@zzzz"))])
+    r = refusal(lambda: _select(tracking, experiment=exp.name))
+    assert r.code == grpc.StatusCode.FAILED_PRECONDITION and r.reason == "INCOMPARABLE_EVAL_SUITES"
+    assert SUITE in r.message and "easyeval@zzzz" in r.message
+    named = _select(tracking, experiment=exp.name, suite_fingerprint=SUITE)
+    assert named.winner_run_id == runs["r0"]  # the phantom never wins
+    assert [(e.run_id, e.reason) for e in named.excluded] == [(runs["phantom"], "OTHER_EVAL_SUITE")]
+
+
+def test_eval_results_are_immutable_and_finite(tracking) -> None:
+    run = _run(tracking, _experiment(tracking))
+    tracking.LogEvalResult(pb.LogEvalResultRequest(run_id=run.run_id, suite_fingerprint=SUITE, metrics={"mmlu": 0.6}))
+    again = tracking.LogEvalResult(
+        pb.LogEvalResultRequest(run_id=run.run_id, suite_fingerprint=SUITE, metrics={"mmlu": 0.6, "gsm8k": 0.7})
+    )
+    assert again.metrics == {"mmlu": 0.6, "gsm8k": 0.7}
+    r = refusal(
+        lambda: tracking.LogEvalResult(
+            pb.LogEvalResultRequest(run_id=run.run_id, suite_fingerprint=SUITE, metrics={"mmlu": 0.99})
+        )
+    )
+    assert (
+        r.code == grpc.StatusCode.ALREADY_EXISTS and r.reason == "EVAL_RESULT_IMMUTABLE" and r.metadata["key"] == "mmlu"
+    )
+    r = refusal(
+        lambda: tracking.LogEvalResult(
+            pb.LogEvalResultRequest(run_id=run.run_id, suite_fingerprint=SUITE, metrics={"arc": math.nan})
+        )
+    )
+    assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "metrics[arc]"
+    out = _select(tracking, run_ids=[run.run_id])
+    assert out.score == 0.6
+
+
+def test_select_winner_refusals(tracking) -> None:
+    exp = _experiment(tracking)
+    run = _run(tracking, exp)
+    r = refusal(lambda: _select(tracking, experiment=exp.name, direction=common_pb2.DIRECTION_UNSPECIFIED))
+    assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "direction"
+    r = refusal(lambda: _select(tracking, experiment=exp.name))
+    assert r.code == grpc.StatusCode.FAILED_PRECONDITION and r.reason == "NO_SCORED_RUNS"
+    r = refusal(lambda: _select(tracking, run_ids=[run.run_id, "ghost"]))
+    assert r.code == grpc.StatusCode.NOT_FOUND and "ghost" in r.message
+    r = refusal(lambda: _select(tracking))
+    assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "run_ids"
