@@ -1,0 +1,75 @@
+"""The run search language: what parses into which clauses, and what is refused naming the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from runledger_server.domain.errors import InvalidArgument
+from runledger_server.domain.filters import Clause, OrderBy, parse_filter, parse_order_by
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", ()),
+        ('params.lr = "2e-5"', (Clause("params", "lr", "=", ("2e-5",)),)),
+        ("params.lr = 0.001", (Clause("params", "lr", "=", ("0.001",)),)),
+        ("params.epochs = 3", (Clause("params", "epochs", "=", ("3",)),)),
+        ("metrics.`train/loss` < 0.5", (Clause("metrics", "train/loss", "<", (0.5,)),)),
+        ("metrics.rl/kl >= -1e-3", (Clause("metrics", "rl/kl", ">=", (-1e-3,)),)),
+        ("tags.team LIKE 'r%'", (Clause("tags", "team", "LIKE", ("r%",)),)),
+        ("status = 'run_status_finished'", (Clause("attribute", "status", "=", ("FINISHED",)),)),
+        ("status NOT IN ('FAILED', 'KILLED')", (Clause("attribute", "status", "NOT IN", ("FAILED", "KILLED")),)),
+        (
+            "params.a = 'x' and tags.b != \"y\" AND metrics.c > 1",
+            (
+                Clause("params", "a", "=", ("x",)),
+                Clause("tags", "b", "!=", ("y",)),
+                Clause("metrics", "c", ">", (1.0,)),
+            ),
+        ),
+        ("params.quote = 'it\\'s'", (Clause("params", "quote", "=", ("it's",)),)),
+    ],
+)
+def test_parse_filter(text: str, expected: tuple[Clause, ...]) -> None:
+    assert parse_filter(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "params.lr",
+        "params.lr = ",
+        "unknown = 1",
+        "metrics.loss LIKE '1%'",
+        "metrics.loss = 'abc'",
+        "status = 'DONE'",
+        "params.a = 'x' OR params.b = 'y'",
+        "params.a IN ('x'",
+        "params.a = 'unterminated",
+    ],
+)
+def test_parse_filter_refusals_name_the_field(text: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        parse_filter(text)
+    assert info.value.field == "filter"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", OrderBy("attribute", "create_time", False)),
+        ("metrics.eval/mmlu DESC", OrderBy("metrics", "eval/mmlu", True)),
+        ("params.lr asc", OrderBy("params", "lr", False)),
+        ("display_name", OrderBy("attribute", "display_name", False)),
+    ],
+)
+def test_parse_order_by(text: str, expected: OrderBy) -> None:
+    assert parse_order_by(text) == expected
+
+
+@pytest.mark.parametrize("text", ["a b c", "nope DESC", "params.lr = 1"])
+def test_parse_order_by_refusals(text: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        parse_order_by(text)
+    assert info.value.field == "order_by"
