@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
+from runledger import wire
 from runledger.v1 import common_pb2, tracking_pb2
 
 from runledger_server.domain.errors import InvalidArgument
@@ -11,8 +11,6 @@ from runledger_server.domain.lineage import Lineage
 from runledger_server.domain.metrics import Series
 from runledger_server.domain.sweeps import Direction
 from runledger_server.store import entities
-
-_I8, _F8 = np.dtype(np.int64), np.dtype(np.float64)
 
 
 def timestamp(us: int | None) -> Timestamp | None:
@@ -61,12 +59,8 @@ def direction_to_proto(direction: Direction) -> common_pb2.Direction.ValueType:
 
 
 def series_from_proto(msg: tracking_pb2.MetricSeries) -> Series:
-    return Series(
-        key=msg.key,
-        steps=np.array(msg.steps, dtype=_I8),
-        values=np.array(msg.values, dtype=_F8),
-        timestamps_ms=np.array(msg.timestamps_ms, dtype=_I8),
-    )
+    steps, values, timestamps_ms = wire.arrays(msg)
+    return Series(key=msg.key, steps=steps, values=values, timestamps_ms=timestamps_ms)
 
 
 def experiment_to_proto(e: entities.Experiment) -> tracking_pb2.Experiment:

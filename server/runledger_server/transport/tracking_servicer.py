@@ -10,6 +10,7 @@ from concurrent.futures import Executor
 from typing import Any, TypeVar
 
 import grpc
+from runledger import wire
 from runledger.v1 import tracking_pb2, tracking_service_pb2_grpc
 from runledger.v1 import tracking_service_pb2 as pb
 
@@ -182,9 +183,7 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
             return
         for lo in range(0, n, HISTORY_CHUNK_POINTS):
             hi = min(n, lo + HISTORY_CHUNK_POINTS)
-            yield tracking_pb2.MetricSeries(
-                key=request.key, steps=steps[lo:hi], values=values[lo:hi], timestamps_ms=stamps[lo:hi]
-            )
+            yield wire.series(request.key, steps[lo:hi], values[lo:hi], stamps[lo:hi])
 
     @handle_errors
     async def LogEvalResult(self, request: pb.LogEvalResultRequest, context: Any) -> tracking_pb2.EvalResult:

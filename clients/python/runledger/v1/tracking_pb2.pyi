@@ -306,7 +306,9 @@ Global___Run: _TypeAlias = Run  # noqa: Y015
 class MetricSeries(_message.Message):
     """The points of one metric key, as packed parallel arrays (one entry per
     point). Packed arrays are several times cheaper to build and parse than
-    one message per point.
+    one message per point, and every array is fixed-width (8 bytes per entry,
+    little-endian on the wire), so a client or server can move a whole array
+    as one block of memory instead of encoding point by point.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
