@@ -1,0 +1,105 @@
+"""`runledger serve` as users start it: flags and env, the ready line, health, reflection, graceful stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from runledger.v1 import tracking_pb2, tracking_service_pb2 as pb, tracking_service_pb2_grpc
+
+
+def _start(args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runledger_server", "serve", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("runledger listening on "), (line, proc.stderr.read() if proc.poll() is not None else "")
+    return proc, line.split()[-1]
+
+
+def _reap(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate(timeout=30)
+
+
+def test_serve_flags_health_reflection_and_graceful_stop(tmp_path: Path) -> None:
+    proc, address = _start(["--host", "127.0.0.1", "--port", "0", "--data-dir", str(tmp_path / "d")])
+    try:
+        host, port = address.rsplit(":", 1)
+        assert host == "127.0.0.1" and int(port) > 0
+        with grpc.insecure_channel(address) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            for service in ("", "runledger.v1.TrackingService", "runledger.v1.RegistryService"):
+                resp = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+                assert resp.status == health_pb2.HealthCheckResponse.SERVING
+            refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+            answer = next(
+                iter(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+            )
+            names = {s.name for s in answer.list_services_response.service}
+            assert {
+                "runledger.v1.TrackingService",
+                "runledger.v1.ArtifactService",
+                "runledger.v1.RegistryService",
+            } <= names
+            stub = tracking_service_pb2_grpc.TrackingServiceStub(ch)
+            exp = stub.CreateExperiment(pb.CreateExperimentRequest(display_name="cli"))
+            run = stub.CreateRun(pb.CreateRunRequest(experiment=exp.name))
+            stub.LogMetrics(
+                pb.LogMetricsRequest(
+                    run_id=run.run_id,
+                    writer_id="w",
+                    seq=0,
+                    series=[tracking_pb2.MetricSeries(key="loss", steps=[1], values=[0.5], timestamps_ms=[1])],
+                )
+            )
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0 and "runledger serving on 127.0.0.1" in err
+    finally:
+        _reap(proc)
+    # the data directory holds the SQLite database; a restart on it sees the acknowledged point
+    proc, address = _start(["--port", "0"], env={"RUNLEDGER_DATA_DIR": str(tmp_path / "d")})
+    try:
+        with grpc.insecure_channel(address) as ch:
+            stub = tracking_service_pb2_grpc.TrackingServiceStub(ch)
+            got = stub.GetRun(pb.GetRunRequest(run_id=run.run_id), timeout=5)
+            assert got.latest_metrics["loss"].value == 0.5
+        assert (tmp_path / "d" / "runledger.db").exists()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+        assert proc.returncode == 0
+
+
+def test_env_port_and_flag_precedence(tmp_path: Path) -> None:
+    proc, address = _start(["--data-dir", str(tmp_path)], env={"RUNLEDGER_PORT": "0", "RUNLEDGER_HOST": "127.0.0.1"})
+    try:
+        assert address.startswith("127.0.0.1:") and not address.endswith(":50051")
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+        assert proc.returncode == 0
+
+
+def test_bad_database_url_fails_with_a_clear_message(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "runledger_server", "serve", "--port", "0", "--db", "nosuchdb://x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0 and "nosuchdb" in proc.stderr
