@@ -9,6 +9,7 @@ a repeated field one by one.
 from __future__ import annotations
 
 import numpy as np
+
 from runledger.v1 import tracking_pb2
 
 _I8 = np.dtype("<i8")

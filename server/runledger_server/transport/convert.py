@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
+
 from runledger import wire
 from runledger.v1 import common_pb2, tracking_pb2
-
 from runledger_server.domain.errors import InvalidArgument
 from runledger_server.domain.lineage import Lineage
 from runledger_server.domain.metrics import Series

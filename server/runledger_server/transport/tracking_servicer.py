@@ -10,10 +10,9 @@ from concurrent.futures import Executor
 from typing import Any, TypeVar
 
 import grpc
-from runledger import wire
-from runledger.v1 import tracking_pb2, tracking_service_pb2_grpc
-from runledger.v1 import tracking_service_pb2 as pb
 
+from runledger import wire
+from runledger.v1 import tracking_pb2, tracking_service_pb2 as pb, tracking_service_pb2_grpc
 from runledger_server.domain.metrics import validate_batch
 from runledger_server.services.tracking import TrackingService
 from runledger_server.transport import convert

@@ -26,8 +26,7 @@ from runledger_server.backends.sql.tracking_tables import (
     RunRow,
     RunTagRow,
 )
-from runledger_server.domain import ids, paging
-from runledger_server.domain import lineage as lineage_rules
+from runledger_server.domain import ids, lineage as lineage_rules, paging
 from runledger_server.domain.errors import AlreadyExists, InvalidArgument, NotFound
 from runledger_server.domain.filters import Clause, OrderBy
 from runledger_server.domain.lineage import Lineage
