@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from runledger.v1 import (
     artifact_service_pb2,
     artifact_service_pb2_grpc,
@@ -18,7 +19,6 @@ from runledger.v1 import (
     tracking_service_pb2,
     tracking_service_pb2_grpc,
 )
-
 from runledger_server.backends.sql import migrate
 from runledger_server.backends.sql.database import Database
 from runledger_server.backends.sql.tracking_store import SqlTrackingStore
