@@ -15,6 +15,8 @@ from runledger.v1 import (
 from runledger_server.config import Settings
 from runledger_server.embedded import EmbeddedServer
 
+pytest_plugins = ["tests.fixtures.postgres"]
+
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:

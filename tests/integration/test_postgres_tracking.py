@@ -1,0 +1,250 @@
+"""TrackingService against PostgreSQL through the real server: runs, params, exact metric values,
+SearchRuns, and two replicas sharing one database (re-sent batches stored once)."""
+
+from __future__ import annotations
+
+import math
+import struct
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from runledger.v1 import tracking_pb2, tracking_service_pb2 as pb, tracking_service_pb2_grpc
+from runledger_server.config import Settings
+from runledger_server.embedded import EmbeddedServer
+from tests.support import refusal
+
+pytestmark = pytest.mark.postgres
+
+Stub = tracking_service_pb2_grpc.TrackingServiceStub
+
+
+@pytest.fixture
+def pg_tracking(pg_settings: Settings) -> Iterator[Stub]:
+    with EmbeddedServer(pg_settings) as srv, grpc.insecure_channel(srv.address) as ch:
+        yield tracking_service_pb2_grpc.TrackingServiceStub(ch)
+
+
+@pytest.fixture
+def replicas(pg_settings: Settings) -> Iterator[tuple[Stub, Stub]]:
+    """Two servers on the same PostgreSQL database, each on its own free port."""
+    with (
+        EmbeddedServer(pg_settings) as a,
+        EmbeddedServer(pg_settings) as b,
+        grpc.insecure_channel(a.address) as ch_a,
+        grpc.insecure_channel(b.address) as ch_b,
+    ):
+        assert a.port != b.port
+        yield tracking_service_pb2_grpc.TrackingServiceStub(ch_a), tracking_service_pb2_grpc.TrackingServiceStub(ch_b)
+
+
+def _new_run(stub: Stub, experiment: str = "pg", **kwargs: object) -> tracking_pb2.Run:
+    exp = stub.CreateExperiment(pb.CreateExperimentRequest(display_name=experiment))
+    return stub.CreateRun(pb.CreateRunRequest(experiment=exp.name, **kwargs))  # type: ignore[arg-type]
+
+
+def _series(key: str, values: list[float], first_step: int = 0) -> tracking_pb2.MetricSeries:
+    steps = list(range(first_step, first_step + len(values)))
+    return tracking_pb2.MetricSeries(
+        key=key, steps=steps, values=values, timestamps_ms=[1_700_000_000_000 + s for s in steps]
+    )
+
+
+def _history(stub: Stub, run_id: str, key: str) -> tuple[list[int], list[float]]:
+    steps: list[int] = []
+    values: list[float] = []
+    for chunk in stub.GetMetricHistory(pb.GetMetricHistoryRequest(run_id=run_id, key=key)):
+        steps.extend(chunk.steps)
+        values.extend(chunk.values)
+    return steps, values
+
+
+def _bits(values: list[float]) -> list[bytes]:
+    return [struct.pack("<d", v) for v in values]
+
+
+def test_experiment_and_run_round_trip(pg_tracking: Stub) -> None:
+    exp = pg_tracking.CreateExperiment(pb.CreateExperimentRequest(display_name="qwen3-sft", tags={"team": "rl"}))
+    assert pg_tracking.GetExperiment(pb.GetExperimentRequest(name=exp.name)) == exp
+    run = pg_tracking.CreateRun(
+        pb.CreateRunRequest(experiment=exp.name, display_name="r0", params={"lr": "2e-5"}, tags={"stage": "sft"})
+    )
+    got = pg_tracking.GetRun(pb.GetRunRequest(run_id=run.run_id))
+    assert got.experiment == exp.name
+    assert dict(got.params) == {"lr": "2e-5"} and dict(got.tags) == {"stage": "sft"}
+    assert got.status == tracking_pb2.RUN_STATUS_RUNNING
+
+    r = refusal(lambda: pg_tracking.CreateExperiment(pb.CreateExperimentRequest(display_name="qwen3-sft")))
+    assert r.code == grpc.StatusCode.ALREADY_EXISTS
+    listed = pg_tracking.ListExperiments(pb.ListExperimentsRequest())
+    assert [e.name for e in listed.experiments] == [exp.name]
+
+
+def test_params_are_immutable(pg_tracking: Stub) -> None:
+    run = _new_run(pg_tracking, params={"lr": "2e-5", "lora_r": "16"})
+    same = pg_tracking.LogParams(pb.LogParamsRequest(run_id=run.run_id, params={"lr": "2e-5", "seed": "1"}))
+    assert dict(same.params) == {"lr": "2e-5", "lora_r": "16", "seed": "1"}
+
+    r = refusal(
+        lambda: pg_tracking.LogParams(pb.LogParamsRequest(run_id=run.run_id, params={"lr": "3e-5", "warmup": "100"}))
+    )
+    assert r.code == grpc.StatusCode.ALREADY_EXISTS
+    assert r.reason == "PARAM_IMMUTABLE" and r.domain == "runledger"
+    assert r.metadata.get("key") == "lr"
+    # Nothing of the refused call was stored, not even the new key.
+    after = pg_tracking.GetRun(pb.GetRunRequest(run_id=run.run_id))
+    assert dict(after.params) == {"lr": "2e-5", "lora_r": "16", "seed": "1"}
+
+
+def test_metric_values_round_trip_bit_exact(pg_tracking: Stub) -> None:
+    run = _new_run(pg_tracking)
+    values = [0.1, -0.0, math.nan, math.inf, -math.inf, 5e-324, 1.7976931348623157e308, -2.5e-300, 1 / 3]
+    tails = {"last/nan": math.nan, "last/inf": math.inf, "last/-inf": -math.inf}
+    series = [_series("train/loss", values)] + [_series(k, [1.0, v]) for k, v in tails.items()]
+    ack = pg_tracking.LogMetrics(pb.LogMetricsRequest(run_id=run.run_id, writer_id="rank0", seq=0, series=series))
+    assert not ack.duplicate
+
+    steps, got = _history(pg_tracking, run.run_id, "train/loss")
+    assert steps == list(range(len(values)))
+    assert _bits(got) == _bits(values)
+
+    latest = pg_tracking.GetRun(pb.GetRunRequest(run_id=run.run_id)).latest_metrics
+    assert latest["train/loss"].step == len(values) - 1 and latest["train/loss"].value == 1 / 3
+    assert math.isnan(latest["last/nan"].value) and latest["last/nan"].step == 1
+    assert latest["last/inf"].value == math.inf
+    assert latest["last/-inf"].value == -math.inf
+
+
+def _search_all(stub: Stub, page_size: int, **kwargs: str) -> list[str]:
+    """Every run ID of a search, page by page."""
+    out: list[str] = []
+    token = ""
+    while True:
+        resp = stub.SearchRuns(pb.SearchRunsRequest(page_size=page_size, page_token=token, **kwargs))  # type: ignore[arg-type]
+        assert len(resp.runs) <= page_size
+        out.extend(r.run_id for r in resp.runs)
+        token = resp.next_page_token
+        if not token:
+            return out
+
+
+def test_search_runs_filters_order_and_paging(pg_tracking: Stub) -> None:
+    exp = pg_tracking.CreateExperiment(pb.CreateExperimentRequest(display_name="sweep"))
+    other = pg_tracking.CreateExperiment(pb.CreateExperimentRequest(display_name="other"))
+    # (lr, team, eval/acc or None for never logged)
+    grid = [
+        ("1e-5", "rl", 0.71),
+        ("1e-5", "rl", 0.42),
+        ("1e-5", "sft", 0.90),
+        ("2e-5", "rl", 0.88),
+        ("1e-5", "rl", math.inf),
+        ("1e-5", "rl", math.nan),
+        ("1e-5", "rl", None),
+        ("1e-5", "rl", 0.55),
+    ]
+    ids: list[str] = []
+    for i, (lr, team, acc) in enumerate(grid):
+        run = pg_tracking.CreateRun(
+            pb.CreateRunRequest(experiment=exp.name, display_name=f"r{i}", params={"lr": lr}, tags={"team": team})
+        )
+        ids.append(run.run_id)
+        if acc is not None:
+            series = [_series("eval/acc", [0.0, acc])]
+            pg_tracking.LogMetrics(pb.LogMetricsRequest(run_id=run.run_id, writer_id="w", seq=0, series=series))
+    pg_tracking.CreateRun(pb.CreateRunRequest(experiment=other.name, params={"lr": "1e-5"}, tags={"team": "rl"}))
+
+    query = {
+        "experiments": [exp.name],
+        "filter": "params.lr = \"1e-5\" AND tags.team = 'rl' AND metrics.`eval/acc` > 0.5",
+        "order_by": "metrics.eval/acc DESC",
+    }
+    # NaN is not greater than 0.5, +Inf is; runs 1 (0.42), 2 (sft), 3 (lr) and 6 (no metric) do not match.
+    expected = [ids[4], ids[0], ids[7]]
+    assert _search_all(pg_tracking, 100, **query) == expected
+    for page_size in (1, 2):
+        assert _search_all(pg_tracking, page_size, **query) == expected
+
+    # Without a filter, runs lacking a value for the sort key (never logged, or NaN) sort last.
+    ordered = _search_all(pg_tracking, 3, experiments=[exp.name], order_by="metrics.`eval/acc` DESC")
+    assert ordered[:6] == [ids[4], ids[2], ids[3], ids[0], ids[7], ids[1]]
+    assert set(ordered[6:]) == {ids[5], ids[6]}
+    assert _search_all(pg_tracking, 100, experiments=[exp.name], order_by="create_time") == ids
+
+    # A page token belongs to its query.
+    first = pg_tracking.SearchRuns(pb.SearchRunsRequest(page_size=1, **query))  # type: ignore[arg-type]
+    r = refusal(
+        lambda: pg_tracking.SearchRuns(
+            pb.SearchRunsRequest(experiments=[exp.name], page_size=1, page_token=first.next_page_token)
+        )
+    )
+    assert r.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_two_replicas_share_data_and_store_a_resent_batch_once(replicas: tuple[Stub, Stub]) -> None:
+    a, b = replicas
+    run = _new_run(a, params={"lr": "2e-5"})
+    batch = pb.LogMetricsRequest(
+        run_id=run.run_id, writer_id="rank0", seq=7, series=[_series("train/loss", [2.0, 1.5, 1.25])]
+    )
+    assert not a.LogMetrics(batch).duplicate
+    # The client's connection to A dropped before the ack; it re-sends the batch to B.
+    resent = b.LogMetrics(batch)
+    assert resent.duplicate and resent.seq == 7 and resent.writer_id == "rank0"
+    assert not b.LogMetrics(
+        pb.LogMetricsRequest(run_id=run.run_id, writer_id="rank0", seq=8, series=[_series("train/loss", [1.0], 3)])
+    ).duplicate
+
+    # The streaming form on B deduplicates against what A stored too.
+    acks = list(
+        b.StreamMetrics(
+            iter(
+                [
+                    pb.StreamMetricsRequest(**_fields(batch)),
+                    pb.StreamMetricsRequest(
+                        run_id=run.run_id, writer_id="rank1", seq=0, series=[_series("train/loss", [9.0], 100)]
+                    ),
+                ]
+            )
+        )
+    )
+    assert [(x.writer_id, x.seq, x.duplicate) for x in acks] == [("rank0", 7, True), ("rank1", 0, False)]
+
+    for stub in (a, b):
+        steps, values = _history(stub, run.run_id, "train/loss")
+        assert steps == [0, 1, 2, 3, 100] and values == [2.0, 1.5, 1.25, 1.0, 9.0]
+    assert a.GetRun(pb.GetRunRequest(run_id=run.run_id)) == b.GetRun(pb.GetRunRequest(run_id=run.run_id))
+
+    # Params written through one replica are immutable through the other.
+    b.LogParams(pb.LogParamsRequest(run_id=run.run_id, params={"seed": "3"}))
+    r = refusal(lambda: b.LogParams(pb.LogParamsRequest(run_id=run.run_id, params={"lr": "1e-4"})))
+    assert r.code == grpc.StatusCode.ALREADY_EXISTS and r.reason == "PARAM_IMMUTABLE"
+    assert dict(a.GetRun(pb.GetRunRequest(run_id=run.run_id)).params) == {"lr": "2e-5", "seed": "3"}
+
+
+def _fields(req: pb.LogMetricsRequest) -> dict[str, object]:
+    return {"run_id": req.run_id, "writer_id": req.writer_id, "seq": req.seq, "series": list(req.series)}
+
+
+def test_same_batch_raced_to_both_replicas_is_stored_once(replicas: tuple[Stub, Stub]) -> None:
+    a, b = replicas
+    run = _new_run(a)
+    rounds = 20
+    start = threading.Barrier(2)
+
+    def send(stub: Stub, seq: int) -> bool:
+        start.wait(timeout=30)
+        req = pb.LogMetricsRequest(
+            run_id=run.run_id, writer_id="rank0", seq=seq, series=[_series("loss", [float(seq)], seq)]
+        )
+        return stub.LogMetrics(req, timeout=60).duplicate
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for seq in range(rounds):
+            outcomes = sorted(f.result() for f in [pool.submit(send, a, seq), pool.submit(send, b, seq)])
+            assert outcomes == [False, True], f"seq {seq}: exactly one replica stores the batch, got {outcomes}"
+
+    steps, values = _history(b, run.run_id, "loss")
+    assert steps == list(range(rounds)) and values == [float(s) for s in range(rounds)]
