@@ -1,0 +1,550 @@
+"""SQLAlchemy implementation of the registry store.
+
+Every alias change runs in one transaction that first locks the alias row (PostgreSQL: `SELECT ... FOR
+UPDATE`, the row inserted first if missing; SQLite: the write transaction's BEGIN IMMEDIATE lock), then reads
+the gate and both scores, decides with the pure `domain.gates.decide`, and writes the alias and its history
+entry. So concurrent calls, from any number of replicas, behave as if run one at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import and_, select, tuple_, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from runledger_server.backends.sql.base import now_us
+from runledger_server.backends.sql.database import Database
+from runledger_server.backends.sql.registry_tables import (
+    AliasHistoryRow,
+    AliasRow,
+    GateResultRow,
+    GateRow,
+    ModelVersionRow,
+    RegisteredModelRow,
+    RegisteredModelTagRow,
+)
+from runledger_server.domain import gates, paging
+from runledger_server.domain.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
+from runledger_server.domain.gates import Action, AliasChange, Decision, GateSpec
+from runledger_server.domain.lineage import Lineage
+from runledger_server.domain.sweeps import Direction
+from runledger_server.store.entities import Page
+from runledger_server.store.registry_entities import (
+    Alias,
+    AliasHistoryEntry,
+    AliasOutcome,
+    ArtifactRef,
+    Gate,
+    GateResult,
+    ModelVersion,
+    RegisteredModel,
+    ServingTarget,
+)
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class SqlRegistryStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._insert: Any = postgresql.insert if db.dialect == "postgresql" else sqlite.insert
+
+    # ---- models ------------------------------------------------------------------------------
+    def create_model(self, model_id: str, description: str, tags: dict[str, str]) -> RegisteredModel:
+        with self.db.write() as s:
+            if s.get(RegisteredModelRow, model_id) is not None:
+                raise AlreadyExists(f"models/{model_id} already exists", field="model_id")
+            now = now_us()
+            row = RegisteredModelRow(
+                id=model_id, description=description, latest_version=0, create_time_us=now, update_time_us=now
+            )
+            s.add(row)
+            s.flush()
+            s.add_all(RegisteredModelTagRow(model_id=model_id, key=k, value=v) for k, v in tags.items())
+            s.flush()
+            return _model(row, dict(tags))
+
+    def get_model(self, model_id: str) -> RegisteredModel:
+        with self.db.read() as s:
+            row = _require_model(s, model_id)
+            return _model(row, _model_tags(s, [model_id]).get(model_id, {}))
+
+    def list_models(self, page_size: int, page_token: str) -> Page[RegisteredModel]:
+        query = {"list": "models"}
+        cursor = paging.decode(page_token, query)
+        stmt = select(RegisteredModelRow)
+        if cursor:
+            stmt = stmt.where(RegisteredModelRow.id > str(cursor[0]))
+        stmt = stmt.order_by(RegisteredModelRow.id).limit(page_size + 1)
+        with self.db.read() as s:
+            rows = list(s.scalars(stmt))
+            more = len(rows) > page_size
+            rows = rows[:page_size]
+            tags = _model_tags(s, [r.id for r in rows])
+        token = paging.encode([rows[-1].id], query) if more else ""
+        return Page([_model(r, tags.get(r.id, {})) for r in rows], token)
+
+    # ---- versions ----------------------------------------------------------------------------
+    def create_version(
+        self,
+        model_id: str,
+        run_id: str,
+        artifact: ArtifactRef,
+        lineage: Lineage,
+        lineage_fingerprint: str,
+        description: str,
+    ) -> ModelVersion:
+        assert lineage.is_complete(), "the service refuses incomplete lineage before it gets here"
+        with self.db.write() as s:
+            now = now_us()
+            # The counter row is the lock: concurrent registrations of one model queue on this UPDATE
+            # (PostgreSQL row lock; SQLite holds the database write lock already), so numbers never repeat.
+            version = s.execute(
+                update(RegisteredModelRow)
+                .where(RegisteredModelRow.id == model_id)
+                .values(latest_version=RegisteredModelRow.latest_version + 1, update_time_us=now)
+                .returning(RegisteredModelRow.latest_version)
+                .execution_options(synchronize_session=False)
+            ).scalar_one_or_none()
+            if version is None:
+                raise NotFound(f"models/{model_id} not found", field="model")
+            row = ModelVersionRow(
+                model_id=model_id,
+                version=version,
+                run_id=run_id,
+                artifact_path=artifact.path,
+                artifact_sha256=artifact.sha256,
+                artifact_size=artifact.size,
+                artifact_uri=artifact.uri,
+                lineage_fingerprint=lineage_fingerprint,
+                data_version=lineage.data_version,
+                code_commit=lineage.code_commit,
+                config=lineage.config,
+                base_model=lineage.base_model,
+                seed=lineage.seed,
+                description=description,
+                create_time_us=now,
+            )
+            s.add(row)
+            s.flush()
+            return _version(row, ())
+
+    def get_version(self, model_id: str, version: int) -> ModelVersion:
+        with self.db.read() as s:
+            row = s.get(ModelVersionRow, (model_id, version))
+            if row is None:
+                _require_model(s, model_id)
+                raise NotFound(f"models/{model_id}/versions/{version} not found", field="version")
+            return _version(row, _aliases_of(s, model_id, [version]).get(version, ()))
+
+    def list_versions(self, model_id: str, page_size: int, page_token: str) -> Page[ModelVersion]:
+        query = {"list": "versions", "model": model_id}
+        cursor = paging.decode(page_token, query)
+        stmt = select(ModelVersionRow).where(ModelVersionRow.model_id == model_id)
+        if cursor:
+            stmt = stmt.where(ModelVersionRow.version < int(cursor[0]))
+        stmt = stmt.order_by(ModelVersionRow.version.desc()).limit(page_size + 1)
+        with self.db.read() as s:
+            _require_model(s, model_id)
+            rows = list(s.scalars(stmt))
+            more = len(rows) > page_size
+            rows = rows[:page_size]
+            aliases = _aliases_of(s, model_id, [r.version for r in rows])
+        token = paging.encode([rows[-1].version], query) if more else ""
+        return Page([_version(r, aliases.get(r.version, ())) for r in rows], token)
+
+    # ---- gates -------------------------------------------------------------------------------
+    def create_gate(self, model_id: str, spec: GateSpec) -> Gate:
+        with self.db.write() as s:
+            _require_model(s, model_id)
+            s.execute(
+                self._insert(GateRow)
+                .values(
+                    model_id=model_id,
+                    gate_id=spec.gate_id,
+                    suite_fingerprint=spec.suite_fingerprint,
+                    metric=spec.metric,
+                    direction=spec.direction.value,
+                    threshold=spec.threshold,
+                    create_time_us=now_us(),
+                )
+                .on_conflict_do_nothing()
+            )
+            gate = _gate(_require_gate(s, model_id, spec.gate_id))
+        for field in ("suite_fingerprint", "metric", "direction", "threshold"):
+            have, asked = getattr(gate.spec, field), getattr(spec, field)
+            if have != asked:
+                shown = (lambda v: v.name if isinstance(v, Direction) else repr(v))(have)
+                raise AlreadyExists(
+                    f"gate models/{model_id}/gates/{spec.gate_id} is frozen with {field} {shown}; "
+                    "create a new gate instead",
+                    reason="GATE_IMMUTABLE",
+                    field=field,
+                )
+        return gate
+
+    def get_gate(self, model_id: str, gate_id: str) -> Gate:
+        with self.db.read() as s:
+            return _gate(_require_gate(s, model_id, gate_id))
+
+    def record_gate_result(self, model_id: str, gate_id: str, version: int, score: float, actor: str) -> GateResult:
+        with self.db.write() as s:
+            _require_gate(s, model_id, gate_id)
+            _require_version(s, model_id, version)
+            s.execute(
+                self._insert(GateResultRow)
+                .values(
+                    model_id=model_id,
+                    gate_id=gate_id,
+                    version=version,
+                    score=score,
+                    actor=actor,
+                    create_time_us=now_us(),
+                )
+                .on_conflict_do_nothing()
+            )
+            row = s.get_one(GateResultRow, (model_id, gate_id, version))
+            result = GateResult(row.model_id, row.gate_id, row.version, row.score, row.actor, row.create_time_us)
+        if result.score != score:
+            raise AlreadyExists(
+                f"gate {gate_id!r} already recorded score {result.score} for version {version}; results are immutable",
+                reason="GATE_RESULT_IMMUTABLE",
+                field="score",
+                metadata={"recordedScore": repr(result.score)},
+            )
+        return result
+
+    # ---- aliases -----------------------------------------------------------------------------
+    def evaluate_promotion(
+        self, model_id: str, alias: str, version: int, gate_id: str, expected_revision: int | None
+    ) -> Decision:
+        with self.db.read() as s:
+            spec = _gate(_require_gate(s, model_id, gate_id)).spec
+            _require_version(s, model_id, version)
+            row = s.get(AliasRow, (model_id, alias))
+            current, revision = (row.version, row.revision) if row is not None else (0, 0)
+            return _decide(s, model_id, spec, version, current, revision, expected_revision)
+
+    def set_alias(
+        self, model_id: str, alias: str, version: int, gate_id: str, expected_revision: int | None, actor: str
+    ) -> AliasOutcome:
+        with self.db.write() as s:
+            spec = _gate(_require_gate(s, model_id, gate_id)).spec
+            _require_version(s, model_id, version)
+            row = self._lock_alias(s, model_id, alias, create=True)
+            assert row is not None
+            decision = _decide(s, model_id, spec, version, row.version, row.revision, expected_revision)
+            now = now_us()
+            previous = row.version
+            if decision.promoted:
+                row.version, row.gate_id = version, gate_id
+                row.revision += 1
+                row.update_time_us = now
+            entry = _append(
+                s,
+                row,
+                Action.PROMOTED if decision.promoted else Action.REFUSED,
+                previous,
+                version,
+                gate_id,
+                decision.candidate_score,
+                decision.incumbent_score,
+                decision.reason,
+                actor,
+                now,
+            )
+            return AliasOutcome(_alias(row), entry, decision)
+
+    def rollback_alias(self, model_id: str, alias: str, actor: str) -> AliasOutcome:
+        with self.db.write() as s:
+            row = self._lock_alias(s, model_id, alias, create=False)
+            if row is None or row.revision == 0:
+                raise NotFound(f"models/{model_id}/aliases/{alias} has never been set", field="alias")
+            changes = [
+                AliasChange(*r)
+                for r in s.execute(
+                    select(
+                        AliasHistoryRow.action,
+                        AliasHistoryRow.from_version,
+                        AliasHistoryRow.to_version,
+                        AliasHistoryRow.gate_id,
+                    )
+                    .where(
+                        AliasHistoryRow.model_id == model_id,
+                        AliasHistoryRow.alias == alias,
+                        AliasHistoryRow.action != Action.REFUSED,
+                    )
+                    .order_by(AliasHistoryRow.sequence)
+                )
+            ]
+            target = gates.rollback_target(changes)
+            if target is None:
+                raise FailedPrecondition(
+                    f"models/{model_id}/aliases/{alias} has no previous version to roll back to",
+                    reason=gates.NO_PREVIOUS_VERSION,
+                    field="alias",
+                    metadata={"currentVersion": str(row.version), "revision": str(row.revision)},
+                )
+            now = now_us()
+            previous = row.version
+            row.version, row.gate_id = target.version, target.gate_id
+            row.revision += 1
+            row.update_time_us = now
+            entry = _append(
+                s,
+                row,
+                Action.ROLLED_BACK,
+                previous,
+                target.version,
+                target.gate_id,
+                None,
+                None,
+                gates.ROLLED_BACK,
+                actor,
+                now,
+            )
+            return AliasOutcome(_alias(row), entry)
+
+    def delete_alias(self, model_id: str, alias: str, expected_revision: int | None, actor: str) -> AliasOutcome:
+        with self.db.write() as s:
+            row = self._lock_alias(s, model_id, alias, create=False)
+            if row is None or row.version == 0:
+                raise NotFound(f"models/{model_id}/aliases/{alias} is not set", field="alias")
+            if not gates.revision_matches(expected_revision, row.revision, True):
+                raise Aborted(
+                    f"expected_revision {expected_revision} is stale: the alias is at revision {row.revision}",
+                    reason=gates.STALE_REVISION,
+                    field="expected_revision",
+                    metadata={"revision": str(row.revision)},
+                )
+            now = now_us()
+            previous = row.version
+            row.version, row.gate_id = 0, ""
+            row.revision += 1
+            row.update_time_us = now
+            entry = _append(s, row, Action.DELETED, previous, 0, "", None, None, gates.DELETED, actor, now)
+            return AliasOutcome(_alias(row), entry)
+
+    def alias_history(self, model_id: str, alias: str, page_size: int, page_token: str) -> Page[AliasHistoryEntry]:
+        query = {"list": "alias_history", "model": model_id, "alias": alias}
+        cursor = paging.decode(page_token, query)
+        stmt = select(AliasHistoryRow).where(AliasHistoryRow.model_id == model_id, AliasHistoryRow.alias == alias)
+        if cursor:
+            stmt = stmt.where(AliasHistoryRow.sequence > int(cursor[0]))
+        stmt = stmt.order_by(AliasHistoryRow.sequence).limit(page_size + 1)
+        with self.db.read() as s:
+            _require_model(s, model_id)
+            rows = list(s.scalars(stmt))
+        more = len(rows) > page_size
+        rows = rows[:page_size]
+        token = paging.encode([rows[-1].sequence], query) if more else ""
+        return Page([_entry(r) for r in rows], token)
+
+    def get_alias(self, model_id: str, alias: str) -> Alias | None:
+        with self.db.read() as s:
+            row = s.get(AliasRow, (model_id, alias))
+            return None if row is None else _alias(row)
+
+    def serving_target(self, model_id: str, alias: str) -> ServingTarget:
+        stmt = (
+            select(AliasRow, ModelVersionRow)
+            .outerjoin(
+                ModelVersionRow,
+                and_(ModelVersionRow.model_id == AliasRow.model_id, ModelVersionRow.version == AliasRow.version),
+            )
+            .where(AliasRow.model_id == model_id, AliasRow.alias == alias)
+        )
+        with self.db.read() as s:
+            found = s.execute(stmt).one_or_none()
+            if found is None:
+                _require_model(s, model_id)
+                return ServingTarget(Alias(model_id, alias, 0, 0, "", 0), None)
+            arow, vrow = found
+            if vrow is None:
+                return ServingTarget(_alias(arow), None)
+            return ServingTarget(_alias(arow), _version(vrow, _aliases_of(s, model_id, [vrow.version])[vrow.version]))
+
+    def alias_revisions(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        if not keys:
+            return {}
+        stmt = select(AliasRow.model_id, AliasRow.alias, AliasRow.revision).where(
+            tuple_(AliasRow.model_id, AliasRow.alias).in_(list(keys))
+        )
+        with self.db.read() as s:
+            return {(m, a): r for m, a, r in s.execute(stmt)}
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def _lock_alias(self, s: Session, model_id: str, alias: str, *, create: bool) -> AliasRow | None:
+        """The alias row, locked for this transaction; created (revision 0, pointing nowhere) if asked."""
+        stmt = select(AliasRow).where(AliasRow.model_id == model_id, AliasRow.alias == alias).with_for_update()
+        row = s.scalars(stmt).one_or_none()
+        if row is not None or not create:
+            if row is None:
+                _require_model(s, model_id)
+            return row
+        _require_model(s, model_id)
+        s.execute(
+            self._insert(AliasRow)
+            .values(model_id=model_id, alias=alias, version=0, revision=0, gate_id="", history_seq=0, update_time_us=0)
+            .on_conflict_do_nothing()
+        )
+        return s.scalars(stmt).one()
+
+
+def _decide(
+    s: Session,
+    model_id: str,
+    spec: GateSpec,
+    version: int,
+    current_version: int,
+    revision: int,
+    expected_revision: int | None,
+) -> Decision:
+    wanted = {version, current_version} - {0}
+    scores = dict(
+        s.execute(
+            select(GateResultRow.version, GateResultRow.score).where(
+                GateResultRow.model_id == model_id,
+                GateResultRow.gate_id == spec.gate_id,
+                GateResultRow.version.in_(wanted),
+            )
+        ).tuples()
+    )
+    return gates.decide(
+        spec,
+        candidate_version=version,
+        candidate_score=scores.get(version),
+        incumbent_version=current_version or None,
+        incumbent_score=scores.get(current_version) if current_version else None,
+        current_revision=revision,
+        expected_revision=expected_revision,
+    )
+
+
+def _append(
+    s: Session,
+    row: AliasRow,
+    action: str,
+    from_version: int,
+    to_version: int,
+    gate_id: str,
+    candidate_score: float | None,
+    incumbent_score: float | None,
+    reason: str,
+    actor: str,
+    now: int,
+) -> AliasHistoryEntry:
+    row.history_seq += 1
+    entry = AliasHistoryRow(
+        model_id=row.model_id,
+        alias=row.alias,
+        sequence=row.history_seq,
+        action=action,
+        revision=row.revision,
+        from_version=from_version,
+        to_version=to_version,
+        gate_id=gate_id,
+        candidate_score=candidate_score,
+        incumbent_score=incumbent_score,
+        reason=reason,
+        actor=actor,
+        create_time_us=now,
+    )
+    s.add(entry)
+    s.flush()
+    return _entry(entry)
+
+
+def _require_model(s: Session, model_id: str) -> RegisteredModelRow:
+    row = s.get(RegisteredModelRow, model_id)
+    if row is None:
+        raise NotFound(f"models/{model_id} not found", field="model")
+    return row
+
+
+def _require_gate(s: Session, model_id: str, gate_id: str) -> GateRow:
+    row = s.get(GateRow, (model_id, gate_id))
+    if row is None:
+        _require_model(s, model_id)
+        raise NotFound(f"gate models/{model_id}/gates/{gate_id} not found", field="gate_id")
+    return row
+
+
+def _require_version(s: Session, model_id: str, version: int) -> None:
+    if s.get(ModelVersionRow, (model_id, version)) is None:
+        _require_model(s, model_id)
+        raise NotFound(f"models/{model_id}/versions/{version} not found", field="version")
+
+
+def _model_tags(s: Session, model_ids: list[str]) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = defaultdict(dict)
+    if model_ids:
+        for mid, k, v in s.execute(
+            select(RegisteredModelTagRow.model_id, RegisteredModelTagRow.key, RegisteredModelTagRow.value).where(
+                RegisteredModelTagRow.model_id.in_(model_ids)
+            )
+        ):
+            out[mid][k] = v
+    return out
+
+
+def _aliases_of(s: Session, model_id: str, versions: list[int]) -> dict[int, tuple[str, ...]]:
+    out: dict[int, list[str]] = defaultdict(list)
+    if versions:
+        for version, alias in s.execute(
+            select(AliasRow.version, AliasRow.alias)
+            .where(AliasRow.model_id == model_id, AliasRow.version.in_(versions))
+            .order_by(AliasRow.alias)
+        ):
+            out[version].append(alias)
+    return defaultdict(tuple, {v: tuple(a) for v, a in out.items()})
+
+
+def _model(row: RegisteredModelRow, tags: dict[str, str]) -> RegisteredModel:
+    return RegisteredModel(row.id, row.description, tags, row.latest_version, row.create_time_us, row.update_time_us)
+
+
+def _version(row: ModelVersionRow, aliases: tuple[str, ...]) -> ModelVersion:
+    return ModelVersion(
+        model_id=row.model_id,
+        version=row.version,
+        run_id=row.run_id,
+        artifact=ArtifactRef(row.artifact_path, row.artifact_sha256, row.artifact_size, row.artifact_uri),
+        lineage=Lineage(row.data_version, row.code_commit, row.config, row.base_model, row.seed),
+        lineage_fingerprint=row.lineage_fingerprint,
+        description=row.description,
+        aliases=aliases,
+        create_time_us=row.create_time_us,
+    )
+
+
+def _gate(row: GateRow) -> Gate:
+    spec = GateSpec(row.gate_id, row.suite_fingerprint, row.metric, Direction(row.direction), row.threshold)
+    return Gate(row.model_id, spec, row.create_time_us)
+
+
+def _alias(row: AliasRow) -> Alias:
+    return Alias(row.model_id, row.alias, row.version, row.revision, row.gate_id, row.update_time_us)
+
+
+def _entry(row: AliasHistoryRow) -> AliasHistoryEntry:
+    return AliasHistoryEntry(
+        model_id=row.model_id,
+        alias=row.alias,
+        sequence=row.sequence,
+        action=row.action,
+        revision=row.revision,
+        from_version=row.from_version,
+        to_version=row.to_version,
+        gate_id=row.gate_id,
+        candidate_score=row.candidate_score,
+        incumbent_score=row.incumbent_score,
+        reason=row.reason,
+        actor=row.actor,
+        create_time_us=row.create_time_us,
+    )
