@@ -7,6 +7,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from runledger.v1 import (
     artifact_service_pb2_grpc,
     registry_service_pb2_grpc,
