@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runledger_server.backends.sql import registry_tables, tracking_tables
+from runledger_server.backends.sql import artifact_tables, registry_tables, tracking_tables
 from runledger_server.backends.sql.base import Base
 
-__all__ = ["Base", "registry_tables", "tracking_tables"]
+__all__ = ["Base", "artifact_tables", "registry_tables", "tracking_tables"]

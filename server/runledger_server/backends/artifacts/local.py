@@ -1,0 +1,160 @@
+"""Blobs in a local directory (the embedded default): `<root>/sha256/ab/cd/<hex>`, published atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from runledger_server.domain.errors import DataLoss, NotFound, Unavailable
+
+_LOGGER = logging.getLogger(__name__)
+
+READ_CHUNK = 1 << 20
+STALE_TEMP_SECONDS = 24 * 3600
+
+
+class LocalBlobStore:
+    """Writes go to `<root>/tmp` (same filesystem), are fsynced, then renamed into place: a blob is
+    either absent or complete, never partial, even across a crash."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self._tmp = self.root / "tmp"
+        try:
+            self._tmp.mkdir(parents=True, exist_ok=True)
+            (self.root / "sha256").mkdir(exist_ok=True)
+        except OSError as exc:
+            raise _unavailable(self.root, exc) from exc
+        self._sweep_stale_temp()
+
+    @property
+    def location(self) -> str:
+        return str(self.root)
+
+    def path(self, sha256: str) -> Path:
+        return self.root / "sha256" / sha256[:2] / sha256[2:4] / sha256
+
+    def uri(self, sha256: str) -> str:
+        return self.path(sha256).as_uri()
+
+    def exists(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
+    def size(self, sha256: str) -> int | None:
+        try:
+            return self.path(sha256).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def writer(self, sha256: str | None = None) -> LocalBlobWriter:
+        del sha256  # the final name is decided at commit time either way
+        fd, name = tempfile.mkstemp(dir=self._tmp, prefix="upload-")
+        return LocalBlobWriter(self, os.fdopen(fd, "wb", buffering=0), Path(name))
+
+    def put(self, sha256: str, stream: BinaryIO, size: int) -> str:
+        """Store content whose digest is known; the bytes are checked against it on the way in."""
+        if self.exists(sha256):
+            return self.uri(sha256)
+        w = self.writer(sha256)
+        try:
+            digest, total = hashlib.sha256(), 0
+            while chunk := stream.read(READ_CHUNK):
+                digest.update(chunk)
+                total += len(chunk)
+                w.write(chunk)
+            if total != size or digest.hexdigest() != sha256:
+                raise DataLoss(f"content does not match sha256 {sha256} / size {size}", field="sha256")
+            return w.commit(sha256)
+        except BaseException:
+            w.abort()
+            raise
+
+    def open_range(self, sha256: str, offset: int) -> Iterator[bytes]:
+        try:
+            f = self.path(sha256).open("rb")
+        except FileNotFoundError as exc:
+            raise NotFound(f"blob sha256 {sha256} is missing from {self.root}", field="sha256") from exc
+        return _read_from(f, offset)
+
+    def delete(self, sha256: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path(sha256).unlink()
+
+    def count(self) -> int:
+        """How many blobs are stored (for tests and operators)."""
+        return sum(1 for p in (self.root / "sha256").glob("*/*/*") if p.is_file())
+
+    def _sweep_stale_temp(self) -> None:
+        cutoff = time.time() - STALE_TEMP_SECONDS
+        for p in self._tmp.glob("upload-*"):
+            with contextlib.suppress(OSError):
+                if p.stat().st_mtime < cutoff:
+                    p.unlink()
+                    _LOGGER.info("removed stale partial upload %s", p)
+
+
+class LocalBlobWriter:
+    """One upload in progress: a temp file that becomes `<root>/sha256/...` on commit, or disappears."""
+
+    def __init__(self, store: LocalBlobStore, f: BinaryIO, tmp: Path) -> None:
+        self._store = store
+        self._f = f
+        self._tmp = tmp
+
+    def write(self, data: bytes) -> None:
+        try:
+            self._f.write(data)
+        except OSError as exc:
+            raise _unavailable(self._store.root, exc) from exc
+
+    def commit(self, sha256: str) -> str:
+        final = self._store.path(sha256)
+        try:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            if final.exists():  # identical content is stored once
+                self._tmp.unlink()
+            else:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(self._tmp, final)
+                _fsync_dir(final.parent)
+        except OSError as exc:
+            self.abort()
+            raise _unavailable(self._store.root, exc) from exc
+        except BaseException:
+            self.abort()
+            raise
+        return self._store.uri(sha256)
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self._f.close()
+        with contextlib.suppress(FileNotFoundError):
+            self._tmp.unlink()
+
+
+def _unavailable(root: Path, exc: OSError) -> Unavailable:
+    return Unavailable(f"the artifact directory {root} failed: {exc}", reason="ARTIFACT_STORE_UNAVAILABLE")
+
+
+def _read_from(f: BinaryIO, offset: int) -> Iterator[bytes]:
+    with f:
+        f.seek(offset)
+        while chunk := f.read(READ_CHUNK):
+            yield chunk
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

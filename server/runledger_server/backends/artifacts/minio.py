@@ -1,0 +1,379 @@
+"""Blobs in S3/MinIO through the minio SDK: `<prefix>/sha256/ab/cd/<hex>`, streamed as multipart uploads.
+
+An upload never holds the file in memory: bytes flow through a bounded pipe into the SDK's multipart
+upload (`put_object` with unknown length), one part at a time. Nothing becomes visible before the
+service has verified the digest: when the digest is declared up front the upload goes straight to its
+final key but is completed only after verification (an aborted multipart upload leaves no object); when
+it is not, the bytes land under `<prefix>/tmp/` and are copied server-side to their address.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import logging
+import threading
+import uuid
+from collections import deque
+from collections.abc import Iterator
+from typing import BinaryIO
+
+import urllib3
+from minio import Minio
+from minio.commonconfig import CopySource
+from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
+
+from runledger_server.domain.errors import (
+    DataLoss,
+    DomainError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
+
+_LOGGER = logging.getLogger(__name__)
+
+PART_SIZE = 16 << 20
+READ_CHUNK = 1 << 20
+STALE_TEMP = datetime.timedelta(hours=24)
+UNAVAILABLE = "ARTIFACT_STORE_UNAVAILABLE"
+ACCESS_DENIED = "ARTIFACT_STORE_ACCESS_DENIED"
+_DENIED_CODES = frozenset(
+    {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "AllAccessDisabled"}
+)
+_MISSING_CODES = frozenset({"NoSuchKey", "NoSuchObject", "NotFound", "ResourceNotFound"})
+
+
+def parse_location(location: str) -> tuple[str, str]:
+    """`s3://bucket/some/prefix` -> (`bucket`, `some/prefix/`); the prefix is empty or ends with `/`."""
+    if not location.startswith("s3://"):
+        raise InvalidArgument(f"artifact location {location!r} is not s3://bucket/prefix", field="artifacts")
+    bucket, _, prefix = location[len("s3://") :].partition("/")
+    if not bucket:
+        raise InvalidArgument(f"artifact location {location!r} names no bucket", field="artifacts")
+    prefix = prefix.strip("/")
+    return bucket, f"{prefix}/" if prefix else ""
+
+
+class S3BlobStore:
+    """Content-addressed blobs in one bucket under one prefix. The bucket is created if missing."""
+
+    def __init__(
+        self,
+        *,
+        endpoint: str,
+        bucket: str,
+        prefix: str = "",
+        access_key: str = "",
+        secret_key: str = "",
+        secure: bool = False,
+        region: str = "",
+        part_size: int = PART_SIZE,
+        connect_timeout: float = 3.0,
+        read_timeout: float = 60.0,
+        retries: int = 2,
+    ) -> None:
+        for scheme, is_tls in (("https://", True), ("http://", False)):
+            if endpoint.startswith(scheme):
+                endpoint, secure = endpoint[len(scheme) :].rstrip("/"), is_tls
+        self.endpoint = f"{'https' if secure else 'http'}://{endpoint}"
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.part_size = part_size
+        # Bounded: a dead endpoint fails within a few seconds instead of minio's default five-minute timeouts.
+        http = urllib3.PoolManager(
+            num_pools=4,
+            maxsize=32,
+            timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
+            retries=urllib3.Retry(
+                total=retries, connect=retries, read=retries, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]
+            ),
+            cert_reqs="CERT_REQUIRED" if secure else "CERT_NONE",
+        )
+        self.client = Minio(
+            endpoint,
+            access_key=access_key or None,
+            secret_key=secret_key or None,
+            secure=secure,
+            region=region or "us-east-1",
+            http_client=http,
+        )
+        self._ready = False
+        self._ready_lock = threading.Lock()
+
+    @property
+    def location(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix} at {self.endpoint}"
+
+    # ---- bucket ------------------------------------------------------------------------------
+    def ensure_bucket(self) -> None:
+        """Create the bucket if missing and clear stale temporary uploads; raises a DomainError."""
+        with self._ready_lock:
+            if self._ready:
+                return
+            with self.errors("creating the bucket"):
+                if not self.client.bucket_exists(self.bucket):
+                    try:
+                        self.client.make_bucket(self.bucket)
+                        _LOGGER.info("created bucket %s at %s", self.bucket, self.endpoint)
+                    except S3Error as exc:
+                        if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                            raise
+                self._sweep_stale_temp()
+            self._ready = True
+
+    def try_ensure_bucket(self) -> bool:
+        """At startup: a store that is down is reported, not fatal (artifact calls answer UNAVAILABLE)."""
+        try:
+            self.ensure_bucket()
+            return True
+        except DomainError as exc:
+            _LOGGER.error("artifact store not ready: %s", exc.message)
+            return False
+
+    def _sweep_stale_temp(self) -> None:
+        cutoff = datetime.datetime.now(datetime.UTC) - STALE_TEMP
+        for obj in self.client.list_objects(self.bucket, prefix=f"{self.prefix}tmp/", recursive=True):
+            if obj.last_modified is not None and obj.last_modified < cutoff and obj.object_name:
+                with contextlib.suppress(MinioException):
+                    self.client.remove_object(self.bucket, obj.object_name)
+                    _LOGGER.info("removed stale temporary upload %s", obj.object_name)
+
+    # ---- addressing --------------------------------------------------------------------------
+    def key(self, sha256: str) -> str:
+        return f"{self.prefix}sha256/{sha256[:2]}/{sha256[2:4]}/{sha256}"
+
+    def uri(self, sha256: str) -> str:
+        return f"s3://{self.bucket}/{self.key(sha256)}"
+
+    # ---- blob operations ---------------------------------------------------------------------
+    def exists(self, sha256: str) -> bool:
+        return self.size(sha256) is not None
+
+    def size(self, sha256: str) -> int | None:
+        self.ensure_bucket()
+        with self.errors("looking up a blob"):
+            return self._size(self.key(sha256))
+
+    def _size(self, key: str) -> int | None:
+        try:
+            return self.client.stat_object(self.bucket, key).size
+        except S3Error as exc:
+            if exc.code in _MISSING_CODES:
+                return None
+            raise
+
+    def writer(self, sha256: str | None = None) -> S3BlobWriter:
+        self.ensure_bucket()
+        return S3BlobWriter(self, sha256)
+
+    def put(self, sha256: str, stream: BinaryIO, size: int) -> str:
+        """Store content whose digest is known; the bytes are checked against it before they are published."""
+        if self.exists(sha256):
+            return self.uri(sha256)
+        w = self.writer(sha256)
+        try:
+            digest, total = hashlib.sha256(), 0
+            while chunk := stream.read(READ_CHUNK):
+                digest.update(chunk)
+                total += len(chunk)
+                w.write(chunk)
+            if total != size or digest.hexdigest() != sha256:
+                raise DataLoss(f"content does not match sha256 {sha256} / size {size}", field="sha256")
+            return w.commit(sha256)
+        except BaseException:
+            w.abort()
+            raise
+
+    def open_range(self, sha256: str, offset: int) -> Iterator[bytes]:
+        self.ensure_bucket()
+        with self.errors("reading a blob"):
+            try:
+                response = self.client.get_object(self.bucket, self.key(sha256), offset=offset)
+            except S3Error as exc:
+                if exc.code in _MISSING_CODES or exc.code == "InvalidRange":
+                    raise NotFound(f"blob sha256 {sha256} is missing from {self.location}", field="sha256") from exc
+                raise
+        return self._stream(response)
+
+    def _stream(self, response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
+        try:
+            with self.errors("reading a blob"):
+                yield from response.stream(READ_CHUNK)
+        finally:
+            response.close()
+            response.release_conn()
+
+    def delete(self, sha256: str) -> None:
+        self.ensure_bucket()
+        with self.errors("deleting a blob"):
+            self.client.remove_object(self.bucket, self.key(sha256))
+
+    # ---- errors ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def errors(self, action: str) -> Iterator[None]:
+        """Turn SDK and connection failures into UNAVAILABLE / PERMISSION_DENIED naming the endpoint."""
+        try:
+            yield
+        except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self.translate(exc, action) from exc
+
+    def translate(self, exc: BaseException, action: str) -> BaseException:
+        if isinstance(exc, DomainError):
+            return exc
+        meta = {"endpoint": self.endpoint, "bucket": self.bucket}
+        if isinstance(exc, S3Error):
+            if exc.code in _DENIED_CODES:
+                return PermissionDenied(
+                    f"the artifact store at {self.endpoint} denied access to bucket {self.bucket!r} while {action} "
+                    f"({exc.code}); check the S3 access key and secret",
+                    reason=ACCESS_DENIED,
+                    metadata={**meta, "s3Code": exc.code or ""},
+                )
+            if exc.code == "NoSuchBucket":
+                self._ready = False  # re-created on the next call
+            detail = f"{exc.code}: {exc.message}"
+        elif isinstance(exc, urllib3.exceptions.MaxRetryError):
+            detail = str(exc.reason)
+        elif isinstance(exc, ServerError | InvalidResponseError):
+            detail = str(exc).splitlines()[0]
+        elif isinstance(exc, urllib3.exceptions.HTTPError | OSError):
+            detail = f"{type(exc).__name__}: {exc}"
+        else:
+            return exc
+        return Unavailable(
+            f"the artifact store at {self.endpoint} is unavailable while {action}: {detail}",
+            reason=UNAVAILABLE,
+            metadata=meta,
+        )
+
+
+class _Cancelled(Exception):
+    """Raised into the SDK's reader so that it abandons (and aborts) the multipart upload."""
+
+
+class _Pipe:
+    """A bounded hand-off of bytes from the request stream to the SDK reading on its own thread."""
+
+    def __init__(self, limit: int) -> None:
+        self._cond = threading.Condition()
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._limit = limit
+        self._closed = False
+        self._cancel: BaseException | None = None
+        self._reader_failure: BaseException | None = None
+
+    def write(self, data: bytes) -> None:
+        with self._cond:
+            while self._buffered >= self._limit and self._reader_failure is None:
+                self._cond.wait()
+            if self._reader_failure is not None:
+                raise self._reader_failure
+            self._chunks.append(data)
+            self._buffered += len(data)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def cancel(self, exc: BaseException) -> None:
+        with self._cond:
+            self._cancel = exc
+            self._cond.notify_all()
+
+    def reader_failed(self, exc: BaseException) -> None:
+        with self._cond:
+            self._reader_failure = exc
+            self._chunks.clear()
+            self._buffered = 0
+            self._cond.notify_all()
+
+    def read(self, size: int = -1) -> bytes:
+        """Block until `size` bytes (or the end) are there: the SDK gets whole parts, joined once."""
+        out: list[bytes] = []
+        got = 0
+        with self._cond:
+            while True:
+                if self._cancel is not None:
+                    raise self._cancel
+                while self._chunks and (size < 0 or got < size):
+                    chunk = self._chunks.popleft()
+                    self._buffered -= len(chunk)
+                    if size >= 0 and got + len(chunk) > size:
+                        rest = chunk[size - got :]
+                        chunk = chunk[: size - got]
+                        self._chunks.appendleft(rest)
+                        self._buffered += len(rest)
+                    out.append(chunk)
+                    got += len(chunk)
+                self._cond.notify_all()
+                if (size >= 0 and got >= size) or (self._closed and not self._chunks):
+                    break
+                self._cond.wait()
+        return b"".join(out)
+
+
+class S3BlobWriter:
+    """One upload in progress, fed chunk by chunk; `commit` publishes it under its digest, `abort` drops it."""
+
+    def __init__(self, store: S3BlobStore, sha256: str | None) -> None:
+        self._store = store
+        self._expected = sha256
+        self._key = store.key(sha256) if sha256 else f"{store.prefix}tmp/{uuid.uuid4().hex}"
+        self._pipe = _Pipe(store.part_size)
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._upload, name="runledger-s3-upload", daemon=True)
+        self._thread.start()
+
+    def _upload(self) -> None:
+        try:
+            self._store.client.put_object(
+                self._store.bucket,
+                self._key,
+                self._pipe,  # type: ignore[arg-type]
+                length=-1,
+                part_size=self._store.part_size,
+                num_parallel_uploads=1,  # parallel parts are no faster here, and the SDK leaks their threads on abort
+            )
+        except _Cancelled as exc:
+            self._failure = exc
+        except BaseException as exc:
+            self._failure = self._store.translate(exc, "storing an upload")
+            self._pipe.reader_failed(self._failure)
+
+    def write(self, data: bytes) -> None:
+        self._pipe.write(data)
+
+    def commit(self, sha256: str) -> str:
+        if self._expected is not None and sha256 != self._expected:
+            self.abort()
+            raise ValueError("commit digest differs from the declared one the upload was addressed by")
+        self._pipe.close()
+        self._thread.join()
+        if self._failure is not None:
+            raise self._failure
+        if self._expected is not None:
+            return self._store.uri(sha256)
+        store = self._store
+        try:
+            with store.errors("publishing an upload"):
+                if store._size(store.key(sha256)) is None:  # identical content is stored once
+                    store.client.copy_object(store.bucket, store.key(sha256), CopySource(store.bucket, self._key))
+        finally:
+            self._remove_temp()
+        return store.uri(sha256)
+
+    def abort(self) -> None:
+        self._pipe.cancel(_Cancelled())
+        self._thread.join()
+
+    def _remove_temp(self) -> None:
+        try:
+            self._store.client.remove_object(self._store.bucket, self._key)
+        except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
+            _LOGGER.warning("could not remove temporary upload %s (swept after %s): %s", self._key, STALE_TEMP, exc)

@@ -1,0 +1,300 @@
+"""Artifact use cases: verified content-addressed uploads, resumable downloads, listings, directory manifests.
+
+An upload is recorded only after its bytes are stored under their sha256 and checked against what the
+header declared; a refused upload leaves neither a record nor an object behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple, Protocol
+
+from runledger_server.domain import artifact_paths, manifest as manifest_rule, names, paging
+from runledger_server.domain.errors import DataLoss, InvalidArgument, NotFound
+from runledger_server.store.artifacts import ArtifactIndex, ArtifactRecord, BlobStore
+from runledger_server.store.entities import Page
+
+_LOGGER = logging.getLogger(__name__)
+
+MAX_CHUNK = 1 << 20
+DEFAULT_PAGE_SIZE = 1000
+MAX_PAGE_SIZE = 10_000
+NOT_FOUND = "ARTIFACT_NOT_FOUND"
+
+
+class BlobWriter(Protocol):
+    """One upload in progress: nothing is visible until `commit`, and `abort` leaves nothing behind."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def commit(self, sha256: str) -> str:
+        """Publish the bytes under their digest (a no-op when that content is already stored); return the URI."""
+        ...
+
+    def abort(self) -> None: ...
+
+
+class StreamingBlobStore(BlobStore, Protocol):
+    """A blob store that takes content of unknown digest as a stream."""
+
+    def writer(self, sha256: str | None = None) -> BlobWriter:
+        """`sha256`, when the client declared it, lets a store write straight to the final address."""
+        ...
+
+    def size(self, sha256: str) -> int | None: ...
+
+
+class CheckedIndex(ArtifactIndex, Protocol):
+    def check(self, run_id: str, path: str, sha256: str | None) -> ArtifactRecord | None:
+        """Refuse early what `record` would refuse; the path's existing record, if any."""
+        ...
+
+    def run_exists(self, run_id: str) -> bool: ...
+
+
+class Description(NamedTuple):
+    """What a run path holds, for the registry: one file, or a directory addressed by its manifest."""
+
+    sha256: str
+    size: int
+    uri: str
+    is_directory: bool
+
+
+class _Discard:
+    """The writer used when the declared content is already stored: the bytes are verified, not kept."""
+
+    def __init__(self, uri: str) -> None:
+        self._uri = uri
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def commit(self, sha256: str) -> str:
+        return self._uri
+
+    def abort(self) -> None:
+        pass
+
+
+class ArtifactService:
+    def __init__(self, index: CheckedIndex, blobs: StreamingBlobStore) -> None:
+        self.index = index
+        self.blobs = blobs
+
+    # ---- upload ------------------------------------------------------------------------------
+    def begin_upload(self, run_id: str, path: str, size: int | None, sha256: str) -> Upload:
+        """Validate the header and refuse what would be refused at the end, before any byte is stored."""
+        run_id = names.run_id(run_id)
+        path = artifact_paths.file_path(path)
+        if size is not None and size < 0:
+            raise InvalidArgument(f"size must be >= 0, got {size}", field="size")
+        declared = artifact_paths.sha256_hex(sha256) if sha256 else None
+        self.index.check(run_id, path, declared)
+        writer: BlobWriter
+        if declared is not None and self.blobs.exists(declared):
+            writer = _Discard(self.blobs.uri(declared))
+        else:
+            writer = self.blobs.writer(declared)
+        return Upload(self.index, run_id, path, size, declared, writer)
+
+    # ---- download ----------------------------------------------------------------------------
+    def open_download(self, run_id: str, path: str, sha256: str, offset: int) -> tuple[ArtifactRecord, Iterator[bytes]]:
+        """The artifact and its bytes from `offset`; a read from 0 is checked against the digest as it streams."""
+        if offset < 0:
+            raise InvalidArgument(f"offset must be >= 0, got {offset}", field="offset")
+        record = self._locate(run_id, path, sha256)
+        if offset > record.size:
+            raise InvalidArgument(
+                f"offset {offset} is beyond the end of the artifact ({record.size} bytes)",
+                field="offset",
+                reason="OFFSET_OUT_OF_RANGE",
+            )
+        if offset == record.size:
+            return record, iter(())
+        try:
+            chunks = self.blobs.open_range(record.sha256, offset)
+        except NotFound as exc:
+            raise DataLoss(
+                f"the content of {_describe(record)} (sha256 {record.sha256}) is missing from the artifact store",
+                reason="BLOB_MISSING",
+                metadata={"sha256": record.sha256},
+            ) from exc
+        return record, _verified(chunks, record) if offset == 0 else chunks
+
+    def _locate(self, run_id: str, path: str, sha256: str) -> ArtifactRecord:
+        if sha256:
+            digest = artifact_paths.sha256_hex(sha256)
+            found = self.index.by_digest(digest)
+            if found is not None:
+                return ArtifactRecord("", "", found.sha256, found.size, found.uri, found.create_time_us)
+            size = self.blobs.size(digest)  # e.g. a directory manifest published by describe()
+            if size is None:
+                raise NotFound(f"no artifact has sha256 {digest}", field="sha256", reason=NOT_FOUND)
+            return ArtifactRecord("", "", digest, size, self.blobs.uri(digest), 0)
+        run_id = names.run_id(run_id)
+        path = artifact_paths.file_path(path)
+        record = self.index.get(run_id, path)
+        if record is None:
+            self._require_run(run_id)
+            raise NotFound(f"runs/{run_id}/artifacts/{path} not found", field="path", reason=NOT_FOUND)
+        return record
+
+    def _require_run(self, run_id: str) -> None:
+        if not self.index.run_exists(run_id):
+            raise NotFound(f"runs/{run_id} not found", field="run_id")
+
+    # ---- listing and manifests ---------------------------------------------------------------
+    def list(self, run_id: str, prefix: str, page_size: int, page_token: str) -> Page[ArtifactRecord]:
+        size = paging.page_size(page_size, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        return self.index.list(names.run_id(run_id), artifact_paths.prefix(prefix), size, page_token)
+
+    def manifest(self, run_id: str, path: str, field: str = "path") -> tuple[str, manifest_rule.Manifest]:
+        """The directory (normalised) and the manifest of every file below it; a file is not a directory."""
+        run_id = names.run_id(run_id)
+        directory = artifact_paths.directory_path(path, field)
+        records = self.index.under(run_id, directory)
+        if not records:
+            if directory and self.index.get(run_id, directory) is not None:
+                raise NotFound(
+                    f"runs/{run_id}/artifacts/{directory} is a file, not a directory: download it instead",
+                    field=field,
+                    reason="ARTIFACT_NOT_A_DIRECTORY",
+                )
+            where = f"under {directory!r}" if directory else "at all"
+            raise NotFound(f"runs/{run_id} has no artifacts {where}", field=field, reason=NOT_FOUND)
+        entries = [
+            manifest_rule.ManifestEntry(artifact_paths.relative(r.path, directory), r.sha256, r.size) for r in records
+        ]
+        return directory, manifest_rule.build(entries)
+
+    def describe(self, run_id: str, path: str, field: str = "artifact_path") -> Description:
+        """A file's digest, or a directory's manifest digest (its content address), for the registry.
+
+        For a directory the manifest itself is published as a blob, so its URI (and a download by its
+        sha256) yields the exact list of files the digest stands for, however the directory grows later;
+        `size` is then the total size of the files.
+        """
+        run_id = names.run_id(run_id)
+        directory = artifact_paths.directory_path(path, field)
+        if directory:
+            record = self.index.get(run_id, directory)
+            if record is not None:
+                return Description(record.sha256, record.size, record.uri, False)
+        _, manifest = self.manifest(run_id, directory, field)
+        body = canonical_manifest(manifest)
+        uri = self.blobs.put(manifest.sha256, io.BytesIO(body), len(body))
+        return Description(manifest.sha256, manifest.size, uri, True)
+
+
+class Upload:
+    """One UploadArtifact stream: chunks are hashed as they pass into the blob writer."""
+
+    def __init__(
+        self,
+        index: CheckedIndex,
+        run_id: str,
+        path: str,
+        size: int | None,
+        sha256: str | None,
+        writer: BlobWriter,
+    ) -> None:
+        self._index = index
+        self.run_id = run_id
+        self.path = path
+        self._declared_size = size
+        self._declared_sha256 = sha256
+        self._writer = writer
+        self._digest = hashlib.sha256()
+        self.received = 0
+        self._open = True
+
+    def write(self, chunks: Sequence[bytes]) -> None:
+        for chunk in chunks:
+            if len(chunk) > MAX_CHUNK:
+                raise InvalidArgument(
+                    f"chunk of {len(chunk)} bytes exceeds the {MAX_CHUNK}-byte limit",
+                    field="chunk",
+                    reason="CHUNK_TOO_LARGE",
+                )
+            self.received += len(chunk)
+            if self._declared_size is not None and self.received > self._declared_size:
+                raise self._size_mismatch()
+            self._digest.update(chunk)
+            self._writer.write(chunk)
+
+    def finish(self) -> ArtifactRecord:
+        """Verify, publish the bytes under their digest, then record the path; on refusal nothing remains."""
+        try:
+            if self._declared_size is not None and self.received != self._declared_size:
+                raise self._size_mismatch()
+            actual = self._digest.hexdigest()
+            if self._declared_sha256 is not None and actual != self._declared_sha256:
+                raise DataLoss(
+                    f"uploaded content of {self.path!r} has sha256 {actual}, not the declared {self._declared_sha256}; "
+                    "nothing was recorded",
+                    field="sha256",
+                    reason="DIGEST_MISMATCH",
+                    metadata={"expectedSha256": self._declared_sha256, "actualSha256": actual},
+                )
+            self._index.check(self.run_id, self.path, actual)  # e.g. the same path was recorded meanwhile
+            uri = self._writer.commit(actual)
+            self._open = False
+        except BaseException:
+            self.abort()
+            raise
+        return self._index.record(self.run_id, self.path, actual, self.received, uri)
+
+    def abort(self) -> None:
+        if self._open:
+            self._open = False
+            self._writer.abort()
+
+    def _size_mismatch(self) -> InvalidArgument:
+        return InvalidArgument(
+            f"the header declared size {self._declared_size} for {self.path!r} but "
+            f"{'at least ' if self.received > (self._declared_size or 0) else ''}{self.received} bytes were sent",
+            field="size",
+            reason="SIZE_MISMATCH",
+        )
+
+
+def canonical_manifest(manifest: manifest_rule.Manifest) -> bytes:
+    """The bytes whose sha256 is the manifest's digest (the rule of domain/manifest.py)."""
+    body = json.dumps(
+        [{"path": e.path, "sha256": e.sha256, "size": e.size} for e in manifest.entries],
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode()
+    if hashlib.sha256(body).hexdigest() != manifest.sha256:
+        raise RuntimeError("canonical manifest encoding disagrees with domain.manifest.build")
+    return body
+
+
+def _describe(record: ArtifactRecord) -> str:
+    return f"runs/{record.run_id}/artifacts/{record.path}" if record.run_id else f"sha256 {record.sha256}"
+
+
+def _verified(chunks: Iterator[bytes], record: ArtifactRecord) -> Iterator[bytes]:
+    """Pass the bytes through, and fail the stream if the stored content is not what was recorded."""
+    digest, total = hashlib.sha256(), 0
+    try:
+        for chunk in chunks:
+            digest.update(chunk)
+            total += len(chunk)
+            yield chunk
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+    if total != record.size or digest.hexdigest() != record.sha256:
+        _LOGGER.error("stored blob %s is corrupt: %d bytes, sha256 %s", record.sha256, total, digest.hexdigest())
+        raise DataLoss(
+            f"the stored content of {_describe(record)} does not match its sha256 {record.sha256}",
+            reason="STORED_BLOB_CORRUPT",
+            metadata={"sha256": record.sha256},
+        )

@@ -1,0 +1,165 @@
+"""ArtifactService over gRPC (asyncio): byte streams are hashed and stored on a worker pool, pipelined with the
+network so that neither side waits for the other, and with bounded memory per transfer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Executor
+from typing import Any, TypeVar
+
+import grpc
+
+from runledger.v1 import artifact_pb2, artifact_service_pb2 as pb, artifact_service_pb2_grpc
+from runledger_server.domain.errors import InvalidArgument
+from runledger_server.services.artifacts import ArtifactService, Upload
+from runledger_server.store.artifacts import ArtifactRecord
+from runledger_server.transport import convert
+from runledger_server.transport.errors import handle_errors
+
+_LOGGER = logging.getLogger(__name__)
+
+T = TypeVar("T")
+WRITE_BATCH_BYTES = 4 << 20  # chunks handed to the worker pool at once; one batch in flight per upload
+
+
+class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
+    def __init__(self, service: ArtifactService, executor: Executor) -> None:
+        self._svc = service
+        self._executor = executor
+        self._cleanups: set[asyncio.Task[None]] = set()
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    @handle_errors
+    async def UploadArtifact(
+        self, request_iterator: AsyncIterator[pb.UploadArtifactRequest], context: grpc.aio.ServicerContext
+    ) -> artifact_pb2.Artifact:
+        requests = aiter(request_iterator)
+        first = await anext(requests, None)
+        if first is None or first.WhichOneof("payload") != "header":
+            raise InvalidArgument("the first message of an upload must be its header", field="header")
+        h = first.header
+        upload = await self._call(
+            self._svc.begin_upload, h.run_id, h.path, h.size if h.HasField("size") else None, h.sha256
+        )
+        inflight: asyncio.Future[None] | None = None
+        try:
+            batch: list[bytes] = []
+            batched = 0
+            async for req in requests:
+                if req.WhichOneof("payload") != "chunk":
+                    raise InvalidArgument("only the first message of an upload may be a header", field="header")
+                batch.append(req.chunk)
+                batched += len(req.chunk)
+                if batched >= WRITE_BATCH_BYTES:
+                    if inflight is not None:
+                        await inflight
+                    inflight = asyncio.ensure_future(self._call(upload.write, batch))
+                    batch, batched = [], 0
+            if inflight is not None:
+                await inflight
+                inflight = None
+            if batch:
+                await self._call(upload.write, batch)
+            record = await self._call(upload.finish)
+        except asyncio.CancelledError:
+            self._cleanup_later(upload, inflight)
+            raise
+        except BaseException:
+            await self._cleanup(upload, inflight)
+            raise
+        return _artifact(record)
+
+    async def _cleanup(self, upload: Upload, inflight: asyncio.Future[None] | None) -> None:
+        """Abort a failed upload once no write of it is running, so that its bytes disappear."""
+        if inflight is not None:
+            with contextlib.suppress(BaseException):
+                await inflight
+        try:
+            await self._call(upload.abort)
+        except Exception:
+            _LOGGER.exception("could not abort the upload of %s to run %s", upload.path, upload.run_id)
+
+    def _cleanup_later(self, upload: Upload, inflight: asyncio.Future[None] | None) -> None:
+        task = asyncio.ensure_future(self._cleanup(upload, inflight))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    @handle_errors
+    async def DownloadArtifact(
+        self, request: pb.DownloadArtifactRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.DownloadArtifactResponse]:
+        record, chunks = await self._call(
+            self._svc.open_download, request.run_id, request.path, request.sha256, request.offset
+        )
+        ahead: asyncio.Future[bytes | None] | None = None
+        try:
+            yield pb.DownloadArtifactResponse(artifact=_artifact(record))
+            # Read the next chunk while the current one is being sent.
+            ahead = asyncio.ensure_future(self._call(_next_chunk, chunks))
+            while True:
+                chunk = await ahead
+                if chunk is None:
+                    ahead = None
+                    break
+                ahead = asyncio.ensure_future(self._call(_next_chunk, chunks))
+                yield pb.DownloadArtifactResponse(chunk=chunk)
+        finally:
+            self._close_later(chunks, ahead)
+
+    def _close_later(self, chunks: Iterator[bytes], ahead: asyncio.Future[bytes | None] | None) -> None:
+        close = getattr(chunks, "close", None)
+        if close is None:
+            return
+
+        async def closer() -> None:
+            if ahead is not None:
+                with contextlib.suppress(BaseException):
+                    await ahead
+            await self._call(close)
+
+        task = asyncio.ensure_future(closer())
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    @handle_errors
+    async def ListArtifacts(self, request: pb.ListArtifactsRequest, context: Any) -> pb.ListArtifactsResponse:
+        page = await self._call(self._svc.list, request.run_id, request.prefix, request.page_size, request.page_token)
+        return pb.ListArtifactsResponse(
+            artifacts=[_artifact(r) for r in page.items], next_page_token=page.next_page_token
+        )
+
+    @handle_errors
+    async def GetArtifactManifest(
+        self, request: pb.GetArtifactManifestRequest, context: Any
+    ) -> artifact_pb2.ArtifactManifest:
+        directory, manifest = await self._call(self._svc.manifest, request.run_id, request.path)
+        return artifact_pb2.ArtifactManifest(
+            run_id=request.run_id,
+            path=directory,
+            sha256=manifest.sha256,
+            size=manifest.size,
+            entries=[artifact_pb2.ManifestEntry(path=e.path, sha256=e.sha256, size=e.size) for e in manifest.entries],
+        )
+
+
+def _next_chunk(chunks: Iterator[bytes]) -> bytes | None:
+    return next(chunks, None)
+
+
+def _artifact(record: ArtifactRecord) -> artifact_pb2.Artifact:
+    return artifact_pb2.Artifact(
+        name=f"runs/{record.run_id}/artifacts/{record.path}" if record.run_id else "",
+        run_id=record.run_id,
+        path=record.path,
+        sha256=record.sha256,
+        size=record.size,
+        uri=record.uri,
+        create_time=convert.timestamp(record.create_time_us) if record.create_time_us else None,
+    )
