@@ -1,0 +1,95 @@
+"""Python values to request messages: lineage dicts, statuses, directions, param and tag maps."""
+
+from __future__ import annotations
+
+import json
+import logging
+import operator
+from collections.abc import Mapping
+from typing import Any
+
+from runledger import errors
+from runledger.v1 import common_pb2, tracking_pb2
+
+_LOGGER = logging.getLogger(__name__)
+
+LINEAGE_FIELDS = ("data_version", "code_commit", "config", "base_model", "seed")
+
+
+def _invalid(message: str, field: str) -> errors.InvalidArgument:
+    return errors.InvalidArgument(message, reason="INVALID_ARGUMENT", metadata={"field": field})
+
+
+def lineage_to_proto(lineage: Mapping[str, Any]) -> common_pb2.Lineage:
+    """`{"data_version", "code_commit", "config": dict, "base_model", "seed": int}`; absent or None fields stay unset.
+
+    `config` goes as JSON text (a dict is serialised with json.dumps; a str is sent as is) so that the server
+    parses it with integers and floats intact; the server alone computes the fingerprint.
+    """
+    unknown = sorted(set(lineage) - set(LINEAGE_FIELDS))
+    if unknown:
+        raise _invalid(f"unknown lineage fields {unknown}; expected some of {list(LINEAGE_FIELDS)}", "lineage")
+    msg = common_pb2.Lineage()
+    for name in ("data_version", "code_commit", "base_model"):
+        value = lineage.get(name)
+        if value is not None:
+            if not isinstance(value, str):
+                raise _invalid(f"lineage.{name} must be a string, got {type(value).__name__}", f"lineage.{name}")
+            setattr(msg, name, value)
+    config = lineage.get("config")
+    if config is not None:
+        if isinstance(config, str):
+            msg.config = config
+        elif isinstance(config, Mapping):
+            try:
+                msg.config = json.dumps(dict(config), allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise _invalid(f"lineage.config is not JSON-serialisable: {exc}", "lineage.config") from None
+        else:
+            raise _invalid("lineage.config must be a dict (or JSON object text)", "lineage.config")
+    seed = lineage.get("seed")
+    if seed is not None:
+        if isinstance(seed, bool):
+            raise _invalid("lineage.seed must be an integer, not a bool", "lineage.seed")
+        try:
+            msg.seed = operator.index(seed)
+        except (TypeError, ValueError) as exc:
+            raise _invalid(f"lineage.seed must be an integer: {exc}", "lineage.seed") from None
+    return msg
+
+
+def run_status(status: str | int) -> tracking_pb2.RunStatus.ValueType:
+    """ "FINISHED", "run_status_finished" or the enum value."""
+    if isinstance(status, int):
+        return tracking_pb2.RunStatus.ValueType(status)
+    name = status.strip().upper()
+    if not name.startswith("RUN_STATUS_"):
+        name = "RUN_STATUS_" + name
+    try:
+        return tracking_pb2.RunStatus.Value(name)
+    except ValueError:
+        raise _invalid(f"unknown run status {status!r}", "status") from None
+
+
+def direction(value: str | int) -> common_pb2.Direction.ValueType:
+    """ "MAXIMIZE"/"max", "MINIMIZE"/"min", "DIRECTION_MAXIMIZE" or the enum value."""
+    if isinstance(value, int):
+        return common_pb2.Direction.ValueType(value)
+    name = value.strip().upper().removeprefix("DIRECTION_")
+    name = {"MAX": "MAXIMIZE", "MIN": "MINIMIZE"}.get(name, name)
+    try:
+        return common_pb2.Direction.Value("DIRECTION_" + name)
+    except ValueError:
+        raise _invalid(f"unknown direction {value!r}; use MAXIMIZE or MINIMIZE", "direction") from None
+
+
+def string_map(values: Mapping[str, Any] | None, field: str) -> dict[str, str]:
+    """Params and tags are strings on the wire; numbers are sent as their str() (2e-05, 16, True)."""
+    if not values:
+        return {}
+    out: dict[str, str] = {}
+    for key, value in values.items():
+        if not isinstance(key, str):
+            raise _invalid(f"{field} keys must be strings, got {key!r}", field)
+        out[key] = value if isinstance(value, str) else str(value)
+    return out

@@ -1,0 +1,34 @@
+"""Client-chosen identifiers: run IDs that make a retried CreateRun safe, and writer IDs for metric streams."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+
+_LOGGER = logging.getLogger(__name__)
+
+MAX_WRITER_ID = 128
+
+
+def new_run_id() -> str:
+    """A UUIDv7 as 32 lowercase hex characters (time-ordered like the server's own IDs)."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & ((1 << 48) - 1)) << 80
+    value |= 0x7 << 76
+    value |= (rand >> 68 & 0xFFF) << 64
+    value |= 0b10 << 62
+    value |= rand & ((1 << 62) - 1)
+    return f"{value:032x}"
+
+
+def new_writer_id() -> str:
+    return uuid.uuid4().hex
+
+
+def forked_writer_id(parent: str) -> str:
+    """A writer ID for a forked child of a writer: recognisably derived from the parent's, and never equal to it."""
+    suffix = f"-fork-{uuid.uuid4().hex[:12]}"
+    return parent[: MAX_WRITER_ID - len(suffix)] + suffix

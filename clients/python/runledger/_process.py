@@ -1,0 +1,64 @@
+"""Process lifecycle: a forked child (e.g. a DataLoader worker) gets fresh channels and senders; exit flushes."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import weakref
+from typing import Any, Protocol
+
+_LOGGER = logging.getLogger(__name__)
+
+EXIT_FLUSH_TIMEOUT = 30.0
+
+
+class _ForkAware(Protocol):
+    def _after_fork_in_child(self) -> None: ...
+
+
+class _Flushable(Protocol):
+    def _flush_at_exit(self, timeout: float) -> None: ...
+
+
+_fork_aware: weakref.WeakSet[Any] = weakref.WeakSet()
+_flush_at_exit: weakref.WeakSet[Any] = weakref.WeakSet()
+# Objects a forked child inherited (channels, calls, sender threads' state). The child never uses them, and
+# never lets them be garbage-collected either: tearing down the parent's gRPC objects in the child can hang.
+_inherited: list[Any] = []
+
+
+def track(obj: _ForkAware) -> None:
+    """Reset `obj` in a forked child before anything in the child can use it."""
+    _fork_aware.add(obj)
+
+
+def flush_at_exit(obj: _Flushable) -> None:
+    _flush_at_exit.add(obj)
+
+
+def untrack_exit(obj: _Flushable) -> None:
+    _flush_at_exit.discard(obj)
+
+
+def keep_inherited(obj: Any) -> None:
+    if obj is not None:
+        _inherited.append(obj)
+
+
+def _after_fork_in_child() -> None:
+    _flush_at_exit.clear()  # the parent flushes its own points; the child starts with none
+    for obj in list(_fork_aware):
+        obj._after_fork_in_child()
+
+
+def _at_exit() -> None:
+    for obj in list(_flush_at_exit):
+        try:
+            obj._flush_at_exit(EXIT_FLUSH_TIMEOUT)
+        except Exception as exc:
+            _LOGGER.warning("metrics not flushed at exit: %s", exc)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_at_exit)

@@ -1,0 +1,37 @@
+"""How long to wait before retrying after a transient failure: capped exponential backoff with jitter."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+_LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Delay after the n-th consecutive failure: min(max_backoff, initial_backoff * multiplier**(n-1)),
+    shortened by up to `jitter` of itself at random so that many clients do not reconnect in lockstep."""
+
+    initial_backoff: float = 0.1
+    max_backoff: float = 5.0
+    multiplier: float = 2.0
+    jitter: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.initial_backoff <= 0 or self.max_backoff < self.initial_backoff or self.multiplier < 1:
+            raise ValueError("RetryPolicy needs 0 < initial_backoff <= max_backoff and multiplier >= 1")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError("RetryPolicy.jitter must be within [0, 1]")
+
+    def delay(self, failures: int, u: float) -> float:
+        """`failures` >= 1 consecutive failures so far; `u` uniform in [0, 1)."""
+        exponent = max(0, failures - 1)
+        # Cap the exponent before computing: multiplier**exponent overflows a float long before it matters.
+        base = self.initial_backoff
+        for _ in range(exponent):
+            base *= self.multiplier
+            if base >= self.max_backoff:
+                base = self.max_backoff
+                break
+        return base * (1.0 - self.jitter * u)

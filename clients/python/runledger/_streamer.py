@@ -1,0 +1,361 @@
+"""The background sender of one writer's metrics: batches over StreamMetrics, re-sent until acknowledged.
+
+The training thread only appends to per-key lists under a lock (`append`). A sender thread keeps one
+bidirectional StreamMetrics call open; gRPC pulls requests from `_requests`, which cuts batches when the
+policy says so and builds their protobuf messages off the caller's thread. Every batch stays in the
+outbox until the server acknowledges it (after its commit); when the connection drops, the next call
+re-sends every unacknowledged batch with the same seq, and the server stores each (run, writer, seq) once.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from runledger import errors
+from runledger._buffer import BatchPolicy, MetricBuffer, Outbox, PendingBatch, SeriesData
+from runledger._retry import RetryPolicy
+from runledger.v1 import tracking_pb2, tracking_service_pb2 as pb
+
+_LOGGER = logging.getLogger(__name__)
+
+# Opens one StreamMetrics call fed by the given request iterator; returns the call (an iterator of acks).
+OpenStream = Callable[[Iterator[pb.StreamMetricsRequest]], Any]
+
+
+@dataclass(frozen=True)
+class StreamerConfig:
+    """Limits of one writer's sender."""
+
+    max_buffered_points: int = 2_000_000  # buffered + unacknowledged; log_metrics blocks beyond it
+    batch: BatchPolicy = field(default_factory=BatchPolicy)
+    max_in_flight: int = 32  # batches sent and not yet acknowledged, per connection
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    close_timeout: float = 30.0  # how long close() waits for the stream to end after everything is acked
+
+    def __post_init__(self) -> None:
+        if self.max_buffered_points < 1 or self.max_in_flight < 1:
+            raise ValueError("StreamerConfig needs max_buffered_points >= 1 and max_in_flight >= 1")
+
+
+class _Connection:
+    """The state of one StreamMetrics call."""
+
+    __slots__ = ("cursor", "in_flight", "stopped")
+
+    def __init__(self, cursor: int) -> None:
+        self.cursor = cursor  # the next seq to send on this call
+        self.in_flight = 0
+        self.stopped = False
+
+
+def build_request(run_id: str, writer_id: str, seq: int, series: list[SeriesData]) -> pb.StreamMetricsRequest:
+    return pb.StreamMetricsRequest(
+        run_id=run_id,
+        writer_id=writer_id,
+        seq=seq,
+        series=[
+            tracking_pb2.MetricSeries(key=key, steps=steps, values=values, timestamps_ms=stamps)
+            for key, steps, values, stamps in series
+        ],
+    )
+
+
+class MetricStreamer:
+    """One writer (run_id, writer_id): buffer, outbox and the sender thread."""
+
+    def __init__(
+        self,
+        run_id: str,
+        writer_id: str,
+        open_stream: OpenStream,
+        config: StreamerConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.run_id = run_id
+        self.writer_id = writer_id
+        self._open_stream = open_stream
+        self._config = config or StreamerConfig()
+        self._policy = self._config.batch
+        self._cap = self._config.max_buffered_points
+        self._clock = clock
+        self._rand = rand
+        self._cond = threading.Condition(threading.Lock())
+        self._buffer = MetricBuffer()
+        self._outbox = Outbox()
+        self._logged = 0
+        self._acked = 0
+        self._blocked = 0  # callers waiting for room: the next batch is cut at once
+        self._last_cut = clock()
+        self._error: errors.RunledgerError | None = None  # fatal: raised to the caller, nothing more is sent
+        self._last_transient: errors.RunledgerError | None = None
+        self._closing = False
+        self._stop_now = False
+        self._call: Any = None
+        self._connections = 0
+        self._thread = threading.Thread(target=self._run, name=f"runledger-metrics-{writer_id}", daemon=True)
+        self._thread.start()
+
+    # ---- the caller's side ---------------------------------------------------------------------------
+    @property
+    def logged_points(self) -> int:
+        return self._logged
+
+    @property
+    def acked_points(self) -> int:
+        return self._acked
+
+    @property
+    def connections(self) -> int:
+        """How many StreamMetrics calls were opened (1 + reconnections)."""
+        return self._connections
+
+    @property
+    def error(self) -> errors.RunledgerError | None:
+        return self._error
+
+    def append(self, metrics: Mapping[str, Any], step: int, timestamp_ms: int) -> None:
+        with self._cond:
+            if self._error is not None or self._closing:
+                self._raise_unusable()
+            buffer = self._buffer
+            if buffer.points + self._outbox.points >= self._cap:
+                self._wait_for_room()
+            self._logged += buffer.append(metrics, step, timestamp_ms)
+            if buffer.points >= self._policy.max_points:
+                self._cond.notify_all()
+
+    def _wait_for_room(self) -> None:
+        self._blocked += 1
+        self._cond.notify_all()  # the sender cuts what is buffered now instead of waiting for the timer
+        try:
+            while self._buffer.points + self._outbox.points >= self._cap:
+                if self._error is not None or self._closing:
+                    self._raise_unusable()
+                self._cond.wait()
+        finally:
+            self._blocked -= 1
+
+    def _raise_unusable(self) -> None:
+        if self._error is not None:
+            raise self._error
+        raise errors.FailedPrecondition(
+            f"metrics of run {self.run_id} (writer {self.writer_id}) can no longer be logged: the run was finished",
+            reason="RUN_CLOSED",
+            metadata={"runId": self.run_id, "writerId": self.writer_id},
+        )
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every point appended before this call is acknowledged (stored) by the server."""
+        deadline = None if timeout is None else self._clock() + timeout
+        with self._cond:
+            if self._error is not None:
+                raise self._error
+            while self._buffer.points:
+                self._cut()
+            target = self._outbox.next_seq
+            self._cond.notify_all()
+            while self._outbox.first_unacked() < target or self._error is not None:
+                if self._error is not None:
+                    raise self._error
+                if self._stop_now:
+                    raise errors.FailedPrecondition(
+                        f"the metric sender of run {self.run_id} was stopped", reason="RUN_CLOSED"
+                    )
+                remaining = None if deadline is None else deadline - self._clock()
+                if remaining is not None and remaining <= 0:
+                    raise self._timeout_error(timeout)
+                self._cond.wait(remaining)
+
+    def _timeout_error(self, timeout: float | None) -> errors.DeadlineExceeded:
+        pending = self._outbox.points + self._buffer.points
+        last = self._last_transient
+        why = f"; last error: {last}" if last is not None else ""
+        return errors.DeadlineExceeded(
+            f"flush of run {self.run_id} timed out after {timeout} s with {pending} points not yet acknowledged "
+            f"(they are kept and still being sent){why}",
+            reason="FLUSH_TIMEOUT",
+            metadata={"runId": self.run_id, "writerId": self.writer_id, "pendingPoints": str(pending)},
+        )
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush, then end the stream and the sender thread. Raises what flush raises (the sender stays up)."""
+        self.flush(timeout)
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(self._config.close_timeout)
+        if self._thread.is_alive():
+            _LOGGER.warning("metric sender of run %s did not end in time; cancelling its stream", self.run_id)
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Stop at once, dropping whatever is not acknowledged (used after a failed or timed-out close)."""
+        with self._cond:
+            self._closing = True
+            self._stop_now = True
+            call = self._call
+            self._cond.notify_all()
+        if call is not None:
+            call.cancel()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(self._config.close_timeout)
+
+    # ---- the sender's side ---------------------------------------------------------------------------
+    def _cut(self) -> PendingBatch:
+        series, points = self._buffer.cut(self._policy.max_points)
+        self._last_cut = self._clock()
+        return self._outbox.add(series, points)
+
+    def _has_work(self) -> bool:
+        return bool(self._buffer.points or len(self._outbox))
+
+    def _run(self) -> None:
+        failures = 0
+        while True:
+            with self._cond:
+                while not self._stop_now and not self._has_work():
+                    if self._closing:
+                        return
+                    self._cond.wait(self._policy.max_delay)  # nothing to send: poll for new points
+                if self._stop_now:
+                    return
+                conn = _Connection(self._outbox.first_unacked())
+                self._connections += 1
+            error: errors.RunledgerError | None = None
+            progressed = False
+            try:
+                call = self._open_stream(self._requests(conn))
+                with self._cond:
+                    self._call = call
+                    stop_now = self._stop_now
+                if stop_now:
+                    call.cancel()
+                for ack in call:
+                    progressed |= self._on_ack(conn, ack)
+            except grpc.RpcError as exc:
+                error = errors.from_rpc_error(exc)
+            except errors.RunledgerError as exc:
+                error = exc
+                call.cancel()
+            except Exception as exc:  # e.g. the channel was closed under us: nothing will ever be sent
+                error = errors.RunledgerError(f"metric stream failed: {exc!r}", reason="CLIENT_ERROR")
+                _LOGGER.exception("metric sender of run %s failed", self.run_id)
+                self._fail(error)
+                return
+            finally:
+                with self._cond:
+                    conn.stopped = True
+                    self._call = None
+                    self._cond.notify_all()
+            with self._cond:
+                if self._stop_now:
+                    return
+                if error is None and len(self._outbox) and conn.cursor > self._outbox.first_unacked():
+                    error = errors.Unavailable("the server ended the metric stream before acknowledging every batch")
+            if progressed:
+                failures = 0
+            if error is None:
+                continue
+            if not errors.is_transient(error):
+                self._fail(error)
+                return
+            failures += 1
+            delay = self._config.retry.delay(failures, self._rand())
+            _LOGGER.info(
+                "metric stream of run %s interrupted (%s); retrying in %.2f s with %d unacknowledged batches",
+                self.run_id,
+                error,
+                delay,
+                len(self._outbox),
+            )
+            with self._cond:
+                self._last_transient = error
+                resume = self._clock() + delay
+                while not self._stop_now and (left := resume - self._clock()) > 0:
+                    self._cond.wait(left)
+
+    def _fail(self, error: errors.RunledgerError) -> None:
+        with self._cond:
+            self._fail_locked(error)
+
+    def _fail_locked(self, error: errors.RunledgerError, lost: int = 0) -> None:
+        if self._error is None:
+            unstored = self._outbox.points + self._buffer.points + lost
+            error.metadata.setdefault("unstoredPoints", str(unstored))
+            self._error = error
+            _LOGGER.error("metric stream of run %s failed: %s (%d points not stored)", self.run_id, error, unstored)
+        self._cond.notify_all()
+
+    def _on_ack(self, conn: _Connection, ack: pb.StreamMetricsResponse) -> bool:
+        with self._cond:
+            batch = self._outbox.ack(ack.seq)
+            if batch is None:
+                return False
+            conn.in_flight -= 1
+            if ack.duplicate and batch.attempts <= 1:
+                # Sent once and already stored: another writer used this writer_id on this run, so the
+                # server kept its batch and dropped ours. Refuse loudly rather than lose points quietly.
+                error = errors.AlreadyExists(
+                    f"writer_id {self.writer_id!r} had already written batch {ack.seq} to run {self.run_id}: "
+                    "another writer uses the same writer_id, and the server kept its points instead of these. "
+                    "Give each writer of a run its own writer_id (or leave it unset for a random one).",
+                    reason="WRITER_ID_REUSED",
+                    metadata={"runId": self.run_id, "writerId": self.writer_id, "seq": str(ack.seq)},
+                )
+                self._fail_locked(error, lost=batch.points)
+                raise error
+            self._acked += batch.points
+            self._cond.notify_all()
+            return True
+
+    def _next_to_send(self, conn: _Connection) -> PendingBatch | None:
+        """Under the lock: the next batch for this connection, cutting a new one when due; None ends the stream."""
+        policy = self._policy
+        while True:
+            if conn.stopped or self._stop_now:
+                return None
+            if conn.in_flight < self._config.max_in_flight:
+                batch = self._outbox.get(conn.cursor)
+                if batch is None:
+                    force = self._blocked > 0 or self._closing
+                    if policy.due(self._buffer.points, self._clock() - self._last_cut, force=force):
+                        batch = self._cut()
+                if batch is not None:
+                    return batch
+                if self._closing and not self._buffer.points and conn.cursor >= self._outbox.next_seq:
+                    return None  # everything is sent: half-close; the server acks the rest and ends the call
+                wait = policy.max_delay - (self._clock() - self._last_cut) if self._buffer.points else policy.max_delay
+                self._cond.wait(max(wait, 0.001))
+            else:
+                self._cond.wait()
+
+    def _requests(self, conn: _Connection) -> Iterator[pb.StreamMetricsRequest]:
+        """Runs on gRPC's request-consuming thread: waits for batches, builds their messages, yields them."""
+        while True:
+            with self._cond:
+                batch = self._next_to_send(conn)
+                if batch is None:
+                    return
+                conn.cursor = batch.seq + 1
+                conn.in_flight += 1
+                batch.attempts += 1
+            message = batch.message
+            if message is None:
+                series = batch.series
+                if series is None:  # another connection built it meanwhile
+                    message = batch.message
+                else:
+                    message = build_request(self.run_id, self.writer_id, batch.seq, series)
+                    batch.message = message
+                    batch.series = None
+            yield message

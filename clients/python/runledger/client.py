@@ -1,0 +1,389 @@
+"""The entry point trainers import: one channel to a runledger server, typed errors, runs that stream metrics."""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+
+import grpc
+
+from runledger import _convert, _ids, _process, errors
+from runledger._buffer import BatchPolicy
+from runledger._retry import RetryPolicy
+from runledger._streamer import MetricStreamer, StreamerConfig
+from runledger.history import MetricHistory, from_chunks
+from runledger.run import Run
+from runledger.v1 import tracking_pb2, tracking_service_pb2 as pb, tracking_service_pb2_grpc
+
+_LOGGER = logging.getLogger(__name__)
+
+T = TypeVar("T")
+StubT = TypeVar("StubT")
+
+_EXPERIMENT_NAME = re.compile(r"^experiments/[a-z0-9][a-z0-9-]{0,63}$")
+
+# The channel reconnects on its own schedule too: keep it short so a restarted server is found quickly.
+_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+)
+
+
+class Client:
+    """A connection to a runledger server.
+
+    >>> client = Client("127.0.0.1:50051")
+    >>> with client.start_run(experiment="qwen3-sft", params={"lr": 2e-5}) as run:
+    ...     run.log_metrics({"train/loss": 0.82}, step=0)
+
+    Every method raises `runledger.errors.RunledgerError` subclasses, never a raw `grpc.RpcError`.
+    Calls that are safe to repeat are retried on UNAVAILABLE until `timeout` seconds have passed.
+    Responses are the API's protobuf messages (`runledger.v1`), except `Run` and `MetricHistory`.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = 30.0,
+        writer_id: str | None = None,
+        max_buffered_points: int = 2_000_000,
+        batch_points: int = 16_384,
+        batch_interval: float = 0.05,
+        max_in_flight: int = 32,
+        retry: RetryPolicy | None = None,
+        finish_timeout: float | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        """`writer_id`: the default writer ID of this client's runs (e.g. f"rank{rank}"); a random one when unset.
+        `finish_timeout`: how long a run's context exit waits for its metrics to be stored (None: as long as it
+        takes on success, 60 s when an exception is already escaping)."""
+        self.target = target
+        self.timeout = timeout
+        self.writer_id = writer_id
+        self.finish_timeout = finish_timeout
+        self.retry = retry or RetryPolicy()
+        self.streamer_config = StreamerConfig(
+            max_buffered_points=max_buffered_points,
+            batch=BatchPolicy(max_points=batch_points, max_delay=batch_interval),
+            max_in_flight=max_in_flight,
+            retry=self.retry,
+        )
+        self._credentials = credentials
+        self._metadata = tuple(metadata)
+        self._options = _CHANNEL_OPTIONS + tuple(options)
+        self._lock = threading.Lock()
+        self._channel: grpc.Channel | None = None
+        self._stubs: dict[Any, Any] = {}
+        self._closed = False
+        _process.track(self)
+
+    def __repr__(self) -> str:
+        return f"Client({self.target!r})"
+
+    # ---- plumbing shared by every service module ----------------------------------------------------
+    @property
+    def channel(self) -> grpc.Channel:
+        with self._lock:
+            if self._closed:
+                raise errors.FailedPrecondition("the client is closed", reason="CLIENT_CLOSED")
+            if self._channel is None:
+                if self._credentials is None:
+                    self._channel = grpc.insecure_channel(self.target, options=self._options)
+                else:
+                    self._channel = grpc.secure_channel(self.target, self._credentials, options=self._options)
+            return self._channel
+
+    def _stub(self, stub_class: Callable[[grpc.Channel], StubT]) -> StubT:
+        """The cached stub of a service (e.g. `RegistryServiceStub`) on this client's channel."""
+        stub = self._stubs.get(stub_class)
+        if stub is None:
+            stub = self._stubs[stub_class] = stub_class(self.channel)
+        return stub
+
+    @property
+    def _tracking(self) -> tracking_service_pb2_grpc.TrackingServiceStub:
+        return self._stub(tracking_service_pb2_grpc.TrackingServiceStub)
+
+    def _call(
+        self,
+        method: Callable[..., T],
+        request: Any,
+        *,
+        idempotent: bool,
+        timeout: float | None = None,
+    ) -> T:
+        """Invoke a unary RPC; UNAVAILABLE is retried with backoff for idempotent calls until the deadline."""
+        return self._retrying(
+            lambda remaining: method(request, timeout=remaining, metadata=self._metadata), idempotent, timeout
+        )
+
+    def _retrying(self, attempt: Callable[[float], T], idempotent: bool, timeout: float | None) -> T:
+        budget = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + budget
+        failures = 0
+        while True:
+            remaining = max(deadline - time.monotonic(), 0.001)
+            try:
+                return attempt(remaining)
+            except grpc.RpcError as exc:
+                err = errors.from_rpc_error(exc)
+            failures += 1
+            delay = self.retry.delay(failures, random.random())
+            if not (idempotent and err.code is grpc.StatusCode.UNAVAILABLE) or time.monotonic() + delay >= deadline:
+                raise err from None
+            _LOGGER.info("%s: %s; retrying in %.2f s", self.target, err, delay)
+            time.sleep(delay)
+
+    def close(self) -> None:
+        """Close the channel. Finish or flush runs first: their unsent points are lost with it."""
+        with self._lock:
+            self._closed = True
+            channel, self._channel = self._channel, None
+            self._stubs = {}
+        if channel is not None:
+            channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _after_fork_in_child(self) -> None:
+        _process.keep_inherited(self._channel)
+        self._channel = None
+        self._stubs = {}
+        self._lock = threading.Lock()
+
+    # ---- experiments --------------------------------------------------------------------------------
+    def create_experiment(
+        self, display_name: str, *, description: str = "", tags: Mapping[str, Any] | None = None
+    ) -> tracking_pb2.Experiment:
+        """Create an experiment; AlreadyExists when the display name is taken."""
+        request = pb.CreateExperimentRequest(
+            display_name=display_name, description=description, tags=_convert.string_map(tags, "tags")
+        )
+        return self._call(self._tracking.CreateExperiment, request, idempotent=False)
+
+    def get_experiment(self, name: str) -> tracking_pb2.Experiment:
+        """By resource name, `experiments/{experiment}`."""
+        return self._call(self._tracking.GetExperiment, pb.GetExperimentRequest(name=name), idempotent=True)
+
+    def experiment(
+        self, display_name: str, *, description: str = "", tags: Mapping[str, Any] | None = None
+    ) -> tracking_pb2.Experiment:
+        """Get or create the experiment with this display name."""
+        request = pb.CreateExperimentRequest(
+            display_name=display_name, description=description, tags=_convert.string_map(tags, "tags")
+        )
+        try:
+            return self._call(self._tracking.CreateExperiment, request, idempotent=True)
+        except errors.AlreadyExists as exc:
+            existing = exc.metadata.get("experiment")
+            if not existing:
+                raise
+            return self.get_experiment(existing)
+
+    def list_experiments(self, *, filter: str = "", page_size: int = 0) -> Iterator[tracking_pb2.Experiment]:
+        """Every experiment matching `filter` (e.g. `display_name = "qwen3-sft"`), fetched page by page."""
+        token = ""
+        while True:
+            request = pb.ListExperimentsRequest(filter=filter, page_size=page_size, page_token=token)
+            page = self._call(self._tracking.ListExperiments, request, idempotent=True)
+            yield from page.experiments
+            token = page.next_page_token
+            if not token:
+                return
+
+    def _experiment_name(self, experiment: str | tracking_pb2.Experiment) -> str:
+        if isinstance(experiment, tracking_pb2.Experiment):
+            return experiment.name
+        if _EXPERIMENT_NAME.match(experiment):
+            return experiment
+        return self.experiment(experiment).name
+
+    # ---- runs ---------------------------------------------------------------------------------------
+    def start_run(
+        self,
+        *,
+        experiment: str | tracking_pb2.Experiment,
+        name: str = "",
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, Any] | None = None,
+        lineage: Mapping[str, Any] | None = None,
+        run_id: str | None = None,
+        writer_id: str | None = None,
+    ) -> Run:
+        """Create a run (status RUNNING) and return it as a `Run` that owns its status.
+
+        `experiment` is a display name (created when missing), `experiments/{id}` or an Experiment.
+        `lineage` holds any of data_version, code_commit, config (a dict), base_model, seed; the server
+        computes the fingerprint (`run.lineage_fingerprint`). `run_id` is chosen here when not given, which
+        makes a retried create safe.
+        """
+        chosen = run_id or _ids.new_run_id()
+        request = pb.CreateRunRequest(
+            experiment=self._experiment_name(experiment),
+            display_name=name,
+            params=_convert.string_map(params, "params"),
+            tags=_convert.string_map(tags, "tags"),
+            run_id=chosen,
+        )
+        if lineage:
+            request.lineage.CopyFrom(_convert.lineage_to_proto(lineage))
+        try:
+            info = self._call(self._tracking.CreateRun, request, idempotent=True)
+        except errors.AlreadyExists:
+            if run_id is not None:
+                raise
+            # A fresh random ID that exists: an earlier attempt of this very call was stored, its answer lost.
+            info = self.get_run(chosen)
+        return Run(self, info, writer_id=writer_id or self.writer_id or _ids.new_writer_id(), owns_status=True)
+
+    def attach_run(self, run_id: str, *, writer_id: str | None = None) -> Run:
+        """Another writer of an existing run (e.g. one rank of a distributed job). Its context exit flushes
+        but leaves the run's status to the `Run` that started it. Each writer needs its own writer_id."""
+        info = self.get_run(run_id)
+        return Run(self, info, writer_id=writer_id or self.writer_id or _ids.new_writer_id(), owns_status=False)
+
+    def get_run(self, run_id: str) -> tracking_pb2.Run:
+        return self._call(self._tracking.GetRun, pb.GetRunRequest(run_id=run_id), idempotent=True)
+
+    def update_run(
+        self, run_id: str, *, status: str | int | None = None, display_name: str | None = None
+    ) -> tracking_pb2.Run:
+        """Set the status (RUNNING, FINISHED, FAILED, KILLED; a final one records the end time) or the name."""
+        request = pb.UpdateRunRequest(run_id=run_id)
+        if status is not None:
+            request.status = _convert.run_status(status)
+        if display_name is not None:
+            request.display_name = display_name
+        return self._call(self._tracking.UpdateRun, request, idempotent=True)
+
+    def search_runs(
+        self,
+        *,
+        filter: str = "",
+        order_by: str = "",
+        experiments: Sequence[str | tracking_pb2.Experiment] = (),
+        page_size: int = 0,
+    ) -> Iterator[tracking_pb2.Run]:
+        """Runs matching `filter` (e.g. `params.lr = "2e-05" AND metrics.`train/loss` < 0.5`), page by page."""
+        names = [e.name if isinstance(e, tracking_pb2.Experiment) else e for e in experiments]
+        token = ""
+        while True:
+            request = pb.SearchRunsRequest(
+                experiments=names, filter=filter, order_by=order_by, page_size=page_size, page_token=token
+            )
+            page = self._call(self._tracking.SearchRuns, request, idempotent=True)
+            yield from page.runs
+            token = page.next_page_token
+            if not token:
+                return
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> dict[str, str]:
+        """Record immutable params; returns all params of the run. A changed value raises AlreadyExists
+        (reason PARAM_IMMUTABLE) and stores nothing of the call."""
+        request = pb.LogParamsRequest(run_id=run_id, params=_convert.string_map(params, "params"))
+        return dict(self._call(self._tracking.LogParams, request, idempotent=True).params)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any], *, remove: Sequence[str] = ()) -> dict[str, str]:
+        request = pb.SetTagsRequest(run_id=run_id, tags=_convert.string_map(tags, "tags"), remove_keys=list(remove))
+        return dict(self._call(self._tracking.SetTags, request, idempotent=True).tags)
+
+    def set_lineage(self, run_id: str, lineage: Mapping[str, Any]) -> pb.SetLineageResponse:
+        request = pb.SetLineageRequest(run_id=run_id, lineage=_convert.lineage_to_proto(lineage))
+        return self._call(self._tracking.SetLineage, request, idempotent=True)
+
+    # ---- metrics ------------------------------------------------------------------------------------
+    def _metric_streamer(self, run_id: str, writer_id: str) -> MetricStreamer:
+        def open_stream(requests: Iterator[pb.StreamMetricsRequest]) -> Any:
+            return self._tracking.StreamMetrics(requests, metadata=self._metadata)
+
+        return MetricStreamer(run_id, writer_id, open_stream, self.streamer_config)
+
+    def metric_history(
+        self,
+        run_id: str,
+        key: str,
+        *,
+        start_step: int | None = None,
+        end_step: int | None = None,
+        max_points: int = 0,
+        timeout: float | None = None,
+    ) -> MetricHistory:
+        """All points of one key in step order as numpy arrays (steps, values, timestamps_ms).
+
+        `start_step`/`end_step` bound the range (inclusive); `max_points` > 0 downsamples on the server,
+        keeping the first, the last, the minimum and the maximum.
+        """
+        request = pb.GetMetricHistoryRequest(run_id=run_id, key=key, max_points=max_points)
+        if start_step is not None:
+            request.start_step = start_step
+        if end_step is not None:
+            request.end_step = end_step
+
+        def attempt(remaining: float) -> MetricHistory:
+            return from_chunks(self._tracking.GetMetricHistory(request, timeout=remaining, metadata=self._metadata))
+
+        return self._retrying(attempt, True, timeout)
+
+    # ---- eval results and sweeps --------------------------------------------------------------------
+    def log_eval_result(
+        self, run_id: str, *, suite_fingerprint: str, metrics: Mapping[str, float]
+    ) -> tracking_pb2.EvalResult:
+        """Record a run's scores on an eval suite (immutable: a changed score raises AlreadyExists)."""
+        request = pb.LogEvalResultRequest(
+            run_id=run_id, suite_fingerprint=suite_fingerprint, metrics={k: float(v) for k, v in metrics.items()}
+        )
+        return self._call(self._tracking.LogEvalResult, request, idempotent=True)
+
+    def select_winner(
+        self,
+        *,
+        metric: str,
+        direction: str | int = "MAXIMIZE",
+        run_ids: Sequence[str] = (),
+        experiment: str | tracking_pb2.Experiment | None = None,
+        filter: str = "",
+        suite_fingerprint: str | None = None,
+    ) -> pb.SelectWinnerResponse:
+        """The best of `run_ids` (or of the experiment's runs matching `filter`) by an eval metric.
+
+        Candidates scored on different suites raise FailedPrecondition (reason INCOMPARABLE_EVAL_SUITES)
+        unless `suite_fingerprint` names the one to compare on.
+        """
+        request = pb.SelectWinnerRequest(
+            run_ids=list(run_ids),
+            experiment=self._experiment_ref(experiment),
+            filter=filter,
+            metric=metric,
+            direction=_convert.direction(direction),
+        )
+        if suite_fingerprint is not None:
+            request.suite_fingerprint = suite_fingerprint
+        return self._call(self._tracking.SelectWinner, request, idempotent=True)
+
+    def _experiment_ref(self, experiment: str | tracking_pb2.Experiment | None) -> str:
+        """A resource name for a read: a display name is looked up, never created."""
+        if experiment is None:
+            return ""
+        if isinstance(experiment, tracking_pb2.Experiment):
+            return experiment.name
+        if _EXPERIMENT_NAME.match(experiment):
+            return experiment
+        quoted = experiment.replace("\\", "\\\\").replace('"', '\\"')
+        for found in self.list_experiments(filter=f'display_name = "{quoted}"'):
+            return found.name
+        raise errors.NotFound(
+            f"no experiment is named {experiment!r}", reason="NOT_FOUND", metadata={"field": "experiment"}
+        )

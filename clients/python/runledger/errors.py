@@ -1,0 +1,165 @@
+"""Typed client errors: every refusal from the server arrives as one of these, never as a raw grpc.RpcError."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+_LOGGER = logging.getLogger(__name__)
+
+DOMAIN = "runledger"
+
+
+class RunledgerError(Exception):
+    """A refused or failed call: the gRPC status code, the server's stable reason, its metadata and message."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: grpc.StatusCode | None = None,
+        reason: str = "",
+        metadata: Mapping[str, str] | None = None,
+        domain: str = "",
+    ) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        self.message = message
+        self.reason = reason
+        self.metadata: dict[str, str] = dict(metadata or {})
+        self.domain = domain
+
+    def __str__(self) -> str:
+        head = self.code.name + (f" {self.reason}" if self.reason and self.reason != self.code.name else "")
+        return f"{head}: {self.message}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only fields survive pickling (errors crossing process boundaries, e.g. DataLoader workers).
+        return (_rebuild, (type(self), self.message, self.code, self.reason, self.metadata, self.domain))
+
+
+def _rebuild(
+    cls: type[RunledgerError],
+    message: str,
+    code: grpc.StatusCode,
+    reason: str,
+    metadata: dict[str, str],
+    domain: str,
+) -> RunledgerError:
+    return cls(message, code=code, reason=reason, metadata=metadata, domain=domain)
+
+
+class InvalidArgument(RunledgerError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(RunledgerError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(RunledgerError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(RunledgerError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Aborted(RunledgerError):
+    code = grpc.StatusCode.ABORTED
+
+
+class Unavailable(RunledgerError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class PermissionDenied(RunledgerError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Unauthenticated(RunledgerError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class DataLoss(RunledgerError):
+    code = grpc.StatusCode.DATA_LOSS
+
+
+class DeadlineExceeded(RunledgerError, TimeoutError):
+    """A call or a `flush(timeout=...)` ran out of time; nothing logged was dropped."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+_BY_CODE: dict[grpc.StatusCode, type[RunledgerError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        Aborted,
+        Unavailable,
+        PermissionDenied,
+        Unauthenticated,
+        DataLoss,
+        DeadlineExceeded,
+    )
+}
+
+
+def error_class(code: grpc.StatusCode) -> type[RunledgerError]:
+    return _BY_CODE.get(code, RunledgerError)
+
+
+def from_rpc_error(err: grpc.RpcError) -> RunledgerError:
+    """Turn a failed call into the typed error for its status code, with the google.rpc.ErrorInfo unpacked."""
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    message = (err.details() if hasattr(err, "details") else None) or str(code)
+    reason, metadata, domain = "", {}, ""
+    try:
+        status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    except ValueError:  # trailers disagree with the call's status: keep what the call says
+        status = None
+    if status is not None:
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                reason, metadata, domain = info.reason, dict(info.metadata), info.domain
+                break
+    exc = error_class(code)(message, code=code, reason=reason, metadata=metadata, domain=domain)
+    exc.__cause__ = err if isinstance(err, BaseException) else None
+    return exc
+
+
+def is_transient(err: RunledgerError) -> bool:
+    """Worth retrying: the server or the connection is (for now) unable, not a refusal of the request itself.
+
+    A status with the server's own ErrorInfo is a deliberate answer; only its UNAVAILABLE (e.g. shutting
+    down) is transient. Without one, the status came from the transport (connection reset,
+    server killed mid-call), and the usual transport codes are retried.
+    """
+    if err.domain == DOMAIN:
+        return err.code is grpc.StatusCode.UNAVAILABLE
+    return err.code in _TRANSPORT_TRANSIENT
+
+
+_TRANSPORT_TRANSIENT = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.ABORTED,
+    }
+)

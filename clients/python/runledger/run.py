@@ -1,0 +1,215 @@
+"""A run as a trainer holds it: log metrics without waiting, record params, tags and lineage, finish with a status."""
+
+from __future__ import annotations
+
+import logging
+import operator
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from runledger import _ids, _process, errors
+from runledger._buffer import INT64_MAX, INT64_MIN
+from runledger._streamer import MetricStreamer
+from runledger.v1 import tracking_pb2, tracking_service_pb2 as pb
+
+if TYPE_CHECKING:
+    from runledger.client import Client
+
+_LOGGER = logging.getLogger(__name__)
+
+_DEFAULT_FAILED_EXIT_TIMEOUT = 60.0
+_time_ns = time.time_ns
+
+
+class Run:
+    """One writer of one run. Made by `Client.start_run` (owns the run's status) or `Client.attach_run`.
+
+    `log_metrics` appends to a buffer and returns; a background sender streams the points and re-sends
+    what the server has not acknowledged, across reconnections. Use it as a context manager: on exit it
+    flushes and sets FINISHED, or FAILED (KILLED on KeyboardInterrupt) when an exception escapes.
+    """
+
+    def __init__(self, client: Client, info: tracking_pb2.Run, *, writer_id: str, owns_status: bool) -> None:
+        self._client = client
+        self.info = info
+        self.run_id = info.run_id
+        self.writer_id = writer_id
+        self.owns_status = owns_status
+        self._stream: MetricStreamer | None = None
+        self._lock = threading.Lock()
+        self._finished = False
+        _process.track(self)
+
+    def __repr__(self) -> str:
+        return f"Run(run_id={self.run_id!r}, writer_id={self.writer_id!r})"
+
+    # ---- identity ------------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        """The resource name, `runs/{run_id}`."""
+        return self.info.name or f"runs/{self.run_id}"
+
+    @property
+    def experiment(self) -> str:
+        return self.info.experiment
+
+    @property
+    def lineage_fingerprint(self) -> str:
+        """The server's fingerprint of the complete lineage; empty while a field is missing."""
+        return self.info.lineage_fingerprint
+
+    @property
+    def missing_lineage_fields(self) -> list[str]:
+        return list(self.info.missing_lineage_fields)
+
+    # ---- metrics -------------------------------------------------------------------------------------
+    def log_metrics(self, metrics: Mapping[str, float], *, step: int, timestamp_ms: int | None = None) -> None:
+        """Queue one point per key at `step` and return; NaN and infinities are kept as they are.
+
+        Blocks only when the buffer is full (`max_buffered_points` logged and not yet acknowledged), until
+        acknowledgements free room: points are never dropped. Raises the error that stopped the sender, if any.
+        """
+        try:
+            step = operator.index(step)
+        except TypeError:
+            raise errors.InvalidArgument(
+                f"step must be an integer, got {type(step).__name__}", reason="INVALID_ARGUMENT"
+            ) from None
+        if step > INT64_MAX or step < INT64_MIN:
+            raise errors.InvalidArgument(f"step {step} does not fit in int64", reason="INVALID_ARGUMENT")
+        stream = self._stream
+        if stream is None:
+            stream = self._open_stream()
+        stream.append(metrics, step, _time_ns() // 1_000_000 if timestamp_ms is None else int(timestamp_ms))
+
+    def _open_stream(self) -> MetricStreamer:
+        with self._lock:
+            if self._stream is None:
+                if self._finished:
+                    raise errors.FailedPrecondition(
+                        f"run {self.run_id} is finished; no more metrics can be logged through this object",
+                        reason="RUN_CLOSED",
+                        metadata={"runId": self.run_id},
+                    )
+                self._stream = self._client._metric_streamer(self.run_id, self.writer_id)
+                _process.flush_at_exit(self)
+            return self._stream
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every point logged so far is stored; raises DeadlineExceeded after `timeout` seconds
+        (the points stay queued and keep being sent), or the error that stopped the sender."""
+        stream = self._stream
+        if stream is not None:
+            stream.flush(timeout)
+
+    @property
+    def logged_points(self) -> int:
+        stream = self._stream
+        return 0 if stream is None else stream.logged_points
+
+    @property
+    def acked_points(self) -> int:
+        """Points the server has acknowledged as stored (by this object, since it was created or forked)."""
+        stream = self._stream
+        return 0 if stream is None else stream.acked_points
+
+    @property
+    def reconnections(self) -> int:
+        stream = self._stream
+        return 0 if stream is None else max(0, stream.connections - 1)
+
+    # ---- params, tags, lineage, eval results ---------------------------------------------------------
+    def log_params(self, params: Mapping[str, Any]) -> dict[str, str]:
+        """Record immutable params; the same value again is a no-op, a different one raises AlreadyExists."""
+        return self._client.log_params(self.run_id, params)
+
+    def set_tags(self, tags: Mapping[str, Any], *, remove: Sequence[str] = ()) -> dict[str, str]:
+        return self._client.set_tags(self.run_id, tags, remove=remove)
+
+    def set_lineage(self, lineage: Mapping[str, Any]) -> pb.SetLineageResponse:
+        """Record lineage fields; once all five are known, `lineage_fingerprint` holds the server's fingerprint."""
+        response = self._client.set_lineage(self.run_id, lineage)
+        self.info.lineage.CopyFrom(response.lineage)
+        self.info.lineage_fingerprint = response.fingerprint
+        del self.info.missing_lineage_fields[:]
+        self.info.missing_lineage_fields.extend(response.missing_fields)
+        return response
+
+    def log_eval_result(self, *, suite_fingerprint: str, metrics: Mapping[str, float]) -> tracking_pb2.EvalResult:
+        return self._client.log_eval_result(self.run_id, suite_fingerprint=suite_fingerprint, metrics=metrics)
+
+    def refresh(self) -> tracking_pb2.Run:
+        """Re-read the run from the server (status, params, tags, latest metrics)."""
+        self.info = self._client.get_run(self.run_id)
+        return self.info
+
+    # ---- end -----------------------------------------------------------------------------------------
+    def finish(self, status: str | None = None, *, timeout: float | None = None) -> None:
+        """Flush every logged point, stop the sender and set the status.
+
+        `status` defaults to FINISHED for a run this object started and to "unchanged" for an attached one.
+        When the flush fails or times out, the run is marked FAILED (if this object owns its status) and
+        the error is raised. Calling it again does nothing.
+        """
+        with self._lock:
+            if self._finished:
+                return
+            self._finished = True
+            stream = self._stream
+        if status is None and self.owns_status:
+            status = "FINISHED"
+        if stream is not None:
+            try:
+                stream.close(timeout)
+            except errors.RunledgerError:
+                stream.abandon()
+                if status is not None:
+                    self._set_status_quietly("FAILED")
+                raise
+            finally:
+                _process.untrack_exit(self)
+        if status is not None:
+            self.info = self._client.update_run(self.run_id, status=status)
+
+    def _set_status_quietly(self, status: str) -> None:
+        try:
+            self.info = self._client.update_run(self.run_id, status=status)
+        except errors.RunledgerError as exc:
+            _LOGGER.warning("could not mark run %s %s: %s", self.run_id, status, exc)
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.finish(timeout=self._client.finish_timeout)
+            return
+        status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+        timeout = self._client.finish_timeout
+        if timeout is None:
+            timeout = _DEFAULT_FAILED_EXIT_TIMEOUT
+        try:
+            self.finish(status if self.owns_status else None, timeout=timeout)
+        except errors.RunledgerError as err:
+            _LOGGER.warning("run %s: %s (while handling %s)", self.run_id, err, exc_type.__name__)
+
+    # ---- process lifecycle ---------------------------------------------------------------------------
+    def _after_fork_in_child(self) -> None:
+        # The parent's sender thread does not exist here and its lock may be held forever: start afresh,
+        # as a new writer, so the child's batches never collide with the parent's seqs.
+        _process.keep_inherited(self._stream)
+        self._stream = None
+        self._lock = threading.Lock()
+        self.writer_id = _ids.forked_writer_id(self.writer_id)
+        self.owns_status = False
+
+    def _flush_at_exit(self, timeout: float) -> None:
+        stream = self._stream
+        if stream is not None and not self._finished and stream.logged_points > stream.acked_points:
+            _LOGGER.info("run %s was not finished: flushing its metrics at exit", self.run_id)
+            stream.flush(timeout)

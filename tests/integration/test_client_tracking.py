@@ -1,0 +1,314 @@
+"""The Python client against a real server: runs, lineage, exact metric round trips, typed errors, backpressure."""
+
+from __future__ import annotations
+
+import math
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+import runledger
+from runledger import RetryPolicy, errors
+from runledger.v1 import tracking_pb2
+from runledger_server.config import Settings
+from runledger_server.embedded import EmbeddedServer
+
+EXAMPLE_LINEAGE = {
+    "data_version": "sft-mix-v3",
+    "code_commit": "a1b2c3d",
+    "config": {"lr": 2e-5, "lora_r": 16},
+    "base_model": "Qwen/Qwen3-8B",
+    "seed": 0,
+}
+EXAMPLE_FINGERPRINT = "b06a681fb46bb8d9aceed5caf216654a5dcb3ccc55f3c5965abbaae565ab830d"
+FAST_RETRY = RetryPolicy(initial_backoff=0.02, max_backoff=0.2)
+
+
+@pytest.fixture
+def client(server: EmbeddedServer) -> Iterator[runledger.Client]:
+    with runledger.Client(server.address, retry=FAST_RETRY) as c:
+        yield c
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Poll a state the client exposes (not a stand-in for synchronisation: the state is the event)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.005)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float64).view(np.int64)
+
+
+# ---- experiments and runs ---------------------------------------------------------------------------
+def test_start_run_records_params_tags_and_lineage_fingerprint(client: runledger.Client) -> None:
+    run = client.start_run(
+        experiment="qwen3-sft",
+        name="lr-2e-5",
+        params={"lr": 2e-5, "lora_r": 16},
+        tags={"team": "post-training"},
+        lineage=EXAMPLE_LINEAGE,
+    )
+    assert run.lineage_fingerprint == EXAMPLE_FINGERPRINT and run.missing_lineage_fields == []
+    info = client.get_run(run.run_id)
+    assert info.status == tracking_pb2.RUN_STATUS_RUNNING
+    assert dict(info.params) == {"lr": "2e-05", "lora_r": "16"} and info.tags["team"] == "post-training"
+    assert info.lineage_fingerprint == EXAMPLE_FINGERPRINT and info.display_name == "lr-2e-5"
+    run.finish()
+    assert client.get_run(run.run_id).status == tracking_pb2.RUN_STATUS_FINISHED
+
+
+def test_lineage_set_in_parts_gets_the_fingerprint_when_complete(client: runledger.Client) -> None:
+    run = client.start_run(experiment="qwen3-sft", lineage={"data_version": "sft-mix-v3", "seed": 0})
+    assert run.lineage_fingerprint == "" and set(run.missing_lineage_fields) == {"code_commit", "config", "base_model"}
+    response = run.set_lineage({k: EXAMPLE_LINEAGE[k] for k in ("code_commit", "config", "base_model")})
+    assert response.fingerprint == EXAMPLE_FINGERPRINT == run.lineage_fingerprint
+    assert run.missing_lineage_fields == []
+    # complete lineage is immutable: a changed field is refused, naming it
+    with pytest.raises(errors.AlreadyExists) as info:
+        run.set_lineage({"seed": 1})
+    assert "seed" in info.value.message
+    assert client.get_run(run.run_id).lineage.seed == 0
+
+
+def test_experiment_is_get_or_create_by_display_name(client: runledger.Client) -> None:
+    first = client.experiment("sweep-a", description="lr sweep")
+    again = client.experiment("sweep-a")
+    assert first.name == again.name and first.name.startswith("experiments/")
+    with pytest.raises(errors.AlreadyExists) as info:
+        client.create_experiment("sweep-a")
+    assert info.value.metadata["experiment"] == first.name
+    run = client.start_run(experiment="sweep-a")
+    assert run.experiment == first.name
+    assert client.start_run(experiment=first).experiment == first.name
+    assert [e.name for e in client.list_experiments(filter='display_name = "sweep-a"')] == [first.name]
+
+
+def test_search_runs_pages_and_filters(client: runledger.Client) -> None:
+    exp = client.experiment("search")
+    ids = [client.start_run(experiment=exp, params={"lr": lr}).run_id for lr in (1e-5, 2e-5, 3e-5, 4e-5, 5e-5)]
+    found = [r.run_id for r in client.search_runs(experiments=[exp], page_size=2)]
+    assert found == ids  # creation order across three pages
+    hits = list(client.search_runs(experiments=[exp.name], filter='params.lr = "3e-05"'))
+    assert [r.run_id for r in hits] == [ids[2]]
+    newest_first = [r.run_id for r in client.search_runs(experiments=[exp], order_by="create_time DESC")]
+    assert newest_first == ids[::-1]
+
+
+def test_eval_results_and_winner_selection(client: runledger.Client) -> None:
+    exp = client.experiment("sweep-winner")
+    a, b, phantom = (client.start_run(experiment=exp, name=n) for n in ("a", "b", "phantom"))
+    a.log_eval_result(suite_fingerprint="suite-1", metrics={"mmlu": 0.61})
+    b.log_eval_result(suite_fingerprint="suite-1", metrics={"mmlu": 0.64})
+    phantom.log_eval_result(suite_fingerprint="suite-2", metrics={"mmlu": 0.99})
+    with pytest.raises(errors.FailedPrecondition) as info:
+        client.select_winner(experiment=exp, metric="mmlu", direction="MAXIMIZE")
+    assert info.value.reason == "INCOMPARABLE_EVAL_SUITES"
+    result = client.select_winner(experiment="sweep-winner", metric="mmlu", suite_fingerprint="suite-1")
+    assert result.winner_run_id == b.run_id and result.score == pytest.approx(0.64)
+    assert [r.run_id for r in result.excluded] == [phantom.run_id]
+    by_ids = client.select_winner(run_ids=[a.run_id, b.run_id], metric="mmlu", direction="min")
+    assert by_ids.winner_run_id == a.run_id
+
+
+# ---- metrics ----------------------------------------------------------------------------------------
+def test_metrics_round_trip_exactly_including_nan_and_infinities(client: runledger.Client) -> None:
+    steps = 20_000
+    rng = np.random.default_rng(0)
+    logged = {key: rng.normal(size=steps) for key in ("train/loss", "train/reward", "train/kl", "train/entropy")}
+    specials = {100: math.nan, 101: math.inf, 102: -math.inf, 103: -0.0, 104: 5e-324, 105: 1.7976931348623157e308}
+    for step, value in specials.items():
+        logged["train/loss"][step] = value
+    logged["train/kl"][:] = math.nan  # a diverged run: every point is NaN
+    started = time.time_ns() // 1_000_000
+    with client.start_run(experiment="roundtrip") as run:
+        for step in range(steps):
+            run.log_metrics({key: values[step] for key, values in logged.items()}, step=step)
+    finished = time.time_ns() // 1_000_000
+    assert run.acked_points == run.logged_points == 4 * steps
+    assert client.get_run(run.run_id).status == tracking_pb2.RUN_STATUS_FINISHED  # context exit
+    for key, values in logged.items():
+        history = client.metric_history(run.run_id, key)
+        assert history.steps.dtype == np.int64 and history.values.dtype == np.float64
+        assert np.array_equal(history.steps, np.arange(steps))
+        assert np.array_equal(bits(history.values), bits(values)), key  # bit-exact, NaN payload and -0.0 too
+        assert started <= history.timestamps_ms.min() and history.timestamps_ms.max() <= finished
+    latest = client.get_run(run.run_id).latest_metrics["train/reward"]
+    assert latest.step == steps - 1 and latest.value == logged["train/reward"][-1]
+
+
+def test_metric_history_range_downsampling_and_explicit_timestamps(client: runledger.Client) -> None:
+    with client.start_run(experiment="history") as run:
+        for step in range(1_000):
+            run.log_metrics({"loss": 1000.0 - step if step != 500 else -1.0}, step=step, timestamp_ms=1_000 + step)
+    window = client.metric_history(run.run_id, "loss", start_step=10, end_step=19)
+    assert window.steps.tolist() == list(range(10, 20)) and window.timestamps_ms.tolist() == list(range(1010, 1020))
+    small = client.metric_history(run.run_id, "loss", max_points=50)
+    assert len(small.steps) <= 60 and small.steps[0] == 0 and small.steps[-1] == 999
+    assert -1.0 in small.values.tolist() and 1000.0 in small.values.tolist()  # min and max survive
+    empty = client.metric_history(run.run_id, "never-logged")
+    assert empty.steps.shape == (0,) and empty.values.dtype == np.float64
+
+
+def test_exception_in_the_with_block_marks_failed_and_propagates(client: runledger.Client) -> None:
+    with pytest.raises(RuntimeError, match="diverged"), client.start_run(experiment="crash") as run:
+        for step in range(100):
+            run.log_metrics({"loss": float(step)}, step=step)
+        raise RuntimeError("diverged")
+    info = client.get_run(run.run_id)
+    assert info.status == tracking_pb2.RUN_STATUS_FAILED and info.HasField("end_time")
+    assert len(client.metric_history(run.run_id, "loss").steps) == 100  # flushed before marking
+
+
+def test_finished_run_refuses_more_metrics(client: runledger.Client) -> None:
+    run = client.start_run(experiment="closed")
+    run.log_metrics({"loss": 1.0}, step=0)
+    run.finish()
+    run.finish()  # idempotent
+    with pytest.raises(errors.FailedPrecondition) as info:
+        run.log_metrics({"loss": 1.0}, step=1)
+    assert info.value.reason == "RUN_CLOSED"
+
+
+def test_bad_metric_input_is_refused_in_the_callers_hands(client: runledger.Client) -> None:
+    run = client.start_run(experiment="bad-input")
+    with pytest.raises(errors.InvalidArgument):
+        run.log_metrics({"loss": "high"}, step=0)
+    with pytest.raises(errors.InvalidArgument):
+        run.log_metrics({" loss": 1.0}, step=0)
+    with pytest.raises(errors.InvalidArgument):
+        run.log_metrics({"loss": 1.0}, step=1.5)  # type: ignore[arg-type]
+    with pytest.raises(errors.InvalidArgument):
+        run.log_metrics({"loss": 1.0}, step=1 << 63)
+    run.log_metrics({"loss": 1.0}, step=np.int64(3))  # numpy integers are integers
+    run.finish()
+    assert client.metric_history(run.run_id, "loss").steps.tolist() == [3]
+
+
+# ---- typed errors -----------------------------------------------------------------------------------
+def test_typed_errors_carry_code_reason_and_metadata(client: runledger.Client) -> None:
+    run = client.start_run(experiment="errors", params={"lr": 2e-5})
+    run.log_params({"lr": 2e-5, "warmup": 100})  # the same value again is a no-op
+    with pytest.raises(errors.AlreadyExists) as info:
+        run.log_params({"lr": 3e-5, "batch": 64})
+    err = info.value
+    assert err.code is grpc.StatusCode.ALREADY_EXISTS and err.reason == "PARAM_IMMUTABLE"
+    assert err.metadata["key"] == "lr" and "lr" in err.message and err.domain == "runledger"
+    assert not isinstance(err, grpc.RpcError)
+    assert dict(client.get_run(run.run_id).params) == {"lr": "2e-05", "warmup": "100"}  # nothing of the call stored
+    with pytest.raises(errors.NotFound):
+        client.get_run("0" * 32)
+    with pytest.raises(errors.InvalidArgument) as bad:
+        client.get_run("Not A Run ID")
+    assert bad.value.metadata.get("field") == "run_id"
+    with pytest.raises(errors.AlreadyExists):
+        client.start_run(experiment="errors", run_id=run.run_id)
+
+
+def test_streaming_into_a_missing_run_surfaces_not_found(client: runledger.Client) -> None:
+    ghost = runledger.Run(client, tracking_pb2.Run(run_id="0" * 32), writer_id="w", owns_status=False)
+    ghost.log_metrics({"loss": 1.0}, step=0)
+    with pytest.raises(errors.NotFound):
+        ghost.flush(timeout=30)
+    with pytest.raises(errors.NotFound):  # the error sticks: nothing more would be stored
+        ghost.log_metrics({"loss": 1.0}, step=1)
+    with pytest.raises(errors.NotFound):
+        ghost.finish()
+
+
+# ---- writers ----------------------------------------------------------------------------------------
+def test_two_writers_into_one_run_concurrently_store_every_point_once(client: runledger.Client) -> None:
+    owner = client.start_run(experiment="ddp", writer_id="rank0")
+    other = client.attach_run(owner.run_id, writer_id="rank1")
+    steps = 5_000
+
+    def train(run: runledger.Run, rank: int) -> None:
+        for step in range(steps):
+            run.log_metrics({"loss": rank * 1e6 + step, "reward": -(rank * 1e6 + step)}, step=step)
+        run.flush()
+
+    threads = [threading.Thread(target=train, args=(r, i)) for i, r in enumerate((owner, other))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    other.finish()
+    assert client.get_run(owner.run_id).status == tracking_pb2.RUN_STATUS_RUNNING  # an attached writer leaves it
+    owner.finish()
+    for key, sign in (("loss", 1.0), ("reward", -1.0)):
+        history = client.metric_history(owner.run_id, key)
+        got = Counter(zip(history.steps.tolist(), history.values.tolist(), strict=True))
+        want = Counter((s, sign * (r * 1e6 + s)) for r in (0, 1) for s in range(steps))
+        assert got == want
+        assert np.all(np.diff(history.steps) >= 0)
+
+
+def test_reusing_a_writer_id_is_refused_not_silently_dropped(client: runledger.Client) -> None:
+    first = client.start_run(experiment="reuse", writer_id="rank0")
+    first.log_metrics({"loss": 1.0}, step=0)
+    first.flush()
+    second = client.attach_run(first.run_id, writer_id="rank0")  # same writer, seq starts at 0 again
+    second.log_metrics({"loss": 2.0}, step=1)
+    with pytest.raises(errors.AlreadyExists) as info:
+        second.flush(timeout=30)
+    assert info.value.reason == "WRITER_ID_REUSED" and info.value.metadata["writerId"] == "rank0"
+
+
+# ---- backpressure and reconnection ------------------------------------------------------------------
+def test_full_buffer_blocks_the_caller_until_the_server_is_back(tmp_path: Path) -> None:
+    port = free_port()
+    settings = Settings(host="127.0.0.1", port=port, data_dir=tmp_path / "data")
+    first = EmbeddedServer(settings).start()
+    client = runledger.Client(first.address, max_buffered_points=8, batch_points=4, retry=FAST_RETRY)
+    try:
+        run = client.start_run(experiment="backpressure")
+        run.log_metrics({"a": 0.0}, step=0)
+        run.flush()
+        first.stop()  # the server goes away; the stream breaks
+
+        logged: list[int] = []
+
+        def train() -> None:
+            for step in range(1, 51):
+                run.log_metrics({"a": float(step), "b": float(-step)}, step=step)
+                logged.append(step)
+
+        trainer = threading.Thread(target=train)
+        trainer.start()
+        stream = run._stream
+        assert stream is not None
+        wait_until(lambda: stream._blocked == 1)  # blocked once 8 points are waiting, not dropping
+        assert run.logged_points - run.acked_points <= 8 and len(logged) < 50
+        with pytest.raises(errors.DeadlineExceeded) as info:
+            run.flush(timeout=0.05)
+        assert info.value.reason == "FLUSH_TIMEOUT" and isinstance(info.value, TimeoutError)
+
+        second = EmbeddedServer(settings).start()  # same port, same data: the sender resumes
+        try:
+            trainer.join(timeout=60)
+            assert not trainer.is_alive() and len(logged) == 50
+            run.finish(timeout=60)
+            history = client.metric_history(run.run_id, "a")
+            assert history.steps.tolist() == list(range(51))
+            assert history.values.tolist() == [float(s) for s in range(51)]
+            assert client.metric_history(run.run_id, "b").steps.tolist() == list(range(1, 51))
+            assert run.reconnections >= 1
+        finally:
+            second.stop()
+    finally:
+        client.close()

@@ -1,0 +1,103 @@
+"""The client's request building: lineage dicts (config as JSON text), statuses, directions, string maps."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from runledger import errors
+from runledger._convert import direction, lineage_to_proto, run_status, string_map
+from runledger.v1 import common_pb2, tracking_pb2
+
+EXAMPLE = {
+    "data_version": "sft-mix-v3",
+    "code_commit": "a1b2c3d",
+    "config": {"lr": 2e-5, "lora_r": 16},
+    "base_model": "Qwen/Qwen3-8B",
+    "seed": 0,
+}
+
+
+def test_lineage_config_travels_as_json_text_with_int_and_float_intact() -> None:
+    msg = lineage_to_proto(EXAMPLE)
+    assert msg.data_version == "sft-mix-v3" and msg.base_model == "Qwen/Qwen3-8B"
+    assert msg.HasField("seed") and msg.seed == 0  # seed 0 is present, not missing
+    parsed = json.loads(msg.config)
+    assert parsed == {"lr": 2e-5, "lora_r": 16}
+    assert type(parsed["lora_r"]) is int and type(parsed["lr"]) is float
+
+
+def test_partial_lineage_leaves_the_rest_unset() -> None:
+    msg = lineage_to_proto({"data_version": "v1", "seed": None})
+    assert msg.HasField("data_version")
+    for name in ("code_commit", "config", "base_model", "seed"):
+        assert not msg.HasField(name)
+
+
+def test_config_text_is_sent_verbatim() -> None:
+    assert lineage_to_proto({"config": '{"lr": 2e-5}'}).config == '{"lr": 2e-5}'
+
+
+@pytest.mark.parametrize(
+    ("lineage", "field"),
+    [
+        ({"datasets": "x"}, "lineage"),
+        ({"seed": "0"}, "lineage.seed"),
+        ({"seed": 1.5}, "lineage.seed"),
+        ({"seed": True}, "lineage.seed"),
+        ({"config": [1, 2]}, "lineage.config"),
+        ({"config": {"lr": math.nan}}, "lineage.config"),
+        ({"config": {"f": object()}}, "lineage.config"),
+        ({"base_model": 3}, "lineage.base_model"),
+    ],
+)
+def test_lineage_refusals_name_the_field(lineage: dict, field: str) -> None:
+    with pytest.raises(errors.InvalidArgument) as info:
+        lineage_to_proto(lineage)
+    assert info.value.metadata["field"] == field
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("FINISHED", tracking_pb2.RUN_STATUS_FINISHED),
+        ("failed", tracking_pb2.RUN_STATUS_FAILED),
+        ("RUN_STATUS_KILLED", tracking_pb2.RUN_STATUS_KILLED),
+        (tracking_pb2.RUN_STATUS_RUNNING, tracking_pb2.RUN_STATUS_RUNNING),
+    ],
+)
+def test_run_status(value: str | int, expected: int) -> None:
+    assert run_status(value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("MAXIMIZE", common_pb2.DIRECTION_MAXIMIZE),
+        ("min", common_pb2.DIRECTION_MINIMIZE),
+        ("DIRECTION_MINIMIZE", common_pb2.DIRECTION_MINIMIZE),
+        (common_pb2.DIRECTION_MAXIMIZE, common_pb2.DIRECTION_MAXIMIZE),
+    ],
+)
+def test_direction(value: str | int, expected: int) -> None:
+    assert direction(value) == expected
+
+
+@pytest.mark.parametrize(("call", "arg"), [(run_status, "DONE"), (direction, "UP")])
+def test_unknown_enum_names(call, arg: str) -> None:
+    with pytest.raises(errors.InvalidArgument):
+        call(arg)
+
+
+def test_string_map_stringifies_values() -> None:
+    assert string_map({"lr": 2e-5, "lora_r": 16, "name": "x", "flag": True}, "params") == {
+        "lr": "2e-05",
+        "lora_r": "16",
+        "name": "x",
+        "flag": "True",
+    }
+    assert string_map(None, "params") == {}
+    with pytest.raises(errors.InvalidArgument):
+        string_map({1: "x"}, "params")
