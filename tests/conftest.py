@@ -16,7 +16,7 @@ from runledger.v1 import (
 from runledger_server.config import Settings
 from runledger_server.embedded import EmbeddedServer
 
-pytest_plugins = ["tests.fixtures.postgres"]
+pytest_plugins = ["tests.fixtures.postgres", "tests.fixtures.s3"]
 
 
 @pytest.fixture

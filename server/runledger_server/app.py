@@ -19,12 +19,16 @@ from runledger.v1 import (
     tracking_service_pb2,
     tracking_service_pb2_grpc,
 )
+from runledger_server.backends import artifacts as artifact_backends
 from runledger_server.backends.sql import migrate
+from runledger_server.backends.sql.artifact_index_store import SqlArtifactIndex
 from runledger_server.backends.sql.database import Database
 from runledger_server.backends.sql.tracking_store import SqlTrackingStore
 from runledger_server.config import Settings
+from runledger_server.services.artifacts import ArtifactService
 from runledger_server.services.metric_ingest import MetricIngest
 from runledger_server.services.tracking import TrackingService
+from runledger_server.transport.artifact_servicer import ArtifactServicer
 from runledger_server.transport.tracking_servicer import TrackingServicer
 
 _LOGGER = logging.getLogger(__name__)
@@ -81,8 +85,11 @@ async def build_server(settings: Settings) -> tuple[Server, int]:
         ]
     )
     tracking_service_pb2_grpc.add_TrackingServiceServicer_to_server(TrackingServicer(tracking, executor), grpc_server)
+    # Transfers get their own pool: a long upload waiting on the artifact store must not starve tracking calls.
+    artifact_executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="runledger-artifacts")
+    artifacts = ArtifactService(SqlArtifactIndex(db), artifact_backends.from_settings(settings))
     artifact_service_pb2_grpc.add_ArtifactServiceServicer_to_server(
-        artifact_service_pb2_grpc.ArtifactServiceServicer(), grpc_server
+        ArtifactServicer(artifacts, artifact_executor), grpc_server
     )
     registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(
         registry_service_pb2_grpc.RegistryServiceServicer(), grpc_server
@@ -96,6 +103,7 @@ async def build_server(settings: Settings) -> tuple[Server, int]:
         raise OSError(f"cannot listen on {settings.host}:{settings.port}")
     server = Server(grpc_server, port, settings, _health=health_servicer)
     server._closers += [db.dispose, lambda: executor.shutdown(wait=True), ingest.close]
+    server._closers.append(lambda: artifact_executor.shutdown(wait=True))
     _LOGGER.info(
         "runledger serving on %s:%d (metadata: %s, artifacts: %s)",
         settings.host,

@@ -101,7 +101,9 @@ class MetricStreamer:
         self._closing = False
         self._stop_now = False
         self._call: Any = None
+        self._conn: _Connection | None = None
         self._connections = 0
+        self._resent = 0
         self._thread = threading.Thread(target=self._run, name=f"runledger-metrics-{writer_id}", daemon=True)
         self._thread.start()
 
@@ -118,6 +120,17 @@ class MetricStreamer:
     def connections(self) -> int:
         """How many StreamMetrics calls were opened (1 + reconnections)."""
         return self._connections
+
+    @property
+    def in_flight_batches(self) -> int:
+        """Batches sent on the current connection and not yet acknowledged."""
+        conn = self._conn
+        return 0 if conn is None or conn.stopped else conn.in_flight
+
+    @property
+    def resent_batches(self) -> int:
+        """Batch sends that repeated an earlier, unacknowledged send (after a reconnection)."""
+        return self._resent
 
     @property
     def error(self) -> errors.RunledgerError | None:
@@ -229,10 +242,11 @@ class MetricStreamer:
                     self._cond.wait(self._policy.max_delay)  # nothing to send: poll for new points
                 if self._stop_now:
                     return
-                conn = _Connection(self._outbox.first_unacked())
+                conn = self._conn = _Connection(self._outbox.first_unacked())
                 self._connections += 1
             error: errors.RunledgerError | None = None
             progressed = False
+            call: Any = None
             try:
                 call = self._open_stream(self._requests(conn))
                 with self._cond:
@@ -244,13 +258,15 @@ class MetricStreamer:
                     progressed |= self._on_ack(conn, ack)
             except grpc.RpcError as exc:
                 error = errors.from_rpc_error(exc)
-            except errors.RunledgerError as exc:
+            except errors.RunledgerError as exc:  # refused by this client (a reused writer_id, a closed client)
                 error = exc
-                call.cancel()
+                if call is not None:
+                    call.cancel()
             except Exception as exc:  # e.g. the channel was closed under us: nothing will ever be sent
-                error = errors.RunledgerError(f"metric stream failed: {exc!r}", reason="CLIENT_ERROR")
+                if call is not None:
+                    call.cancel()
                 _LOGGER.exception("metric sender of run %s failed", self.run_id)
-                self._fail(error)
+                self._fail(errors.RunledgerError(f"metric stream failed: {exc!r}", reason="CLIENT_ERROR"))
                 return
             finally:
                 with self._cond:
@@ -349,6 +365,8 @@ class MetricStreamer:
                 conn.cursor = batch.seq + 1
                 conn.in_flight += 1
                 batch.attempts += 1
+                if batch.attempts > 1:
+                    self._resent += 1
             message = batch.message
             if message is None:
                 series = batch.series

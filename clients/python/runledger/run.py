@@ -118,8 +118,21 @@ class Run:
 
     @property
     def reconnections(self) -> int:
+        """How many times the metric stream was re-opened after a failure."""
         stream = self._stream
         return 0 if stream is None else max(0, stream.connections - 1)
+
+    @property
+    def in_flight_batches(self) -> int:
+        """Batches sent and awaiting their acknowledgement on the current connection."""
+        stream = self._stream
+        return 0 if stream is None else stream.in_flight_batches
+
+    @property
+    def resent_batches(self) -> int:
+        """Batches sent again after a reconnection because their acknowledgement never came."""
+        stream = self._stream
+        return 0 if stream is None else stream.resent_batches
 
     # ---- params, tags, lineage, eval results ---------------------------------------------------------
     def log_params(self, params: Mapping[str, Any]) -> dict[str, str]:

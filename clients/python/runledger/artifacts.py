@@ -1,0 +1,249 @@
+"""Moving files in and out of runledger's artifact store: hashed before upload, verified after download.
+
+Uploads declare their size and sha256 in the header, so the server verifies the bytes it stores and
+can skip storing content it already holds. Downloads land in `<dest>.part`, resume from it, and are
+renamed into place only once their sha256 matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from runledger.errors import DataLoss, NotFound, from_rpc_error
+from runledger.v1 import artifact_pb2, artifact_service_pb2 as pb, artifact_service_pb2_grpc
+
+_LOGGER = logging.getLogger(__name__)
+
+CHUNK = 1 << 20  # the server's limit per upload message
+PARTIAL_SUFFIX = ".part"
+
+# None: a progress bar when tqdm is installed and stderr is a terminal; False: none; True: tqdm if installed;
+# a callable: called with (bytes done, bytes total) as the transfer advances.
+Progress = bool | Callable[[int, int], None] | None
+
+
+def upload_file(
+    channel: grpc.Channel,
+    run_id: str,
+    local_path: str | os.PathLike[str],
+    artifact_path: str | None = None,
+    *,
+    progress: Progress = None,
+) -> artifact_pb2.Artifact:
+    """Upload one file as `artifact_path` (default: its file name) of the run; returns the recorded artifact."""
+    local = Path(local_path)
+    target = artifact_path if artifact_path is not None else local.name
+    size, digest = file_digest(local)
+    with _Meter(progress, size, target) as meter:
+        return _upload(
+            artifact_service_pb2_grpc.ArtifactServiceStub(channel), run_id, local, target, size, digest, meter
+        )
+
+
+def upload_dir(
+    channel: grpc.Channel,
+    run_id: str,
+    local_dir: str | os.PathLike[str],
+    artifact_path: str | None = None,
+    *,
+    progress: Progress = None,
+) -> list[artifact_pb2.Artifact]:
+    """Upload every file below `local_dir` under `artifact_path` (default: the directory's name; "" for the
+    run's root), keeping relative paths. Files are sent in path order."""
+    root = Path(local_dir)
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root} is not a directory")
+    base = root.resolve().name if artifact_path is None else artifact_path.strip("/")
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    plan = [(p, "/".join(filter(None, [base, p.relative_to(root).as_posix()]))) for p in files]
+    digests = [file_digest(p) for p, _ in plan]
+    stub = artifact_service_pb2_grpc.ArtifactServiceStub(channel)
+    with _Meter(progress, sum(size for size, _ in digests), base or "artifacts") as meter:
+        return [
+            _upload(stub, run_id, p, target, size, digest, meter)
+            for (p, target), (size, digest) in zip(plan, digests, strict=True)
+        ]
+
+
+def download(
+    channel: grpc.Channel,
+    run_id: str,
+    path: str,
+    dest: str | os.PathLike[str],
+    *,
+    resume: bool = True,
+    progress: Progress = None,
+) -> Path:
+    """Download a file or a whole directory (every artifact below `path`; "" is the whole run) to `dest`.
+
+    A file goes to `dest` (or into it, when `dest` is an existing directory); a directory's files go below
+    `dest` at their relative paths. Each file is checked against its sha256 (DataLoss on mismatch); files
+    already present with the right content are skipped, and a `.part` left by an interrupted download is
+    resumed from where it stopped. Returns the file or directory written.
+    """
+    stub = artifact_service_pb2_grpc.ArtifactServiceStub(channel)
+    path = path.strip("/") if path not in ("", "/") else ""
+    found = [a for a in list_artifacts(channel, run_id, prefix=path) if _is_below(a.path, path)]
+    if not found:
+        raise NotFound(f"runs/{run_id} has no artifact at {path!r}", reason="ARTIFACT_NOT_FOUND", metadata={})
+    destination = Path(dest)
+    single = len(found) == 1 and found[0].path == path and path != ""
+    with _Meter(progress, sum(a.size for a in found), path or run_id) as meter:
+        if single:
+            target = destination / Path(path).name if destination.is_dir() else destination
+            _download(stub, found[0], target, resume, meter)
+            return target
+        prefix = f"{path}/" if path else ""
+        for artifact in found:
+            _download(stub, artifact, destination.joinpath(*artifact.path[len(prefix) :].split("/")), resume, meter)
+        return destination
+
+
+def list_artifacts(channel: grpc.Channel, run_id: str, *, prefix: str = "") -> Iterator[artifact_pb2.Artifact]:
+    """Every artifact of the run whose path starts with `prefix`, in path order (all pages)."""
+    stub = artifact_service_pb2_grpc.ArtifactServiceStub(channel)
+    token = ""
+    while True:
+        try:
+            page = stub.ListArtifacts(pb.ListArtifactsRequest(run_id=run_id, prefix=prefix, page_token=token))
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        yield from page.artifacts
+        token = page.next_page_token
+        if not token:
+            return
+
+
+def file_digest(path: Path) -> tuple[int, str]:
+    """(size, sha256 hex) of a local file, read in chunks."""
+    digest, size = hashlib.sha256(), 0
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def _upload(
+    stub: artifact_service_pb2_grpc.ArtifactServiceStub,
+    run_id: str,
+    local: Path,
+    target: str,
+    size: int,
+    digest: str,
+    meter: _Meter,
+) -> artifact_pb2.Artifact:
+    def requests() -> Iterator[pb.UploadArtifactRequest]:
+        yield pb.UploadArtifactRequest(
+            header=pb.UploadArtifactHeader(run_id=run_id, path=target, size=size, sha256=digest)
+        )
+        with local.open("rb") as f:
+            while chunk := f.read(CHUNK):
+                yield pb.UploadArtifactRequest(chunk=chunk)
+                meter.advance(len(chunk))
+
+    try:
+        return stub.UploadArtifact(requests())
+    except grpc.RpcError as err:
+        raise from_rpc_error(err) from None
+
+
+def _download(
+    stub: artifact_service_pb2_grpc.ArtifactServiceStub,
+    artifact: artifact_pb2.Artifact,
+    target: Path,
+    resume: bool,
+    meter: _Meter,
+) -> None:
+    if target.is_file() and target.stat().st_size == artifact.size and file_digest(target)[1] == artifact.sha256:
+        meter.advance(artifact.size)
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + PARTIAL_SUFFIX)
+    digest = hashlib.sha256()
+    offset = 0
+    if resume and partial.is_file() and partial.stat().st_size <= artifact.size:
+        with partial.open("rb") as f:
+            while chunk := f.read(CHUNK):
+                digest.update(chunk)
+                offset += len(chunk)
+    meter.advance(offset)
+    request = pb.DownloadArtifactRequest(run_id=artifact.run_id, path=artifact.path, offset=offset)
+    with partial.open("r+b" if offset else "wb") as out:
+        out.seek(offset)
+        out.truncate()
+        try:
+            for message in stub.DownloadArtifact(request):
+                if message.WhichOneof("payload") == "artifact":
+                    if message.artifact.sha256 != artifact.sha256:
+                        raise DataLoss(
+                            f"{artifact.path} changed while downloading (sha256 {message.artifact.sha256})",
+                            reason="DIGEST_MISMATCH",
+                        )
+                    continue
+                out.write(message.chunk)
+                digest.update(message.chunk)
+                offset += len(message.chunk)
+                meter.advance(len(message.chunk))
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None  # the .part file stays for a resumed attempt
+    if offset != artifact.size or digest.hexdigest() != artifact.sha256:
+        partial.unlink(missing_ok=True)
+        raise DataLoss(
+            f"downloaded {artifact.path} ({offset} bytes, sha256 {digest.hexdigest()}) does not match "
+            f"its recorded sha256 {artifact.sha256} ({artifact.size} bytes); the partial file was removed",
+            reason="DIGEST_MISMATCH",
+            metadata={"path": artifact.path, "expectedSha256": artifact.sha256, "actualSha256": digest.hexdigest()},
+        )
+    os.replace(partial, target)
+
+
+def _is_below(candidate: str, path: str) -> bool:
+    return not path or candidate == path or candidate.startswith(f"{path}/")
+
+
+class _Meter:
+    """Progress of one transfer: a tqdm bar on a terminal, a user callback, or nothing."""
+
+    def __init__(self, progress: Progress, total: int, label: str) -> None:
+        self._total = total
+        self._done = 0
+        self._callback: Callable[[int, int], None] | None = None
+        self._bar: Any = None
+        if callable(progress):
+            self._callback = progress
+        elif progress or (progress is None and _stderr_is_terminal()):
+            try:
+                from tqdm import tqdm  # optional: progress bars only when it is installed
+            except ImportError:
+                return
+            self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label, leave=False)
+
+    def advance(self, n: int) -> None:
+        if not n:
+            return
+        self._done += n
+        if self._bar is not None:
+            self._bar.update(n)
+        if self._callback is not None:
+            self._callback(self._done, self._total)
+
+    def __enter__(self) -> _Meter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _stderr_is_terminal() -> bool:
+    stream = sys.stderr
+    return stream is not None and hasattr(stream, "isatty") and stream.isatty()

@@ -1,0 +1,478 @@
+"""ArtifactService end to end on both backends (a local directory and S3 through the minio SDK): uploads are
+verified and content-addressed, refusals leave nothing behind, downloads resume and verify."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from minio import Minio
+
+from runledger import artifacts as client_artifacts
+from runledger.errors import DataLoss
+from runledger.v1 import artifact_service_pb2 as pb, artifact_service_pb2_grpc, tracking_service_pb2 as tpb
+from runledger_server.backends.artifacts.local import LocalBlobStore
+from runledger_server.backends.sql import migrate
+from runledger_server.backends.sql.artifact_index_store import SqlArtifactIndex
+from runledger_server.backends.sql.database import Database
+from runledger_server.backends.sql.tracking_store import SqlTrackingStore
+from runledger_server.config import Settings
+from runledger_server.domain import manifest as manifest_rule
+from runledger_server.domain.errors import NotFound
+from runledger_server.domain.lineage import Lineage
+from runledger_server.embedded import EmbeddedServer
+from runledger_server.services.artifacts import ArtifactService
+from tests.fixtures.s3 import S3Server, moto_process
+from tests.support import refusal
+
+MiB = 1 << 20
+Stub = artifact_service_pb2_grpc.ArtifactServiceStub
+
+
+# ---- fixtures: the same tests on both backends ------------------------------------------------------
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def settings(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
+    base = Settings(host="127.0.0.1", port=0, data_dir=tmp_path / "data")
+    if backend == "local":
+        return base
+    s3: S3Server = request.getfixturevalue("s3_server")
+    return s3.settings(base, f"t-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def stored(settings: Settings, backend: str, request: pytest.FixtureRequest) -> Callable[[], int]:
+    """How many objects the artifact location holds: blobs, temporary uploads and unfinished multipart uploads."""
+    if backend == "local":
+        root = Path(settings.artifact_location)
+        return lambda: sum(1 for p in root.rglob("*") if p.is_file())
+    s3: S3Server = request.getfixturevalue("s3_server")
+    client = s3.client()
+    prefix = settings.artifacts.removeprefix(f"s3://{s3.bucket}/") + "/"
+    return lambda: _count_s3(client, s3, prefix)
+
+
+def _count_s3(client: Minio, s3: S3Server, prefix: str) -> int:
+    objects = sum(1 for _ in client.list_objects(s3.bucket, prefix=prefix, recursive=True))
+    unfinished = s3.boto3().list_multipart_uploads(Bucket=s3.bucket, Prefix=prefix).get("Uploads", [])
+    return objects + len(unfinished)
+
+
+@pytest.fixture
+def run_id(tracking) -> str:  # type: ignore[no-untyped-def]
+    return _new_run(tracking)
+
+
+def _new_run(tracking) -> str:  # type: ignore[no-untyped-def]
+    exp = tracking.CreateExperiment(tpb.CreateExperimentRequest(display_name=f"e-{uuid.uuid4().hex[:8]}"))
+    return str(tracking.CreateRun(tpb.CreateRunRequest(experiment=exp.name)).run_id)
+
+
+# ---- helpers -----------------------------------------------------------------------------------------
+def _requests(
+    run_id: str, path: str, data: bytes, *, size: int | None = -1, sha256: str | None = "", chunk: int = MiB
+) -> Iterator[pb.UploadArtifactRequest]:
+    header = pb.UploadArtifactHeader(run_id=run_id, path=path)
+    if size is not None:
+        header.size = len(data) if size == -1 else size
+    if sha256 is not None:
+        header.sha256 = sha256 or hashlib.sha256(data).hexdigest()
+    yield pb.UploadArtifactRequest(header=header)
+    for i in range(0, len(data), chunk):
+        yield pb.UploadArtifactRequest(chunk=data[i : i + chunk])
+
+
+def _upload(stub: Stub, run_id: str, path: str, data: bytes, **kw: object):  # type: ignore[no-untyped-def]
+    return stub.UploadArtifact(_requests(run_id, path, data, **kw))  # type: ignore[arg-type]
+
+
+def _download(stub: Stub, **kw: object) -> tuple[pb.DownloadArtifactResponse, bytes]:
+    messages = list(stub.DownloadArtifact(pb.DownloadArtifactRequest(**kw)))  # type: ignore[arg-type]
+    assert messages[0].WhichOneof("payload") == "artifact"
+    assert all(m.WhichOneof("payload") == "chunk" and len(m.chunk) <= MiB for m in messages[1:])
+    return messages[0].artifact, b"".join(m.chunk for m in messages[1:])
+
+
+def _paths(stub: Stub, run_id: str, prefix: str = "") -> list[str]:
+    return [a.path for a in stub.ListArtifacts(pb.ListArtifactsRequest(run_id=run_id, prefix=prefix)).artifacts]
+
+
+def _blob(n: int, seed: int = 0) -> bytes:
+    return hashlib.shake_256(f"{seed}:{n}".encode()).digest(n) if n else b""
+
+
+# ---- round trips -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [0, 1024, 3 * MiB + 7])
+def test_round_trip(artifacts: Stub, run_id: str, backend: str, size: int, stored: Callable[[], int]) -> None:
+    data = _blob(size)
+    art = _upload(artifacts, run_id, "ckpt/model.bin", data)
+    digest = hashlib.sha256(data).hexdigest()
+    assert (art.name, art.run_id, art.path) == (f"runs/{run_id}/artifacts/ckpt/model.bin", run_id, "ckpt/model.bin")
+    assert (art.sha256, art.size) == (digest, size)
+    assert art.uri.startswith("file://" if backend == "local" else "s3://runledger-test/")
+    assert art.uri.endswith(f"sha256/{digest[:2]}/{digest[2:4]}/{digest}")
+    assert art.create_time.seconds > 0
+    got, body = _download(artifacts, run_id=run_id, path="ckpt/model.bin")
+    assert got == art and body == data
+    assert stored() == 1  # the blob alone: no temporary file or object is left
+
+
+def test_upload_without_declared_digest_or_size_is_hashed_by_the_server(
+    artifacts: Stub, run_id: str, stored: Callable[[], int]
+) -> None:
+    data = _blob(2 * MiB + 1, seed=1)
+    art = _upload(artifacts, run_id, "a.bin", data, size=None, sha256=None)
+    assert (art.sha256, art.size) == (hashlib.sha256(data).hexdigest(), len(data))
+    assert _download(artifacts, run_id=run_id, path="a.bin")[1] == data
+    again = _upload(artifacts, run_id, "b.bin", data, size=None, sha256=None)
+    assert again.uri == art.uri
+    assert stored() == 1  # stored once; the temporary copy of each upload is gone
+
+
+def test_round_trip_64_mib_through_the_client_helpers(
+    channel: grpc.Channel, run_id: str, tmp_path: Path, stored: Callable[[], int]
+) -> None:
+    src = tmp_path / "model.safetensors"
+    src.write_bytes(os.urandom(64 * MiB))
+    seen: list[tuple[int, int]] = []
+    art = client_artifacts.upload_file(
+        channel, run_id, src, "final/model.safetensors", progress=lambda d, t: seen.append((d, t))
+    )
+    assert art.size == 64 * MiB and art.sha256 == client_artifacts.file_digest(src)[1]
+    assert seen[-1] == (64 * MiB, 64 * MiB)
+    out = client_artifacts.download(channel, run_id, "final/model.safetensors", tmp_path / "out.bin", progress=False)
+    assert out == tmp_path / "out.bin" and out.read_bytes() == src.read_bytes()
+    assert not (tmp_path / "out.bin.part").exists()
+    assert stored() == 1
+
+
+# ---- directories -------------------------------------------------------------------------------------
+def _adapter(root: Path) -> dict[str, bytes]:
+    files = {
+        "adapter_config.json": b'{"r": 16, "lora_alpha": 32}',
+        "adapter_model.safetensors": _blob(300_000, seed=2),
+        "tokenizer/tokenizer.json": _blob(5_000, seed=3),
+        "tokenizer/special_tokens_map.json": b"{}",
+        "empty.txt": b"",
+    }
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return files
+
+
+def test_directory_upload_manifest_and_download(
+    channel: grpc.Channel, artifacts: Stub, tracking, run_id: str, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    files = _adapter(tmp_path / "adapter")
+    uploaded = client_artifacts.upload_dir(channel, run_id, tmp_path / "adapter", progress=False)
+    assert sorted(a.path for a in uploaded) == sorted(f"adapter/{p}" for p in files)
+    client_artifacts.upload_file(channel, run_id, tmp_path / "adapter" / "empty.txt", "adapter_v2/x", progress=False)
+    assert _paths(artifacts, run_id, "adapter/") == sorted(f"adapter/{p}" for p in files)
+
+    m = artifacts.GetArtifactManifest(pb.GetArtifactManifestRequest(run_id=run_id, path="adapter/"))
+    expected = manifest_rule.build(
+        manifest_rule.ManifestEntry(p, hashlib.sha256(d).hexdigest(), len(d)) for p, d in files.items()
+    )
+    assert (m.run_id, m.path, m.sha256, m.size) == (run_id, "adapter", expected.sha256, expected.size)
+    assert [e.path for e in m.entries] == sorted(files)
+
+    # The same files uploaded in another order to another run: the same content address.
+    other = _new_run(tracking)
+    for rel in reversed(sorted(files)):
+        client_artifacts.upload_file(channel, other, tmp_path / "adapter" / rel, f"lora/{rel}", progress=False)
+    m2 = artifacts.GetArtifactManifest(pb.GetArtifactManifestRequest(run_id=other, path="lora"))
+    assert m2.sha256 == m.sha256
+
+    out = client_artifacts.download(channel, run_id, "adapter", tmp_path / "restored", progress=False)
+    assert out == tmp_path / "restored"
+    restored = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert restored == files  # and nothing of adapter_v2
+
+
+def test_manifest_refusals(artifacts: Stub, run_id: str) -> None:
+    _upload(artifacts, run_id, "dir/file.bin", b"x")
+    r = refusal(
+        lambda: artifacts.GetArtifactManifest(pb.GetArtifactManifestRequest(run_id=run_id, path="dir/file.bin"))
+    )
+    assert (r.code, r.reason, r.metadata["field"]) == (grpc.StatusCode.NOT_FOUND, "ARTIFACT_NOT_A_DIRECTORY", "path")
+    r = refusal(lambda: artifacts.GetArtifactManifest(pb.GetArtifactManifestRequest(run_id=run_id, path="nothing")))
+    assert (r.code, r.reason) == (grpc.StatusCode.NOT_FOUND, "ARTIFACT_NOT_FOUND") and "nothing" in r.message
+    root = artifacts.GetArtifactManifest(pb.GetArtifactManifestRequest(run_id=run_id, path=""))
+    assert [e.path for e in root.entries] == ["dir/file.bin"]
+
+
+# ---- deduplication and immutability ------------------------------------------------------------------
+def test_identical_content_is_stored_once_across_runs(
+    artifacts: Stub, tracking, run_id: str, stored: Callable[[], int]
+) -> None:  # type: ignore[no-untyped-def]
+    data = _blob(20 * MiB + 3, seed=4)  # more than one multipart part on S3
+    first = _upload(artifacts, run_id, "ckpt.bin", data)
+    assert stored() == 1
+    other = _new_run(tracking)
+    second = _upload(artifacts, other, "copy/of/ckpt.bin", data)
+    assert (second.sha256, second.uri) == (first.sha256, first.uri)
+    assert stored() == 1
+    assert _download(artifacts, run_id=other, path="copy/of/ckpt.bin")[1] == data
+
+
+def test_reupload_is_idempotent_and_other_content_is_refused(
+    artifacts: Stub, run_id: str, stored: Callable[[], int]
+) -> None:
+    first = _upload(artifacts, run_id, "weights.bin", b"v1")
+    assert _upload(artifacts, run_id, "weights.bin", b"v1") == first  # same record, same create_time
+    before = stored()
+    r = refusal(lambda: _upload(artifacts, run_id, "weights.bin", b"v2"))
+    assert (r.code, r.reason, r.metadata["field"]) == (grpc.StatusCode.ALREADY_EXISTS, "ARTIFACT_IMMUTABLE", "path")
+    assert "weights.bin" in r.message
+    r = refusal(lambda: _upload(artifacts, run_id, "weights.bin", b"v2", sha256=None))  # found only at the end
+    assert (r.code, r.reason) == (grpc.StatusCode.ALREADY_EXISTS, "ARTIFACT_IMMUTABLE")
+    assert _download(artifacts, run_id=run_id, path="weights.bin")[1] == b"v1"
+    assert stored() == before
+
+
+def test_a_file_and_a_directory_cannot_share_a_path(artifacts: Stub, run_id: str, stored: Callable[[], int]) -> None:
+    _upload(artifacts, run_id, "a/b", b"file")
+    before = stored()
+    r = refusal(lambda: _upload(artifacts, run_id, "a/b/c", b"below a file"))
+    assert (r.code, r.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "ARTIFACT_PATH_CONFLICT")
+    r = refusal(lambda: _upload(artifacts, run_id, "a", b"over a directory"))
+    assert (r.code, r.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "ARTIFACT_PATH_CONFLICT")
+    assert _paths(artifacts, run_id) == ["a/b"] and stored() == before
+
+
+# ---- refusals: nothing recorded, nothing stored ------------------------------------------------------
+@pytest.mark.parametrize("size", [1024, 20 * MiB])  # a single PUT, and a multipart upload on S3
+def test_digest_mismatch_records_nothing_and_leaves_no_object(
+    artifacts: Stub, run_id: str, stored: Callable[[], int], size: int
+) -> None:
+    data = _blob(size, seed=5)
+    wrong = hashlib.sha256(b"something else").hexdigest()
+    r = refusal(lambda: _upload(artifacts, run_id, "bad.bin", data, sha256=wrong))
+    assert (r.code, r.reason, r.metadata["field"]) == (grpc.StatusCode.DATA_LOSS, "DIGEST_MISMATCH", "sha256")
+    assert r.metadata["expectedSha256"] == wrong and r.metadata["actualSha256"] == hashlib.sha256(data).hexdigest()
+    assert _paths(artifacts, run_id) == []
+    assert stored() == 0
+    r = refusal(lambda: _download(artifacts, sha256=wrong))
+    assert r.code == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize("declared", [1023, 1025, 0])
+def test_size_mismatch_is_invalid_argument_naming_size(
+    artifacts: Stub, run_id: str, stored: Callable[[], int], declared: int
+) -> None:
+    r = refusal(lambda: _upload(artifacts, run_id, "sized.bin", _blob(1024), size=declared))
+    assert (r.code, r.reason, r.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "SIZE_MISMATCH", "size")
+    assert _paths(artifacts, run_id) == [] and stored() == 0
+
+
+@pytest.mark.parametrize("path", ["../escape", "/abs/path", "a//b", "a/./b", "dir/", "a\\b", "nul\x00", "", "x" * 1025])
+def test_bad_paths_are_refused_naming_path(artifacts: Stub, run_id: str, stored: Callable[[], int], path: str) -> None:
+    r = refusal(lambda: _upload(artifacts, run_id, path, b"data"))
+    assert (r.code, r.reason, r.metadata["field"]) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_ARTIFACT_PATH",
+        "path",
+    )
+    assert _paths(artifacts, run_id) == [] and stored() == 0
+
+
+def test_stream_shape_refusals(artifacts: Stub, run_id: str, stored: Callable[[], int]) -> None:
+    r = refusal(lambda: artifacts.UploadArtifact(iter([pb.UploadArtifactRequest(chunk=b"no header")])))
+    assert (r.code, r.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "header")
+    r = refusal(lambda: artifacts.UploadArtifact(iter([])))
+    assert (r.code, r.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "header")
+    big = _blob(MiB + 1)
+    r = refusal(lambda: _upload(artifacts, run_id, "big-chunk.bin", big, chunk=MiB + 1))
+    assert (r.code, r.reason, r.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "CHUNK_TOO_LARGE", "chunk")
+    header = pb.UploadArtifactRequest(header=pb.UploadArtifactHeader(run_id=run_id, path="two-headers"))
+    r = refusal(lambda: artifacts.UploadArtifact(iter([header, header])))
+    assert (r.code, r.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "header")
+    r = refusal(lambda: _upload(artifacts, run_id, "x", b"x", sha256="not-a-digest"))
+    assert (r.code, r.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "sha256")
+    assert _paths(artifacts, run_id) == [] and stored() == 0
+
+
+def test_unknown_run_is_not_found_naming_run_id(artifacts: Stub, stored: Callable[[], int]) -> None:
+    r = refusal(lambda: _upload(artifacts, "feedbeef", "x.bin", b"x"))
+    assert (r.code, r.metadata["field"]) == (grpc.StatusCode.NOT_FOUND, "run_id") and "feedbeef" in r.message
+    r = refusal(lambda: artifacts.ListArtifacts(pb.ListArtifactsRequest(run_id="feedbeef")))
+    assert (r.code, r.metadata["field"]) == (grpc.StatusCode.NOT_FOUND, "run_id")
+    r = refusal(lambda: _download(artifacts, run_id="feedbeef", path="x.bin"))
+    assert (r.code, r.metadata["field"]) == (grpc.StatusCode.NOT_FOUND, "run_id")
+    assert stored() == 0
+
+
+# ---- downloads ---------------------------------------------------------------------------------------
+def test_download_from_an_offset_and_by_digest(artifacts: Stub, run_id: str) -> None:
+    data = _blob(2 * MiB + 100, seed=6)
+    art = _upload(artifacts, run_id, "resume.bin", data)
+    for offset in (1, MiB, MiB + 17, len(data) - 1, len(data)):
+        got, body = _download(artifacts, run_id=run_id, path="resume.bin", offset=offset)
+        assert got == art and body == data[offset:]
+    by_digest, body = _download(artifacts, sha256=art.sha256.upper())
+    assert (by_digest.sha256, by_digest.size, by_digest.uri, body) == (art.sha256, art.size, art.uri, data)
+    r = refusal(lambda: _download(artifacts, run_id=run_id, path="resume.bin", offset=len(data) + 1))
+    assert (r.code, r.reason, r.metadata["field"]) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "OFFSET_OUT_OF_RANGE",
+        "offset",
+    )
+    r = refusal(lambda: _download(artifacts, run_id=run_id, path="resume.bin", offset=-1))
+    assert (r.code, r.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "offset")
+    r = refusal(lambda: _download(artifacts, run_id=run_id, path="missing.bin"))
+    assert (r.code, r.reason, r.metadata["field"]) == (grpc.StatusCode.NOT_FOUND, "ARTIFACT_NOT_FOUND", "path")
+    assert "missing.bin" in r.message
+
+
+def test_client_download_resumes_a_partial_file_and_verifies(
+    channel: grpc.Channel, artifacts: Stub, run_id: str, tmp_path: Path
+) -> None:
+    data = _blob(3 * MiB + 5, seed=7)
+    _upload(artifacts, run_id, "big.bin", data)
+    dest = tmp_path / "big.bin"
+    partial = tmp_path / "big.bin.part"
+    partial.write_bytes(data[: MiB + 3])  # an interrupted earlier download
+    moved: list[int] = []
+    client_artifacts.download(channel, run_id, "big.bin", dest, progress=lambda done, total: moved.append(done))
+    assert dest.read_bytes() == data and not partial.exists()
+    assert moved[0] == MiB + 3  # started from the partial file, not from zero
+
+    # A corrupt partial file is detected at the end; nothing is left in place.
+    dest.unlink()
+    partial.write_bytes(b"X" * 100)
+    with pytest.raises(DataLoss) as info:
+        client_artifacts.download(channel, run_id, "big.bin", dest, progress=False)
+    assert info.value.reason == "DIGEST_MISMATCH"
+    assert not dest.exists() and not partial.exists()
+    client_artifacts.download(channel, run_id, "big.bin", dest, progress=False)  # and the retry succeeds
+    assert dest.read_bytes() == data
+
+
+def test_listing_pages_in_path_order(artifacts: Stub, run_id: str) -> None:
+    paths = ["b/2", "a/1", "b/10", "c", "B/upper", "a/0"]
+    for p in paths:
+        _upload(artifacts, run_id, p, p.encode())
+    seen, token, pages = [], "", 0
+    while True:
+        page = artifacts.ListArtifacts(pb.ListArtifactsRequest(run_id=run_id, page_size=4, page_token=token))
+        seen += [a.path for a in page.artifacts]
+        pages += 1
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == sorted(paths) and pages == 2
+    assert _paths(artifacts, run_id, "b") == ["b/10", "b/2"]  # a prefix is case-sensitive
+    first = artifacts.ListArtifacts(pb.ListArtifactsRequest(run_id=run_id, page_size=1))
+    r = refusal(
+        lambda: artifacts.ListArtifacts(
+            pb.ListArtifactsRequest(run_id=run_id, prefix="a", page_size=1, page_token=first.next_page_token)
+        )
+    )
+    assert (r.code, r.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "page_token")
+
+
+# ---- what the registry calls -------------------------------------------------------------------------
+def test_describe_resolves_a_file_or_a_directory(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    migrate.upgrade(db)
+    tracking = SqlTrackingStore(db)
+    exp = tracking.create_experiment("describe", "", {})
+    run = tracking.create_run("r1", exp.experiment_id, "", {}, {}, Lineage(), None)
+    blobs = LocalBlobStore(tmp_path / "artifacts")
+    svc = ArtifactService(SqlArtifactIndex(db), blobs)
+    for path, data in (("adapter/a.bin", b"a"), ("adapter/sub/b.bin", b"bb"), ("model.bin", b"m")):
+        up = svc.begin_upload(run.run_id, path, len(data), hashlib.sha256(data).hexdigest())
+        up.write([data])
+        up.finish()
+
+    sha, size, uri, is_dir = svc.describe(run.run_id, "model.bin")
+    assert (sha, size, is_dir) == (hashlib.sha256(b"m").hexdigest(), 1, False) and uri.startswith("file://")
+    d = svc.describe(run.run_id, "adapter/")
+    _, manifest = svc.manifest(run.run_id, "adapter")
+    assert (d.sha256, d.size, d.is_directory) == (manifest.sha256, 3, True)
+    # The manifest is published under its own digest: the directory's content address resolves to its file list.
+    assert blobs.path(d.sha256).read_bytes() == (
+        b'[{"path":"a.bin","sha256":"' + hashlib.sha256(b"a").hexdigest().encode() + b'","size":1},'
+        b'{"path":"sub/b.bin","sha256":"' + hashlib.sha256(b"bb").hexdigest().encode() + b'","size":2}]'
+    )
+    with pytest.raises(NotFound) as info:
+        svc.describe(run.run_id, "nothing/here")
+    assert (info.value.reason, info.value.field) == ("ARTIFACT_NOT_FOUND", "artifact_path")
+    db.dispose()
+
+
+# ---- the S3 server failing ---------------------------------------------------------------------------
+@pytest.mark.s3
+def test_s3_outage_mid_upload_fails_cleanly_and_the_retry_succeeds(tmp_path: Path, s3_server: S3Server) -> None:
+    if s3_server.kind != "moto":
+        pytest.skip("needs an S3 server the test can stop and restart (moto)")
+    with moto_process() as moto:
+        settings = moto.server.settings(Settings(host="127.0.0.1", port=0, data_dir=tmp_path / "d"), "outage")
+        with EmbeddedServer(settings) as srv, grpc.insecure_channel(srv.address) as channel:
+            stub = Stub(channel)
+            run = _new_run(_tracking(channel))
+            data = _blob(3 * MiB, seed=8)
+            assert _upload(stub, run, "before.bin", b"fine").size == 4  # the store works
+
+            half_sent, go_on = threading.Event(), threading.Event()
+
+            def interrupted() -> Iterator[pb.UploadArtifactRequest]:
+                reqs = _requests(run, "ckpt.bin", data)
+                yield next(reqs)  # header
+                yield next(reqs)  # first MiB
+                half_sent.set()
+                go_on.wait(60)
+                yield from reqs
+
+            result: dict[str, object] = {}
+            caller = threading.Thread(
+                target=lambda: result.update(r=refusal(lambda: stub.UploadArtifact(interrupted())))
+            )
+            caller.start()
+            assert half_sent.wait(60)
+            moto.stop()  # the S3 server dies mid-upload
+            go_on.set()
+            caller.join(60)
+            r = result["r"]
+            assert r.code == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+            assert r.reason == "ARTIFACT_STORE_UNAVAILABLE"  # type: ignore[attr-defined]
+            assert moto.server.endpoint in r.message  # type: ignore[attr-defined]
+            assert _paths(stub, run) == ["before.bin"]
+
+            moto.start()  # back; moto keeps its state in memory, so put back the bucket a real server would keep
+            moto.server.client().make_bucket(moto.server.bucket)
+            assert _upload(stub, run, "ckpt.bin", data).sha256 == hashlib.sha256(data).hexdigest()
+            assert _download(stub, run_id=run, path="ckpt.bin")[1] == data
+            assert _paths(stub, run) == ["before.bin", "ckpt.bin"]
+
+
+@pytest.mark.s3
+def test_s3_wrong_credentials_are_permission_denied(tmp_path: Path, s3_server: S3Server) -> None:
+    if s3_server.kind != "moto":
+        pytest.skip("needs a moto server that enforces signatures")
+    with moto_process(env={"INITIAL_NO_AUTH_ACTION_COUNT": "0"}) as moto:
+        settings = moto.server.settings(Settings(host="127.0.0.1", port=0, data_dir=tmp_path / "d"), "denied")
+        with EmbeddedServer(settings) as srv, grpc.insecure_channel(srv.address) as channel:
+            stub = Stub(channel)
+            run = _new_run(_tracking(channel))
+            r = refusal(lambda: _upload(stub, run, "x.bin", b"x"))
+            assert (r.code, r.reason) == (grpc.StatusCode.PERMISSION_DENIED, "ARTIFACT_STORE_ACCESS_DENIED")
+            assert moto.server.endpoint in r.message
+            assert _paths(stub, run) == []
+
+
+def _tracking(channel: grpc.Channel):  # type: ignore[no-untyped-def]
+    from runledger.v1 import tracking_service_pb2_grpc
+
+    return tracking_service_pb2_grpc.TrackingServiceStub(channel)

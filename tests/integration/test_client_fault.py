@@ -1,0 +1,168 @@
+"""SIGKILL the server while four writers stream into one run; after a restart nothing is lost or doubled."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import runledger
+from runledger import RetryPolicy
+from runledger.v1 import tracking_pb2
+
+WRITERS = 4
+KEYS = ("train/loss", "train/reward")
+STEPS = 25_000  # per writer and key: 4 writers x 2 keys x 25,000 = 200,000 points
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Poll state the client exposes; the state change is the event waited for."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.002)
+
+
+class ServerProcess:
+    """`python -m runledger_server serve` on a fixed port and data directory, as a child process."""
+
+    def __init__(self, port: int, data_dir: Path, log: Path) -> None:
+        self.port, self.data_dir, self.log = port, data_dir, log
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> str:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        cmd = [sys.executable, "-m", "runledger_server", "serve", "--host", "127.0.0.1"]
+        cmd += ["--port", str(self.port), "--data-dir", str(self.data_dir)]
+        with self.log.open("a") as log:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:  # blocks until the server prints its address (or exits)
+            if line.startswith("runledger listening on "):
+                address = line.removeprefix("runledger listening on ").strip()
+                assert address == f"127.0.0.1:{self.port}"
+                return address
+        raise AssertionError(f"server exited with {self.proc.wait()}:\n{self.log.read_text()[-4000:]}")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        assert self.proc.wait(timeout=30) == -signal.SIGKILL
+        self.proc.stdout.close()  # type: ignore[union-attr]
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+@pytest.mark.slow
+def test_server_killed_mid_stream_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    server = ServerProcess(free_port(), tmp_path / "data", tmp_path / "server.log")
+    address = server.start()
+    # Small batches and a short backoff: many batches are in flight when the kill lands, and the
+    # writers find the restarted server quickly.
+    client = runledger.Client(
+        address, batch_points=2_000, max_in_flight=8, retry=RetryPolicy(initial_backoff=0.05, max_backoff=0.5)
+    )
+    try:
+        owner = client.start_run(experiment="fault", name="sigkill", writer_id="rank0")
+        runs = [owner] + [client.attach_run(owner.run_id, writer_id=f"rank{r}") for r in range(1, WRITERS)]
+        killed = threading.Event()
+        failures: list[BaseException] = []
+
+        def train(rank: int, run: runledger.Run) -> None:
+            try:
+                for step in range(STEPS):
+                    if step == STEPS // 2:
+                        killed.wait(timeout=120)  # the second half is logged after the kill, whatever the timing
+                    value = rank * 1e6 + step
+                    run.log_metrics({KEYS[0]: value, KEYS[1]: -value}, step=step)
+                run.flush(timeout=120)
+            except BaseException as exc:
+                failures.append(exc)
+                raise
+
+        threads = [threading.Thread(target=train, args=(rank, run)) for rank, run in enumerate(runs)]
+        for t in threads:
+            t.start()
+
+        # Kill once every writer has had acknowledgements and batches are still awaiting theirs.
+        wait_until(lambda: all(r.acked_points > 0 for r in runs) and any(r.in_flight_batches for r in runs))
+        unacked_at_kill = sum(r.logged_points - r.acked_points for r in runs)
+        server.kill()
+        killed.set()
+        assert unacked_at_kill > 0
+
+        server.start()  # same data directory, same port
+        for t in threads:
+            t.join(timeout=180)
+        assert not failures and not any(t.is_alive() for t in threads)
+        for run in runs[1:]:
+            run.finish()
+        owner.finish()
+
+        assert sum(r.acked_points for r in runs) == sum(r.logged_points for r in runs) == WRITERS * STEPS * len(KEYS)
+        assert all(r.reconnections >= 1 for r in runs)
+        for key, sign in zip(KEYS, (1.0, -1.0), strict=True):
+            history = client.metric_history(owner.run_id, key)
+            stored = Counter(zip(history.steps.tolist(), history.values.tolist(), strict=True))
+            logged = Counter((step, sign * (rank * 1e6 + step)) for rank in range(WRITERS) for step in range(STEPS))
+            assert len(history.steps) == WRITERS * STEPS
+            assert stored == logged  # no point lost, none stored twice
+        info = client.get_run(owner.run_id)
+        assert info.status == tracking_pb2.RUN_STATUS_FINISHED
+        print(
+            f"unacknowledged at kill: {unacked_at_kill} points; "
+            f"batches re-sent: {sum(r.resent_batches for r in runs)}; "
+            f"reconnections: {[r.reconnections for r in runs]}"
+        )
+    finally:
+        client.close()
+        server.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_logs_as_its_own_writer(tmp_path: Path) -> None:
+    server = ServerProcess(free_port(), tmp_path / "data", tmp_path / "server.log")
+    client = runledger.Client(server.start())
+    try:
+        run = client.start_run(experiment="fork", writer_id="rank0")
+        run.log_metrics({"loss": 1.0}, step=0)
+        run.flush()  # the parent's sender thread and channel are live when it forks
+        pid = os.fork()
+        if pid == 0:  # a DataLoader-like worker: gets a fresh channel and writer, lazily
+            code = 1
+            try:
+                run.log_metrics({"loss": 2.0}, step=1)
+                run.flush(timeout=30)
+                code = 0 if run.acked_points == 1 and run.writer_id.startswith("rank0-fork-") else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        run.log_metrics({"loss": 3.0}, step=2)  # the parent's sender carries on, its seqs unaffected
+        run.finish()
+        history = client.metric_history(run.run_id, "loss")
+        assert history.steps.tolist() == [0, 1, 2] and history.values.tolist() == [1.0, 2.0, 3.0]
+    finally:
+        client.close()
+        server.stop()
