@@ -166,3 +166,33 @@ def test_forked_child_logs_as_its_own_writer(tmp_path: Path) -> None:
     finally:
         client.close()
         server.stop()
+
+
+TRAINER_WITHOUT_FINISH = """
+import sys
+import runledger
+client = runledger.Client(sys.argv[1])
+run = client.start_run(experiment="exit")
+for step in range(1000):
+    run.log_metrics({"loss": float(step)}, step=step)
+print(run.run_id, flush=True)
+# no flush, no finish: the interpreter exits with the points still buffered
+"""
+
+
+@pytest.mark.slow
+def test_points_of_an_unfinished_run_are_flushed_at_exit(tmp_path: Path) -> None:
+    server = ServerProcess(free_port(), tmp_path / "data", tmp_path / "server.log")
+    address = server.start()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", TRAINER_WITHOUT_FINISH, address], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        run_id = done.stdout.strip()
+        with runledger.Client(address) as client:
+            history = client.metric_history(run_id, "loss")
+            assert history.steps.tolist() == list(range(1000))
+            assert client.get_run(run_id).status == tracking_pb2.RUN_STATUS_RUNNING  # unknown outcome: left as is
+    finally:
+        server.stop()

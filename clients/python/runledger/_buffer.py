@@ -81,13 +81,12 @@ class MetricBuffer:
                     col = columns[check_key(key)] = []
                 col.extend((step, float(value), timestamp_ms))
                 done += 1
-        except (TypeError, ValueError) as exc:
+        except BaseException as exc:  # all or nothing, even when interrupted (KeyboardInterrupt)
             self._rollback(metrics, done)
-            raise errors.InvalidArgument(
-                f"metric values must be numbers: {exc}", reason="INVALID_ARGUMENT", metadata={"field": "values"}
-            ) from None
-        except errors.InvalidArgument:
-            self._rollback(metrics, done)
+            if isinstance(exc, (TypeError, ValueError)):
+                raise errors.InvalidArgument(
+                    f"metric values must be numbers: {exc}", reason="INVALID_ARGUMENT", metadata={"field": "values"}
+                ) from None
             raise
         self.points += done
         return done

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import threading
 import weakref
 from typing import Any, Protocol
 
@@ -26,19 +27,24 @@ _flush_at_exit: weakref.WeakSet[Any] = weakref.WeakSet()
 # Objects a forked child inherited (channels, calls, sender threads' state). The child never uses them, and
 # never lets them be garbage-collected either: tearing down the parent's gRPC objects in the child can hang.
 _inherited: list[Any] = []
+_lock = threading.Lock()
 
 
 def track(obj: _ForkAware) -> None:
     """Reset `obj` in a forked child before anything in the child can use it."""
-    _fork_aware.add(obj)
+    with _lock:
+        _fork_aware.add(obj)
 
 
 def flush_at_exit(obj: _Flushable) -> None:
-    _flush_at_exit.add(obj)
+    """Flush `obj` when the interpreter exits, unless untracked first (a finished run)."""
+    with _lock:
+        _flush_at_exit.add(obj)
 
 
 def untrack_exit(obj: _Flushable) -> None:
-    _flush_at_exit.discard(obj)
+    with _lock:
+        _flush_at_exit.discard(obj)
 
 
 def keep_inherited(obj: Any) -> None:
@@ -47,13 +53,17 @@ def keep_inherited(obj: Any) -> None:
 
 
 def _after_fork_in_child() -> None:
+    global _lock
+    _lock = threading.Lock()  # another thread of the parent may have held it at the fork
     _flush_at_exit.clear()  # the parent flushes its own points; the child starts with none
     for obj in list(_fork_aware):
         obj._after_fork_in_child()
 
 
 def _at_exit() -> None:
-    for obj in list(_flush_at_exit):
+    with _lock:
+        pending = list(_flush_at_exit)
+    for obj in pending:
         try:
             obj._flush_at_exit(EXIT_FLUSH_TIMEOUT)
         except Exception as exc:

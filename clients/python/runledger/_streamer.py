@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from runledger import errors
+from runledger import _process, errors
 from runledger._buffer import BatchPolicy, MetricBuffer, Outbox, PendingBatch, SeriesData
 from runledger._retry import RetryPolicy
 from runledger.v1 import tracking_pb2, tracking_service_pb2 as pb
@@ -89,7 +89,8 @@ class MetricStreamer:
         self._cap = self._config.max_buffered_points
         self._clock = clock
         self._rand = rand
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # the hot path enters the bare lock: no Python-level frame
         self._buffer = MetricBuffer()
         self._outbox = Outbox()
         self._logged = 0
@@ -106,6 +107,7 @@ class MetricStreamer:
         self._resent = 0
         self._thread = threading.Thread(target=self._run, name=f"runledger-metrics-{writer_id}", daemon=True)
         self._thread.start()
+        _process.flush_at_exit(self)
 
     # ---- the caller's side ---------------------------------------------------------------------------
     @property
@@ -137,7 +139,7 @@ class MetricStreamer:
         return self._error
 
     def append(self, metrics: Mapping[str, Any], step: int, timestamp_ms: int) -> None:
-        with self._cond:
+        with self._lock:
             if self._error is not None or self._closing:
                 self._raise_unusable()
             buffer = self._buffer
@@ -211,6 +213,13 @@ class MetricStreamer:
             _LOGGER.warning("metric sender of run %s did not end in time; cancelling its stream", self.run_id)
             self.abandon()
 
+    def _flush_at_exit(self, timeout: float) -> None:
+        with self._lock:
+            if self._closing or (not self._buffer.points and not len(self._outbox)):
+                return
+        _LOGGER.info("run %s was not finished: flushing its metrics before the process exits", self.run_id)
+        self.flush(timeout)
+
     def abandon(self) -> None:
         """Stop at once, dropping whatever is not acknowledged (used after a failed or timed-out close)."""
         with self._cond:
@@ -233,6 +242,12 @@ class MetricStreamer:
         return bool(self._buffer.points or len(self._outbox))
 
     def _run(self) -> None:
+        try:
+            self._send_until_closed()
+        finally:
+            _process.untrack_exit(self)
+
+    def _send_until_closed(self) -> None:
         failures = 0
         while True:
             with self._cond:

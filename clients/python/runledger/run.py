@@ -95,7 +95,6 @@ class Run:
                         metadata={"runId": self.run_id},
                     )
                 self._stream = self._client._metric_streamer(self.run_id, self.writer_id)
-                _process.flush_at_exit(self)
             return self._stream
 
     def flush(self, timeout: float | None = None) -> None:
@@ -182,8 +181,6 @@ class Run:
                 if status is not None:
                     self._set_status_quietly("FAILED")
                 raise
-            finally:
-                _process.untrack_exit(self)
         if status is not None:
             self.info = self._client.update_run(self.run_id, status=status)
 
@@ -220,9 +217,3 @@ class Run:
         self._lock = threading.Lock()
         self.writer_id = _ids.forked_writer_id(self.writer_id)
         self.owns_status = False
-
-    def _flush_at_exit(self, timeout: float) -> None:
-        stream = self._stream
-        if stream is not None and not self._finished and stream.logged_points > stream.acked_points:
-            _LOGGER.info("run %s was not finished: flushing its metrics at exit", self.run_id)
-            stream.flush(timeout)
