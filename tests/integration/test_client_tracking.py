@@ -87,8 +87,8 @@ def test_lineage_set_in_parts_gets_the_fingerprint_when_complete(client: runledg
 
 
 def test_experiment_is_get_or_create_by_display_name(client: runledger.Client) -> None:
-    first = client.experiment("sweep-a", description="lr sweep")
-    again = client.experiment("sweep-a")
+    first = client.get_or_create_experiment("sweep-a", description="lr sweep")
+    again = client.get_or_create_experiment("sweep-a")
     assert first.name == again.name and first.name.startswith("experiments/")
     with pytest.raises(errors.AlreadyExists) as info:
         client.create_experiment("sweep-a")
@@ -100,7 +100,7 @@ def test_experiment_is_get_or_create_by_display_name(client: runledger.Client) -
 
 
 def test_search_runs_pages_and_filters(client: runledger.Client) -> None:
-    exp = client.experiment("search")
+    exp = client.get_or_create_experiment("search")
     ids = [client.start_run(experiment=exp, params={"lr": lr}).run_id for lr in (1e-5, 2e-5, 3e-5, 4e-5, 5e-5)]
     found = [r.run_id for r in client.search_runs(experiments=[exp], page_size=2)]
     assert found == ids  # creation order across three pages
@@ -111,7 +111,7 @@ def test_search_runs_pages_and_filters(client: runledger.Client) -> None:
 
 
 def test_eval_results_and_winner_selection(client: runledger.Client) -> None:
-    exp = client.experiment("sweep-winner")
+    exp = client.get_or_create_experiment("sweep-winner")
     a, b, phantom = (client.start_run(experiment=exp, name=n) for n in ("a", "b", "phantom"))
     a.log_eval_result(suite_fingerprint="suite-1", metrics={"mmlu": 0.61})
     b.log_eval_result(suite_fingerprint="suite-1", metrics={"mmlu": 0.64})

@@ -178,7 +178,7 @@ class Client:
         """By resource name, `experiments/{experiment}`."""
         return self._call(self._tracking.GetExperiment, pb.GetExperimentRequest(name=name), idempotent=True)
 
-    def experiment(
+    def get_or_create_experiment(
         self, display_name: str, *, description: str = "", tags: Mapping[str, Any] | None = None
     ) -> tracking_pb2.Experiment:
         """Get or create the experiment with this display name."""
@@ -209,7 +209,7 @@ class Client:
             return experiment.name
         if _EXPERIMENT_NAME.match(experiment):
             return experiment
-        return self.experiment(experiment).name
+        return self.get_or_create_experiment(experiment).name
 
     # ---- runs ---------------------------------------------------------------------------------------
     def start_run(

@@ -163,8 +163,8 @@ class Run:
         """Flush every logged point, stop the sender and set the status.
 
         `status` defaults to FINISHED for a run this object started and to "unchanged" for an attached one.
-        When the flush fails or times out, the run is marked FAILED (if this object owns its status) and
-        the error is raised. Calling it again does nothing.
+        When the flush fails or `timeout` expires, the points not yet stored are given up, the run is marked
+        FAILED (if this object owns its status) and the error is raised. Calling it again does nothing.
         """
         with self._lock:
             if self._finished:
