@@ -36,9 +36,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_demo = sub.add_parser("demo", help="start an embedded server and run a simulated post-training sweep")
     p_demo.add_argument("--data-dir", default=None, help="data directory (default: a fresh temporary one)")
     p_demo.add_argument("--server", default=None, help="use a running server at HOST:PORT instead")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default=None, help="INFO for serve, WARNING for demo by default")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = args.log_level or ("INFO" if args.command == "serve" else "WARNING")
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
         asyncio.run(serve(config.from_args(args)))
         return 0
