@@ -17,12 +17,12 @@ _LOGGER = logging.getLogger(__name__)
 
 async def serve(settings: config.Settings) -> None:
     server, port = await build_server(settings)
-    await server.start()
-    print(f"runledger listening on {settings.host}:{port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    print(f"runledger listening on {settings.host}:{port}", flush=True)
     await stop.wait()
     _LOGGER.info("shutting down: finishing in-flight requests and acknowledged writes")
     await server.stop()
