@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import numpy as np
 
-from runledger import _process, errors
+from runledger import _process, errors, wire
 from runledger._buffer import BatchPolicy, MetricBuffer, Outbox, PendingBatch, SeriesData
 from runledger._retry import RetryPolicy
 from runledger.v1 import tracking_pb2, tracking_service_pb2 as pb
@@ -56,15 +57,24 @@ class _Connection:
         self.stopped = False
 
 
+_EXACT_INT = float(2**53)  # integers up to this magnitude survive a trip through float64
+
+
+def _block_series(key: str, steps: Any, values: Any, stamps: Any) -> tracking_pb2.MetricSeries:
+    """Columns -> MetricSeries by block copy (wire.series); exact per-element path for huge integers."""
+    s = np.array(steps, dtype=np.float64)
+    t = np.array(stamps, dtype=np.float64)
+    if s.size and (np.abs(s).max() >= _EXACT_INT or np.abs(t).max() >= _EXACT_INT):
+        return tracking_pb2.MetricSeries(key=key, steps=steps, values=values, timestamps_ms=stamps)
+    return wire.series(key, s.astype(np.int64), np.array(values, dtype=np.float64), t.astype(np.int64))
+
+
 def build_request(run_id: str, writer_id: str, seq: int, series: list[SeriesData]) -> pb.StreamMetricsRequest:
     return pb.StreamMetricsRequest(
         run_id=run_id,
         writer_id=writer_id,
         seq=seq,
-        series=[
-            tracking_pb2.MetricSeries(key=key, steps=steps, values=values, timestamps_ms=stamps)
-            for key, steps, values, stamps in series
-        ],
+        series=[_block_series(key, steps, values, stamps) for key, steps, values, stamps in series],
     )
 
 
