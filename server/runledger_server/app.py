@@ -23,12 +23,16 @@ from runledger_server.backends import artifacts as artifact_backends
 from runledger_server.backends.sql import migrate
 from runledger_server.backends.sql.artifact_index_store import SqlArtifactIndex
 from runledger_server.backends.sql.database import Database
+from runledger_server.backends.sql.registry_store import SqlRegistryStore
 from runledger_server.backends.sql.tracking_store import SqlTrackingStore
 from runledger_server.config import Settings
+from runledger_server.services.alias_watch import AliasWatchHub
 from runledger_server.services.artifacts import ArtifactService
 from runledger_server.services.metric_ingest import MetricIngest
+from runledger_server.services.registry import RegistryService
 from runledger_server.services.tracking import TrackingService
 from runledger_server.transport.artifact_servicer import ArtifactServicer
+from runledger_server.transport.registry_servicer import RegistryServicer
 from runledger_server.transport.tracking_servicer import TrackingServicer
 
 _LOGGER = logging.getLogger(__name__)
@@ -88,11 +92,14 @@ async def build_server(settings: Settings) -> tuple[Server, int]:
     # Transfers get their own pool: a long upload waiting on the artifact store must not starve tracking calls.
     artifact_executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="runledger-artifacts")
     artifacts = ArtifactService(SqlArtifactIndex(db), artifact_backends.from_settings(settings))
+    registry = RegistryService(SqlRegistryStore(db), tracking_store, artifacts)
+    alias_watch = AliasWatchHub(registry.alias_revisions, executor)
+    registry.on_alias_change(alias_watch.notify)
     artifact_service_pb2_grpc.add_ArtifactServiceServicer_to_server(
         ArtifactServicer(artifacts, artifact_executor), grpc_server
     )
     registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(
-        registry_service_pb2_grpc.RegistryServiceServicer(), grpc_server
+        RegistryServicer(registry, alias_watch, executor), grpc_server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
@@ -102,7 +109,7 @@ async def build_server(settings: Settings) -> tuple[Server, int]:
     if port == 0:
         raise OSError(f"cannot listen on {settings.host}:{settings.port}")
     server = Server(grpc_server, port, settings, _health=health_servicer)
-    server._closers += [db.dispose, lambda: executor.shutdown(wait=True), ingest.close]
+    server._closers += [db.dispose, lambda: executor.shutdown(wait=True), ingest.close, alias_watch.close]
     server._closers.append(lambda: artifact_executor.shutdown(wait=True))
     _LOGGER.info(
         "runledger serving on %s:%d (metadata: %s, artifacts: %s)",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from runledger_server.domain import gates
 from runledger_server.domain.errors import InvalidArgument
 from runledger_server.domain.gates import Action, AliasChange, AliasState, GateSpec, decide, rollback_target

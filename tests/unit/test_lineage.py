@@ -8,6 +8,7 @@ import random
 from typing import Any
 
 import pytest
+
 from runledger_server.domain.errors import AlreadyExists, InvalidArgument
 from runledger_server.domain.lineage import REQUIRED_FIELDS, Lineage, drifted_fields, fingerprint_of, merge
 

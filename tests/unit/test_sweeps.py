@@ -6,6 +6,7 @@ import random
 from typing import Any
 
 import pytest
+
 from runledger_server.domain.errors import Code, FailedPrecondition
 from runledger_server.domain.sweeps import Candidate, Direction, select_winner
 

@@ -406,15 +406,16 @@ def _decide(
     expected_revision: int | None,
 ) -> Decision:
     wanted = {version, current_version} - {0}
-    scores = dict(
-        s.execute(
+    scores: dict[int, float] = {
+        v: score
+        for v, score in s.execute(
             select(GateResultRow.version, GateResultRow.score).where(
                 GateResultRow.model_id == model_id,
                 GateResultRow.gate_id == spec.gate_id,
                 GateResultRow.version.in_(wanted),
             )
-        ).tuples()
-    )
+        )
+    }
     return gates.decide(
         spec,
         candidate_version=version,
