@@ -647,3 +647,53 @@ def test_watch_of_an_unknown_model_is_not_found(server: EmbeddedServer) -> None:
         assert isinstance(item, grpc.RpcError) and item.code() == grpc.StatusCode.NOT_FOUND
     finally:
         w.close()
+
+
+# ---- the Python client's Registry helper -----------------------------------------------------
+def test_client_registry_helper(reg: Registry, channel: grpc.Channel) -> None:
+    from runledger import errors
+    from runledger.registry import PromotionRefused, Registry as ClientRegistry, StaleRevision
+
+    client = ClientRegistry(channel, metadata=(("x-runledger-actor", "release-bot"),))
+    runs = [reg.run(seed=s) for s in range(3)]
+    for run_id in runs:
+        reg.upload(run_id, "adapter/adapter_model.safetensors", run_id.encode())
+    versions = [client.register(r, model=MODEL, artifact_path="adapter/").version for r in runs]
+    assert versions == [1, 2, 3]
+    client.create_gate(MODEL, GATE, suite_fingerprint=SUITE, metric="mmlu", threshold=0.6, direction="max")
+    for v, score in zip(versions, (0.61, 0.61, 0.5), strict=True):
+        client.record_gate_result(MODEL, GATE, v, score)
+    assert client.set_alias(MODEL, "production", 1, gate=GATE, expected_revision=0).alias.revision == 1
+    with pytest.raises(PromotionRefused) as tie:
+        client.set_alias(MODEL, "production", 2, gate=GATE)
+    assert tie.value.reason == "NOT_BETTER_THAN_INCUMBENT"
+    assert (tie.value.candidate_score, tie.value.incumbent_score, tie.value.incumbent_version) == (0.61, 0.61, 1)
+    with pytest.raises(PromotionRefused) as failed:
+        client.set_alias(MODEL, "production", 3, gate=GATE)
+    assert failed.value.reason == "GATE_FAILED" and failed.value.threshold == 0.6
+    assert isinstance(failed.value, errors.FailedPrecondition)
+    with pytest.raises(StaleRevision) as stale:
+        client.set_alias(MODEL, "production", 2, gate=GATE, expected_revision=0)
+    assert stale.value.revision == 1 and isinstance(stale.value, errors.Aborted)
+    assert client.evaluate_promotion(MODEL, "production", 2, gate=GATE).reason == "NOT_BETTER_THAN_INCUMBENT"
+    assert client.resolve(f"{MODEL}@production").version == 1
+    assert client.lookup(MODEL, "production").alias.revision == 1
+    history = list(client.alias_history(MODEL, "production", page_size=1))
+    assert [e.reason for e in history] == ["PROMOTED", "NOT_BETTER_THAN_INCUMBENT", "GATE_FAILED", "STALE_REVISION"]
+    assert {e.actor for e in history} == {"release-bot"}
+    verified = client.verify_lineage(MODEL, 1, {**LINEAGE, "seed": 0})
+    assert verified.match
+    with client.watch_alias(MODEL, "production") as watch:
+        first = next(iter(watch))
+        assert (first.alias.version, first.alias.revision) == (1, 1)
+    with pytest.raises(errors.FailedPrecondition) as no_prev:
+        client.rollback(MODEL, "production")
+    assert no_prev.value.reason == "NO_PREVIOUS_VERSION" and not isinstance(no_prev.value, PromotionRefused)
+    client.delete_alias(MODEL, "production", expected_revision=1)
+    with pytest.raises(errors.NotFound):
+        client.resolve(f"{MODEL}@production")
+    broken = reg.run(data_version="v1", code_commit="abc")
+    reg.upload(broken, "model.bin", b"x")
+    with pytest.raises(errors.FailedPrecondition) as lineage_error:
+        client.register(broken, model=MODEL, artifact_path="model.bin")
+    assert lineage_error.value.metadata["missingFields"] == "config,base_model,seed"

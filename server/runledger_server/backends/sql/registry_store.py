@@ -9,11 +9,13 @@ entry. So concurrent calls, from any number of replicas, behave as if run one at
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+import threading
+from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
-from sqlalchemy import and_, select, tuple_, update
+from sqlalchemy import select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -48,11 +50,22 @@ from runledger_server.store.registry_entities import (
 
 _LOGGER = logging.getLogger(__name__)
 
+VERSION_CACHE_SIZE = 4096
+# The alias and every alias on the same version (served by the primary key and ix_aliases_model_version).
+_SERVING_SQL = (
+    "SELECT alias, version, revision, gate_id, update_time_us FROM aliases WHERE model_id = ? AND (alias = ? OR "
+    "version = (SELECT version FROM aliases WHERE model_id = ? AND alias = ? AND version != 0))"
+)
+
 
 class SqlRegistryStore:
     def __init__(self, db: Database) -> None:
         self.db = db
         self._insert: Any = postgresql.insert if db.dialect == "postgresql" else sqlite.insert
+        mark = "?" if db.engine.dialect.paramstyle == "qmark" else "%s"
+        self._serving_sql = _SERVING_SQL.replace("?", mark)
+        self._versions: OrderedDict[tuple[str, int], ModelVersion] = OrderedDict()
+        self._versions_lock = threading.Lock()
 
     # ---- models ------------------------------------------------------------------------------
     def create_model(self, model_id: str, description: str, tags: dict[str, str]) -> RegisteredModel:
@@ -351,23 +364,54 @@ class SqlRegistryStore:
             return None if row is None else _alias(row)
 
     def serving_target(self, model_id: str, alias: str) -> ServingTarget:
-        stmt = (
-            select(AliasRow, ModelVersionRow)
-            .outerjoin(
-                ModelVersionRow,
-                and_(ModelVersionRow.model_id == AliasRow.model_id, ModelVersionRow.version == AliasRow.version),
-            )
-            .where(AliasRow.model_id == model_id, AliasRow.alias == alias)
-        )
-        with self.db.read() as s:
-            found = s.execute(stmt).one_or_none()
-            if found is None:
+        """The serving lookup, on its fast path: one indexed statement on a pooled DB-API connection.
+
+        The statement returns the alias row and every alias row pointing at the same version, so the answer
+        (revision, version, the version's aliases) is always read from the database, which keeps replicas
+        correct. Only the version itself is cached in process, which is safe because versions never change.
+        """
+        rows = self._alias_and_siblings(model_id, alias)
+        own = next((r for r in rows if r[0] == alias), None)
+        if own is None:
+            with self.db.read() as s:
                 _require_model(s, model_id)
-                return ServingTarget(Alias(model_id, alias, 0, 0, "", 0), None)
-            arow, vrow = found
-            if vrow is None:
-                return ServingTarget(_alias(arow), None)
-            return ServingTarget(_alias(arow), _version(vrow, _aliases_of(s, model_id, [vrow.version])[vrow.version]))
+            return ServingTarget(Alias(model_id, alias, 0, 0, "", 0), None)
+        current = Alias(model_id, alias, own[1], own[2], own[3], own[4])
+        if current.version == 0:
+            return ServingTarget(current, None)
+        version = self._cached_version(model_id, current.version)
+        aliases = tuple(sorted(r[0] for r in rows if r[1] == current.version))
+        return ServingTarget(current, replace(version, aliases=aliases))
+
+    def _alias_and_siblings(self, model_id: str, alias: str) -> list[tuple[str, int, int, str, int]]:
+        conn = self.db.engine.raw_connection()
+        try:
+            cur = conn.cursor()
+            try:
+                cur.execute(self._serving_sql, (model_id, alias, model_id, alias))
+                return [tuple(r) for r in cur.fetchall()]  # type: ignore[misc]
+            finally:
+                cur.close()
+        finally:
+            conn.close()  # back to the pool, which ends any implicit transaction
+
+    def _cached_version(self, model_id: str, version: int) -> ModelVersion:
+        key = (model_id, version)
+        with self._versions_lock:
+            found = self._versions.get(key)
+            if found is not None:
+                self._versions.move_to_end(key)
+                return found
+        with self.db.read() as s:
+            row = s.get(ModelVersionRow, key)
+            if row is None:  # the alias row was read first; a version is never deleted, so this cannot happen
+                raise NotFound(f"models/{model_id}/versions/{version} not found", field="version")
+            loaded = _version(row, ())
+        with self._versions_lock:
+            self._versions[key] = loaded
+            if len(self._versions) > VERSION_CACHE_SIZE:
+                self._versions.popitem(last=False)
+        return loaded
 
     def alias_revisions(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
         if not keys:

@@ -1,0 +1,261 @@
+"""The model registry from Python: register a run's artifact, gate it, move aliases, resolve and watch them.
+
+>>> reg = Registry(channel)
+>>> v = reg.register(run_id, model="qwen3-8b-sft", artifact_path="adapter/")
+>>> reg.record_gate_result("qwen3-8b-sft", "mmlu-frozen", v.version, 0.66)
+>>> reg.set_alias("qwen3-8b-sft", "production", v.version, gate="mmlu-frozen")
+>>> reg.resolve("qwen3-8b-sft@production").artifact_uri
+
+A refused promotion raises `PromotionRefused` (FAILED_PRECONDITION) with the reason and both scores; a lost
+compare-and-swap raises `StaleRevision` (ABORTED). Every other refusal is a typed `runledger.errors` error.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+
+import grpc
+
+from runledger import _convert, errors
+from runledger.v1 import registry_pb2, registry_service_pb2 as pb, registry_service_pb2_grpc
+
+_LOGGER = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+PROMOTION_REASONS = frozenset({"GATE_NOT_RECORDED", "GATE_FAILED", "NOT_BETTER_THAN_INCUMBENT", "INCUMBENT_NOT_SCORED"})
+
+
+def _float(metadata: Mapping[str, str], key: str) -> float | None:
+    value = metadata.get(key)
+    return float(value) if value else None
+
+
+def _int(metadata: Mapping[str, str], key: str) -> int | None:
+    value = metadata.get(key)
+    return int(value) if value else None
+
+
+class PromotionRefused(errors.FailedPrecondition):
+    """The gate did not admit the version: `reason` is GATE_NOT_RECORDED, GATE_FAILED,
+    NOT_BETTER_THAN_INCUMBENT or INCUMBENT_NOT_SCORED. The refusal is in the alias history all the same."""
+
+    @property
+    def candidate_score(self) -> float | None:
+        return _float(self.metadata, "candidateScore")
+
+    @property
+    def incumbent_score(self) -> float | None:
+        return _float(self.metadata, "incumbentScore")
+
+    @property
+    def incumbent_version(self) -> int | None:
+        return _int(self.metadata, "incumbentVersion")
+
+    @property
+    def threshold(self) -> float | None:
+        return _float(self.metadata, "threshold")
+
+
+class StaleRevision(errors.Aborted):
+    """`expected_revision` no longer matches: someone changed the alias first. Re-read it and decide again."""
+
+    @property
+    def revision(self) -> int | None:
+        """The alias's current revision."""
+        return _int(self.metadata, "revision")
+
+
+def _typed(err: grpc.RpcError) -> errors.RunledgerError:
+    exc = errors.from_rpc_error(err)
+    cls: type[errors.RunledgerError] | None = None
+    if exc.code is grpc.StatusCode.FAILED_PRECONDITION and exc.reason in PROMOTION_REASONS:
+        cls = PromotionRefused
+    elif exc.code is grpc.StatusCode.ABORTED and exc.reason == "STALE_REVISION":
+        cls = StaleRevision
+    if cls is None:
+        return exc
+    typed = cls(exc.message, code=exc.code, reason=exc.reason, metadata=exc.metadata, domain=exc.domain)
+    typed.__cause__ = exc.__cause__
+    return typed
+
+
+def _model(model: str) -> str:
+    return model if model.startswith("models/") else f"models/{model}"
+
+
+class AliasWatch:
+    """An alias's current state, then one message per change, until `close()` (also a context manager)."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self._lock = threading.Lock()
+
+    def __iter__(self) -> Iterator[pb.WatchAliasResponse]:
+        try:
+            yield from self._call
+        except grpc.RpcError as exc:
+            if exc.code() is grpc.StatusCode.CANCELLED:  # closed by us
+                return
+            raise _typed(exc) from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._call.cancel()
+
+    def __enter__(self) -> AliasWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Registry:
+    """RegistryService calls over a channel, with typed errors and plain Python arguments."""
+
+    def __init__(self, channel: grpc.Channel, *, timeout: float = 30.0, metadata: Sequence[tuple[str, str]] = ()):
+        """`metadata` goes with every call, e.g. `(("x-runledger-actor", "release-bot"),)` to name who acts."""
+        self._stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
+        self.timeout = timeout
+        self._metadata = tuple(metadata)
+
+    def _call(self, method: Callable[..., T], request: Any) -> T:
+        try:
+            return method(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise _typed(exc) from None
+
+    # ---- models and versions ----------------------------------------------------------------
+    def create_model(
+        self, model_id: str, *, description: str = "", tags: Mapping[str, Any] | None = None, exist_ok: bool = False
+    ) -> registry_pb2.RegisteredModel:
+        request = pb.CreateRegisteredModelRequest(
+            model_id=model_id, description=description, tags=_convert.string_map(tags, "tags")
+        )
+        try:
+            return self._call(self._stub.CreateRegisteredModel, request)
+        except errors.AlreadyExists:
+            if not exist_ok:
+                raise
+            return self.get_model(model_id)
+
+    def get_model(self, model: str) -> registry_pb2.RegisteredModel:
+        return self._call(self._stub.GetRegisteredModel, pb.GetRegisteredModelRequest(name=_model(model)))
+
+    def register(
+        self, run_id: str, *, model: str, artifact_path: str, description: str = "", create_model: bool = True
+    ) -> registry_pb2.ModelVersion:
+        """Register a run's file or directory as the model's next version (the model is created if needed).
+        Raises FailedPrecondition `BROKEN_LINEAGE` (metadata `missingFields`) when the run's lineage is incomplete."""
+        if create_model:
+            self.create_model(model.removeprefix("models/"), exist_ok=True)
+        request = pb.CreateModelVersionRequest(
+            model=_model(model), run_id=run_id, artifact_path=artifact_path, description=description
+        )
+        return self._call(self._stub.CreateModelVersion, request)
+
+    def get_version(self, model: str, version: int) -> registry_pb2.ModelVersion:
+        name = f"{_model(model)}/versions/{version}"
+        return self._call(self._stub.GetModelVersion, pb.GetModelVersionRequest(name=name))
+
+    def list_versions(self, model: str, *, page_size: int = 0) -> Iterator[registry_pb2.ModelVersion]:
+        """Newest first, fetched page by page."""
+        token = ""
+        while True:
+            request = pb.ListModelVersionsRequest(model=_model(model), page_size=page_size, page_token=token)
+            page = self._call(self._stub.ListModelVersions, request)
+            yield from page.model_versions
+            token = page.next_page_token
+            if not token:
+                return
+
+    def verify_lineage(self, model: str, version: int, lineage: Mapping[str, Any]) -> pb.VerifyLineageResponse:
+        """Does a claimed reproduction's lineage match the version's? `.match`, `.drifted_fields`."""
+        request = pb.VerifyLineageRequest(
+            model=_model(model), version=version, lineage=_convert.lineage_to_proto(lineage)
+        )
+        return self._call(self._stub.VerifyLineage, request)
+
+    # ---- gates -------------------------------------------------------------------------------
+    def create_gate(
+        self,
+        model: str,
+        gate_id: str,
+        *,
+        suite_fingerprint: str,
+        metric: str,
+        threshold: float,
+        direction: str | int = "MAXIMIZE",
+    ) -> registry_pb2.Gate:
+        """A frozen gate; creating it again with the same fields returns it, any difference is AlreadyExists."""
+        request = pb.CreateGateRequest(
+            model=_model(model),
+            gate_id=gate_id,
+            suite_fingerprint=suite_fingerprint,
+            metric=metric,
+            direction=_convert.direction(direction),
+            threshold=float(threshold),
+        )
+        return self._call(self._stub.CreateGate, request)
+
+    def record_gate_result(self, model: str, gate_id: str, version: int, score: float) -> registry_pb2.GateResult:
+        """The gate's own score for a version; immutable (the same score again is a no-op)."""
+        request = pb.RecordGateResultRequest(model=_model(model), gate_id=gate_id, version=version, score=float(score))
+        return self._call(self._stub.RecordGateResult, request)
+
+    # ---- aliases -----------------------------------------------------------------------------
+    def set_alias(
+        self, model: str, alias: str, version: int, *, gate: str, expected_revision: int | None = None
+    ) -> pb.SetAliasResponse:
+        """Move the alias if the gate admits the version; raises PromotionRefused or StaleRevision otherwise."""
+        request = pb.SetAliasRequest(
+            model=_model(model), alias=alias, version=version, gate_id=gate, expected_revision=expected_revision
+        )
+        return self._call(self._stub.SetAlias, request)
+
+    def evaluate_promotion(
+        self, model: str, alias: str, version: int, *, gate: str, expected_revision: int | None = None
+    ) -> registry_pb2.PromotionDecision:
+        """The decision set_alias would take now, without moving anything."""
+        request = pb.EvaluatePromotionRequest(
+            model=_model(model), alias=alias, version=version, gate_id=gate, expected_revision=expected_revision
+        )
+        return self._call(self._stub.EvaluatePromotion, request).decision
+
+    def rollback(self, model: str, alias: str) -> registry_pb2.Alias:
+        """Back to the version the alias held before its last change (repeat to go further back)."""
+        return self._call(self._stub.RollbackAlias, pb.RollbackAliasRequest(model=_model(model), alias=alias)).alias
+
+    def delete_alias(self, model: str, alias: str, *, expected_revision: int | None = None) -> None:
+        request = pb.DeleteAliasRequest(model=_model(model), alias=alias, expected_revision=expected_revision)
+        self._call(self._stub.DeleteAlias, request)
+
+    def resolve(self, ref: str) -> registry_pb2.ModelVersion:
+        """The version `"model@alias"` (or `models/model@alias`) points at; NotFound when the alias is unset."""
+        return self._call(self._stub.GetModelVersion, pb.GetModelVersionRequest(name=_model(ref)))
+
+    def lookup(self, model: str, alias: str) -> pb.GetModelVersionByAliasResponse:
+        """The serving lookup: the version and the alias with its revision."""
+        request = pb.GetModelVersionByAliasRequest(model=_model(model), alias=alias)
+        return self._call(self._stub.GetModelVersionByAlias, request)
+
+    def watch_alias(self, model: str, alias: str) -> AliasWatch:
+        """Iterate the alias's current state, then every change (no polling); `close()` ends it."""
+        call = self._stub.WatchAlias(pb.WatchAliasRequest(model=_model(model), alias=alias), metadata=self._metadata)
+        return AliasWatch(call)
+
+    def alias_history(self, model: str, alias: str, *, page_size: int = 0) -> Iterator[registry_pb2.AliasHistoryEntry]:
+        """Every decision and change of the alias, oldest first."""
+        token = ""
+        while True:
+            request = pb.ListAliasHistoryRequest(
+                model=_model(model), alias=alias, page_size=page_size, page_token=token
+            )
+            page = self._call(self._stub.ListAliasHistory, request)
+            yield from page.entries
+            token = page.next_page_token
+            if not token:
+                return
