@@ -697,3 +697,31 @@ def test_client_registry_helper(reg: Registry, channel: grpc.Channel) -> None:
     with pytest.raises(errors.FailedPrecondition) as lineage_error:
         client.register(broken, model=MODEL, artifact_path="model.bin")
     assert lineage_error.value.metadata["missingFields"] == "config,base_model,seed"
+
+
+def test_alias_revisions_of_many_watched_aliases_in_one_call(tmp_path: Any) -> None:
+    from runledger_server.backends.sql import migrate
+    from runledger_server.backends.sql.database import Database
+    from runledger_server.backends.sql.registry_store import SqlRegistryStore
+    from runledger_server.backends.sql.tracking_store import SqlTrackingStore
+    from runledger_server.domain.gates import GateSpec
+    from runledger_server.domain.lineage import Lineage
+    from runledger_server.domain.sweeps import Direction
+    from runledger_server.store.registry_entities import ArtifactRef
+
+    db = Database(f"sqlite:///{tmp_path / 'r.db'}")
+    try:
+        migrate.upgrade(db)
+        tracking, store = SqlTrackingStore(db), SqlRegistryStore(db)
+        experiment = tracking.create_experiment("e", "", {})
+        full = Lineage("v1", "abc", "{}", "base", 0)
+        tracking.create_run("r1", experiment.experiment_id, "", {}, {}, full, None)
+        store.create_model("m", "", {})
+        store.create_version("m", "r1", ArtifactRef("p", "0" * 64, 1, "u"), full, full.fingerprint() or "", "")
+        store.create_gate("m", GateSpec("g", "s", "x", Direction.MAXIMIZE, 0.0))
+        store.record_gate_result("m", "g", 1, 1.0, "a")
+        store.set_alias("m", "a600", 1, "g", None, "a")
+        keys = [("m", f"a{i}") for i in range(1200)]
+        assert store.alias_revisions(keys) == {("m", "a600"): 1}
+    finally:
+        db.dispose()

@@ -51,6 +51,7 @@ from runledger_server.store.registry_entities import (
 _LOGGER = logging.getLogger(__name__)
 
 VERSION_CACHE_SIZE = 4096
+REVISION_BATCH = 500
 # The alias and every alias on the same version (served by the primary key and ix_aliases_model_version).
 _SERVING_SQL = (
     "SELECT alias, version, revision, gate_id, update_time_us FROM aliases WHERE model_id = ? AND (alias = ? OR "
@@ -389,7 +390,7 @@ class SqlRegistryStore:
             cur = conn.cursor()
             try:
                 cur.execute(self._serving_sql, (model_id, alias, model_id, alias))
-                return [tuple(r) for r in cur.fetchall()]  # type: ignore[misc]
+                return [tuple(r) for r in cur.fetchall()]
             finally:
                 cur.close()
         finally:
@@ -414,13 +415,15 @@ class SqlRegistryStore:
         return loaded
 
     def alias_revisions(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
-        if not keys:
-            return {}
-        stmt = select(AliasRow.model_id, AliasRow.alias, AliasRow.revision).where(
-            tuple_(AliasRow.model_id, AliasRow.alias).in_(list(keys))
-        )
+        out: dict[tuple[str, str], int] = {}
+        keys = list(keys)
         with self.db.read() as s:
-            return {(m, a): r for m, a, r in s.execute(stmt)}
+            for lo in range(0, len(keys), REVISION_BATCH):  # stay far below the databases' parameter limits
+                stmt = select(AliasRow.model_id, AliasRow.alias, AliasRow.revision).where(
+                    tuple_(AliasRow.model_id, AliasRow.alias).in_(keys[lo : lo + REVISION_BATCH])
+                )
+                out.update(((m, a), r) for m, a, r in s.execute(stmt))
+        return out
 
     # ---- helpers -----------------------------------------------------------------------------
     def _lock_alias(self, s: Session, model_id: str, alias: str, *, create: bool) -> AliasRow | None:
