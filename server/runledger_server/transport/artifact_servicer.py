@@ -23,7 +23,7 @@ from runledger_server.transport.errors import handle_errors
 _LOGGER = logging.getLogger(__name__)
 
 T = TypeVar("T")
-WRITE_BATCH_BYTES = 4 << 20  # chunks handed to the worker pool at once; one batch in flight per upload
+WRITE_BATCH_BYTES = 2 << 20  # chunks handed to the worker pool at once; one batch in flight per upload
 
 
 class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):

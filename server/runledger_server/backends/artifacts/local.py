@@ -53,8 +53,8 @@ class LocalBlobStore:
         except FileNotFoundError:
             return None
 
-    def writer(self, sha256: str | None = None) -> LocalBlobWriter:
-        del sha256  # the final name is decided at commit time either way
+    def writer(self, sha256: str | None = None, size: int | None = None) -> LocalBlobWriter:
+        del sha256, size  # the final name is decided at commit time either way
         fd, name = tempfile.mkstemp(dir=self._tmp, prefix="upload-")
         return LocalBlobWriter(self, os.fdopen(fd, "wb", buffering=0), Path(name))
 

@@ -35,7 +35,10 @@ from runledger_server.domain.errors import (
 
 _LOGGER = logging.getLogger(__name__)
 
-PART_SIZE = 16 << 20
+PART_SIZE = 8 << 20  # parts in flight are what an upload holds in memory
+MAX_PARTS = 10_000  # S3's limit per multipart upload
+UNKNOWN_SIZE_PART = 16 << 20  # without a declared size: objects up to 156 GiB
+PIPE_BYTES = 4 << 20  # received bytes waiting while a part is sent; the network side is far faster than S3
 READ_CHUNK = 1 << 20
 STALE_TEMP = datetime.timedelta(hours=24)
 UNAVAILABLE = "ARTIFACT_STORE_UNAVAILABLE"
@@ -165,9 +168,16 @@ class S3BlobStore:
                 return None
             raise
 
-    def writer(self, sha256: str | None = None) -> S3BlobWriter:
+    def writer(self, sha256: str | None = None, size: int | None = None) -> S3BlobWriter:
         self.ensure_bucket()
-        return S3BlobWriter(self, sha256)
+        return S3BlobWriter(self, sha256, self.part_size_for(size))
+
+    def part_size_for(self, size: int | None) -> int:
+        """The configured part size, or larger when the object would otherwise need more than 10,000 parts."""
+        if size is None:
+            return max(self.part_size, UNKNOWN_SIZE_PART)
+        needed = -(-size // (MAX_PARTS - 1))
+        return max(self.part_size, -(-needed // (1 << 20)) * (1 << 20))
 
     def put(self, sha256: str, stream: BinaryIO, size: int) -> str:
         """Store content whose digest is known; the bytes are checked against it before they are published."""
@@ -321,11 +331,12 @@ class _Pipe:
 class S3BlobWriter:
     """One upload in progress, fed chunk by chunk; `commit` publishes it under its digest, `abort` drops it."""
 
-    def __init__(self, store: S3BlobStore, sha256: str | None) -> None:
+    def __init__(self, store: S3BlobStore, sha256: str | None, part_size: int) -> None:
         self._store = store
         self._expected = sha256
         self._key = store.key(sha256) if sha256 else f"{store.prefix}tmp/{uuid.uuid4().hex}"
-        self._pipe = _Pipe(store.part_size)
+        self._part_size = part_size
+        self._pipe = _Pipe(PIPE_BYTES)
         self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._upload, name="runledger-s3-upload", daemon=True)
         self._thread.start()
@@ -337,7 +348,7 @@ class S3BlobWriter:
                 self._key,
                 self._pipe,  # type: ignore[arg-type]
                 length=-1,
-                part_size=self._store.part_size,
+                part_size=self._part_size,
                 num_parallel_uploads=1,  # parallel parts are no faster here, and the SDK leaks their threads on abort
             )
         except _Cancelled as exc:
