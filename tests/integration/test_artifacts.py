@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -476,3 +477,55 @@ def _tracking(channel: grpc.Channel):  # type: ignore[no-untyped-def]
     from runledger.v1 import tracking_service_pb2_grpc
 
     return tracking_service_pb2_grpc.TrackingServiceStub(channel)
+
+
+# ---- a client that goes away, and the index on PostgreSQL ---------------------------------------------
+def test_an_abandoned_upload_leaves_nothing_behind(artifacts: Stub, run_id: str, stored: Callable[[], int]) -> None:
+    sent, hold = threading.Event(), threading.Event()
+
+    def abandoned() -> Iterator[pb.UploadArtifactRequest]:
+        reqs = _requests(run_id, "never.bin", _blob(12 * MiB, seed=9))
+        for _ in range(10):  # header + 9 MiB: past the first multipart part on S3
+            yield next(reqs)
+        sent.set()
+        hold.wait(60)
+
+    call = artifacts.UploadArtifact.future(abandoned())
+    assert sent.wait(60)
+    call.cancel()
+    hold.set()
+    assert _wait_until(lambda: stored() == 0), "the abandoned upload left data behind"
+    assert _paths(artifacts, run_id) == []
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
+    """Cleanup after a cancelled call runs on the server after the call ends: wait for its effect."""
+    done = threading.Event()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        done.wait(0.05)
+    return condition()
+
+
+@pytest.mark.postgres
+def test_the_index_on_postgresql_orders_and_refuses_like_sqlite(pg_settings: Settings) -> None:
+    paths = ["a/b", "a-b", "a.b", "A/z", "a/B", "ä/x", "b"]
+    with EmbeddedServer(pg_settings) as srv, grpc.insecure_channel(srv.address) as channel:
+        stub = Stub(channel)
+        run = _new_run(_tracking(channel))
+        for p in paths:
+            _upload(stub, run, p, p.encode())
+        assert _paths(stub, run) == sorted(paths)  # code point order, as Python sorts
+        assert _paths(stub, run, "a/") == ["a/B", "a/b"]
+        page = stub.ListArtifacts(pb.ListArtifactsRequest(run_id=run, page_size=3))
+        rest = stub.ListArtifacts(pb.ListArtifactsRequest(run_id=run, page_token=page.next_page_token))
+        assert [a.path for a in (*page.artifacts, *rest.artifacts)] == sorted(paths)
+        r = refusal(lambda: _upload(stub, run, "a/b", b"other"))
+        assert (r.code, r.reason) == (grpc.StatusCode.ALREADY_EXISTS, "ARTIFACT_IMMUTABLE")
+        r = refusal(lambda: _upload(stub, run, "b/c", b"below a file"))
+        assert (r.code, r.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "ARTIFACT_PATH_CONFLICT")
+        m = stub.GetArtifactManifest(pb.GetArtifactManifestRequest(run_id=run, path="a"))
+        assert [e.path for e in m.entries] == ["B", "b"]
+        assert _paths(stub, run) == sorted(paths)
