@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from runledger_server.domain import artifact_paths
 from runledger_server.domain.errors import InvalidArgument
 
