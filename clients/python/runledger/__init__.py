@@ -20,6 +20,7 @@ from runledger.errors import (
     Unavailable,
 )
 from runledger.history import MetricHistory
+from runledger.registry import AliasWatch, PromotionRefused, Registry, StaleRevision
 from runledger.run import Run
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ _LOGGER.addHandler(logging.NullHandler())
 
 __all__ = [
     "Aborted",
+    "AliasWatch",
     "AlreadyExists",
     "Client",
     "DataLoss",
@@ -38,9 +40,12 @@ __all__ = [
     "MetricHistory",
     "NotFound",
     "PermissionDenied",
+    "PromotionRefused",
+    "Registry",
     "RetryPolicy",
     "Run",
     "RunledgerError",
+    "StaleRevision",
     "Unauthenticated",
     "Unavailable",
     "__version__",

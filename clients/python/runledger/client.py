@@ -3,22 +3,32 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 
-from runledger import _convert, _ids, _process, errors
+from runledger import _convert, _ids, _process, artifacts, errors
 from runledger._buffer import BatchPolicy
 from runledger._retry import RetryPolicy
 from runledger._streamer import MetricStreamer, StreamerConfig
 from runledger.history import MetricHistory, from_chunks
+from runledger.registry import AliasWatch, Registry
 from runledger.run import Run
-from runledger.v1 import tracking_pb2, tracking_service_pb2 as pb, tracking_service_pb2_grpc
+from runledger.v1 import (
+    artifact_pb2,
+    registry_pb2,
+    registry_service_pb2,
+    tracking_pb2,
+    tracking_service_pb2 as pb,
+    tracking_service_pb2_grpc,
+)
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -387,3 +397,95 @@ class Client:
         raise errors.NotFound(
             f"no experiment is named {experiment!r}", reason="NOT_FOUND", metadata={"field": "experiment"}
         )
+
+    # ---- artifacts ----------------------------------------------------------------------------------
+    def log_artifact(
+        self,
+        run_id: str,
+        local_path: str | os.PathLike[str],
+        artifact_path: str | None = None,
+        *,
+        progress: artifacts.Progress = None,
+    ) -> list[artifact_pb2.Artifact]:
+        """Upload a file or a whole directory (e.g. a LoRA adapter folder) as the run's artifact(s).
+
+        Bytes stream in 1 MiB chunks, are stored once by sha256, and are recorded only after the server has
+        verified the digest. `artifact_path` defaults to the file or directory name.
+        """
+        if Path(local_path).is_dir():
+            return artifacts.upload_dir(self.channel, run_id, local_path, artifact_path, progress=progress)
+        return [artifacts.upload_file(self.channel, run_id, local_path, artifact_path, progress=progress)]
+
+    def download_artifacts(
+        self,
+        run_id: str,
+        path: str,
+        dest: str | os.PathLike[str],
+        *,
+        resume: bool = True,
+        progress: artifacts.Progress = None,
+    ) -> Path:
+        """Download a file or a directory of a run to `dest`, checking every file's sha256 (DataLoss on
+        mismatch) and resuming an interrupted download."""
+        return artifacts.download(self.channel, run_id, path, dest, resume=resume, progress=progress)
+
+    def list_artifacts(self, run_id: str, *, prefix: str = "") -> Iterator[artifact_pb2.Artifact]:
+        return artifacts.list_artifacts(self.channel, run_id, prefix=prefix)
+
+    # ---- registry -----------------------------------------------------------------------------------
+    @property
+    def registry(self) -> Registry:
+        """Every RegistryService call (models, versions, gates, aliases, history, watch)."""
+        registry = self._stubs.get(Registry)
+        if registry is None:
+            registry = self._stubs[Registry] = Registry(self.channel, timeout=self.timeout, metadata=self._metadata)
+        return registry
+
+    def register(
+        self, run: Run | str, *, model: str, artifact_path: str, description: str = ""
+    ) -> registry_pb2.ModelVersion:
+        """Register a run's artifact as the model's next version (the model is created when missing).
+        Raises FailedPrecondition `BROKEN_LINEAGE`, naming every missing lineage field, when the run's lineage
+        is incomplete."""
+        run_id = run.run_id if isinstance(run, Run) else run
+        return self.registry.register(run_id, model=model, artifact_path=artifact_path, description=description)
+
+    def create_gate(
+        self,
+        model: str,
+        gate_id: str,
+        *,
+        suite_fingerprint: str,
+        metric: str,
+        threshold: float,
+        direction: str | int = "MAXIMIZE",
+    ) -> registry_pb2.Gate:
+        """A frozen eval gate: the suite, metric, direction and pass mark a version must meet to take an alias."""
+        return self.registry.create_gate(
+            model, gate_id, suite_fingerprint=suite_fingerprint, metric=metric, threshold=threshold, direction=direction
+        )
+
+    def record_gate_result(self, model: str, gate_id: str, version: int, score: float) -> registry_pb2.GateResult:
+        """The gate's own score for a version (a score the run logged about itself never counts)."""
+        return self.registry.record_gate_result(model, gate_id, version, score)
+
+    def set_alias(
+        self, model: str, alias: str, version: int, *, gate: str, expected_revision: int | None = None
+    ) -> registry_service_pb2.SetAliasResponse:
+        """Atomically move the alias if the gate admits the version and it strictly beats the incumbent.
+        Raises `PromotionRefused` (reason, candidate and incumbent scores) or `StaleRevision`."""
+        return self.registry.set_alias(model, alias, version, gate=gate, expected_revision=expected_revision)
+
+    def rollback_alias(self, model: str, alias: str) -> registry_pb2.Alias:
+        return self.registry.rollback(model, alias)
+
+    def resolve(self, ref: str) -> registry_pb2.ModelVersion:
+        """The version `"model@alias"` points at (e.g. `client.resolve("qwen3-8b-sft@production")`)."""
+        return self.registry.resolve(ref)
+
+    def watch_alias(self, model: str, alias: str) -> AliasWatch:
+        """Iterate the alias's current state, then every change; `close()` ends the watch."""
+        return self.registry.watch_alias(model, alias)
+
+    def alias_history(self, model: str, alias: str) -> Iterator[registry_pb2.AliasHistoryEntry]:
+        return self.registry.alias_history(model, alias)

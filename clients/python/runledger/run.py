@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -13,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 from runledger import _ids, _process, errors
 from runledger._buffer import INT64_MAX, INT64_MIN
 from runledger._streamer import MetricStreamer
-from runledger.v1 import tracking_pb2, tracking_service_pb2 as pb
+from runledger.artifacts import Progress
+from runledger.v1 import artifact_pb2, tracking_pb2, tracking_service_pb2 as pb
 
 if TYPE_CHECKING:
     from runledger.client import Client
@@ -152,6 +154,12 @@ class Run:
 
     def log_eval_result(self, *, suite_fingerprint: str, metrics: Mapping[str, float]) -> tracking_pb2.EvalResult:
         return self._client.log_eval_result(self.run_id, suite_fingerprint=suite_fingerprint, metrics=metrics)
+
+    def log_artifact(
+        self, local_path: str | os.PathLike[str], artifact_path: str | None = None, *, progress: Progress = None
+    ) -> list[artifact_pb2.Artifact]:
+        """Upload a file or a directory (a checkpoint, a LoRA adapter folder) as this run's artifact(s)."""
+        return self._client.log_artifact(self.run_id, local_path, artifact_path, progress=progress)
 
     def refresh(self) -> tracking_pb2.Run:
         """Re-read the run from the server (status, params, tags, latest metrics)."""

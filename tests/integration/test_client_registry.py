@@ -1,0 +1,102 @@
+"""The Python client end to end: log an adapter directory, register it, gate it, promote, resolve, watch."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from runledger import Client, FailedPrecondition, PromotionRefused
+from runledger_server.embedded import EmbeddedServer
+
+SUITE = "mmlu-pro@9f3c2e1"
+
+
+def _lineage(seed: int) -> dict[str, object]:
+    return {
+        "data_version": "sft-mix-v3",
+        "code_commit": "a1b2c3d",
+        "config": {"lr": 2e-5, "lora_r": 16},
+        "base_model": "Qwen/Qwen3-8B",
+        "seed": seed,
+    }
+
+
+def _adapter(root: Path, tag: str) -> Path:
+    d = root / f"adapter-{tag}"
+    (d / "nested").mkdir(parents=True)
+    (d / "adapter_config.json").write_text(json.dumps({"r": 16, "tag": tag}))
+    (d / "adapter_model.safetensors").write_bytes(tag.encode() * 70_000)
+    (d / "nested" / "tokenizer.json").write_text("{}")
+    return d
+
+
+def test_register_gate_promote_resolve_watch(server: EmbeddedServer, tmp_path: Path) -> None:
+    with Client(server.address) as client:
+        versions = {}
+        for i, tag in enumerate(["a", "b", "c"]):
+            with client.start_run(experiment="sft", name=f"run-{tag}", lineage=_lineage(i)) as run:
+                run.log_metrics({"train/loss": 1.0 / (i + 1)}, step=0)
+                uploaded = run.log_artifact(_adapter(tmp_path, tag), "adapter")
+                assert sorted(a.path for a in uploaded) == [
+                    "adapter/adapter_config.json",
+                    "adapter/adapter_model.safetensors",
+                    "adapter/nested/tokenizer.json",
+                ]
+            versions[tag] = client.register(run, model="qwen3-8b-sft", artifact_path="adapter")
+        assert [v.version for v in versions.values()] == [1, 2, 3]
+        assert versions["a"].lineage_fingerprint and versions["a"].artifact_sha256
+
+        client.create_gate("qwen3-8b-sft", "mmlu-gate", suite_fingerprint=SUITE, metric="accuracy", threshold=0.6)
+        for tag, score in (("a", 0.61), ("b", 0.66), ("c", 0.66)):
+            client.record_gate_result("qwen3-8b-sft", "mmlu-gate", versions[tag].version, score)
+
+        watch = client.watch_alias("qwen3-8b-sft", "production")
+        seen: list[int] = []
+        got_two = threading.Event()
+
+        def follow() -> None:
+            for event in watch:
+                seen.append(event.alias.version)
+                if len(seen) == 3:
+                    got_two.set()
+                    return
+
+        follower = threading.Thread(target=follow, daemon=True)
+        follower.start()
+        client.set_alias("qwen3-8b-sft", "production", 1, gate="mmlu-gate")
+        promoted = client.set_alias("qwen3-8b-sft", "production", 2, gate="mmlu-gate", expected_revision=1)
+        assert promoted.alias.revision == 2 and promoted.decision.promoted
+        with pytest.raises(PromotionRefused) as refused:
+            client.set_alias("qwen3-8b-sft", "production", 3, gate="mmlu-gate")
+        assert refused.value.reason == "NOT_BETTER_THAN_INCUMBENT"
+        assert refused.value.candidate_score == 0.66 and refused.value.incumbent_score == 0.66
+        assert isinstance(refused.value, FailedPrecondition)
+        assert got_two.wait(30), seen
+        watch.close()
+        assert seen == [0, 1, 2]  # unset at first, then each promotion
+
+        resolved = client.resolve("qwen3-8b-sft@production")
+        assert resolved.version == 2 and resolved.artifact_sha256 == versions["b"].artifact_sha256
+        history = list(client.alias_history("qwen3-8b-sft", "production"))
+        assert [e.reason for e in history] == ["PROMOTED", "PROMOTED", "NOT_BETTER_THAN_INCUMBENT"]
+        assert client.rollback_alias("qwen3-8b-sft", "production").version == 1
+
+        dest = client.download_artifacts(resolved.run_id, "adapter", tmp_path / "served")
+        assert (dest / "adapter_model.safetensors").read_bytes() == b"b" * 70_000
+        assert (dest / "nested" / "tokenizer.json").read_text() == "{}"
+
+
+def test_register_refuses_broken_lineage_naming_the_fields(server: EmbeddedServer, tmp_path: Path) -> None:
+    with Client(server.address) as client:
+        lineage = _lineage(0)
+        del lineage["config"], lineage["seed"]
+        with client.start_run(experiment="sft", lineage=lineage) as run:
+            run.log_artifact(_adapter(tmp_path, "x"), "adapter")
+        with pytest.raises(FailedPrecondition) as info:
+            client.register(run, model="broken", artifact_path="adapter")
+        assert info.value.reason == "BROKEN_LINEAGE"
+        assert "config" in info.value.message and "seed" in info.value.message
+        assert not list(client.registry.list_versions("broken"))
