@@ -94,7 +94,11 @@ def _server(data_dir: str | None, address: str | None) -> Iterator[str]:
 def run_demo(*, data_dir: str | None = None, server: str | None = None) -> int:
     from runledger import Client, FailedPrecondition
 
-    with _server(data_dir, server) as address, Client(address) as client:
+    with (
+        _server(data_dir, server) as address,
+        Client(address) as client,
+        tempfile.TemporaryDirectory(prefix="runledger-demo-files-") as files,
+    ):
         experiment = client.get_or_create_experiment(f"qwen3-8b-grpo-sweep-{time.strftime('%Y%m%d-%H%M%S')}")
         _say(f"\n== 1. A GRPO sweep of {len(TRIALS)} runs streams metrics concurrently ({experiment.display_name})")
         runs = {}
@@ -124,6 +128,8 @@ def run_demo(*, data_dir: str | None = None, server: str | None = None) -> int:
         for run in runs.values():
             run.flush()
         elapsed = time.perf_counter() - start
+        for i, (name, run) in enumerate(runs.items()):
+            run.log_artifact(_fake_adapter(Path(files) / name, seed=i), "adapter")
         points = STEPS * 4 * len(TRIALS)
         _say(f"  {points:,} points from {len(TRIALS)} trainers acknowledged (durably committed) in {elapsed:.2f} s")
         rows = []
@@ -177,5 +183,129 @@ def run_demo(*, data_dir: str | None = None, server: str | None = None) -> int:
         if names[result.winner_run_id] != TRIALS[1][0]:
             _say("  UNEXPECTED winner")
             return 1
+        if _registry_part(address, client, runs, phantom, Path(files)) != 0:
+            return 1
     _say("\ndemo finished: every step above ran against a real runledger server over gRPC")
     return 0
+
+
+def _fake_adapter(directory: Path, *, seed: int) -> Path:
+    """A stand-in LoRA adapter folder: a config and some weight bytes."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "adapter_config.json").write_text(json.dumps({"r": 16, "lora_alpha": 32, "seed": seed}))
+    (directory / "adapter_model.safetensors").write_bytes(np.random.default_rng(seed).bytes(256 * 1024))
+    return directory
+
+
+def _registry_part(address: str, client, runs: dict, phantom, files: Path) -> int:  # type: ignore[no-untyped-def]
+    from runledger import Client, FailedPrecondition, PromotionRefused
+
+    model = f"qwen3-8b-grpo-{time.strftime('%H%M%S')}"
+    _say(f"\n== 4. Registry: versions point back to run, artifact digest and lineage fingerprint ({model})")
+    try:
+        client.register(phantom, model=model, artifact_path="adapter")
+        _say("  UNEXPECTED: a run without lineage was registered")
+        return 1
+    except FailedPrecondition as exc:
+        _say(f"  phantom-self-eval refused: {exc.reason}: {exc.message}")
+    order = [TRIALS[2][0], TRIALS[1][0], TRIALS[1][0], TRIALS[3][0]]  # champion, winner, tied re-run, failing
+    rerun = client.start_run(
+        experiment=runs[order[1]].experiment,
+        name=f"{order[1]}-rerun",
+        lineage={**_lineage_of(client, runs[order[1]].run_id), "seed": 99},
+    )
+    rerun.log_artifact(_fake_adapter(files / "rerun", seed=99), "adapter")
+    rerun.finish()
+    sources = [runs[order[0]], runs[order[1]], rerun, runs[order[3]]]
+    labels = [order[0], order[1], f"{order[1]}-rerun", order[3]]
+    versions = [client.register(r, model=model, artifact_path="adapter").version for r in sources]
+    _table(
+        [
+            [str(v), label, mv.artifact_sha256[:12], f"{mv.artifact_size:,}", mv.lineage_fingerprint[:12]]
+            for v, label, mv in (
+                (v, label, client.registry.get_version(model, v)) for v, label in zip(versions, labels, strict=True)
+            )
+        ],
+        ["version", "from run", "adapter sha256", "bytes", "lineage fp"],
+    )
+
+    _say("\n== 5. A frozen eval gate scores each version; only the gate's own scores count")
+    gate = client.create_gate(model, "mmlu-pro-gate", suite_fingerprint=SUITE, metric="accuracy", threshold=0.60)
+    _say(f"  gate {gate.gate_id}: suite {gate.suite_fingerprint}, accuracy >= {gate.threshold}, frozen")
+    with Client(address, metadata=[("x-runledger-actor", "mmlu-pro-gate")]) as gatekeeper:
+        for v, score in zip(versions, (0.641, 0.664, 0.664, 0.587), strict=True):
+            gatekeeper.record_gate_result(model, gate.gate_id, v, score)
+            _say(f"  version {v}: gate score {score:.3f}")
+
+    _say("\n== 6. Promotions through SetAlias (atomic: gate, threshold and strictly-better in one transaction)")
+    with Client(address, metadata=[("x-runledger-actor", "release-manager")]) as release:
+        for v, why in zip(
+            versions, ("first champion", "the sweep winner", "a tied re-run", "below the gate"), strict=True
+        ):
+            try:
+                out = release.set_alias(model, "production", v, gate=gate.gate_id)
+                _say(f"  version {v} ({why}): PROMOTED, production now at revision {out.alias.revision}")
+            except PromotionRefused as exc:
+                _say(
+                    f"  version {v} ({why}): refused {exc.reason} (candidate {exc.candidate_score}, "
+                    f"incumbent {exc.incumbent_score})"
+                )
+        alias = release.rollback_alias(model, "production")
+        _say(
+            f"  incident on version {versions[1]}: rollback restores version {alias.version} "
+            f"(revision {alias.revision})"
+        )
+        served = release.registry.lookup(model, "production")
+        timings = []
+        for _ in range(500):
+            t = time.perf_counter()
+            release.registry.lookup(model, "production")
+            timings.append(time.perf_counter() - t)
+        timings.sort()
+        mv = served.model_version
+        _say(f"\n== 7. Serving lookup {model}@production -> version {mv.version}, revision {served.alias.revision}")
+        _say(f"  artifact {mv.artifact_uri}")
+        _say(f"  sha256 {mv.artifact_sha256}, lineage fingerprint {mv.lineage_fingerprint}")
+        _say(f"  500 lookups over gRPC: p50 {1000 * timings[250]:.2f} ms, p99 {1000 * timings[494]:.2f} ms")
+        if mv.version != versions[0]:
+            _say("  UNEXPECTED serving target")
+            return 1
+        _say("\n== 8. The audit history of production: every decision, promoted or refused")
+        _table(
+            [
+                [
+                    str(e.sequence),
+                    registry_action(e.action),
+                    f"{e.from_version or '-'} -> {e.to_version}",
+                    _score(e, "candidate_score"),
+                    _score(e, "incumbent_score"),
+                    e.reason,
+                    e.actor,
+                    str(e.revision),
+                ]
+                for e in release.alias_history(model, "production")
+            ],
+            ["#", "action", "version", "candidate", "incumbent", "reason", "actor", "revision"],
+        )
+    return 0
+
+
+def registry_action(value: int) -> str:
+    from runledger.v1 import registry_pb2
+
+    return registry_pb2.AliasAction.Name(value).removeprefix("ALIAS_ACTION_")
+
+
+def _score(entry, field: str) -> str:  # type: ignore[no-untyped-def]
+    return f"{getattr(entry, field):.3f}" if entry.HasField(field) else "-"
+
+
+def _lineage_of(client, run_id: str) -> dict:  # type: ignore[no-untyped-def]
+    lineage = client.get_run(run_id).lineage
+    return {
+        "data_version": lineage.data_version,
+        "code_commit": lineage.code_commit,
+        "config": json.loads(lineage.config),
+        "base_model": lineage.base_model,
+        "seed": lineage.seed,
+    }
