@@ -140,6 +140,7 @@ def test_upload_without_declared_digest_or_size_is_hashed_by_the_server(
     assert stored() == 1  # stored once; the temporary copy of each upload is gone
 
 
+@pytest.mark.slow
 def test_round_trip_64_mib_through_the_client_helpers(
     channel: grpc.Channel, run_id: str, tmp_path: Path, stored: Callable[[], int]
 ) -> None:
@@ -413,6 +414,7 @@ def test_describe_resolves_a_file_or_a_directory(tmp_path: Path) -> None:
     db.dispose()
 
 
+@pytest.mark.slow
 # ---- the S3 server failing ---------------------------------------------------------------------------
 @pytest.mark.s3
 def test_s3_outage_mid_upload_fails_cleanly_and_the_retry_succeeds(tmp_path: Path, s3_server: S3Server) -> None:
