@@ -414,9 +414,9 @@ def test_describe_resolves_a_file_or_a_directory(tmp_path: Path) -> None:
     db.dispose()
 
 
-@pytest.mark.slow
 # ---- the S3 server failing ---------------------------------------------------------------------------
 @pytest.mark.s3
+@pytest.mark.slow
 def test_s3_outage_mid_upload_fails_cleanly_and_the_retry_succeeds(tmp_path: Path, s3_server: S3Server) -> None:
     if s3_server.kind != "moto":
         pytest.skip("needs an S3 server the test can stop and restart (moto)")
