@@ -209,6 +209,11 @@ class RegistryService:
             names.model_id(model), names.slug(alias, "alias"), paging.page_size(page_size), page_token
         )
 
+    @property
+    def serving_reads_are_local(self) -> bool:
+        """The serving lookup never waits on the network (see RegistryStore.local_reads)."""
+        return self.store.local_reads
+
     def serving_target(self, model: str, alias: str) -> ServingTarget:
         """The serving lookup: NOT_FOUND when the alias points at nothing."""
         target = self.watch_state(model, alias)

@@ -28,6 +28,10 @@ class RegistryStore(Protocol):
     alias history, so `set_alias` returns the refused decision (committed) instead of raising it.
     """
 
+    local_reads: bool
+    """True when `serving_target` reads a local file, never the network: a few tens of microseconds that cannot
+    hang, so the transport may run it on its event loop instead of paying for a hop to a worker thread."""
+
     def create_model(self, model_id: str, description: str, tags: dict[str, str]) -> RegisteredModel: ...
 
     def get_model(self, model_id: str) -> RegisteredModel: ...

@@ -62,6 +62,7 @@ _SERVING_SQL = (
 class SqlRegistryStore:
     def __init__(self, db: Database) -> None:
         self.db = db
+        self.local_reads = db.is_sqlite
         self._insert: Any = postgresql.insert if db.dialect == "postgresql" else sqlite.insert
         mark = "?" if db.engine.dialect.paramstyle == "qmark" else "%s"
         self._serving_sql = _SERVING_SQL.replace("?", mark)
