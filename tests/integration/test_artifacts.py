@@ -18,7 +18,7 @@ from minio import Minio
 from runledger import artifacts as client_artifacts
 from runledger.errors import DataLoss
 from runledger.v1 import artifact_service_pb2 as pb, artifact_service_pb2_grpc, tracking_service_pb2 as tpb
-from runledger_server.backends.artifacts.local import LocalBlobStore
+from runledger_server.backends import artifacts as artifact_backends
 from runledger_server.backends.sql import migrate
 from runledger_server.backends.sql.artifact_index_store import SqlArtifactIndex
 from runledger_server.backends.sql.database import Database
@@ -385,13 +385,13 @@ def test_listing_pages_in_path_order(artifacts: Stub, run_id: str) -> None:
 
 
 # ---- what the registry calls -------------------------------------------------------------------------
-def test_describe_resolves_a_file_or_a_directory(tmp_path: Path) -> None:
-    db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+def test_describe_resolves_a_file_or_a_directory(settings: Settings, tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'describe.sqlite'}")
     migrate.upgrade(db)
     tracking = SqlTrackingStore(db)
     exp = tracking.create_experiment("describe", "", {})
     run = tracking.create_run("r1", exp.experiment_id, "", {}, {}, Lineage(), None)
-    blobs = LocalBlobStore(tmp_path / "artifacts")
+    blobs = artifact_backends.from_settings(settings)
     svc = ArtifactService(SqlArtifactIndex(db), blobs)
     for path, data in (("adapter/a.bin", b"a"), ("adapter/sub/b.bin", b"bb"), ("model.bin", b"m")):
         up = svc.begin_upload(run.run_id, path, len(data), hashlib.sha256(data).hexdigest())
@@ -399,15 +399,19 @@ def test_describe_resolves_a_file_or_a_directory(tmp_path: Path) -> None:
         up.finish()
 
     sha, size, uri, is_dir = svc.describe(run.run_id, "model.bin")
-    assert (sha, size, is_dir) == (hashlib.sha256(b"m").hexdigest(), 1, False) and uri.startswith("file://")
+    assert (sha, size, is_dir) == (hashlib.sha256(b"m").hexdigest(), 1, False) and uri == blobs.uri(sha)
     d = svc.describe(run.run_id, "adapter/")
     _, manifest = svc.manifest(run.run_id, "adapter")
-    assert (d.sha256, d.size, d.is_directory) == (manifest.sha256, 3, True)
-    # The manifest is published under its own digest: the directory's content address resolves to its file list.
-    assert blobs.path(d.sha256).read_bytes() == (
+    assert (d.sha256, d.size, d.is_directory, d.uri) == (manifest.sha256, 3, True, blobs.uri(manifest.sha256))
+    # The manifest is published under its own digest: the directory's content address resolves to its file list,
+    # also through a download by digest.
+    listing = (
         b'[{"path":"a.bin","sha256":"' + hashlib.sha256(b"a").hexdigest().encode() + b'","size":1},'
         b'{"path":"sub/b.bin","sha256":"' + hashlib.sha256(b"bb").hexdigest().encode() + b'","size":2}]'
     )
+    record, chunks = svc.open_download("", "", d.sha256, 0)
+    assert (record.size, b"".join(chunks)) == (len(listing), listing)
+    assert svc.describe(run.run_id, "adapter") == d  # publishing again is a no-op
     with pytest.raises(NotFound) as info:
         svc.describe(run.run_id, "nothing/here")
     assert (info.value.reason, info.value.field) == ("ARTIFACT_NOT_FOUND", "artifact_path")
