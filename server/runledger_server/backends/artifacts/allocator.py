@@ -4,9 +4,9 @@ Artifact transfers allocate and free megabyte-sized buffers (gRPC chunks, multip
 threads, chunk after chunk. With glibc's defaults such buffers are mmapped, or trimmed off a thread
 arena's top as soon as they are freed, so every chunk page-faults its memory in again: measured here,
 4-5 page faults per transferred page, which doubled to tripled the server's CPU time per byte. Serving
-blocks of up to 32 MiB from the arenas, trimming only above 32 MiB of free top memory, and using at
-most 4 arenas makes the buffers reused instead, with a bounded amount of idle memory kept (at most
-32 MiB per arena). Only glibc has `mallopt`; elsewhere this does nothing.
+blocks of up to 32 MiB from the arenas and trimming only above 32 MiB of free top memory makes the
+buffers reused instead, with a bounded amount of idle memory kept (at most 32 MiB per arena). Only
+glibc has `mallopt`; elsewhere this does nothing.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ _LOGGER = logging.getLogger(__name__)
 M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
 M_MMAP_THRESHOLD = -3
-M_ARENA_MAX = -8
-SETTINGS = ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 32 << 20), (M_TOP_PAD, 8 << 20), (M_ARENA_MAX, 4))
+# glibc's dynamic thresholds rise this far by themselves (32 MiB mmap, 64 MiB trim) in a process that
+# frees large blocks; fixing them from the start, with a top pad, is all that changes. The number of arenas
+# is left alone: an embedded server shares its process with the user's threads.
+SETTINGS = ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 32 << 20), (M_TOP_PAD, 8 << 20))
 _done = False
 
 
