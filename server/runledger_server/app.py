@@ -4,8 +4,10 @@ concrete backends."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -52,8 +54,8 @@ class Server:
     grpc_server: grpc.aio.Server
     port: int
     settings: Settings
-    _closers: list = field(default_factory=list)  # type: ignore[type-arg]
-    _health: health.aio.HealthServicer | None = None
+    _closers: list[Callable[[], object]] = field(default_factory=list)
+    _health: Any = None  # grpc_health's asyncio HealthServicer (untyped in its stubs)
 
     async def start(self) -> None:
         await self.grpc_server.start()
@@ -101,7 +103,7 @@ async def build_server(settings: Settings) -> tuple[Server, int]:
     registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(
         RegistryServicer(registry, alias_watch, executor), grpc_server
     )
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, health.SERVICE_NAME), grpc_server)
 

@@ -15,9 +15,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 
+from runledger import Client, FailedPrecondition, PromotionRefused, Run
+from runledger.v1 import registry_pb2
 from runledger_server.config import Settings
 from runledger_server.embedded import EmbeddedServer
 
@@ -92,8 +95,6 @@ def _server(data_dir: str | None, address: str | None) -> Iterator[str]:
 
 
 def run_demo(*, data_dir: str | None = None, server: str | None = None) -> int:
-    from runledger import Client, FailedPrecondition
-
     with (
         _server(data_dir, server) as address,
         Client(address) as client,
@@ -197,8 +198,7 @@ def _fake_adapter(directory: Path, *, seed: int) -> Path:
     return directory
 
 
-def _registry_part(address: str, client, runs: dict, phantom, files: Path) -> int:  # type: ignore[no-untyped-def]
-    from runledger import Client, FailedPrecondition, PromotionRefused
+def _registry_part(address: str, client: Client, runs: dict[str, Run], phantom: Run, files: Path) -> int:
 
     model = f"qwen3-8b-grpo-{time.strftime('%H%M%S')}"
     _say(f"\n== 4. Registry: versions point back to run, artifact digest and lineage fingerprint ({model})")
@@ -290,17 +290,15 @@ def _registry_part(address: str, client, runs: dict, phantom, files: Path) -> in
     return 0
 
 
-def registry_action(value: int) -> str:
-    from runledger.v1 import registry_pb2
-
+def registry_action(value: registry_pb2.AliasAction.ValueType) -> str:
     return registry_pb2.AliasAction.Name(value).removeprefix("ALIAS_ACTION_")
 
 
-def _score(entry, field: str) -> str:  # type: ignore[no-untyped-def]
+def _score(entry: registry_pb2.AliasHistoryEntry, field: Literal["candidate_score", "incumbent_score"]) -> str:
     return f"{getattr(entry, field):.3f}" if entry.HasField(field) else "-"
 
 
-def _lineage_of(client, run_id: str) -> dict:  # type: ignore[no-untyped-def]
+def _lineage_of(client: Client, run_id: str) -> dict[str, Any]:
     lineage = client.get_run(run_id).lineage
     return {
         "data_version": lineage.data_version,

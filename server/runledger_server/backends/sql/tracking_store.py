@@ -508,21 +508,21 @@ def _experiment_tags(s: Session, experiment_ids: list[str]) -> dict[str, dict[st
 def _compare(column: Any, op: str, values: tuple[Any, ...]) -> ColumnElement[bool]:
     v = values[0]
     if op == "=":
-        return column == v  # type: ignore[no-any-return]
+        return column == v
     if op == "!=":
-        return column != v  # type: ignore[no-any-return]
+        return column != v
     if op == "<":
-        return column < v  # type: ignore[no-any-return]
+        return column < v
     if op == "<=":
-        return column <= v  # type: ignore[no-any-return]
+        return column <= v
     if op == ">":
-        return column > v  # type: ignore[no-any-return]
+        return column > v
     if op == ">=":
-        return column >= v  # type: ignore[no-any-return]
+        return column >= v
     if op == "LIKE":
-        return column.like(v)  # type: ignore[no-any-return]
+        return column.like(v)
     if op == "IN":
-        return column.in_(values)  # type: ignore[no-any-return]
+        return column.in_(values)
     if op == "NOT IN":
         return not_(column.in_(values))
     raise InvalidArgument(f"unsupported operator {op!r}", field="filter")
