@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import grpc
 
@@ -180,6 +182,7 @@ def _download(
     with partial.open("r+b" if offset else "wb") as out:
         out.seek(offset)
         out.truncate()
+        sink = _Sink(out, digest)  # hashing and writing overlap with receiving the next chunk
         try:
             for message in stub.DownloadArtifact(request):
                 if message.WhichOneof("payload") == "artifact":
@@ -189,12 +192,14 @@ def _download(
                             reason="DIGEST_MISMATCH",
                         )
                     continue
-                out.write(message.chunk)
-                digest.update(message.chunk)
-                offset += len(message.chunk)
-                meter.advance(len(message.chunk))
+                chunk = message.chunk
+                sink.put(chunk)
+                offset += len(chunk)
+                meter.advance(len(chunk))
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None  # the .part file stays for a resumed attempt
+        finally:
+            sink.close()
     if offset != artifact.size or digest.hexdigest() != artifact.sha256:
         partial.unlink(missing_ok=True)
         raise DataLoss(
@@ -204,6 +209,39 @@ def _download(
             metadata={"path": artifact.path, "expectedSha256": artifact.sha256, "actualSha256": digest.hexdigest()},
         )
     os.replace(partial, target)
+
+
+class _Sink:
+    """Writes and hashes received chunks on a thread of its own (both release the GIL), a few chunks behind."""
+
+    def __init__(self, out: BinaryIO, digest: Any) -> None:
+        self._out = out
+        self._digest = digest
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="runledger-download-sink", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            if self._failure is None:
+                try:
+                    self._out.write(chunk)
+                    self._digest.update(chunk)
+                except BaseException as exc:
+                    self._failure = exc
+
+    def put(self, chunk: bytes) -> None:
+        if self._failure is not None:
+            raise self._failure
+        self._queue.put(chunk)
+
+    def close(self) -> None:
+        """Wait until every chunk is written; raise what writing raised."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._failure is not None:
+            raise self._failure
 
 
 def _is_below(candidate: str, path: str) -> bool:
