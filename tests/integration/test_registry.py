@@ -725,3 +725,23 @@ def test_alias_revisions_of_many_watched_aliases_in_one_call(tmp_path: Any) -> N
         assert store.alias_revisions(keys) == {("m", "a600"): 1}
     finally:
         db.dispose()
+
+
+def test_many_watchers_share_the_event_loop(reg: Registry, server: EmbeddedServer) -> None:
+    reg.model()
+    reg.gate()
+    v = reg.version().version
+    reg.score(v, 0.9)
+    threads_before = threading.active_count()
+    with grpc.insecure_channel(server.address) as ch:
+        stub = registry_service_pb2_grpc.RegistryServiceStub(ch)
+        calls = [stub.WatchAlias(pb.WatchAliasRequest(model=MODEL, alias="production")) for _ in range(200)]
+        try:
+            assert {next(c).alias.revision for c in calls} == {0}
+            # 200 open streams, no thread each: only the server's fixed worker pool may have grown.
+            assert threading.active_count() - threads_before <= 20
+            reg.set_alias(v)
+            assert {(m.alias.version, m.alias.revision) for m in (next(c) for c in calls)} == {(v, 1)}
+        finally:
+            for c in calls:
+                c.cancel()
