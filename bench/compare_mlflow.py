@@ -1,0 +1,778 @@
+"""runledger and MLflow side by side: the same workloads against both servers in one run, with the ratio.
+
+Workloads (runledger through its Python client, or raw gRPC stubs where the client has no method yet;
+MLflow through `MlflowClient`, see mlflow_workloads.py):
+  ingest1    one trainer logs 300,000 points (4 keys per step); timed from the first log call until the
+             points are durably stored (runledger: `run.log_metrics` per step, then `run.flush()`; MLflow:
+             `log_batch` of 1,000). Also the training thread's time per step of 4 keys.
+  ingest16   16 trainer processes at once, connected before the clock starts; aggregate points/s.
+  history    read back one key of 1,000,000 points (runledger: `client.metric_history`, median of 3 reads;
+             MLflow: `get_metric_history`, its rows written straight into its SQLite tables beforehand).
+  lookup     GetModelVersionByAlias / get_model_version_by_alias, p50 and p99 over 5,000 calls, idle and
+             while 8 trainer processes stream metrics as fast as they can.
+  registry   version creation per second and SetAlias / set_registered_model_alias per second (runledger:
+             each version has a gate result scoring higher than the one before, so every move is admitted).
+  artifacts  upload and download of a 256 MiB file (runledger: its default local artifact store through
+             `runledger.artifacts`, which hashes and verifies; MLflow: proxied local artifacts).
+
+MLflow 3.17.2 is installed into its own virtual environment (bench/.venv-mlflow, created on first use) and
+run at its best on this kind of machine: `mlflow server --workers 1` with a SQLite store. Each workload
+gets a fresh server of each kind. Results go to bench/results/comparison.{md,json,png}; the table is
+also printed. The ratio column says how many times better runledger is (above 1: runledger is ahead).
+
+Run:  .venv/bin/python bench/compare_mlflow.py              (full run, ~10 minutes plus the first install)
+      .venv/bin/python bench/compare_mlflow.py --quick      (smoke run with scaled-down sizes)
+      .venv/bin/python bench/compare_mlflow.py --only ingest1,history
+The plot needs matplotlib: .venv/bin/pip install -e '.[bench]'
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _server import free_port, runledger_server
+
+import runledger
+from runledger import Client, artifacts as client_artifacts, wire
+from runledger.v1 import (
+    artifact_service_pb2 as apb,
+    artifact_service_pb2_grpc,
+    common_pb2,
+    registry_service_pb2 as rpb,
+    registry_service_pb2_grpc,
+    tracking_service_pb2 as tpb,
+    tracking_service_pb2_grpc,
+)
+
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results"
+MLFLOW_VENV = BENCH / ".venv-mlflow"
+MLFLOW_VERSION = "3.17.2"
+KEYS = ("train/loss", "train/reward", "train/kl", "train/entropy")
+WORKLOADS = ("ingest1", "ingest16", "history", "lookup", "registry", "artifacts")
+LINEAGE = common_pb2.Lineage(
+    data_version="bench-mix-v1",
+    code_commit="0000000",
+    config='{"lr": 2e-05, "batch_size": 64}',
+    base_model="bench/base-1b",
+    seed=0,
+)
+QUIET_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "PYTHONUNBUFFERED": "1"}
+# MLflow 3.x also starts a job runner with seven huey consumer processes (GenAI jobs, unused here) whose start-up
+# takes ~35 CPU-seconds on this kind of machine, competing with the workload: the server runs without it.
+SERVER_ENV = {**QUIET_ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    points: int  # ingest, one trainer (both systems); MLflow's 16-trainer total
+    multi_points: int  # runledger's 16-trainer total
+    trainers: int
+    history_points: int
+    calls: int
+    load_trainers: int
+    versions: int
+    artifact_mib: int
+    lookup_max_seconds: float
+
+
+FULL = Sizes(300_000, 1_200_000, 16, 1_000_000, 5_000, 8, 300, 256, 300.0)
+QUICK = Sizes(40_000, 160_000, 16, 100_000, 500, 8, 30, 32, 30.0)
+
+
+@dataclass
+class Row:
+    """One line of the table: a figure of each system, and whether higher is better."""
+
+    workload: str
+    unit: str
+    higher_is_better: bool
+    runledger: float | None = None
+    mlflow: float | None = None
+    runledger_note: str = ""
+    mlflow_note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        """How many times better runledger is than MLflow."""
+        if not self.runledger or not self.mlflow:
+            return None
+        return self.runledger / self.mlflow if self.higher_is_better else self.mlflow / self.runledger
+
+
+# ---- MLflow: its virtual environment, its server, its workloads ------------------------------------------
+def mlflow_python() -> Path:
+    return MLFLOW_VENV / "bin" / "python"
+
+
+def ensure_mlflow() -> str:
+    """Create bench/.venv-mlflow with the pinned MLflow unless it is already there; return its version."""
+    py = mlflow_python()
+    probe = [str(py), "-c", "import mlflow; print(mlflow.__version__)"]
+    if py.exists():
+        found = subprocess.run(probe, capture_output=True, text=True, env={**os.environ, **QUIET_ENV})
+        if found.returncode == 0 and found.stdout.strip() == MLFLOW_VERSION:
+            return MLFLOW_VERSION
+    print(f"installing mlflow=={MLFLOW_VERSION} into {MLFLOW_VENV.relative_to(BENCH.parent)} (a few minutes)...")
+    if not py.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(MLFLOW_VENV)], check=True)
+    subprocess.run([str(py), "-m", "pip", "install", "-q", f"mlflow=={MLFLOW_VERSION}"], check=True)
+    return subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()
+
+
+@contextlib.contextmanager
+def mlflow_server(data: Path) -> Iterator[tuple[str, Path]]:
+    """Yield (tracking URI, SQLite file) of `mlflow server --workers 1`; its process group is killed after."""
+    data.mkdir(parents=True, exist_ok=True)
+    db = data / "mlflow.db"
+    port = free_port()
+    log = (data / "server.log").open("w")
+    proc = subprocess.Popen(
+        [
+            str(MLFLOW_VENV / "bin" / "mlflow"),
+            "server",
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{db}",
+            "--artifacts-destination",
+            str(data / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, **SERVER_ENV},
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {proc.returncode}: {(data / 'server.log').read_text()}")
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("mlflow server did not answer /health within 180 s")
+            time.sleep(0.25)
+        settle(proc.pid)
+        yield uri, db
+    finally:
+        stop_group(proc)
+        log.close()
+
+
+def stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process group led by `proc`, SIGKILL whatever is left after 20 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        proc.poll()
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _cpu_ticks(pid: int) -> int:
+    """utime + stime of a process and its living children, in clock ticks."""
+    total = 0
+    pids = [pid]
+    with contextlib.suppress(OSError):
+        pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    for p in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total
+
+
+def settle(pid: int, timeout: float = 30.0) -> None:
+    """Wait until a freshly started server is idle (below 5% of a core over half a second)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    deadline = time.monotonic() + timeout
+    before = _cpu_ticks(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = _cpu_ticks(pid)
+        if (now - before) / hz < 0.025:
+            return
+        before = now
+
+
+def run_mlflow(workload: str, uri: str, *args: str) -> dict[str, Any]:
+    cmd = [str(mlflow_python()), str(BENCH / "mlflow_workloads.py"), workload, "--uri", uri, *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **QUIET_ENV})
+    if done.returncode != 0:
+        raise RuntimeError(f"mlflow {workload} failed ({done.returncode}): {done.stderr[-2000:]}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+# ---- runledger workloads ---------------------------------------------------------------------------------
+def _log_steps(run: runledger.Run, steps: int) -> float:
+    """One trainer's loop: log_metrics of 4 keys per step; returns the seconds spent in the loop."""
+    vals = [math.sin(i / 50) for i in range(steps)]
+    k0, k1, k2, k3 = KEYS
+    start = time.perf_counter()
+    for i in range(steps):
+        v = vals[i]
+        run.log_metrics({k0: v, k1: -v, k2: 0.01 * v, k3: 1.0 + v}, step=i)
+    return time.perf_counter() - start
+
+
+def rl_ingest_one(address: str, points: int) -> dict[str, Any]:
+    client = Client(address)
+    run = client.start_run(experiment="bench-ingest", name="one-trainer")
+    steps = points // len(KEYS)
+    start = time.perf_counter()
+    loop = _log_steps(run, steps)
+    run.flush()
+    elapsed = time.perf_counter() - start
+    run.finish()
+    client.close()
+    return {
+        "points": steps * len(KEYS),
+        "seconds": elapsed,
+        "points_per_s": steps * len(KEYS) / elapsed,
+        "us_per_step": 1e6 * loop / steps,
+    }
+
+
+def _rl_trainer(address: str, experiment: str, points: int, ready: Any, go: Any, out: Any) -> None:
+    client = Client(address)
+    run = client.start_run(experiment=experiment)
+    ready.put(1)
+    go.wait()
+    _log_steps(run, points // len(KEYS))
+    run.flush()
+    out.put(time.time())
+    run.finish()
+    client.close()
+
+
+def rl_ingest_many(address: str, points: int, trainers: int) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")  # a clean gRPC runtime in each trainer
+    ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    per = points // trainers
+    procs = [
+        ctx.Process(target=_rl_trainer, args=(address, "bench-ingest-many", per, ready, go, out))
+        for _ in range(trainers)
+    ]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        ready.get(timeout=300)
+    start = time.time()
+    go.set()
+    ends = [out.get(timeout=3600) for _ in procs]
+    for p in procs:
+        p.join()
+    total = per // len(KEYS) * len(KEYS) * trainers
+    elapsed = max(ends) - start
+    return {"points": total, "seconds": elapsed, "points_per_s": total / elapsed}
+
+
+def _ack_all(stub: tracking_service_pb2_grpc.TrackingServiceStub, reqs: list[tpb.StreamMetricsRequest]) -> None:
+    window = threading.Semaphore(32)
+
+    def gen() -> Iterator[tpb.StreamMetricsRequest]:
+        for r in reqs:
+            window.acquire()
+            yield r
+
+    for _ in stub.StreamMetrics(gen()):
+        window.release()
+
+
+def rl_history(address: str, points: int) -> dict[str, Any]:
+    client = Client(address)
+    run = client.start_run(experiment="bench-history")
+    per = 10_000
+    stamps = np.full(per, 1_700_000_000_000, dtype=np.int64)
+    reqs = [
+        tpb.StreamMetricsRequest(
+            run_id=run.run_id,
+            writer_id="loader",
+            seq=seq,
+            series=[wire.series("train/loss", np.arange(lo, lo + per), np.sin(np.arange(lo, lo + per) / 50), stamps)],
+        )
+        for seq, lo in enumerate(range(0, points, per))
+    ]
+    with grpc.insecure_channel(address) as ch:
+        _ack_all(tracking_service_pb2_grpc.TrackingServiceStub(ch), reqs)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        got = client.metric_history(run.run_id, "train/loss")
+        times.append(time.perf_counter() - start)
+        assert got.steps.shape[0] == points, got.steps.shape
+    run.finish()
+    client.close()
+    return {"points": points, "seconds": statistics.median(times), "all_seconds": times}
+
+
+class RlRegistry:
+    """Raw-stub shortcuts for a registry fixture: a run with complete lineage and an uploaded artifact."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.tracking = tracking_service_pb2_grpc.TrackingServiceStub(channel)
+        self.registry = registry_service_pb2_grpc.RegistryServiceStub(channel)
+        self.artifacts = artifact_service_pb2_grpc.ArtifactServiceStub(channel)
+
+    def run_with_artifact(self, path: str = "model.safetensors") -> str:
+        exp = self.tracking.CreateExperiment(tpb.CreateExperimentRequest(display_name=f"reg-{time.time_ns()}"))
+        run_id = self.tracking.CreateRun(tpb.CreateRunRequest(experiment=exp.name, lineage=LINEAGE)).run_id
+        data = b"weights " * 1024
+        header = apb.UploadArtifactHeader(
+            run_id=run_id, path=path, size=len(data), sha256=hashlib.sha256(data).hexdigest()
+        )
+        self.artifacts.UploadArtifact(
+            iter([apb.UploadArtifactRequest(header=header), apb.UploadArtifactRequest(chunk=data)])
+        )
+        return run_id
+
+    def model(self, model_id: str) -> str:
+        self.registry.CreateRegisteredModel(rpb.CreateRegisteredModelRequest(model_id=model_id))
+        self.registry.CreateGate(
+            rpb.CreateGateRequest(
+                model=f"models/{model_id}",
+                gate_id="eval",
+                suite_fingerprint="bench-suite@1",
+                metric="score",
+                direction=common_pb2.DIRECTION_MAXIMIZE,
+                threshold=0.0,
+            )
+        )
+        return f"models/{model_id}"
+
+    def version(self, model: str, run_id: str) -> int:
+        req = rpb.CreateModelVersionRequest(model=model, run_id=run_id, artifact_path="model.safetensors")
+        return int(self.registry.CreateModelVersion(req).version)
+
+    def score(self, model: str, version: int, score: float) -> None:
+        self.registry.RecordGateResult(
+            rpb.RecordGateResultRequest(model=model, gate_id="eval", version=version, score=score)
+        )
+
+    def set_alias(self, model: str, version: int) -> None:
+        resp = self.registry.SetAlias(
+            rpb.SetAliasRequest(model=model, alias="production", version=version, gate_id="eval")
+        )
+        assert resp.alias.version == version, resp
+
+
+def rl_registry(address: str, versions: int) -> dict[str, Any]:
+    with grpc.insecure_channel(address) as ch:
+        reg = RlRegistry(ch)
+        run_id = reg.run_with_artifact()
+        model = reg.model(f"bench-{time.time_ns()}")
+        start = time.perf_counter()
+        made = [reg.version(model, run_id) for _ in range(versions)]
+        create_s = time.perf_counter() - start
+        for v in made:
+            reg.score(model, v, float(v))
+        start = time.perf_counter()
+        for v in made:
+            reg.set_alias(model, v)
+        alias_s = time.perf_counter() - start
+    return {"versions": versions, "versions_per_s": versions / create_s, "set_alias_per_s": versions / alias_s}
+
+
+def _rl_stream_until(address: str, ready: Any, stop: Any, out: Any) -> None:
+    """A trainer logging 4 keys per step as fast as it can until told to stop."""
+    client = Client(address)
+    run = client.start_run(experiment="bench-load")
+    ready.put(1)
+    k0, k1, k2, k3 = KEYS
+    step = 0
+    start = time.perf_counter()
+    while not stop.is_set():
+        for _ in range(1_000):
+            run.log_metrics({k0: 0.5, k1: 0.25, k2: 0.01, k3: 1.5}, step=step)
+            step += 1
+    run.flush()
+    out.put((step * len(KEYS), time.perf_counter() - start))
+    run.finish()
+    client.close()
+
+
+def rl_lookup(address: str, calls: int, trainers: int, max_seconds: float) -> dict[str, Any]:
+    with grpc.insecure_channel(address) as ch:
+        reg = RlRegistry(ch)
+        model = reg.model(f"lookup-{time.time_ns()}")
+        version = reg.version(model, reg.run_with_artifact())
+        reg.score(model, version, 1.0)
+        reg.set_alias(model, version)
+        ctx = mp.get_context("spawn")
+        ready, out, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
+        procs = [ctx.Process(target=_rl_stream_until, args=(address, ready, stop, out)) for _ in range(trainers)]
+        for p in procs:
+            p.start()
+        for _ in procs:
+            ready.get(timeout=300)
+        if procs:
+            time.sleep(2)  # let the trainers reach a steady state
+        req = rpb.GetModelVersionByAliasRequest(model=model, alias="production")
+        lookup = reg.registry.GetModelVersionByAlias
+        for _ in range(50):
+            lookup(req)
+        lat: list[float] = []
+        deadline = time.perf_counter() + max_seconds
+        for _ in range(calls):
+            t = time.perf_counter()
+            got = lookup(req)
+            lat.append(time.perf_counter() - t)
+            if t > deadline:
+                break
+        assert got.model_version.version == version
+        stop.set()
+        load = [out.get(timeout=600) for _ in procs]
+        for p in procs:
+            p.join()
+    lat.sort()
+    result: dict[str, Any] = {
+        "calls": len(lat),
+        "p50_ms": 1000 * statistics.median(lat),
+        "p99_ms": 1000 * lat[max(0, math.ceil(0.99 * len(lat)) - 1)],
+    }
+    if load:
+        result["load_points_per_s"] = sum(n / s for n, s in load)
+    return result
+
+
+def rl_artifacts(address: str, size_mib: int, tmp: Path) -> dict[str, Any]:
+    src = tmp / "model.safetensors"
+    with src.open("wb") as f:
+        for _ in range(size_mib):
+            f.write(os.urandom(1 << 20))
+    with grpc.insecure_channel(address) as ch:
+        tracking = tracking_service_pb2_grpc.TrackingServiceStub(ch)
+        exp = tracking.CreateExperiment(tpb.CreateExperimentRequest(display_name="bench-artifacts"))
+        run_id = tracking.CreateRun(tpb.CreateRunRequest(experiment=exp.name)).run_id
+        start = time.perf_counter()
+        client_artifacts.upload_file(ch, run_id, src, progress=False)
+        up = time.perf_counter() - start
+        dest = tmp / "down"
+        dest.mkdir()
+        start = time.perf_counter()
+        got = client_artifacts.download(ch, run_id, "model.safetensors", dest, progress=False)
+        down = time.perf_counter() - start
+        assert got.stat().st_size == size_mib << 20
+    src.unlink()
+    got.unlink()
+    return {"size_mib": size_mib, "upload_mib_s": size_mib / up, "download_mib_s": size_mib / down}
+
+
+# ---- orchestration ---------------------------------------------------------------------------------------
+def measure(label: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any] | str:
+    """Run one side of a workload; a failure becomes the reason shown in the table instead of a figure."""
+    print(f"  {label} ...", end="", flush=True)
+    start = time.perf_counter()
+    try:
+        result = fn()
+    except grpc.RpcError as exc:
+        code = exc.code().name if hasattr(exc, "code") else "error"
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        reason = f"{code}: {details}"[:120]
+        print(f" failed ({reason})")
+        return reason
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}"[:120]
+        print(f" failed ({reason})")
+        return reason
+    print(f" {time.perf_counter() - start:.1f} s  {json.dumps(result)}")
+    return result
+
+
+def on_runledger(tmp: Path, label: str, fn: Callable[[str, Path], dict[str, Any]]) -> dict[str, Any] | str:
+    def go() -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(dir=tmp) as d, runledger_server(Path(d) / "data") as (address, pid):
+            settle(pid)
+            return fn(address, Path(d))
+
+    return measure(f"runledger {label}", go)
+
+
+def on_mlflow(tmp: Path, label: str, fn: Callable[[str, Path], dict[str, Any]]) -> dict[str, Any] | str:
+    def go() -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(dir=tmp) as d, mlflow_server(Path(d) / "mlflow") as (uri, db):
+            return fn(uri, db)
+
+    return measure(f"mlflow    {label}", go)
+
+
+def fill(row: Row, rl: dict[str, Any] | str, mf: dict[str, Any] | str, key: str) -> Row:
+    if isinstance(rl, str):
+        row.runledger_note = f"n/a ({rl})"
+    else:
+        row.runledger = float(rl[key])
+    if isinstance(mf, str):
+        row.mlflow_note = f"n/a ({mf})"
+    else:
+        row.mlflow = float(mf[key])
+    return row
+
+
+def run_workloads(selected: list[str], s: Sizes, tmp: Path, raw: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    pts = f"{s.points:,}"
+    if "ingest1" in selected:
+        print(f"ingest, one trainer, {pts} points")
+        rl = on_runledger(tmp, "ingest1", lambda a, _d: rl_ingest_one(a, s.points))
+        mf = on_mlflow(tmp, "ingest1", lambda u, _db: run_mlflow("ingest", u, "--points", str(s.points)))
+        raw["ingest1"] = {"runledger": rl, "mlflow": mf}
+        rows.append(fill(Row(f"ingest, 1 trainer, {pts} points", "points/s", True), rl, mf, "points_per_s"))
+        rows.append(fill(Row("training-thread time per step of 4 keys", "µs", False), rl, mf, "us_per_step"))
+    if "ingest16" in selected:
+        print(f"ingest, {s.trainers} trainers")
+        rl = on_runledger(tmp, "ingest16", lambda a, _d: rl_ingest_many(a, s.multi_points, s.trainers))
+        mf = on_mlflow(
+            tmp,
+            "ingest16",
+            lambda u, _db: run_mlflow("ingest", u, "--points", str(s.points), "--trainers", str(s.trainers)),
+        )
+        raw["ingest16"] = {"runledger": rl, "mlflow": mf}
+        label = f"ingest, {s.trainers} trainers (runledger {s.multi_points:,} points, MLflow {pts})"
+        rows.append(fill(Row(label, "points/s", True), rl, mf, "points_per_s"))
+    if "history" in selected:
+        print(f"history, {s.history_points:,} points")
+        hp = s.history_points
+        rl = on_runledger(tmp, "history", lambda a, _d: rl_history(a, hp))
+        mf = on_mlflow(tmp, "history", lambda u, db: run_mlflow("history", u, "--db", str(db), "--points", str(hp)))
+        raw["history"] = {"runledger": rl, "mlflow": mf}
+        rows.append(fill(Row(f"history read, 1 key, {hp:,} points", "s", False), rl, mf, "seconds"))
+    if "lookup" in selected:
+        for trainers in (0, s.load_trainers):
+            what = "idle" if trainers == 0 else f"{trainers} trainers streaming"
+            print(f"alias lookup, {what}")
+            rl = on_runledger(
+                tmp, f"lookup/{trainers}", lambda a, _d, t=trainers: rl_lookup(a, s.calls, t, s.lookup_max_seconds)
+            )
+            mf = on_mlflow(
+                tmp,
+                f"lookup/{trainers}",
+                lambda u, _db, t=trainers: run_mlflow(
+                    "lookup",
+                    u,
+                    "--calls",
+                    str(s.calls),
+                    "--trainers",
+                    str(t),
+                    "--max-seconds",
+                    str(s.lookup_max_seconds),
+                ),
+            )
+            raw[f"lookup_{trainers}"] = {"runledger": rl, "mlflow": mf}
+            rows.append(fill(Row(f"alias lookup p50, {what}", "ms", False), rl, mf, "p50_ms"))
+            rows.append(fill(Row(f"alias lookup p99, {what}", "ms", False), rl, mf, "p99_ms"))
+    if "registry" in selected:
+        print(f"registry, {s.versions} versions")
+        rl = on_runledger(tmp, "registry", lambda a, _d: rl_registry(a, s.versions))
+        mf = on_mlflow(tmp, "registry", lambda u, _db: run_mlflow("registry", u, "--versions", str(s.versions)))
+        raw["registry"] = {"runledger": rl, "mlflow": mf}
+        rows.append(fill(Row("version creation", "versions/s", True), rl, mf, "versions_per_s"))
+        rows.append(fill(Row("SetAlias / set_registered_model_alias", "calls/s", True), rl, mf, "set_alias_per_s"))
+    if "artifacts" in selected:
+        mib = s.artifact_mib
+        print(f"artifacts, {mib} MiB")
+        rl = on_runledger(tmp, "artifacts", lambda a, d: rl_artifacts(a, mib, d))
+        mf = on_mlflow(tmp, "artifacts", lambda u, _db: run_mlflow("artifacts", u, "--size-mib", str(mib)))
+        raw["artifacts"] = {"runledger": rl, "mlflow": mf}
+        rows.append(fill(Row(f"artifact upload, {mib} MiB", "MiB/s", True), rl, mf, "upload_mib_s"))
+        rows.append(fill(Row(f"artifact download, {mib} MiB", "MiB/s", True), rl, mf, "download_mib_s"))
+    return rows
+
+
+# ---- report ----------------------------------------------------------------------------------------------
+def fmt(value: float | None, note: str) -> str:
+    if value is None:
+        return note or "n/a"
+    if value >= 1000:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    if value >= 0.1:
+        return f"{value:.2f}"
+    return f"{value:.3g}"
+
+
+def machine() -> dict[str, str]:
+    mem = next(
+        (
+            int(line.split()[1])
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemTotal")
+        ),
+        0,
+    )
+    os_name = platform.platform()
+    with contextlib.suppress(OSError):
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                os_name = line.split("=", 1)[1].strip('"')
+    return {
+        "cpus": str(os.cpu_count()),
+        "memory": f"{mem / (1 << 20):.0f} GiB",
+        "os": os_name,
+        "python": platform.python_version(),
+    }
+
+
+def versions(mlflow_version: str) -> dict[str, str]:
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=BENCH.parent
+    ).stdout.strip()
+    return {
+        "runledger": f"{runledger.__version__} ({commit or 'unknown commit'})",
+        "mlflow": mlflow_version,
+        "grpcio": grpc.__version__,
+    }
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| workload | runledger | MLflow | ratio |", "|---|---:|---:|---:|"]
+    for r in rows:
+        ratio = f"{r.ratio:,.1f}x" if r.ratio is not None else "n/a"
+        name = f"{r.workload} ({r.unit}, {'higher' if r.higher_is_better else 'lower'} is better)"
+        lines.append(f"| {name} | {fmt(r.runledger, r.runledger_note)} | {fmt(r.mlflow, r.mlflow_note)} | {ratio} |")
+    return "\n".join(lines)
+
+
+def report(rows: list[Row], meta: dict[str, Any]) -> str:
+    m, v = meta["machine"], meta["versions"]
+    load = meta["load_average"]
+    return "\n".join(
+        [
+            "# runledger vs MLflow",
+            "",
+            f"Measured {meta['date']} on {m['cpus']} cores, {m['memory']}, {m['os']}, Python {m['python']}; "
+            f"client and server on the same machine. Load average (1 min) {load['start']:.2f} at the start, "
+            f"{load['end']:.2f} at the end{' (quick run: scaled-down sizes)' if meta['quick'] else ''}.",
+            f"Versions: runledger {v['runledger']}, MLflow {v['mlflow']} (`mlflow server --workers 1`, SQLite "
+            f"store, proxied local artifacts), grpcio {v['grpcio']}.",
+            "",
+            "The ratio is how many times better runledger is (above 1: runledger is ahead).",
+            "",
+            table(rows),
+            "",
+            f"Rerun: `.venv/bin/python bench/compare_mlflow.py` (raw figures: `bench/results/{meta['stem']}.json`).",
+            "",
+        ]
+    )
+
+
+def plot(rows: list[Row], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is missing, so no plot was drawn: .venv/bin/pip install -e '.[bench]'")
+        return False
+    shown = [r for r in rows if r.ratio is not None]
+    if not shown:
+        return False
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(shown) + 1.5))
+    names = [r.workload for r in shown][::-1]
+    ratios = [r.ratio or 1.0 for r in shown][::-1]
+    colors = ["#2a7ab0" if x >= 1 else "#c0504d" for x in ratios]
+    ax.barh(names, ratios, color=colors)
+    ax.set_xscale("log")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    for y, x in enumerate(ratios):
+        ax.text(x, y, f" {x:,.1f}x", va="center", fontsize=8)
+    ax.set_xlabel("how many times better runledger is than MLflow (log scale)")
+    ax.set_title(title, fontsize=10)
+    ax.tick_params(axis="y", labelsize=8)
+    lo, hi = min(*ratios, 1.0), max(*ratios, 1.0)
+    ax.set_xlim(lo / 2, hi * 6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="scaled-down sizes for a smoke run of a few minutes")
+    ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(WORKLOADS)} ('ingest': both)")
+    ap.add_argument("--out", default="comparison", help="file stem under bench/results/ (default: comparison)")
+    args = ap.parse_args()
+    selected = list(WORKLOADS)
+    if args.only:
+        asked = [w.strip() for w in args.only.split(",") if w.strip()]
+        asked = [x for w in asked for x in (("ingest1", "ingest16") if w == "ingest" else (w,))]
+        unknown = sorted(set(asked) - set(WORKLOADS))
+        if unknown:
+            ap.error(f"unknown workloads {unknown}; choose from {', '.join(WORKLOADS)}")
+        selected = [w for w in WORKLOADS if w in asked]
+    sizes = QUICK if args.quick else FULL
+    mlflow_version = ensure_mlflow()
+    meta: dict[str, Any] = {
+        "date": dt.date.today().isoformat(),
+        "machine": machine(),
+        "versions": versions(mlflow_version),
+        "quick": args.quick,
+        "sizes": asdict(sizes),
+        "load_average": {"start": os.getloadavg()[0]},
+        "stem": args.out,
+    }
+    print(f"load average {os.getloadavg()}; workloads: {', '.join(selected)}")
+    raw: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="runledger-vs-mlflow-") as tmp:
+        rows = run_workloads(selected, sizes, Path(tmp), raw)
+    meta["load_average"]["end"] = os.getloadavg()[0]
+    text = report(rows, meta)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.out}.md").write_text(text)
+    (RESULTS / f"{args.out}.json").write_text(
+        json.dumps({"meta": meta, "rows": [{**asdict(r), "ratio": r.ratio} for r in rows], "raw": raw}, indent=2) + "\n"
+    )
+    title = f"runledger vs MLflow {mlflow_version}, {meta['date']}, {meta['machine']['cpus']} cores"
+    drew = plot(rows, RESULTS / f"{args.out}.png", title)
+    print()
+    print(text)
+    written = [f"{args.out}.md", f"{args.out}.json"] + ([f"{args.out}.png"] if drew else [])
+    print(f"wrote {', '.join('bench/results/' + w for w in written)}")
+
+
+if __name__ == "__main__":
+    main()
