@@ -3,9 +3,11 @@
 Against a `runledger serve` subprocess (SQLite under a temp dir) on loopback, one client thread:
 - `GetModelVersionByAlias` p50/p99 over N calls (default 5,000) with the server otherwise idle, and again
   while 8 trainer processes stream metrics into it (StreamMetrics, batches of 1,000 points, up to 32 in
-  flight each); the trainers' own points/s during that window is printed too;
-- the baseline, measured in the same run: the gRPC health check (no database, no work) p50/p99, i.e. the
-  floor of a unary call on this machine, so a lookup prints as a multiple of it;
+  flight each): flat out with the trainers niced (as if they ran on their own machines, which they do in
+  practice), flat out at the server's priority (all ten processes share this machine's cores), and paced
+  at --trainer-rate points/s each; the trainers' own points/s during each window is printed too;
+- the baseline, measured in the same run and interleaved call by call: the gRPC health check (no database,
+  no work) p50/p99, i.e. the floor of a unary call here, so a lookup prints as a multiple of it;
 - `CreateModelVersion`/s (each from its own run with a recorded artifact, created beforehand, not timed);
 - `SetAlias` decisions/s: promotions (each candidate beats the last), refusals (ties, committed to the
   history too), and promotions from 8 client threads at once.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import tempfile
@@ -60,15 +63,23 @@ def percentiles(samples: list[float]) -> tuple[float, float, float]:
     return float(np.percentile(ms, 50)), float(np.percentile(ms, 99)), float(ms.max())
 
 
-def timed(n: int, call: Callable[[], object], warmup: int = 200) -> list[float]:
+def timed_pair(
+    n: int, first: Callable[[], object], second: Callable[[], object], warmup: int = 200
+) -> tuple[list[float], list[float]]:
+    """Time n calls of each, alternating, so that both see the same conditions."""
     for _ in range(warmup):
-        call()
-    out = []
+        first()
+        second()
+    a, b = [], []
     for _ in range(n):
         t0 = time.perf_counter()
-        call()
-        out.append(time.perf_counter() - t0)
-    return out
+        first()
+        t1 = time.perf_counter()
+        second()
+        t2 = time.perf_counter()
+        a.append(t1 - t0)
+        b.append(t2 - t1)
+    return a, b
 
 
 def prepare_runs(address: str, experiment: str, n: int) -> list[str]:
@@ -95,15 +106,20 @@ def prepare_runs(address: str, experiment: str, n: int) -> list[str]:
         return runs
 
 
-def trainer(address: str, run_id: str, writer: str, stop: Any, counter: Any) -> None:
-    """Stream 1,000-point batches (4 keys x 250 steps) until told to stop; count acknowledged points."""
+def trainer(address: str, run_id: str, writer: str, stop: Any, counter: Any, nice: int, rate: int) -> None:
+    """Stream 1,000-point batches (4 keys x 250 steps) until told to stop, as fast as acks allow or at `rate`
+    points/s; count acknowledged points."""
+    os.nice(nice)
     rng = np.random.default_rng(abs(hash(writer)) % 2**32)
     stamps = np.full(250, 1_700_000_000_000, dtype=np.int64)
     window = threading.Semaphore(IN_FLIGHT)
 
     def gen() -> Iterator[tpb.StreamMetricsRequest]:
         seq = 0
+        start = time.perf_counter()
         while not stop.is_set():
+            if rate:
+                time.sleep(max(0.0, start + seq * 1000 / rate - time.perf_counter()))
             window.acquire()
             steps = np.arange(seq * 250, seq * 250 + 250, dtype=np.int64)
             yield tpb.StreamMetricsRequest(
@@ -127,6 +143,9 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=5_000, help="lookups per measurement (default 5,000)")
     ap.add_argument("--versions", type=int, default=300, help="versions to register (default 300)")
     ap.add_argument("--trainers", type=int, default=8, help="metric-streaming trainer processes (default 8)")
+    ap.add_argument(
+        "--trainer-rate", type=int, default=10_000, help="points/s per trainer in the paced run (default 10,000)"
+    )
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as d, runledger_server(Path(d) / "data") as (address, pid):
@@ -198,31 +217,43 @@ def main() -> None:
         assert served_version == champion
         lookup_req = rpb.GetModelVersionByAliasRequest(model=MODEL, alias="production")
         health_req = health_pb2.HealthCheckRequest(service="")
-        idle_health = timed(args.calls, lambda: health.Check(health_req))
-        idle_lookup = timed(args.calls, lambda: reg.GetModelVersionByAlias(lookup_req))
 
-        # The same while trainers stream metrics.
-        ctx = mp.get_context("spawn")
-        stop = ctx.Event()
-        points = ctx.Value("q", 0)
-        train_runs = [
-            tracking.CreateRun(tpb.CreateRunRequest(experiment=experiment)).run_id for _ in range(args.trainers)
-        ]
-        procs = [
-            ctx.Process(target=trainer, args=(address, r, f"rank{i}", stop, points), daemon=True)
-            for i, r in enumerate(train_runs)
-        ]
-        for p in procs:
-            p.start()
-        while points.value < args.trainers * 20_000:  # every trainer is streaming before we measure
-            time.sleep(0.05)
-        p0, t0 = points.value, time.perf_counter()
-        busy_health = timed(args.calls, lambda: health.Check(health_req), warmup=50)
-        busy_lookup = timed(args.calls, lambda: reg.GetModelVersionByAlias(lookup_req), warmup=50)
-        train_rate = (points.value - p0) / (time.perf_counter() - t0)
-        stop.set()
-        for p in procs:
-            p.join(timeout=60)
+        idle_health, idle_lookup = timed_pair(
+            args.calls, lambda: health.Check(health_req), lambda: reg.GetModelVersionByAlias(lookup_req)
+        )
+
+        def under_load(nice: int, rate: int) -> tuple[list[float], list[float], float]:
+            """The same while trainer processes stream metrics (at `nice` priority relative to the server)."""
+            ctx = mp.get_context("spawn")
+            stop = ctx.Event()
+            points = ctx.Value("q", 0)
+            runs = [
+                tracking.CreateRun(tpb.CreateRunRequest(experiment=experiment)).run_id for _ in range(args.trainers)
+            ]
+            procs = [
+                ctx.Process(target=trainer, args=(address, r, f"rank{i}", stop, points, nice, rate), daemon=True)
+                for i, r in enumerate(runs)
+            ]
+            for p in procs:
+                p.start()
+            while points.value < args.trainers * 5_000:  # every trainer is streaming before we measure
+                time.sleep(0.05)
+            p0, t0 = points.value, time.perf_counter()
+            base, lookups = timed_pair(
+                args.calls, lambda: health.Check(health_req), lambda: reg.GetModelVersionByAlias(lookup_req), 50
+            )
+            rate = (points.value - p0) / (time.perf_counter() - t0)
+            stop.set()
+            for p in procs:
+                p.join(timeout=60)
+            return base, lookups, rate
+
+        scenarios = {
+            f"{args.trainers} trainers, flat out, niced (as on their own machines)": (10, 0),
+            f"{args.trainers} trainers, flat out, same priority as the server": (0, 0),
+            f"{args.trainers} trainers at {args.trainer_rate:,} points/s each, niced": (10, args.trainer_rate),
+        }
+        loads = {name: under_load(nice, rate) for name, (nice, rate) in scenarios.items()}
         ch.close()
         rss = peak_rss_mib(pid)
 
@@ -230,17 +261,19 @@ def main() -> None:
         p50, p99, worst = percentiles(samples)
         b50, b99, _ = percentiles(base)
         return (
-            f"{name:<44} p50 {p50:6.3f} ms  p99 {p99:6.3f} ms  max {worst:7.3f} ms"
+            f"{name:<72} p50 {p50:6.3f} ms  p99 {p99:6.3f} ms  max {worst:7.3f} ms"
             f"   (x{p50 / b50:.2f} / x{p99 / b99:.2f} the health check)"
         )
 
-    print(f"GetModelVersionByAlias, {args.calls:,} calls, one client on loopback:")
+    print(f"GetModelVersionByAlias, {args.calls:,} calls, one client on loopback (2 cores shared by everything):")
     print(row("  idle", idle_lookup, idle_health))
-    print(row(f"  while {args.trainers} trainers stream metrics", busy_lookup, busy_health))
-    print(f"    (trainers meanwhile: {train_rate:,.0f} points/s acknowledged)")
-    print("baseline measured in this run, gRPC health check (no database):")
-    print(f"  idle: p50 {percentiles(idle_health)[0]:.3f} ms  p99 {percentiles(idle_health)[1]:.3f} ms")
-    print(f"  busy: p50 {percentiles(busy_health)[0]:.3f} ms  p99 {percentiles(busy_health)[1]:.3f} ms")
+    for name, (base, lookups, rate) in loads.items():
+        print(row(f"  {name}", lookups, base))
+        print(f"      trainers meanwhile: {rate:,.0f} points/s acknowledged")
+    print("baseline measured in this run, interleaved call by call: the gRPC health check (no database)")
+    for name, base in (("idle", idle_health), *((n, v[0]) for n, v in loads.items())):
+        b50, b99, _ = percentiles(base)
+        print(f"  {name:<70} p50 {b50:.3f} ms  p99 {b99:.3f} ms")
     print(f"CreateModelVersion, one client:               {create_rate:8,.0f} versions/s")
     print(f"SetAlias decisions, one client, promotions:   {promote_rate:8,.0f} /s")
     print(f"SetAlias decisions, one client, refusals:     {refuse_rate:8,.0f} /s")
