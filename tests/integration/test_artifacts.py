@@ -4,11 +4,14 @@ verified and content-addressed, refusals leave nothing behind, downloads resume 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -218,7 +221,7 @@ def test_manifest_refusals(artifacts: Stub, run_id: str) -> None:
 def test_identical_content_is_stored_once_across_runs(
     artifacts: Stub, tracking, run_id: str, stored: Callable[[], int]
 ) -> None:  # type: ignore[no-untyped-def]
-    data = _blob(20 * MiB + 3, seed=4)  # more than one multipart part on S3
+    data = _blob(9 * MiB + 3, seed=4)  # two multipart parts on S3 (8 MiB parts)
     first = _upload(artifacts, run_id, "ckpt.bin", data)
     assert stored() == 1
     other = _new_run(tracking)
@@ -254,7 +257,7 @@ def test_a_file_and_a_directory_cannot_share_a_path(artifacts: Stub, run_id: str
 
 
 # ---- refusals: nothing recorded, nothing stored ------------------------------------------------------
-@pytest.mark.parametrize("size", [1024, 20 * MiB])  # a single PUT, and a multipart upload on S3
+@pytest.mark.parametrize("size", [1024, 9 * MiB])  # a single PUT, and a two-part multipart upload on S3
 def test_digest_mismatch_records_nothing_and_leaves_no_object(
     artifacts: Stub, run_id: str, stored: Callable[[], int], size: int
 ) -> None:
@@ -409,7 +412,7 @@ def test_describe_resolves_a_file_or_a_directory(settings: Settings, tmp_path: P
         b'[{"path":"a.bin","sha256":"' + hashlib.sha256(b"a").hexdigest().encode() + b'","size":1},'
         b'{"path":"sub/b.bin","sha256":"' + hashlib.sha256(b"bb").hexdigest().encode() + b'","size":2}]'
     )
-    record, chunks = svc.open_download("", "", d.sha256, 0)
+    record, chunks, _ = svc.open_download("", "", d.sha256, 0)
     assert (record.size, b"".join(chunks)) == (len(listing), listing)
     assert svc.describe(run.run_id, "adapter") == d  # publishing again is a no-op
     with pytest.raises(NotFound) as info:
@@ -465,18 +468,61 @@ def test_s3_outage_mid_upload_fails_cleanly_and_the_retry_succeeds(tmp_path: Pat
 
 
 @pytest.mark.s3
-def test_s3_wrong_credentials_are_permission_denied(tmp_path: Path, s3_server: S3Server) -> None:
+def test_s3_with_signatures_enforced(tmp_path: Path, s3_server: S3Server, caplog: pytest.LogCaptureFixture) -> None:
+    """Wrong credentials are PERMISSION_DENIED; with the right ones everything works, and a download whose
+    presigned URL the store refuses (moto answers 500 once it checks signatures) goes through the server."""
     if s3_server.kind != "moto":
         pytest.skip("needs a moto server that enforces signatures")
-    with moto_process(env={"INITIAL_NO_AUTH_ACTION_COUNT": "0"}) as moto:
-        settings = moto.server.settings(Settings(host="127.0.0.1", port=0, data_dir=tmp_path / "d"), "denied")
-        with EmbeddedServer(settings) as srv, grpc.insecure_channel(srv.address) as channel:
+    with moto_process(env={"INITIAL_NO_AUTH_ACTION_COUNT": "3"}) as moto:
+        iam = moto.server.boto3_client("iam")  # the three calls moto lets through before it checks signatures
+        iam.create_user(UserName="runledger")
+        key = iam.create_access_key(UserName="runledger")["AccessKey"]
+        iam.put_user_policy(
+            UserName="runledger",
+            PolicyName="all",
+            PolicyDocument=json.dumps(
+                {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+            ),
+        )
+        base = Settings(host="127.0.0.1", port=0, data_dir=tmp_path / "d")
+        wrong = replace(moto.server, access_key=key["AccessKeyId"], secret_key="not-the-secret")
+        with EmbeddedServer(wrong.settings(base, "denied")) as srv, grpc.insecure_channel(srv.address) as channel:
             stub = Stub(channel)
             run = _new_run(_tracking(channel))
             r = refusal(lambda: _upload(stub, run, "x.bin", b"x"))
             assert (r.code, r.reason) == (grpc.StatusCode.PERMISSION_DENIED, "ARTIFACT_STORE_ACCESS_DENIED")
             assert moto.server.endpoint in r.message
             assert _paths(stub, run) == []
+
+        right = replace(moto.server, access_key=key["AccessKeyId"], secret_key=key["SecretAccessKey"])
+        base = replace(base, data_dir=tmp_path / "d2")
+        with EmbeddedServer(right.settings(base, "allowed")) as srv, grpc.insecure_channel(srv.address) as channel:
+            run = _new_run(_tracking(channel))
+            data = _blob(MiB + 5, seed=10)
+            assert _upload(Stub(channel), run, "ok.bin", data).size == len(data)
+            with caplog.at_level(logging.DEBUG, logger="runledger.artifacts"):
+                client_artifacts.download(channel, run, "ok.bin", tmp_path / "ok.bin", progress=False)
+            assert (tmp_path / "ok.bin").read_bytes() == data
+            assert "downloading through the server" in caplog.text
+
+
+def test_client_download_fetches_straight_from_s3(
+    channel: grpc.Channel, artifacts: Stub, run_id: str, backend: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = _blob(2 * MiB + 9, seed=11)
+    _upload(artifacts, run_id, "w.bin", data)
+    with caplog.at_level(logging.DEBUG, logger="runledger.artifacts"):
+        client_artifacts.download(channel, run_id, "w.bin", tmp_path / "a.bin", progress=False)
+        direct = "straight from the artifact store" in caplog.text
+        caplog.clear()
+        (tmp_path / "b.bin.part").write_bytes(data[:MiB])  # resumed with a range request
+        client_artifacts.download(channel, run_id, "w.bin", tmp_path / "b.bin", progress=False)
+        resumed_direct = "straight from the artifact store" in caplog.text
+        caplog.clear()
+        client_artifacts.download(channel, run_id, "w.bin", tmp_path / "c.bin", presigned=False, progress=False)
+        assert "straight from the artifact store" not in caplog.text
+    assert direct == resumed_direct == (backend == "s3")  # a local store is only read through the server
+    assert all((tmp_path / n).read_bytes() == data for n in ("a.bin", "b.bin", "c.bin"))
 
 
 def _tracking(channel: grpc.Channel):  # type: ignore[no-untyped-def]

@@ -26,6 +26,8 @@ _LOGGER = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # the server's limit per upload message
 PARTIAL_SUFFIX = ".part"
+ACCEPT_PRESIGNED = "runledger-accept-presigned-url"  # request metadata: this client can fetch from S3 itself
+PRESIGNED_URL = "runledger-presigned-url"  # response metadata: where to fetch the bytes from
 
 # None: a progress bar when tqdm is installed and stderr is a terminal; False: none; True: tqdm if installed;
 # a callable: called with (bytes done, bytes total) as the transfer advances.
@@ -82,6 +84,7 @@ def download(
     dest: str | os.PathLike[str],
     *,
     resume: bool = True,
+    presigned: bool = True,
     progress: Progress = None,
 ) -> Path:
     """Download a file or a whole directory (every artifact below `path`; "" is the whole run) to `dest`.
@@ -89,7 +92,9 @@ def download(
     A file goes to `dest` (or into it, when `dest` is an existing directory); a directory's files go below
     `dest` at their relative paths. Each file is checked against its sha256 (DataLoss on mismatch); files
     already present with the right content are skipped, and a `.part` left by an interrupted download is
-    resumed from where it stopped. Returns the file or directory written.
+    resumed from where it stopped. With `presigned` (the default), when the server's artifact store is S3
+    the bytes are fetched straight from it through a short-lived URL the server signs, and through the
+    server otherwise (or when that URL cannot be reached). Returns the file or directory written.
     """
     stub = artifact_service_pb2_grpc.ArtifactServiceStub(channel)
     path = path.strip("/") if path not in ("", "/") else ""
@@ -98,14 +103,16 @@ def download(
         raise NotFound(f"runs/{run_id} has no artifact at {path!r}", reason="ARTIFACT_NOT_FOUND", metadata={})
     destination = Path(dest)
     single = len(found) == 1 and found[0].path == path and path != ""
+    direct = _Direct(presigned)
     with _Meter(progress, sum(a.size for a in found), path or run_id) as meter:
         if single:
             target = destination / Path(path).name if destination.is_dir() else destination
-            _download(stub, found[0], target, resume, meter)
+            _download(stub, found[0], target, resume, meter, direct)
             return target
         prefix = f"{path}/" if path else ""
         for artifact in found:
-            _download(stub, artifact, destination.joinpath(*artifact.path[len(prefix) :].split("/")), resume, meter)
+            local = destination.joinpath(*artifact.path[len(prefix) :].split("/"))
+            _download(stub, artifact, local, resume, meter, direct)
         return destination
 
 
@@ -164,6 +171,7 @@ def _download(
     target: Path,
     resume: bool,
     meter: _Meter,
+    direct: _Direct,
 ) -> None:
     if target.is_file() and target.stat().st_size == artifact.size and file_digest(target)[1] == artifact.sha256:
         meter.advance(artifact.size)
@@ -178,26 +186,12 @@ def _download(
                 digest.update(chunk)
                 offset += len(chunk)
     meter.advance(offset)
-    request = pb.DownloadArtifactRequest(run_id=artifact.run_id, path=artifact.path, offset=offset)
     with partial.open("r+b" if offset else "wb") as out:
         out.seek(offset)
         out.truncate()
         sink = _Sink(out, digest)  # hashing and writing overlap with receiving the next chunk
         try:
-            for message in stub.DownloadArtifact(request):
-                if message.WhichOneof("payload") == "artifact":
-                    if message.artifact.sha256 != artifact.sha256:
-                        raise DataLoss(
-                            f"{artifact.path} changed while downloading (sha256 {message.artifact.sha256})",
-                            reason="DIGEST_MISMATCH",
-                        )
-                    continue
-                chunk = message.chunk
-                sink.put(chunk)
-                offset += len(chunk)
-                meter.advance(len(chunk))
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from None  # the .part file stays for a resumed attempt
+            offset = _receive(stub, artifact, offset, sink, meter, direct)
         finally:
             sink.close()
     if offset != artifact.size or digest.hexdigest() != artifact.sha256:
@@ -209,6 +203,88 @@ def _download(
             metadata={"path": artifact.path, "expectedSha256": artifact.sha256, "actualSha256": digest.hexdigest()},
         )
     os.replace(partial, target)
+
+
+def _receive(
+    stub: artifact_service_pb2_grpc.ArtifactServiceStub,
+    artifact: artifact_pb2.Artifact,
+    offset: int,
+    sink: _Sink,
+    meter: _Meter,
+    direct: _Direct,
+) -> int:
+    """Stream the bytes from `offset` into the sink, through the server or straight from its store."""
+    request = pb.DownloadArtifactRequest(run_id=artifact.run_id, path=artifact.path, offset=offset)
+    url = None
+    try:
+        call = stub.DownloadArtifact(request, metadata=((ACCEPT_PRESIGNED, "1"),) if direct.enabled else ())
+        for message in call:
+            if message.WhichOneof("payload") == "artifact":
+                if message.artifact.sha256 != artifact.sha256:
+                    raise DataLoss(
+                        f"{artifact.path} changed while downloading (sha256 {message.artifact.sha256})",
+                        reason="DIGEST_MISMATCH",
+                    )
+                url = dict(call.initial_metadata()).get(PRESIGNED_URL)
+                continue
+            chunk = message.chunk
+            sink.put(chunk)
+            offset += len(chunk)
+            meter.advance(len(chunk))
+    except grpc.RpcError as err:
+        raise from_rpc_error(err) from None  # the .part file stays for a resumed attempt
+    if not isinstance(url, str):
+        return offset
+    try:
+        offset = direct.fetch(url, offset, sink, meter)
+        _LOGGER.debug("fetched %s straight from the artifact store", artifact.path)
+        return offset
+    except _FetchFailed as exc:
+        _LOGGER.info("the artifact store is not reachable from here (%s): downloading through the server", exc)
+        direct.enabled = False
+        return _receive(stub, artifact, exc.offset, sink, meter, direct)
+
+
+class _FetchFailed(Exception):
+    def __init__(self, offset: int, why: str) -> None:
+        super().__init__(why)
+        self.offset = offset
+
+
+class _Direct:
+    """The presigned-URL fast path of one download() call; after one failure the rest goes through the server."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._http: Any = None
+
+    def fetch(self, url: str, offset: int, sink: _Sink, meter: _Meter) -> int:
+        import urllib3  # the minio SDK's HTTP client, installed with runledger
+
+        if self._http is None:
+            self._http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=3.0, read=60.0), retries=False)
+        try:
+            response = self._http.request(
+                "GET", url, headers={"Range": f"bytes={offset}-"} if offset else {}, preload_content=False
+            )
+        except urllib3.exceptions.HTTPError as exc:
+            raise _FetchFailed(offset, str(exc)) from exc
+        try:
+            if response.status != (206 if offset else 200):
+                raise _FetchFailed(offset, f"HTTP {response.status} from the artifact store")
+            pieces = response.stream(CHUNK)
+            while True:
+                try:
+                    chunk = next(pieces, None)
+                except (urllib3.exceptions.HTTPError, OSError) as exc:
+                    raise _FetchFailed(offset, str(exc)) from exc
+                if chunk is None:
+                    return offset
+                sink.put(chunk)
+                offset += len(chunk)
+                meter.advance(len(chunk))
+        finally:
+            response.release_conn()
 
 
 class _Sink:

@@ -48,6 +48,10 @@ class StreamingBlobStore(BlobStore, Protocol):
 
     def size(self, sha256: str) -> int | None: ...
 
+    def presigned_get(self, sha256: str) -> str | None:
+        """A short-lived URL from which a client may GET the blob itself, or None."""
+        ...
+
 
 class CheckedIndex(ArtifactIndex, Protocol):
     def check(self, run_id: str, path: str, sha256: str | None) -> ArtifactRecord | None:
@@ -104,8 +108,11 @@ class ArtifactService:
         return Upload(self.index, run_id, path, size, declared, writer)
 
     # ---- download ----------------------------------------------------------------------------
-    def open_download(self, run_id: str, path: str, sha256: str, offset: int) -> tuple[ArtifactRecord, Iterator[bytes]]:
-        """The artifact and its bytes from `offset` (the client checks the digest at the end)."""
+    def open_download(
+        self, run_id: str, path: str, sha256: str, offset: int, *, presign: bool = False
+    ) -> tuple[ArtifactRecord, Iterator[bytes], str | None]:
+        """The artifact and its bytes from `offset` (the client checks the digest at the end); with `presign`,
+        when the store can, a short-lived URL to fetch the bytes from the store directly instead."""
         if offset < 0:
             raise InvalidArgument(f"offset must be >= 0, got {offset}", field="offset")
         record = self._locate(run_id, path, sha256)
@@ -116,7 +123,11 @@ class ArtifactService:
                 reason="OFFSET_OUT_OF_RANGE",
             )
         if offset == record.size:
-            return record, iter(())
+            return record, iter(()), None
+        if presign:
+            url = self.blobs.presigned_get(record.sha256)
+            if url is not None:
+                return record, iter(()), url
         try:
             chunks = self.blobs.open_range(record.sha256, offset)
         except NotFound as exc:
@@ -125,7 +136,7 @@ class ArtifactService:
                 reason="BLOB_MISSING",
                 metadata={"sha256": record.sha256},
             ) from exc
-        return record, chunks
+        return record, chunks, None
 
     def _locate(self, run_id: str, path: str, sha256: str) -> ArtifactRecord:
         if sha256:

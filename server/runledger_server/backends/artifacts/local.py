@@ -53,6 +53,9 @@ class LocalBlobStore:
         except FileNotFoundError:
             return None
 
+    def presigned_get(self, sha256: str) -> str | None:
+        return None  # a client reads a local store only through the server
+
     def writer(self, sha256: str | None = None, size: int | None = None) -> LocalBlobWriter:
         del sha256, size  # the final name is decided at commit time either way
         fd, name = tempfile.mkstemp(dir=self._tmp, prefix="upload-")

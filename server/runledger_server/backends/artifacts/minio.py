@@ -41,6 +41,7 @@ UNKNOWN_SIZE_PART = 16 << 20  # without a declared size: objects up to 156 GiB
 PIPE_BYTES = 4 << 20  # received bytes waiting while a part is sent; the network side is far faster than S3
 READ_CHUNK = 1 << 20
 STALE_TEMP = datetime.timedelta(hours=24)
+PRESIGNED_EXPIRY = datetime.timedelta(minutes=15)  # long enough to start a transfer, checked when it starts
 UNAVAILABLE = "ARTIFACT_STORE_UNAVAILABLE"
 ACCESS_DENIED = "ARTIFACT_STORE_ACCESS_DENIED"
 _DENIED_CODES = frozenset(
@@ -167,6 +168,11 @@ class S3BlobStore:
             if exc.code in _MISSING_CODES:
                 return None
             raise
+
+    def presigned_get(self, sha256: str) -> str:
+        """Signed locally (no request to the store): a GET URL for the blob, valid for PRESIGNED_EXPIRY."""
+        with self.errors("signing a download URL"):
+            return self.client.presigned_get_object(self.bucket, self.key(sha256), expires=PRESIGNED_EXPIRY)
 
     def writer(self, sha256: str | None = None, size: int | None = None) -> S3BlobWriter:
         self.ensure_bucket()
