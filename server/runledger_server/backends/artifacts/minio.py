@@ -1,7 +1,7 @@
 """Blobs in S3/MinIO through the minio SDK: `<prefix>/sha256/ab/cd/<hex>`, streamed as multipart uploads.
 
 An upload never holds the file in memory: bytes flow through a bounded pipe into the SDK's multipart
-upload (`put_object` with unknown length), one part at a time. Nothing becomes visible before the
+upload (`put_object`, given the declared length when there is one), one part at a time. Nothing becomes visible before the
 service has verified the digest: when the digest is declared up front the upload goes straight to its
 final key but is completed only after verification (an aborted multipart upload leaves no object); when
 it is not, the bytes land under `<prefix>/tmp/` and are copied server-side to their address.
@@ -176,7 +176,7 @@ class S3BlobStore:
 
     def writer(self, sha256: str | None = None, size: int | None = None) -> S3BlobWriter:
         self.ensure_bucket()
-        return S3BlobWriter(self, sha256, self.part_size_for(size))
+        return S3BlobWriter(self, sha256, size, self.part_size_for(size))
 
     def part_size_for(self, size: int | None) -> int:
         """The configured part size, or larger when the object would otherwise need more than 10,000 parts."""
@@ -271,10 +271,17 @@ class _Cancelled(Exception):
 
 
 class _Pipe:
-    """A bounded hand-off of bytes from the request stream to the SDK reading on its own thread."""
+    """A bounded hand-off of bytes from the request stream to the SDK reading on its own thread.
 
-    def __init__(self, limit: int) -> None:
+    The SDK completes the object as soon as it has read the last byte, so the last byte is handed over
+    only once the service has verified the upload and closed the pipe (`total`, when known, says which
+    byte is the last); a cancelled pipe raises instead, and the SDK abandons the object.
+    """
+
+    def __init__(self, limit: int, total: int | None = None) -> None:
         self._cond = threading.Condition()
+        self._total = total
+        self._delivered = 0
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._limit = limit
@@ -328,21 +335,28 @@ class _Pipe:
                     out.append(chunk)
                     got += len(chunk)
                 self._cond.notify_all()
-                if (size >= 0 and got >= size) or (self._closed and not self._chunks):
+                if self._total is not None and self._delivered + got >= self._total:
+                    if self._closed:  # the last bytes: only once verified
+                        break
+                elif (size >= 0 and got >= size) or (self._closed and not self._chunks):
                     break
                 self._cond.wait()
+            self._delivered += got
         return b"".join(out)
 
 
 class S3BlobWriter:
     """One upload in progress, fed chunk by chunk; `commit` publishes it under its digest, `abort` drops it."""
 
-    def __init__(self, store: S3BlobStore, sha256: str | None, part_size: int) -> None:
+    def __init__(self, store: S3BlobStore, sha256: str | None, size: int | None, part_size: int) -> None:
         self._store = store
         self._expected = sha256
         self._key = store.key(sha256) if sha256 else f"{store.prefix}tmp/{uuid.uuid4().hex}"
         self._part_size = part_size
-        self._pipe = _Pipe(PIPE_BYTES)
+        # A known length spares the SDK two copies of every part; an empty object is never sent before
+        # commit either way, but with a known length of 0 the SDK would not wait for the pipe at all.
+        self._length = size if size else -1
+        self._pipe = _Pipe(PIPE_BYTES, size if size else None)
         self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._upload, name="runledger-s3-upload", daemon=True)
         self._thread.start()
@@ -353,7 +367,7 @@ class S3BlobWriter:
                 self._store.bucket,
                 self._key,
                 self._pipe,  # type: ignore[arg-type]
-                length=-1,
+                length=self._length,
                 part_size=self._part_size,
                 num_parallel_uploads=1,  # parallel parts are no faster here, and the SDK leaks their threads on abort
             )
