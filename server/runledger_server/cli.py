@@ -11,11 +11,14 @@ from collections.abc import Sequence
 
 from runledger_server import config
 from runledger_server.app import build_server
+from runledger_server.backends.artifacts.allocator import keep_transfer_buffers
 
 _LOGGER = logging.getLogger(__name__)
 
 
 async def serve(settings: config.Settings) -> None:
+    # Process-wide malloc tuning is the process owner's call: `serve` owns its process, an embedded server does not.
+    keep_transfer_buffers()
     server, port = await build_server(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

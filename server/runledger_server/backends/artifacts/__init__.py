@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from runledger_server.backends.artifacts.allocator import keep_transfer_buffers
 from runledger_server.backends.artifacts.local import LocalBlobStore
 from runledger_server.backends.artifacts.minio import S3BlobStore, parse_location
 from runledger_server.config import Settings
@@ -17,7 +16,6 @@ __all__ = ["LocalBlobStore", "S3BlobStore", "from_settings"]
 
 def from_settings(settings: Settings) -> LocalBlobStore | S3BlobStore:
     """`s3://bucket/prefix` selects S3 (the bucket is created if missing); anything else is a directory."""
-    keep_transfer_buffers()
     location = settings.artifact_location
     if not location.startswith("s3://"):
         return LocalBlobStore(Path(location))
