@@ -34,9 +34,14 @@ class RunLookup(Protocol):
 
 
 class ArtifactDescription(Protocol):
-    sha256: str
-    size: int
-    uri: str
+    @property
+    def sha256(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def uri(self) -> str: ...
 
 
 class ArtifactDescriber(Protocol):
