@@ -95,13 +95,14 @@ class Sizes:
     history_points: int
     calls: int
     load_trainers: int
+    load_rate: int  # points/s of each trainer in the paced lookup variant (0: no paced variant)
     versions: int
     artifact_mib: int
     lookup_max_seconds: float
 
 
-FULL = Sizes(300_000, 1_200_000, 16, 1_000_000, 5_000, 8, 300, 256, 300.0)
-QUICK = Sizes(40_000, 160_000, 16, 100_000, 500, 8, 30, 32, 30.0)
+FULL = Sizes(300_000, 1_200_000, 16, 1_000_000, 5_000, 8, 500, 300, 256, 120.0)
+QUICK = Sizes(40_000, 160_000, 16, 100_000, 500, 8, 500, 30, 32, 30.0)
 
 
 @dataclass
@@ -415,25 +416,30 @@ def rl_registry(address: str, versions: int) -> dict[str, Any]:
     return {"versions": versions, "versions_per_s": versions / create_s, "set_alias_per_s": versions / alias_s}
 
 
-def _rl_stream_until(address: str, ready: Any, stop: Any, out: Any) -> None:
-    """A trainer logging 4 keys per step as fast as it can until told to stop."""
+def _rl_stream_until(address: str, rate: int, ready: Any, stop: Any, out: Any) -> None:
+    """A trainer logging 4 keys per step until told to stop: as fast as it can (rate 0) or `rate` points/s."""
     client = Client(address)
     run = client.start_run(experiment="bench-load")
     ready.put(1)
     k0, k1, k2, k3 = KEYS
     step = 0
+    burst = 1_000 if rate == 0 else 1
     start = time.perf_counter()
     while not stop.is_set():
-        for _ in range(1_000):
+        for _ in range(burst):
             run.log_metrics({k0: 0.5, k1: 0.25, k2: 0.01, k3: 1.5}, step=step)
             step += 1
+        if rate:
+            ahead = start + step * len(KEYS) / rate - time.perf_counter()
+            if ahead > 0:
+                time.sleep(ahead)
     run.flush()
     out.put((step * len(KEYS), time.perf_counter() - start))
     run.finish()
     client.close()
 
 
-def rl_lookup(address: str, calls: int, trainers: int, max_seconds: float) -> dict[str, Any]:
+def rl_lookup(address: str, calls: int, trainers: int, rate: int, max_seconds: float) -> dict[str, Any]:
     with grpc.insecure_channel(address) as ch:
         reg = RlRegistry(ch)
         model = reg.model(f"lookup-{time.time_ns()}")
@@ -442,7 +448,7 @@ def rl_lookup(address: str, calls: int, trainers: int, max_seconds: float) -> di
         reg.set_alias(model, version)
         ctx = mp.get_context("spawn")
         ready, out, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
-        procs = [ctx.Process(target=_rl_stream_until, args=(address, ready, stop, out)) for _ in range(trainers)]
+        procs = [ctx.Process(target=_rl_stream_until, args=(address, rate, ready, stop, out)) for _ in range(trainers)]
         for p in procs:
             p.start()
         for _ in procs:
@@ -501,12 +507,17 @@ def rl_artifacts(address: str, size_mib: int, tmp: Path) -> dict[str, Any]:
 
 
 # ---- orchestration ---------------------------------------------------------------------------------------
+LOADS: list[float] = []  # the 1-minute load average before each measurement
+
+
 def measure(label: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any] | str:
     """Run one side of a workload; a failure becomes the reason shown in the table instead of a figure."""
     print(f"  {label} ...", end="", flush=True)
+    load = os.getloadavg()[0]
+    LOADS.append(load)
     start = time.perf_counter()
     try:
-        result = fn()
+        result = {**fn(), "load_before": load}
     except grpc.RpcError as exc:
         code = exc.code().name if hasattr(exc, "code") else "error"
         details = exc.details() if hasattr(exc, "details") else str(exc)
@@ -550,71 +561,81 @@ def fill(row: Row, rl: dict[str, Any] | str, mf: dict[str, Any] | str, key: str)
     return row
 
 
-def run_workloads(selected: list[str], s: Sizes, tmp: Path, raw: dict[str, Any]) -> list[Row]:
+def run_workloads(selected: list[str], s: Sizes, tmp: Path, systems: set[str], raw: dict[str, Any]) -> list[Row]:
     rows: list[Row] = []
+
+    def both(
+        name: str, rl_fn: Callable[[str, Path], dict[str, Any]], mf_fn: Callable[[str, Path], dict[str, Any]]
+    ) -> tuple[dict[str, Any] | str, dict[str, Any] | str]:
+        rl = on_runledger(tmp, name, rl_fn) if "runledger" in systems else "not run"
+        mf = on_mlflow(tmp, name, mf_fn) if "mlflow" in systems else "not run"
+        raw[name] = {"runledger": rl, "mlflow": mf}
+        return rl, mf
+
     pts = f"{s.points:,}"
     if "ingest1" in selected:
         print(f"ingest, one trainer, {pts} points")
-        rl = on_runledger(tmp, "ingest1", lambda a, _d: rl_ingest_one(a, s.points))
-        mf = on_mlflow(tmp, "ingest1", lambda u, _db: run_mlflow("ingest", u, "--points", str(s.points)))
-        raw["ingest1"] = {"runledger": rl, "mlflow": mf}
+        rl, mf = both(
+            "ingest1",
+            lambda a, _d: rl_ingest_one(a, s.points),
+            lambda u, _db: run_mlflow("ingest", u, "--points", str(s.points)),
+        )
         rows.append(fill(Row(f"ingest, 1 trainer, {pts} points", "points/s", True), rl, mf, "points_per_s"))
         rows.append(fill(Row("training-thread time per step of 4 keys", "µs", False), rl, mf, "us_per_step"))
     if "ingest16" in selected:
         print(f"ingest, {s.trainers} trainers")
-        rl = on_runledger(tmp, "ingest16", lambda a, _d: rl_ingest_many(a, s.multi_points, s.trainers))
-        mf = on_mlflow(
-            tmp,
+        rl, mf = both(
             "ingest16",
+            lambda a, _d: rl_ingest_many(a, s.multi_points, s.trainers),
             lambda u, _db: run_mlflow("ingest", u, "--points", str(s.points), "--trainers", str(s.trainers)),
         )
-        raw["ingest16"] = {"runledger": rl, "mlflow": mf}
         label = f"ingest, {s.trainers} trainers (runledger {s.multi_points:,} points, MLflow {pts})"
         rows.append(fill(Row(label, "points/s", True), rl, mf, "points_per_s"))
     if "history" in selected:
-        print(f"history, {s.history_points:,} points")
         hp = s.history_points
-        rl = on_runledger(tmp, "history", lambda a, _d: rl_history(a, hp))
-        mf = on_mlflow(tmp, "history", lambda u, db: run_mlflow("history", u, "--db", str(db), "--points", str(hp)))
-        raw["history"] = {"runledger": rl, "mlflow": mf}
+        print(f"history, {hp:,} points")
+        rl, mf = both(
+            "history",
+            lambda a, _d: rl_history(a, hp),
+            lambda u, db: run_mlflow("history", u, "--db", str(db), "--points", str(hp)),
+        )
         rows.append(fill(Row(f"history read, 1 key, {hp:,} points", "s", False), rl, mf, "seconds"))
     if "lookup" in selected:
-        for trainers in (0, s.load_trainers):
-            what = "idle" if trainers == 0 else f"{trainers} trainers streaming"
+        n = s.load_trainers
+        variants = [(0, 0, "idle"), (n, 0, f"{n} trainers streaming flat out")]
+        if s.load_rate:
+            variants.append((n, s.load_rate, f"{n} trainers streaming {s.load_rate:,} points/s each"))
+        for trainers, rate, what in variants:
             print(f"alias lookup, {what}")
-            rl = on_runledger(
-                tmp, f"lookup/{trainers}", lambda a, _d, t=trainers: rl_lookup(a, s.calls, t, s.lookup_max_seconds)
-            )
-            mf = on_mlflow(
-                tmp,
-                f"lookup/{trainers}",
-                lambda u, _db, t=trainers: run_mlflow(
+            rl, mf = both(
+                f"lookup_{trainers}_{rate}",
+                lambda a, _d, t=trainers, r=rate: rl_lookup(a, s.calls, t, r, s.lookup_max_seconds),
+                lambda u, _db, t=trainers, r=rate: run_mlflow(
                     "lookup",
                     u,
-                    "--calls",
-                    str(s.calls),
-                    "--trainers",
-                    str(t),
-                    "--max-seconds",
-                    str(s.lookup_max_seconds),
+                    *("--calls", str(s.calls), "--trainers", str(t), "--rate", str(r)),
+                    *("--max-seconds", str(s.lookup_max_seconds)),
                 ),
             )
-            raw[f"lookup_{trainers}"] = {"runledger": rl, "mlflow": mf}
             rows.append(fill(Row(f"alias lookup p50, {what}", "ms", False), rl, mf, "p50_ms"))
             rows.append(fill(Row(f"alias lookup p99, {what}", "ms", False), rl, mf, "p99_ms"))
     if "registry" in selected:
         print(f"registry, {s.versions} versions")
-        rl = on_runledger(tmp, "registry", lambda a, _d: rl_registry(a, s.versions))
-        mf = on_mlflow(tmp, "registry", lambda u, _db: run_mlflow("registry", u, "--versions", str(s.versions)))
-        raw["registry"] = {"runledger": rl, "mlflow": mf}
+        rl, mf = both(
+            "registry",
+            lambda a, _d: rl_registry(a, s.versions),
+            lambda u, _db: run_mlflow("registry", u, "--versions", str(s.versions)),
+        )
         rows.append(fill(Row("version creation", "versions/s", True), rl, mf, "versions_per_s"))
         rows.append(fill(Row("SetAlias / set_registered_model_alias", "calls/s", True), rl, mf, "set_alias_per_s"))
     if "artifacts" in selected:
         mib = s.artifact_mib
         print(f"artifacts, {mib} MiB")
-        rl = on_runledger(tmp, "artifacts", lambda a, d: rl_artifacts(a, mib, d))
-        mf = on_mlflow(tmp, "artifacts", lambda u, _db: run_mlflow("artifacts", u, "--size-mib", str(mib)))
-        raw["artifacts"] = {"runledger": rl, "mlflow": mf}
+        rl, mf = both(
+            "artifacts",
+            lambda a, d: rl_artifacts(a, mib, d),
+            lambda u, _db: run_mlflow("artifacts", u, "--size-mib", str(mib)),
+        )
         rows.append(fill(Row(f"artifact upload, {mib} MiB", "MiB/s", True), rl, mf, "upload_mib_s"))
         rows.append(fill(Row(f"artifact download, {mib} MiB", "MiB/s", True), rl, mf, "download_mib_s"))
     return rows
@@ -683,14 +704,34 @@ def report(rows: list[Row], meta: dict[str, Any]) -> str:
             "# runledger vs MLflow",
             "",
             f"Measured {meta['date']} on {m['cpus']} cores, {m['memory']}, {m['os']}, Python {m['python']}; "
-            f"client and server on the same machine. Load average (1 min) {load['start']:.2f} at the start, "
-            f"{load['end']:.2f} at the end{' (quick run: scaled-down sizes)' if meta['quick'] else ''}.",
+            f"client and server on the same machine. The 1-minute load average was {load['start']:.2f} at the start "
+            f"and {min(load['before_each'], default=0):.2f}-{max(load['before_each'], default=0):.2f} before each "
+            f"measurement (other work shared the machine){'; quick run: scaled-down sizes' if meta['quick'] else ''}.",
             f"Versions: runledger {v['runledger']}, MLflow {v['mlflow']} (`mlflow server --workers 1`, SQLite "
             f"store, proxied local artifacts), grpcio {v['grpcio']}.",
             "",
             "The ratio is how many times better runledger is (above 1: runledger is ahead).",
             "",
             table(rows),
+            "",
+            "How each figure is taken (details in `bench/compare_mlflow.py`):",
+            "",
+            "- Ingest is timed from the first log call until the points are durably stored: runledger's `flush()` "
+            "returns once the server has acknowledged its commit; MLflow's last `log_batch` (1,000 points) returns.",
+            "- Training-thread time: runledger's `log_metrics` buffers and returns; MLflow's `log_batch` is "
+            "synchronous, so its figure is the loop's time per step (one call per 250 steps of 4 keys).",
+            "- History: runledger's figure is the median of 3 reads; MLflow's is one read of rows written "
+            "straight into its SQLite tables.",
+            '- Alias lookups run on one connection, one call at a time. "Flat out": each trainer is a process '
+            'logging as fast as it can (trainers, server and the caller share the 2 cores); "paced": each trainer '
+            "logs a fixed number of points per second. A loaded MLflow run stops after "
+            f"{meta['sizes']['lookup_max_seconds']:.0f} s of calls (the count is in the JSON).",
+            "- runledger's SetAlias checks the gate result against the threshold and the incumbent's score and "
+            "records the alias history in the same transaction; MLflow's alias move has no check.",
+            "- Artifacts: runledger's client hashes the file (sha256) before the upload and verifies it after "
+            "the download, both inside the timing.",
+            "- MLflow runs without its job runner (`MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false`: seven huey "
+            "processes for GenAI jobs, unused here, whose start-up would compete with the workload).",
             "",
             f"Rerun: `.venv/bin/python bench/compare_mlflow.py` (raw figures: `bench/results/{meta['stem']}.json`).",
             "",
@@ -735,7 +776,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="scaled-down sizes for a smoke run of a few minutes")
     ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(WORKLOADS)} ('ingest': both)")
     ap.add_argument("--out", default="comparison", help="file stem under bench/results/ (default: comparison)")
+    ap.add_argument("--systems", default="runledger,mlflow", help="measure only some systems (default: both)")
     args = ap.parse_args()
+    systems = {x.strip() for x in args.systems.split(",") if x.strip()}
+    if not systems or systems - {"runledger", "mlflow"}:
+        ap.error("--systems takes runledger, mlflow or both")
     selected = list(WORKLOADS)
     if args.only:
         asked = [w.strip() for w in args.only.split(",") if w.strip()]
@@ -745,7 +790,7 @@ def main() -> None:
             ap.error(f"unknown workloads {unknown}; choose from {', '.join(WORKLOADS)}")
         selected = [w for w in WORKLOADS if w in asked]
     sizes = QUICK if args.quick else FULL
-    mlflow_version = ensure_mlflow()
+    mlflow_version = ensure_mlflow() if "mlflow" in systems else "not run"
     meta: dict[str, Any] = {
         "date": dt.date.today().isoformat(),
         "machine": machine(),
@@ -758,8 +803,9 @@ def main() -> None:
     print(f"load average {os.getloadavg()}; workloads: {', '.join(selected)}")
     raw: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="runledger-vs-mlflow-") as tmp:
-        rows = run_workloads(selected, sizes, Path(tmp), raw)
+        rows = run_workloads(selected, sizes, Path(tmp), systems, raw)
     meta["load_average"]["end"] = os.getloadavg()[0]
+    meta["load_average"]["before_each"] = LOADS
     text = report(rows, meta)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.md").write_text(text)

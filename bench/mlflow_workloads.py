@@ -115,18 +115,23 @@ def history(uri: str, db_path: str, points: int) -> dict[str, Any]:
     return {"points": points, "seconds": elapsed}
 
 
-def _stream_until(uri: str, experiment_id: str, ready: Any, stop: Any, out: Any) -> None:
-    """A trainer logging continuously (1,000 points per log_batch) until told to stop."""
+def _stream_until(uri: str, experiment_id: str, rate: int, ready: Any, stop: Any, out: Any) -> None:
+    """A trainer logging 1,000 points per log_batch until told to stop: flat out (rate 0) or `rate` points/s."""
     client = MlflowClient(uri)
     run_id = client.create_run(experiment_id).info.run_id
     ts = int(time.time() * 1000)
     ready.put(1)
     step = 0
+    per_batch = BATCH // len(KEYS)
     start = time.perf_counter()
     while not stop.is_set():
-        batch = [Metric(k, 0.5, ts, step + i) for i in range(BATCH // len(KEYS)) for k in KEYS]
+        batch = [Metric(k, 0.5, ts, step + i) for i in range(per_batch) for k in KEYS]
         client.log_batch(run_id, metrics=batch)
-        step += BATCH // len(KEYS)
+        step += per_batch
+        if rate:
+            ahead = start + step * len(KEYS) / rate - time.perf_counter()
+            if ahead > 0:
+                stop.wait(ahead)
     out.put((step * len(KEYS), time.perf_counter() - start))
 
 
@@ -139,7 +144,7 @@ def _registered_model(client: MlflowClient, name: str) -> str:
     return run.info.run_id
 
 
-def lookup(uri: str, calls: int, trainers: int, max_seconds: float) -> dict[str, Any]:
+def lookup(uri: str, calls: int, trainers: int, rate: int, max_seconds: float) -> dict[str, Any]:
     """p50/p99 of get_model_version_by_alias over `calls` calls (or as many as fit in `max_seconds`)."""
     client = MlflowClient(uri)
     name = f"lookup-{time.time_ns()}"
@@ -150,7 +155,7 @@ def lookup(uri: str, calls: int, trainers: int, max_seconds: float) -> dict[str,
     out: mp.Queue[tuple[int, float]] = mp.Queue()
     if trainers:
         exp = client.create_experiment(f"load-{time.time_ns()}")
-        procs = [mp.Process(target=_stream_until, args=(uri, exp, ready, stop, out)) for _ in range(trainers)]
+        procs = [mp.Process(target=_stream_until, args=(uri, exp, rate, ready, stop, out)) for _ in range(trainers)]
         for p in procs:
             p.start()
         for _ in procs:
@@ -228,6 +233,7 @@ def main() -> None:
     ap.add_argument("--points", type=int, default=300_000)
     ap.add_argument("--trainers", type=int, default=1)
     ap.add_argument("--calls", type=int, default=5_000)
+    ap.add_argument("--rate", type=int, default=0, help="points/s of each load trainer (0: flat out)")
     ap.add_argument("--max-seconds", type=float, default=300.0)
     ap.add_argument("--versions", type=int, default=300)
     ap.add_argument("--size-mib", type=int, default=256)
@@ -240,7 +246,7 @@ def main() -> None:
     elif a.workload == "history":
         out = history(a.uri, a.db, a.points)
     elif a.workload == "lookup":
-        out = lookup(a.uri, a.calls, a.trainers, a.max_seconds)
+        out = lookup(a.uri, a.calls, a.trainers, a.rate, a.max_seconds)
     elif a.workload == "registry":
         out = registry(a.uri, a.versions)
     else:
