@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from runledger.v1 import tracking_service_pb2 as pb
 
+from runledger.v1 import tracking_service_pb2 as pb
 from tests.support import refusal
 
 

@@ -26,8 +26,6 @@ _LOGGER = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # the server's limit per upload message
 PARTIAL_SUFFIX = ".part"
-ACCEPT_PRESIGNED = "runledger-accept-presigned-url"  # request metadata: this client can fetch from S3 itself
-PRESIGNED_URL = "runledger-presigned-url"  # response metadata: where to fetch the bytes from
 
 # None: a progress bar when tqdm is installed and stderr is a terminal; False: none; True: tqdm if installed;
 # a callable: called with (bytes done, bytes total) as the transfer advances.
@@ -214,10 +212,12 @@ def _receive(
     direct: _Direct,
 ) -> int:
     """Stream the bytes from `offset` into the sink, through the server or straight from its store."""
-    request = pb.DownloadArtifactRequest(run_id=artifact.run_id, path=artifact.path, offset=offset)
+    request = pb.DownloadArtifactRequest(
+        run_id=artifact.run_id, path=artifact.path, offset=offset, accept_presigned_url=direct.enabled
+    )
     url = None
     try:
-        call = stub.DownloadArtifact(request, metadata=((ACCEPT_PRESIGNED, "1"),) if direct.enabled else ())
+        call = stub.DownloadArtifact(request)
         for message in call:
             if message.WhichOneof("payload") == "artifact":
                 if message.artifact.sha256 != artifact.sha256:
@@ -225,7 +225,7 @@ def _receive(
                         f"{artifact.path} changed while downloading (sha256 {message.artifact.sha256})",
                         reason="DIGEST_MISMATCH",
                     )
-                url = dict(call.initial_metadata()).get(PRESIGNED_URL)
+                url = message.presigned_url or None
                 continue
             chunk = message.chunk
             sink.put(chunk)

@@ -23,10 +23,6 @@ from runledger_server.transport.errors import handle_errors
 _LOGGER = logging.getLogger(__name__)
 
 T = TypeVar("T")
-# Opt-in download fast path (request metadata -> response initial metadata): the bytes come straight from
-# the S3 store through a presigned URL, which the client fetches and verifies itself.
-ACCEPT_PRESIGNED = "runledger-accept-presigned-url"
-PRESIGNED_URL = "runledger-presigned-url"
 WRITE_BATCH_BYTES = 2 << 20  # chunks handed to the worker pool at once; one batch in flight per upload
 
 
@@ -99,19 +95,16 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
     async def DownloadArtifact(
         self, request: pb.DownloadArtifactRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.DownloadArtifactResponse]:
-        presign = any(k == ACCEPT_PRESIGNED and v == "1" for k, v in context.invocation_metadata() or ())
         record, chunks, url = await self._call(
-            functools.partial(self._svc.open_download, presign=presign),
+            functools.partial(self._svc.open_download, presign=request.accept_presigned_url),
             request.run_id,
             request.path,
             request.sha256,
             request.offset,
         )
-        if url is not None:
-            await context.send_initial_metadata(((PRESIGNED_URL, url),))
         ahead: asyncio.Future[bytes | None] | None = None
         try:
-            yield pb.DownloadArtifactResponse(artifact=_artifact(record))
+            yield pb.DownloadArtifactResponse(artifact=_artifact(record), presigned_url=url or "")
             # Read the next chunk while the current one is being sent.
             ahead = asyncio.ensure_future(self._call(_next_chunk, chunks))
             while True:

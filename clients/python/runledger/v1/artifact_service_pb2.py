@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from runledger.v1 import artifact_pb2 as runledger_dot_v1_dot_artifact__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#runledger/v1/artifact_service.proto\x12\x0crunledger.v1\x1a\x1brunledger/v1/artifact.proto\"`\n\x14UploadArtifactHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\x04size\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x0e\n\x06sha256\x18\x04 \x01(\tB\x07\n\x05_size\"i\n\x15UploadArtifactRequest\x12\x34\n\x06header\x18\x01 \x01(\x0b\x32\".runledger.v1.UploadArtifactHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"W\n\x17\x44ownloadArtifactRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x03\"b\n\x18\x44ownloadArtifactResponse\x12*\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x16.runledger.v1.ArtifactH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"]\n\x14ListArtifactsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06prefix\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"[\n\x15ListArtifactsResponse\x12)\n\tartifacts\x18\x01 \x03(\x0b\x32\x16.runledger.v1.Artifact\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\":\n\x1aGetArtifactManifestRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t2\x91\x03\n\x0f\x41rtifactService\x12O\n\x0eUploadArtifact\x12#.runledger.v1.UploadArtifactRequest\x1a\x16.runledger.v1.Artifact(\x01\x12h\n\x10\x44ownloadArtifact\x12%.runledger.v1.DownloadArtifactRequest\x1a&.runledger.v1.DownloadArtifactResponse\"\x03\x90\x02\x01\x30\x01\x12]\n\rListArtifacts\x12\".runledger.v1.ListArtifactsRequest\x1a#.runledger.v1.ListArtifactsResponse\"\x03\x90\x02\x01\x12\x64\n\x13GetArtifactManifest\x12(.runledger.v1.GetArtifactManifestRequest\x1a\x1e.runledger.v1.ArtifactManifest\"\x03\x90\x02\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#runledger/v1/artifact_service.proto\x12\x0crunledger.v1\x1a\x1brunledger/v1/artifact.proto\"`\n\x14UploadArtifactHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x11\n\x04size\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x0e\n\x06sha256\x18\x04 \x01(\tB\x07\n\x05_size\"i\n\x15UploadArtifactRequest\x12\x34\n\x06header\x18\x01 \x01(\x0b\x32\".runledger.v1.UploadArtifactHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"u\n\x17\x44ownloadArtifactRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x1c\n\x14\x61\x63\x63\x65pt_presigned_url\x18\x05 \x01(\x08\"y\n\x18\x44ownloadArtifactResponse\x12*\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x16.runledger.v1.ArtifactH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12\x15\n\rpresigned_url\x18\x03 \x01(\tB\t\n\x07payload\"]\n\x14ListArtifactsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06prefix\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"[\n\x15ListArtifactsResponse\x12)\n\tartifacts\x18\x01 \x03(\x0b\x32\x16.runledger.v1.Artifact\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\":\n\x1aGetArtifactManifestRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t2\x91\x03\n\x0f\x41rtifactService\x12O\n\x0eUploadArtifact\x12#.runledger.v1.UploadArtifactRequest\x1a\x16.runledger.v1.Artifact(\x01\x12h\n\x10\x44ownloadArtifact\x12%.runledger.v1.DownloadArtifactRequest\x1a&.runledger.v1.DownloadArtifactResponse\"\x03\x90\x02\x01\x30\x01\x12]\n\rListArtifacts\x12\".runledger.v1.ListArtifactsRequest\x1a#.runledger.v1.ListArtifactsResponse\"\x03\x90\x02\x01\x12\x64\n\x13GetArtifactManifest\x12(.runledger.v1.GetArtifactManifestRequest\x1a\x1e.runledger.v1.ArtifactManifest\"\x03\x90\x02\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,15 +43,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPLOADARTIFACTREQUEST']._serialized_start=180
   _globals['_UPLOADARTIFACTREQUEST']._serialized_end=285
   _globals['_DOWNLOADARTIFACTREQUEST']._serialized_start=287
-  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_end=374
-  _globals['_DOWNLOADARTIFACTRESPONSE']._serialized_start=376
-  _globals['_DOWNLOADARTIFACTRESPONSE']._serialized_end=474
-  _globals['_LISTARTIFACTSREQUEST']._serialized_start=476
-  _globals['_LISTARTIFACTSREQUEST']._serialized_end=569
-  _globals['_LISTARTIFACTSRESPONSE']._serialized_start=571
-  _globals['_LISTARTIFACTSRESPONSE']._serialized_end=662
-  _globals['_GETARTIFACTMANIFESTREQUEST']._serialized_start=664
-  _globals['_GETARTIFACTMANIFESTREQUEST']._serialized_end=722
-  _globals['_ARTIFACTSERVICE']._serialized_start=725
-  _globals['_ARTIFACTSERVICE']._serialized_end=1126
+  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_end=404
+  _globals['_DOWNLOADARTIFACTRESPONSE']._serialized_start=406
+  _globals['_DOWNLOADARTIFACTRESPONSE']._serialized_end=527
+  _globals['_LISTARTIFACTSREQUEST']._serialized_start=529
+  _globals['_LISTARTIFACTSREQUEST']._serialized_end=622
+  _globals['_LISTARTIFACTSRESPONSE']._serialized_start=624
+  _globals['_LISTARTIFACTSRESPONSE']._serialized_end=715
+  _globals['_GETARTIFACTMANIFESTREQUEST']._serialized_start=717
+  _globals['_GETARTIFACTMANIFESTREQUEST']._serialized_end=775
+  _globals['_ARTIFACTSERVICE']._serialized_start=778
+  _globals['_ARTIFACTSERVICE']._serialized_end=1179
 # @@protoc_insertion_point(module_scope)

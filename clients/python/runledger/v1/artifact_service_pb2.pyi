@@ -95,6 +95,7 @@ class DownloadArtifactRequest(_message.Message):
     PATH_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
+    ACCEPT_PRESIGNED_URL_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run ID (with `path`)."""
     path: _builtins.str
@@ -103,6 +104,12 @@ class DownloadArtifactRequest(_message.Message):
     """Or the sha256 hex of the content."""
     offset: _builtins.int
     """Optional. The byte offset to resume from."""
+    accept_presigned_url: _builtins.bool
+    """Optional. The client can fetch the bytes straight from the artifact
+    store (S3/MinIO). When the store offers it, the first response message
+    carries `presigned_url` and no chunks follow; the client verifies the
+    sha256 itself.
+    """
     def __init__(
         self,
         *,
@@ -110,10 +117,11 @@ class DownloadArtifactRequest(_message.Message):
         path: _builtins.str = ...,
         sha256: _builtins.str = ...,
         offset: _builtins.int = ...,
+        accept_presigned_url: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["offset", b"offset", "path", b"path", "run_id", b"run_id", "sha256", b"sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_presigned_url", b"accept_presigned_url", "offset", b"offset", "path", b"path", "run_id", b"run_id", "sha256", b"sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -127,8 +135,13 @@ class DownloadArtifactResponse(_message.Message):
 
     ARTIFACT_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    PRESIGNED_URL_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
     """A piece of the content."""
+    presigned_url: _builtins.str
+    """A short-lived URL serving the content from `offset`, set on the first
+    message only when the request accepted one and the store offers it.
+    """
     @_builtins.property
     def artifact(self) -> _artifact_pb2.Artifact:
         """The first message: what is downloaded."""
@@ -138,10 +151,11 @@ class DownloadArtifactResponse(_message.Message):
         *,
         artifact: _artifact_pb2.Artifact | None = ...,
         chunk: _builtins.bytes = ...,
+        presigned_url: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "chunk", b"chunk", "payload", b"payload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "chunk", b"chunk", "payload", b"payload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "chunk", b"chunk", "payload", b"payload", "presigned_url", b"presigned_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["artifact", "chunk"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015

@@ -1,8 +1,8 @@
 """Blobs in S3/MinIO through the minio SDK: `<prefix>/sha256/ab/cd/<hex>`, streamed as multipart uploads.
 
 An upload never holds the file in memory: bytes flow through a bounded pipe into the SDK's multipart
-upload (`put_object`, given the declared length when there is one), one part at a time. Nothing becomes visible before the
-service has verified the digest: when the digest is declared up front the upload goes straight to its
+upload (`put_object`, given the declared length when there is one), one part at a time. Nothing becomes
+visible before the service has verified the digest: when the digest is declared up front the upload goes straight to its
 final key but is completed only after verification (an aborted multipart upload leaves no object); when
 it is not, the bytes land under `<prefix>/tmp/` and are copied server-side to their address.
 """
