@@ -177,6 +177,9 @@ def test_racing_set_alias_is_serializable(channels: list[grpc.Channel]) -> None:
         assert len({e.actor for e in history}) == n
         final = replay(history, calls, scores, start)
         assert setup.state(alias) == final
+        served = setup.serving(alias)
+        assert (served.alias.version, served.alias.revision, served.model_version.version) == (*final, final[0])
+        assert served.model_version.aliases == [alias]
         reasons.update(c.reason for c in calls.values())
 
     # Round 1: sixteen first promotions of a new alias race to create it.

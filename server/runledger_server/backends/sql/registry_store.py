@@ -387,7 +387,13 @@ class SqlRegistryStore:
 
     def _alias_and_siblings(self, model_id: str, alias: str) -> list[tuple[str, int, int, str, int]]:
         conn = self.db.engine.raw_connection()
+        driver: Any = conn.driver_connection
+        # One statement needs no transaction: on PostgreSQL autocommit saves the BEGIN and the ROLLBACK
+        # round trips (SQLite connections are in autocommit mode already).
+        autocommit = not self.local_reads and not driver.autocommit
         try:
+            if autocommit:
+                driver.autocommit = True
             cur = conn.cursor()
             try:
                 cur.execute(self._serving_sql, (model_id, alias, model_id, alias))
@@ -395,7 +401,9 @@ class SqlRegistryStore:
             finally:
                 cur.close()
         finally:
-            conn.close()  # back to the pool, which ends any implicit transaction
+            if autocommit:
+                driver.autocommit = False
+            conn.close()  # back to the pool
 
     def _cached_version(self, model_id: str, version: int) -> ModelVersion:
         key = (model_id, version)
