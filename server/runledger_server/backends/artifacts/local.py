@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import tempfile
@@ -12,7 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from runledger_server.domain.errors import DataLoss, NotFound, Unavailable
+from runledger_server.backends.artifacts.verified_put import put_verified
+from runledger_server.domain.errors import NotFound, Unavailable
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -63,21 +63,7 @@ class LocalBlobStore:
 
     def put(self, sha256: str, stream: BinaryIO, size: int) -> str:
         """Store content whose digest is known; the bytes are checked against it on the way in."""
-        if self.exists(sha256):
-            return self.uri(sha256)
-        w = self.writer(sha256)
-        try:
-            digest, total = hashlib.sha256(), 0
-            while chunk := stream.read(READ_CHUNK):
-                digest.update(chunk)
-                total += len(chunk)
-                w.write(chunk)
-            if total != size or digest.hexdigest() != sha256:
-                raise DataLoss(f"content does not match sha256 {sha256} / size {size}", field="sha256")
-            return w.commit(sha256)
-        except BaseException:
-            w.abort()
-            raise
+        return put_verified(self, sha256, stream, size)
 
     def open_range(self, sha256: str, offset: int) -> Iterator[bytes]:
         try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import logging
 import threading
 import uuid
@@ -24,8 +23,8 @@ from minio import Minio
 from minio.commonconfig import CopySource
 from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
 
+from runledger_server.backends.artifacts.verified_put import put_verified
 from runledger_server.domain.errors import (
-    DataLoss,
     DomainError,
     InvalidArgument,
     NotFound,
@@ -187,21 +186,7 @@ class S3BlobStore:
 
     def put(self, sha256: str, stream: BinaryIO, size: int) -> str:
         """Store content whose digest is known; the bytes are checked against it before they are published."""
-        if self.exists(sha256):
-            return self.uri(sha256)
-        w = self.writer(sha256)
-        try:
-            digest, total = hashlib.sha256(), 0
-            while chunk := stream.read(READ_CHUNK):
-                digest.update(chunk)
-                total += len(chunk)
-                w.write(chunk)
-            if total != size or digest.hexdigest() != sha256:
-                raise DataLoss(f"content does not match sha256 {sha256} / size {size}", field="sha256")
-            return w.commit(sha256)
-        except BaseException:
-            w.abort()
-            raise
+        return put_verified(self, sha256, stream, size)
 
     def open_range(self, sha256: str, offset: int) -> Iterator[bytes]:
         self.ensure_bucket()
