@@ -11,7 +11,7 @@ from runledger_server.domain.errors import Aborted, DomainError, FailedPrecondit
 from runledger_server.domain.gates import Decision, GateSpec
 from runledger_server.domain.lineage import Lineage, drifted_fields, validate
 from runledger_server.domain.sweeps import Direction, require_finite
-from runledger_server.store.entities import Page, Run
+from runledger_server.store.entities import Page
 from runledger_server.store.registry import RegistryStore
 from runledger_server.store.registry_entities import (
     AliasHistoryEntry,
@@ -30,7 +30,7 @@ MAX_DESCRIPTION = 8192
 
 
 class RunLookup(Protocol):
-    def get_run(self, run_id: str) -> Run: ...
+    def run_lineage(self, run_id: str) -> Lineage: ...
 
 
 class ArtifactDescription(Protocol):
@@ -87,8 +87,8 @@ class RegistryService:
         path = _artifact_path(artifact_path)
         _check_description(description)
         self.store.get_model(model_id)
-        run = self.runs.get_run(run_id)
-        missing = run.lineage.missing_fields()
+        lineage = self.runs.run_lineage(run_id)
+        missing = lineage.missing_fields()
         if missing:
             raise FailedPrecondition(
                 f"runs/{run_id} has broken lineage: missing {', '.join(missing)}; "
@@ -97,11 +97,11 @@ class RegistryService:
                 field="run_id",
                 metadata={"missingFields": ",".join(missing), "run": f"runs/{run_id}"},
             )
-        fingerprint = run.lineage_fingerprint or run.lineage.fingerprint()
+        fingerprint = lineage.fingerprint()
         assert fingerprint is not None
         described = self.artifacts.describe(run_id, path, "artifact_path")
         artifact = ArtifactRef(path, described.sha256, described.size, described.uri)
-        version = self.store.create_version(model_id, run_id, artifact, run.lineage, fingerprint, description)
+        version = self.store.create_version(model_id, run_id, artifact, lineage, fingerprint, description)
         _LOGGER.info("registered models/%s/versions/%d from runs/%s", model_id, version.version, run_id)
         return version
 

@@ -35,6 +35,10 @@ class TrackingStore(Protocol):
 
     def get_run(self, run_id: str) -> Run: ...
 
+    def run_lineage(self, run_id: str) -> Lineage:
+        """Just the run's lineage: one row, for checks that need nothing else of the run."""
+        ...
+
     def update_run(self, run_id: str, status: str | None, end_time_us: int | None, display_name: str | None) -> Run: ...
 
     def search_runs(

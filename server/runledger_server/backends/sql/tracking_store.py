@@ -131,6 +131,10 @@ class SqlTrackingStore:
         with self.db.read() as s:
             return self._load(s, [_require_run(s, run_id)])[0]
 
+    def run_lineage(self, run_id: str) -> Lineage:
+        with self.db.read() as s:
+            return _lineage(_require_run(s, run_id))
+
     def update_run(self, run_id: str, status: str | None, end_time_us: int | None, display_name: str | None) -> Run:
         with self.db.write() as s:
             row = _require_run(s, run_id)
