@@ -16,13 +16,16 @@ MLflow through `MlflowClient`, see mlflow_workloads.py):
              `runledger.artifacts`, which hashes and verifies; MLflow: proxied local artifacts).
 
 MLflow 3.17.2 is installed into its own virtual environment (bench/.venv-mlflow, created on first use) and
-run at its best on this kind of machine: `mlflow server --workers 1` with a SQLite store. Each workload
-gets a fresh server of each kind. Results go to bench/results/comparison.{md,json,png}; the table is
-also printed. The ratio column says how many times better runledger is (above 1: runledger is ahead).
+run at its best on this kind of machine: `mlflow server --workers 1` with a SQLite store, without its job
+runner, on each of its two web servers (uvicorn, its default, and gunicorn); each MLflow figure is the
+better of the two. Each workload gets a fresh server of each kind. Results go to
+bench/results/comparison.{md,json,png}; the table is also printed. The ratio column says how many times
+better runledger is (above 1: runledger is ahead). Other work on the machine skews the figures: the report
+says how much CPU it took during the measurements.
 
-Run:  .venv/bin/python bench/compare_mlflow.py              (full run, ~10 minutes plus the first install)
-      .venv/bin/python bench/compare_mlflow.py --quick      (smoke run with scaled-down sizes)
-      .venv/bin/python bench/compare_mlflow.py --only ingest1,history
+Run:  .venv/bin/python bench/compare_mlflow.py              (full run, ~35 minutes plus the first install)
+      .venv/bin/python bench/compare_mlflow.py --quick      (smoke run with scaled-down sizes, ~8 minutes)
+      .venv/bin/python bench/compare_mlflow.py --only ingest1,history --mlflow-servers uvicorn
 The plot needs matplotlib: .venv/bin/pip install -e '.[bench]'
 """
 
@@ -37,6 +40,7 @@ import math
 import multiprocessing as mp
 import os
 import platform
+import resource
 import signal
 import statistics
 import subprocess
@@ -85,6 +89,9 @@ QUIET_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "PYTHON
 # MLflow 3.x also starts a job runner with seven huey consumer processes (GenAI jobs, unused here) whose start-up
 # takes ~35 CPU-seconds on this kind of machine, competing with the workload: the server runs without it.
 SERVER_ENV = {**QUIET_ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+# Both of MLflow's web servers with one worker; each MLflow figure is the better of the two. gunicorn's default
+# 30 s worker timeout would kill the long history read.
+MLFLOW_SERVERS: dict[str, list[str]] = {"uvicorn": [], "gunicorn": ["--gunicorn-opts", "--timeout 900"]}
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,7 @@ class Row:
     mlflow: float | None = None
     runledger_note: str = ""
     mlflow_note: str = ""
+    mlflow_server: str = ""
 
     @property
     def ratio(self) -> float | None:
@@ -146,8 +154,9 @@ def ensure_mlflow() -> str:
 
 
 @contextlib.contextmanager
-def mlflow_server(data: Path) -> Iterator[tuple[str, Path]]:
-    """Yield (tracking URI, SQLite file) of `mlflow server --workers 1`; its process group is killed after."""
+def mlflow_server(data: Path, kind: str) -> Iterator[tuple[str, Path]]:
+    """Yield (tracking URI, SQLite file) of `mlflow server --workers 1` on uvicorn (its default) or gunicorn;
+    its process group is killed after."""
     data.mkdir(parents=True, exist_ok=True)
     db = data / "mlflow.db"
     port = free_port()
@@ -166,6 +175,7 @@ def mlflow_server(data: Path) -> Iterator[tuple[str, Path]]:
             "127.0.0.1",
             "--port",
             str(port),
+            *MLFLOW_SERVERS[kind],
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -194,11 +204,30 @@ def mlflow_server(data: Path) -> Iterator[tuple[str, Path]]:
         log.close()
 
 
+def _group_members(pgid: int) -> list[int]:
+    """Living (not zombie) processes of a process group other than its leader."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == pgid:
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                found.append(int(entry.name))
+    return found
+
+
 def stop_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process group led by `proc`, SIGKILL whatever is left after 20 s."""
+    """Stop the process group led by `proc`: SIGTERM the leader's workers first, so that the leader reaps them
+    (their CPU time then reaches this process's accounts), then the leader; SIGKILL the group after 20 s."""
+    deadline = time.monotonic() + 20
+    for pid in _group_members(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    while _group_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         proc.poll()
         try:
@@ -507,17 +536,35 @@ def rl_artifacts(address: str, size_mib: int, tmp: Path) -> dict[str, Any]:
 
 
 # ---- orchestration ---------------------------------------------------------------------------------------
-LOADS: list[float] = []  # the 1-minute load average before each measurement
+OTHERS: list[float] = []  # cores used by other processes during each measurement
+
+
+def _busy_and_own() -> tuple[float, float]:
+    """(CPU-seconds the whole machine has been busy, CPU-seconds of this process and its waited-for children).
+
+    Servers and trainers are children of this process (the MLflow server's workers are its children), so once
+    they have exited, the difference over a measurement is the CPU other work on the machine took meanwhile.
+    """
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = fields[0] + fields[1] + fields[2] + fields[5] + fields[6]  # user nice system irq softirq
+    own = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        r = resource.getrusage(who)
+        own += r.ru_utime + r.ru_stime
+    return busy / os.sysconf("SC_CLK_TCK"), own
 
 
 def measure(label: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any] | str:
     """Run one side of a workload; a failure becomes the reason shown in the table instead of a figure."""
     print(f"  {label} ...", end="", flush=True)
-    load = os.getloadavg()[0]
-    LOADS.append(load)
+    busy0, own0 = _busy_and_own()
     start = time.perf_counter()
     try:
-        result = {**fn(), "load_before": load}
+        result = fn()
+        busy1, own1 = _busy_and_own()
+        others = max(0.0, (busy1 - busy0) - (own1 - own0)) / (time.perf_counter() - start)
+        OTHERS.append(others)
+        result["other_cores"] = round(others, 3)
     except grpc.RpcError as exc:
         code = exc.code().name if hasattr(exc, "code") else "error"
         details = exc.details() if hasattr(exc, "details") else str(exc)
@@ -541,34 +588,47 @@ def on_runledger(tmp: Path, label: str, fn: Callable[[str, Path], dict[str, Any]
     return measure(f"runledger {label}", go)
 
 
-def on_mlflow(tmp: Path, label: str, fn: Callable[[str, Path], dict[str, Any]]) -> dict[str, Any] | str:
-    def go() -> dict[str, Any]:
-        with tempfile.TemporaryDirectory(dir=tmp) as d, mlflow_server(Path(d) / "mlflow") as (uri, db):
+def on_mlflow(
+    tmp: Path, label: str, fn: Callable[[str, Path], dict[str, Any]], kinds: list[str]
+) -> dict[str, dict[str, Any] | str]:
+    """The workload against each kind of MLflow server, a fresh one each time."""
+
+    def go(kind: str) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(dir=tmp) as d, mlflow_server(Path(d) / "mlflow", kind) as (uri, db):
             return fn(uri, db)
 
-    return measure(f"mlflow    {label}", go)
+    return {kind: measure(f"mlflow/{kind:8s} {label}", lambda k=kind: go(k)) for kind in kinds}
 
 
-def fill(row: Row, rl: dict[str, Any] | str, mf: dict[str, Any] | str, key: str) -> Row:
+def fill(row: Row, rl: dict[str, Any] | str, mf: dict[str, dict[str, Any] | str] | str, key: str) -> Row:
+    """Put the figures in the row; MLflow's is the better of its servers' (which one is kept in the row)."""
     if isinstance(rl, str):
         row.runledger_note = f"n/a ({rl})"
     else:
         row.runledger = float(rl[key])
     if isinstance(mf, str):
         row.mlflow_note = f"n/a ({mf})"
-    else:
-        row.mlflow = float(mf[key])
+        return row
+    measured = {kind: float(r[key]) for kind, r in mf.items() if not isinstance(r, str)}
+    if not measured:
+        row.mlflow_note = f"n/a ({next(iter(mf.values()))})"
+        return row
+    pick = max if row.higher_is_better else min
+    row.mlflow_server = pick(measured, key=lambda kind: measured[kind])
+    row.mlflow = measured[row.mlflow_server]
     return row
 
 
-def run_workloads(selected: list[str], s: Sizes, tmp: Path, systems: set[str], raw: dict[str, Any]) -> list[Row]:
+def run_workloads(
+    selected: list[str], s: Sizes, tmp: Path, systems: set[str], kinds: list[str], raw: dict[str, Any]
+) -> list[Row]:
     rows: list[Row] = []
 
     def both(
         name: str, rl_fn: Callable[[str, Path], dict[str, Any]], mf_fn: Callable[[str, Path], dict[str, Any]]
-    ) -> tuple[dict[str, Any] | str, dict[str, Any] | str]:
+    ) -> tuple[dict[str, Any] | str, dict[str, dict[str, Any] | str] | str]:
         rl = on_runledger(tmp, name, rl_fn) if "runledger" in systems else "not run"
-        mf = on_mlflow(tmp, name, mf_fn) if "mlflow" in systems else "not run"
+        mf = on_mlflow(tmp, name, mf_fn, kinds) if "mlflow" in systems else "not run"
         raw[name] = {"runledger": rl, "mlflow": mf}
         return rl, mf
 
@@ -692,23 +752,30 @@ def table(rows: list[Row]) -> str:
     for r in rows:
         ratio = f"{r.ratio:,.1f}x" if r.ratio is not None else "n/a"
         name = f"{r.workload} ({r.unit}, {'higher' if r.higher_is_better else 'lower'} is better)"
-        lines.append(f"| {name} | {fmt(r.runledger, r.runledger_note)} | {fmt(r.mlflow, r.mlflow_note)} | {ratio} |")
+        mlflow = fmt(r.mlflow, r.mlflow_note) + (f" ({r.mlflow_server[0]})" if r.mlflow_server else "")
+        lines.append(f"| {name} | {fmt(r.runledger, r.runledger_note)} | {mlflow} | {ratio} |")
     return "\n".join(lines)
 
 
 def report(rows: list[Row], meta: dict[str, Any]) -> str:
     m, v = meta["machine"], meta["versions"]
     load = meta["load_average"]
+    others = meta["other_cores"]
     return "\n".join(
         [
             "# runledger vs MLflow",
             "",
             f"Measured {meta['date']} on {m['cpus']} cores, {m['memory']}, {m['os']}, Python {m['python']}; "
-            f"client and server on the same machine. The 1-minute load average was {load['start']:.2f} at the start "
-            f"and {min(load['before_each'], default=0):.2f}-{max(load['before_each'], default=0):.2f} before each "
-            f"measurement (other work shared the machine){'; quick run: scaled-down sizes' if meta['quick'] else ''}.",
+            f"client and server on the same machine. The 1-minute load average was {load['start']:.2f} at the start; "
+            f"other work on the machine took {min(others, default=0):.2f}-{max(others, default=0):.2f} of the "
+            f"{m['cpus']} cores during the measurements (mean {statistics.fmean(others) if others else 0:.2f}; "
+            "`/proc/stat` minus this benchmark's own processes)"
+            f"{'; quick run: scaled-down sizes' if meta['quick'] else ''}.",
             f"Versions: runledger {v['runledger']}, MLflow {v['mlflow']} (`mlflow server --workers 1`, SQLite "
             f"store, proxied local artifacts), grpcio {v['grpcio']}.",
+            "",
+            "Each MLflow figure is the better of its two web servers, each with one worker: (u) uvicorn, its "
+            "default, and (g) gunicorn (`--gunicorn-opts '--timeout 900'`); the JSON has both.",
             "",
             "The ratio is how many times better runledger is (above 1: runledger is ahead).",
             "",
@@ -777,7 +844,13 @@ def main() -> None:
     ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(WORKLOADS)} ('ingest': both)")
     ap.add_argument("--out", default="comparison", help="file stem under bench/results/ (default: comparison)")
     ap.add_argument("--systems", default="runledger,mlflow", help="measure only some systems (default: both)")
+    ap.add_argument(
+        "--mlflow-servers", default="uvicorn,gunicorn", help="MLflow web servers to try (default: both; best is kept)"
+    )
     args = ap.parse_args()
+    kinds = [k.strip() for k in args.mlflow_servers.split(",") if k.strip()]
+    if not kinds or set(kinds) - set(MLFLOW_SERVERS):
+        ap.error(f"--mlflow-servers takes {' and/or '.join(MLFLOW_SERVERS)}")
     systems = {x.strip() for x in args.systems.split(",") if x.strip()}
     if not systems or systems - {"runledger", "mlflow"}:
         ap.error("--systems takes runledger, mlflow or both")
@@ -803,9 +876,9 @@ def main() -> None:
     print(f"load average {os.getloadavg()}; workloads: {', '.join(selected)}")
     raw: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="runledger-vs-mlflow-") as tmp:
-        rows = run_workloads(selected, sizes, Path(tmp), systems, raw)
+        rows = run_workloads(selected, sizes, Path(tmp), systems, kinds, raw)
     meta["load_average"]["end"] = os.getloadavg()[0]
-    meta["load_average"]["before_each"] = LOADS
+    meta["other_cores"] = OTHERS
     text = report(rows, meta)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out}.md").write_text(text)
