@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import functools
 import hashlib
 import json
 import math
@@ -597,7 +598,7 @@ def on_mlflow(
         with tempfile.TemporaryDirectory(dir=tmp) as d, mlflow_server(Path(d) / "mlflow", kind) as (uri, db):
             return fn(uri, db)
 
-    return {kind: measure(f"mlflow/{kind:8s} {label}", lambda k=kind: go(k)) for kind in kinds}
+    return {kind: measure(f"mlflow/{kind:8s} {label}", functools.partial(go, kind)) for kind in kinds}
 
 
 def fill(row: Row, rl: dict[str, Any] | str, mf: dict[str, dict[str, Any] | str] | str, key: str) -> Row:
@@ -667,16 +668,15 @@ def run_workloads(
             variants.append((n, s.load_rate, f"{n} trainers streaming {s.load_rate:,} points/s each"))
         for trainers, rate, what in variants:
             print(f"alias lookup, {what}")
-            rl, mf = both(
-                f"lookup_{trainers}_{rate}",
-                lambda a, _d, t=trainers, r=rate: rl_lookup(a, s.calls, t, r, s.lookup_max_seconds),
-                lambda u, _db, t=trainers, r=rate: run_mlflow(
-                    "lookup",
-                    u,
-                    *("--calls", str(s.calls), "--trainers", str(t), "--rate", str(r)),
-                    *("--max-seconds", str(s.lookup_max_seconds)),
-                ),
-            )
+
+            def rl_side(address: str, _tmp: Path, t: int = trainers, r: int = rate) -> dict[str, Any]:
+                return rl_lookup(address, s.calls, t, r, s.lookup_max_seconds)
+
+            def mf_side(uri: str, _db: Path, t: int = trainers, r: int = rate) -> dict[str, Any]:
+                args = ("--calls", str(s.calls), "--trainers", str(t), "--rate", str(r))
+                return run_mlflow("lookup", uri, *args, "--max-seconds", str(s.lookup_max_seconds))
+
+            rl, mf = both(f"lookup_{trainers}_{rate}", rl_side, mf_side)
             rows.append(fill(Row(f"alias lookup p50, {what}", "ms", False), rl, mf, "p50_ms"))
             rows.append(fill(Row(f"alias lookup p99, {what}", "ms", False), rl, mf, "p99_ms"))
     if "registry" in selected:
