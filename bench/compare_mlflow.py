@@ -59,6 +59,7 @@ import grpc
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _latency import summarize
 from _server import free_port, runledger_server
 
 import runledger
@@ -502,15 +503,7 @@ def rl_lookup(address: str, calls: int, trainers: int, rate: int, max_seconds: f
         load = [out.get(timeout=600) for _ in procs]
         for p in procs:
             p.join()
-    lat.sort()
-    result: dict[str, Any] = {
-        "calls": len(lat),
-        "p50_ms": 1000 * statistics.median(lat),
-        "p99_ms": 1000 * lat[max(0, math.ceil(0.99 * len(lat)) - 1)],
-    }
-    if load:
-        result["load_points_per_s"] = sum(n / s for n, s in load)
-    return result
+    return summarize(lat, load)
 
 
 def rl_artifacts(address: str, size_mib: int, tmp: Path) -> dict[str, Any]:

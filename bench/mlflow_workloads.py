@@ -16,12 +16,12 @@ import math
 import multiprocessing as mp
 import os
 import sqlite3
-import statistics
 import tempfile
 import time
 from typing import Any
 
 import mlflow
+from _latency import summarize  # this directory is on sys.path when the script runs
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
@@ -175,15 +175,7 @@ def lookup(uri: str, calls: int, trainers: int, rate: int, max_seconds: float) -
     load = [out.get(timeout=600) for _ in procs]
     for p in procs:
         p.join()
-    lat.sort()
-    result: dict[str, Any] = {
-        "calls": len(lat),
-        "p50_ms": 1000 * statistics.median(lat),
-        "p99_ms": 1000 * lat[max(0, math.ceil(0.99 * len(lat)) - 1)],
-    }
-    if load:
-        result["load_points_per_s"] = sum(n / s for n, s in load)
-    return result
+    return summarize(lat, load)
 
 
 def registry(uri: str, versions: int) -> dict[str, Any]:
