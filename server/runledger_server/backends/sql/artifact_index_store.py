@@ -46,9 +46,11 @@ class SqlArtifactIndex:
             return s.get(RunRow, run_id) is not None
 
     def get(self, run_id: str, path: str) -> ArtifactRecord | None:
-        with self.db.read() as s:
-            row = s.get(ArtifactRow, (run_id, path))
-            return None if row is None else _record(row)
+        with self.db.statements(write=False) as q:  # on the registration and download paths: plain SQL
+            row = q.one(
+                "SELECT sha256, size, uri, create_time_us FROM artifacts WHERE run_id = ? AND path = ?", (run_id, path)
+            )
+        return None if row is None else ArtifactRecord(run_id, path, *row)
 
     def by_digest(self, sha256: str) -> ArtifactRecord | None:
         with self.db.read() as s:

@@ -15,16 +15,15 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from sqlalchemy import select, tuple_, update
+from sqlalchemy import select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from runledger_server.backends.sql.base import now_us
-from runledger_server.backends.sql.database import Database
+from runledger_server.backends.sql.database import Database, Statements
 from runledger_server.backends.sql.registry_tables import (
     AliasHistoryRow,
     AliasRow,
-    GateResultRow,
     GateRow,
     ModelVersionRow,
     RegisteredModelRow,
@@ -64,6 +63,8 @@ class SqlRegistryStore:
         self.db = db
         self.local_reads = db.is_sqlite
         self._insert: Any = postgresql.insert if db.dialect == "postgresql" else sqlite.insert
+        # SQLite's write transaction already holds the database lock (and has no FOR UPDATE).
+        self._for_update = "" if db.is_sqlite else " FOR UPDATE"
         mark = "?" if db.engine.dialect.paramstyle == "qmark" else "%s"
         self._serving_sql = _SERVING_SQL.replace("?", mark)
         self._versions: OrderedDict[tuple[str, int], ModelVersion] = OrderedDict()
@@ -85,9 +86,16 @@ class SqlRegistryStore:
             return _model(row, dict(tags))
 
     def get_model(self, model_id: str) -> RegisteredModel:
-        with self.db.read() as s:
-            row = _require_model(s, model_id)
-            return _model(row, _model_tags(s, [model_id]).get(model_id, {}))
+        with self.db.statements(write=False) as q:
+            row = q.one(
+                "SELECT id, description, latest_version, create_time_us, update_time_us FROM registered_models "
+                "WHERE id = ?",
+                (model_id,),
+            )
+            if row is None:
+                raise _model_not_found(model_id)
+            tags = dict(q.all("SELECT key, value FROM registered_model_tags WHERE model_id = ?", (model_id,)))
+        return RegisteredModel(row[0], row[1], tags, row[2], row[3], row[4])
 
     def list_models(self, page_size: int, page_token: str) -> Page[RegisteredModel]:
         query = {"list": "models"}
@@ -115,45 +123,57 @@ class SqlRegistryStore:
         description: str,
     ) -> ModelVersion:
         assert lineage.is_complete(), "the service refuses incomplete lineage before it gets here"
-        with self.db.write() as s:
+        with self.db.statements(write=True) as q:
             now = now_us()
             # The counter row is the lock: concurrent registrations of one model queue on this UPDATE
             # (PostgreSQL row lock; SQLite holds the database write lock already), so numbers never repeat.
-            version = s.execute(
-                update(RegisteredModelRow)
-                .where(RegisteredModelRow.id == model_id)
-                .values(latest_version=RegisteredModelRow.latest_version + 1, update_time_us=now)
-                .returning(RegisteredModelRow.latest_version)
-                .execution_options(synchronize_session=False)
-            ).scalar_one_or_none()
-            if version is None:
-                raise NotFound(f"models/{model_id} not found", field="model")
-            row = ModelVersionRow(
+            got = q.one(
+                "UPDATE registered_models SET latest_version = latest_version + 1, update_time_us = ? WHERE id = ? "
+                "RETURNING latest_version",
+                (now, model_id),
+            )
+            if got is None:
+                raise _model_not_found(model_id)
+            created = ModelVersion(
                 model_id=model_id,
-                version=version,
+                version=int(got[0]),
                 run_id=run_id,
-                artifact_path=artifact.path,
-                artifact_sha256=artifact.sha256,
-                artifact_size=artifact.size,
-                artifact_uri=artifact.uri,
+                artifact=artifact,
+                lineage=lineage,
                 lineage_fingerprint=lineage_fingerprint,
-                data_version=lineage.data_version,
-                code_commit=lineage.code_commit,
-                config=lineage.config,
-                base_model=lineage.base_model,
-                seed=lineage.seed,
                 description=description,
+                aliases=(),
                 create_time_us=now,
             )
-            s.add(row)
-            s.flush()
-            return _version(row, ())
+            q.run(
+                "INSERT INTO model_versions (model_id, version, run_id, artifact_path, artifact_sha256, artifact_size, "
+                "artifact_uri, lineage_fingerprint, data_version, code_commit, config, base_model, seed, description, "
+                "create_time_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    model_id,
+                    created.version,
+                    run_id,
+                    artifact.path,
+                    artifact.sha256,
+                    artifact.size,
+                    artifact.uri,
+                    lineage_fingerprint,
+                    lineage.data_version,
+                    lineage.code_commit,
+                    lineage.config,
+                    lineage.base_model,
+                    lineage.seed,
+                    description,
+                    now,
+                ),
+            )
+            return created
 
     def get_version(self, model_id: str, version: int) -> ModelVersion:
         with self.db.read() as s:
             row = s.get(ModelVersionRow, (model_id, version))
             if row is None:
-                _require_model(s, model_id)
+                _orm_require_model(s, model_id)
                 raise NotFound(f"models/{model_id}/versions/{version} not found", field="version")
             return _version(row, _aliases_of(s, model_id, [version]).get(version, ()))
 
@@ -165,7 +185,7 @@ class SqlRegistryStore:
             stmt = stmt.where(ModelVersionRow.version < int(cursor[0]))
         stmt = stmt.order_by(ModelVersionRow.version.desc()).limit(page_size + 1)
         with self.db.read() as s:
-            _require_model(s, model_id)
+            _orm_require_model(s, model_id)
             rows = list(s.scalars(stmt))
             more = len(rows) > page_size
             rows = rows[:page_size]
@@ -176,7 +196,7 @@ class SqlRegistryStore:
     # ---- gates -------------------------------------------------------------------------------
     def create_gate(self, model_id: str, spec: GateSpec) -> Gate:
         with self.db.write() as s:
-            _require_model(s, model_id)
+            _orm_require_model(s, model_id)
             s.execute(
                 self._insert(GateRow)
                 .values(
@@ -208,23 +228,21 @@ class SqlRegistryStore:
             return _gate(_require_gate(s, model_id, gate_id))
 
     def record_gate_result(self, model_id: str, gate_id: str, version: int, score: float, actor: str) -> GateResult:
-        with self.db.write() as s:
-            _require_gate(s, model_id, gate_id)
-            _require_version(s, model_id, version)
-            s.execute(
-                self._insert(GateResultRow)
-                .values(
-                    model_id=model_id,
-                    gate_id=gate_id,
-                    version=version,
-                    score=score,
-                    actor=actor,
-                    create_time_us=now_us(),
-                )
-                .on_conflict_do_nothing()
+        with self.db.statements(write=True) as q:
+            _gate_spec(q, model_id, gate_id)
+            _require_version(q, model_id, version)
+            q.run(
+                "INSERT INTO gate_results (model_id, gate_id, version, score, actor, create_time_us) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (model_id, gate_id, version, score, actor, now_us()),
             )
-            row = s.get_one(GateResultRow, (model_id, gate_id, version))
-            result = GateResult(row.model_id, row.gate_id, row.version, row.score, row.actor, row.create_time_us)
+            row = q.one(
+                "SELECT score, actor, create_time_us FROM gate_results "
+                "WHERE model_id = ? AND gate_id = ? AND version = ?",
+                (model_id, gate_id, version),
+            )
+            assert row is not None
+            result = GateResult(model_id, gate_id, version, row[0], row[1], row[2])
         if result.score != score:
             raise AlreadyExists(
                 f"gate {gate_id!r} already recorded score {result.score} for version {version}; results are immutable",
@@ -238,31 +256,28 @@ class SqlRegistryStore:
     def evaluate_promotion(
         self, model_id: str, alias: str, version: int, gate_id: str, expected_revision: int | None
     ) -> Decision:
-        with self.db.read() as s:
-            spec = _gate(_require_gate(s, model_id, gate_id)).spec
-            _require_version(s, model_id, version)
-            row = s.get(AliasRow, (model_id, alias))
-            current, revision = (row.version, row.revision) if row is not None else (0, 0)
-            return _decide(s, model_id, spec, version, current, revision, expected_revision)
+        with self.db.statements(write=False) as q:
+            spec = _gate_spec(q, model_id, gate_id)
+            _require_version(q, model_id, version)
+            state = _read_alias(q, model_id, alias, "")
+            current, revision = (state.version, state.revision) if state is not None else (0, 0)
+            return _decide(q, model_id, spec, version, current, revision, expected_revision)
 
     def set_alias(
         self, model_id: str, alias: str, version: int, gate_id: str, expected_revision: int | None, actor: str
     ) -> AliasOutcome:
-        with self.db.write() as s:
-            spec = _gate(_require_gate(s, model_id, gate_id)).spec
-            _require_version(s, model_id, version)
-            row = self._lock_alias(s, model_id, alias, create=True)
-            assert row is not None
-            decision = _decide(s, model_id, spec, version, row.version, row.revision, expected_revision)
-            now = now_us()
-            previous = row.version
+        with self.db.statements(write=True) as q:
+            spec = _gate_spec(q, model_id, gate_id)
+            _require_version(q, model_id, version)
+            state = self._lock_alias(q, model_id, alias, create=True)
+            assert state is not None
+            decision = _decide(q, model_id, spec, version, state.version, state.revision, expected_revision)
+            previous = state.version
             if decision.promoted:
-                row.version, row.gate_id = version, gate_id
-                row.revision += 1
-                row.update_time_us = now
-            entry = _append(
-                s,
-                row,
+                state.move(version, gate_id)
+            entry = _record(
+                q,
+                state,
                 Action.PROMOTED if decision.promoted else Action.REFUSED,
                 previous,
                 version,
@@ -271,30 +286,20 @@ class SqlRegistryStore:
                 decision.incumbent_score,
                 decision.reason,
                 actor,
-                now,
             )
-            return AliasOutcome(_alias(row), entry, decision)
+            return AliasOutcome(state.alias(), entry, decision)
 
     def rollback_alias(self, model_id: str, alias: str, actor: str) -> AliasOutcome:
-        with self.db.write() as s:
-            row = self._lock_alias(s, model_id, alias, create=False)
-            if row is None or row.revision == 0:
+        with self.db.statements(write=True) as q:
+            state = self._lock_alias(q, model_id, alias, create=False)
+            if state is None or state.revision == 0:
                 raise NotFound(f"models/{model_id}/aliases/{alias} has never been set", field="alias")
             changes = [
                 AliasChange(*r)
-                for r in s.execute(
-                    select(
-                        AliasHistoryRow.action,
-                        AliasHistoryRow.from_version,
-                        AliasHistoryRow.to_version,
-                        AliasHistoryRow.gate_id,
-                    )
-                    .where(
-                        AliasHistoryRow.model_id == model_id,
-                        AliasHistoryRow.alias == alias,
-                        AliasHistoryRow.action != Action.REFUSED,
-                    )
-                    .order_by(AliasHistoryRow.sequence)
+                for r in q.all(
+                    "SELECT action, from_version, to_version, gate_id FROM alias_history "
+                    "WHERE model_id = ? AND alias = ? AND action != ? ORDER BY sequence",
+                    (model_id, alias, Action.REFUSED),
                 )
             ]
             target = gates.rollback_target(changes)
@@ -303,16 +308,13 @@ class SqlRegistryStore:
                     f"models/{model_id}/aliases/{alias} has no previous version to roll back to",
                     reason=gates.NO_PREVIOUS_VERSION,
                     field="alias",
-                    metadata={"currentVersion": str(row.version), "revision": str(row.revision)},
+                    metadata={"currentVersion": str(state.version), "revision": str(state.revision)},
                 )
-            now = now_us()
-            previous = row.version
-            row.version, row.gate_id = target.version, target.gate_id
-            row.revision += 1
-            row.update_time_us = now
-            entry = _append(
-                s,
-                row,
+            previous = state.version
+            state.move(target.version, target.gate_id)
+            entry = _record(
+                q,
+                state,
                 Action.ROLLED_BACK,
                 previous,
                 target.version,
@@ -321,29 +323,25 @@ class SqlRegistryStore:
                 None,
                 gates.ROLLED_BACK,
                 actor,
-                now,
             )
-            return AliasOutcome(_alias(row), entry)
+            return AliasOutcome(state.alias(), entry)
 
     def delete_alias(self, model_id: str, alias: str, expected_revision: int | None, actor: str) -> AliasOutcome:
-        with self.db.write() as s:
-            row = self._lock_alias(s, model_id, alias, create=False)
-            if row is None or row.version == 0:
+        with self.db.statements(write=True) as q:
+            state = self._lock_alias(q, model_id, alias, create=False)
+            if state is None or state.version == 0:
                 raise NotFound(f"models/{model_id}/aliases/{alias} is not set", field="alias")
-            if not gates.revision_matches(expected_revision, row.revision, True):
+            if not gates.revision_matches(expected_revision, state.revision, True):
                 raise Aborted(
-                    f"expected_revision {expected_revision} is stale: the alias is at revision {row.revision}",
+                    f"expected_revision {expected_revision} is stale: the alias is at revision {state.revision}",
                     reason=gates.STALE_REVISION,
                     field="expected_revision",
-                    metadata={"revision": str(row.revision)},
+                    metadata={"revision": str(state.revision)},
                 )
-            now = now_us()
-            previous = row.version
-            row.version, row.gate_id = 0, ""
-            row.revision += 1
-            row.update_time_us = now
-            entry = _append(s, row, Action.DELETED, previous, 0, "", None, None, gates.DELETED, actor, now)
-            return AliasOutcome(_alias(row), entry)
+            previous = state.version
+            state.move(0, "")
+            entry = _record(q, state, Action.DELETED, previous, 0, "", None, None, gates.DELETED, actor)
+            return AliasOutcome(state.alias(), entry)
 
     def alias_history(self, model_id: str, alias: str, page_size: int, page_token: str) -> Page[AliasHistoryEntry]:
         query = {"list": "alias_history", "model": model_id, "alias": alias}
@@ -353,7 +351,7 @@ class SqlRegistryStore:
             stmt = stmt.where(AliasHistoryRow.sequence > int(cursor[0]))
         stmt = stmt.order_by(AliasHistoryRow.sequence).limit(page_size + 1)
         with self.db.read() as s:
-            _require_model(s, model_id)
+            _orm_require_model(s, model_id)
             rows = list(s.scalars(stmt))
         more = len(rows) > page_size
         rows = rows[:page_size]
@@ -376,7 +374,7 @@ class SqlRegistryStore:
         own = next((r for r in rows if r[0] == alias), None)
         if own is None:
             with self.db.read() as s:
-                _require_model(s, model_id)
+                _orm_require_model(s, model_id)
             return ServingTarget(Alias(model_id, alias, 0, 0, "", 0), None)
         current = Alias(model_id, alias, own[1], own[2], own[3], own[4])
         if current.version == 0:
@@ -435,25 +433,53 @@ class SqlRegistryStore:
         return out
 
     # ---- helpers -----------------------------------------------------------------------------
-    def _lock_alias(self, s: Session, model_id: str, alias: str, *, create: bool) -> AliasRow | None:
+    def _lock_alias(self, q: Statements, model_id: str, alias: str, *, create: bool) -> _AliasState | None:
         """The alias row, locked for this transaction; created (revision 0, pointing nowhere) if asked."""
-        stmt = select(AliasRow).where(AliasRow.model_id == model_id, AliasRow.alias == alias).with_for_update()
-        row = s.scalars(stmt).one_or_none()
-        if row is not None or not create:
-            if row is None:
-                _require_model(s, model_id)
-            return row
-        _require_model(s, model_id)
-        s.execute(
-            self._insert(AliasRow)
-            .values(model_id=model_id, alias=alias, version=0, revision=0, gate_id="", history_seq=0, update_time_us=0)
-            .on_conflict_do_nothing()
+        state = _read_alias(q, model_id, alias, self._for_update)
+        if state is not None or not create:
+            if state is None:
+                _require_model(q, model_id)
+            return state
+        _require_model(q, model_id)
+        q.run(
+            "INSERT INTO aliases (model_id, alias, version, revision, gate_id, history_seq, update_time_us) "
+            "VALUES (?, ?, 0, 0, '', 0, 0) ON CONFLICT DO NOTHING",
+            (model_id, alias),
         )
-        return s.scalars(stmt).one()
+        state = _read_alias(q, model_id, alias, self._for_update)
+        assert state is not None
+        return state
+
+
+class _AliasState:
+    """An alias row as read under its lock, changed in memory, then written back by `_record`."""
+
+    __slots__ = ("gate_id", "history_seq", "model_id", "name", "revision", "update_time_us", "version")
+
+    def __init__(self, model_id: str, name: str, row: tuple[Any, ...]) -> None:
+        self.model_id, self.name = model_id, name
+        self.version, self.revision, self.gate_id, self.history_seq, self.update_time_us = row
+
+    def move(self, version: int, gate_id: str) -> None:
+        self.version, self.gate_id = version, gate_id
+        self.revision += 1
+        self.update_time_us = now_us()
+
+    def alias(self) -> Alias:
+        return Alias(self.model_id, self.name, self.version, self.revision, self.gate_id, self.update_time_us)
+
+
+def _read_alias(q: Statements, model_id: str, alias: str, lock: str) -> _AliasState | None:
+    row = q.one(
+        "SELECT version, revision, gate_id, history_seq, update_time_us FROM aliases WHERE model_id = ? AND alias = ?"
+        + lock,
+        (model_id, alias),
+    )
+    return None if row is None else _AliasState(model_id, alias, row)
 
 
 def _decide(
-    s: Session,
+    q: Statements,
     model_id: str,
     spec: GateSpec,
     version: int,
@@ -461,17 +487,12 @@ def _decide(
     revision: int,
     expected_revision: int | None,
 ) -> Decision:
-    wanted = {version, current_version} - {0}
-    scores: dict[int, float] = {
-        v: score
-        for v, score in s.execute(
-            select(GateResultRow.version, GateResultRow.score).where(
-                GateResultRow.model_id == model_id,
-                GateResultRow.gate_id == spec.gate_id,
-                GateResultRow.version.in_(wanted),
-            )
+    scores: dict[int, float] = dict(
+        q.all(
+            "SELECT version, score FROM gate_results WHERE model_id = ? AND gate_id = ? AND version IN (?, ?)",
+            (model_id, spec.gate_id, version, current_version),
         )
-    }
+    )
     return gates.decide(
         spec,
         candidate_version=version,
@@ -483,9 +504,9 @@ def _decide(
     )
 
 
-def _append(
-    s: Session,
-    row: AliasRow,
+def _record(
+    q: Statements,
+    state: _AliasState,
     action: str,
     from_version: int,
     to_version: int,
@@ -494,15 +515,15 @@ def _append(
     incumbent_score: float | None,
     reason: str,
     actor: str,
-    now: int,
 ) -> AliasHistoryEntry:
-    row.history_seq += 1
-    entry = AliasHistoryRow(
-        model_id=row.model_id,
-        alias=row.alias,
-        sequence=row.history_seq,
+    """Write the alias row back and append its history entry (every decision, refused ones too)."""
+    state.history_seq += 1
+    entry = AliasHistoryEntry(
+        model_id=state.model_id,
+        alias=state.name,
+        sequence=state.history_seq,
         action=action,
-        revision=row.revision,
+        revision=state.revision,
         from_version=from_version,
         to_version=to_version,
         gate_id=gate_id,
@@ -510,32 +531,83 @@ def _append(
         incumbent_score=incumbent_score,
         reason=reason,
         actor=actor,
-        create_time_us=now,
+        create_time_us=now_us(),
     )
-    s.add(entry)
-    s.flush()
-    return _entry(entry)
+    q.run(
+        "UPDATE aliases SET version = ?, revision = ?, gate_id = ?, history_seq = ?, update_time_us = ? "
+        "WHERE model_id = ? AND alias = ?",
+        (
+            state.version,
+            state.revision,
+            state.gate_id,
+            state.history_seq,
+            state.update_time_us,
+            state.model_id,
+            state.name,
+        ),
+    )
+    q.run(
+        "INSERT INTO alias_history (model_id, alias, sequence, action, revision, from_version, to_version, gate_id, "
+        "candidate_score, incumbent_score, reason, actor, create_time_us) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            entry.model_id,
+            entry.alias,
+            entry.sequence,
+            entry.action,
+            entry.revision,
+            entry.from_version,
+            entry.to_version,
+            entry.gate_id,
+            entry.candidate_score,
+            entry.incumbent_score,
+            entry.reason,
+            entry.actor,
+            entry.create_time_us,
+        ),
+    )
+    return entry
 
 
-def _require_model(s: Session, model_id: str) -> RegisteredModelRow:
+def _model_not_found(model_id: str) -> NotFound:
+    return NotFound(f"models/{model_id} not found", field="model")
+
+
+def _require_model(q: Statements, model_id: str) -> None:
+    if q.one("SELECT 1 FROM registered_models WHERE id = ?", (model_id,)) is None:
+        raise _model_not_found(model_id)
+
+
+def _gate_spec(q: Statements, model_id: str, gate_id: str) -> GateSpec:
+    row = q.one(
+        "SELECT suite_fingerprint, metric, direction, threshold FROM gates WHERE model_id = ? AND gate_id = ?",
+        (model_id, gate_id),
+    )
+    if row is None:
+        _require_model(q, model_id)
+        raise NotFound(f"gate models/{model_id}/gates/{gate_id} not found", field="gate_id")
+    return GateSpec(gate_id, row[0], row[1], Direction(row[2]), row[3])
+
+
+def _require_version(q: Statements, model_id: str, version: int) -> None:
+    if q.one("SELECT 1 FROM model_versions WHERE model_id = ? AND version = ?", (model_id, version)) is None:
+        _require_model(q, model_id)
+        raise NotFound(f"models/{model_id}/versions/{version} not found", field="version")
+
+
+def _orm_require_model(s: Session, model_id: str) -> RegisteredModelRow:
     row = s.get(RegisteredModelRow, model_id)
     if row is None:
-        raise NotFound(f"models/{model_id} not found", field="model")
+        raise _model_not_found(model_id)
     return row
 
 
 def _require_gate(s: Session, model_id: str, gate_id: str) -> GateRow:
     row = s.get(GateRow, (model_id, gate_id))
     if row is None:
-        _require_model(s, model_id)
+        _orm_require_model(s, model_id)
         raise NotFound(f"gate models/{model_id}/gates/{gate_id} not found", field="gate_id")
     return row
-
-
-def _require_version(s: Session, model_id: str, version: int) -> None:
-    if s.get(ModelVersionRow, (model_id, version)) is None:
-        _require_model(s, model_id)
-        raise NotFound(f"models/{model_id}/versions/{version} not found", field="version")
 
 
 def _model_tags(s: Session, model_ids: list[str]) -> dict[str, dict[str, str]]:

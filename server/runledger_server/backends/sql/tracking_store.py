@@ -9,8 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sqlalchemy import ColumnElement, and_, exists, insert, not_, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import ColumnElement, and_, exists, not_, or_, select, update
 from sqlalchemy.orm import Session
 
 from runledger_server.backends.sql.base import now_us
@@ -20,7 +19,6 @@ from runledger_server.backends.sql.tracking_tables import (
     ExperimentRow,
     ExperimentTagRow,
     LatestMetricRow,
-    MetricBatchRow,
     MetricChunkRow,
     RunParamRow,
     RunRow,
@@ -132,8 +130,11 @@ class SqlTrackingStore:
             return self._load(s, [_require_run(s, run_id)])[0]
 
     def run_lineage(self, run_id: str) -> Lineage:
-        with self.db.read() as s:
-            return _lineage(_require_run(s, run_id))
+        with self.db.statements(write=False) as q:  # on the registration path: plain SQL
+            row = q.one("SELECT data_version, code_commit, config, base_model, seed FROM runs WHERE id = ?", (run_id,))
+        if row is None:
+            raise NotFound(f"runs/{run_id} not found", field="run_id")
+        return Lineage(*row)
 
     def update_run(self, run_id: str, status: str | None, end_time_us: int | None, display_name: str | None) -> Run:
         with self.db.write() as s:
@@ -256,30 +257,28 @@ class SqlTrackingStore:
             return [self._commit_group([b])[0] for b in batches]
 
     def _commit_group(self, batches: Sequence[Batch]) -> list[bool | Exception]:
+        """One transaction for a whole group, in plain SQL: the per-commit cost is what small batches pay."""
         results: list[bool | Exception] = [False] * len(batches)
-        with self.db.write() as s:
-            unknown = {b.run_id for b in batches} - self._known_runs
+        with self.db.statements(write=True) as q:
+            unknown = list({b.run_id for b in batches} - self._known_runs)
             if unknown:
-                found = set(s.scalars(select(RunRow.id).where(RunRow.id.in_(unknown))))
-                self._known_runs |= found
+                found = q.all(f"SELECT id FROM runs WHERE id IN ({_marks(len(unknown))})", unknown)
+                self._known_runs |= {r[0] for r in found}
             seen: dict[tuple[str, str], set[int]] = defaultdict(set)
             wanted: dict[tuple[str, str], list[int]] = defaultdict(list)
             for b in batches:
                 wanted[(b.run_id, b.writer_id)].append(b.seq)
             for (run_id, writer_id), seqs in wanted.items():
                 if run_id in self._known_runs:
-                    seen[(run_id, writer_id)] = set(
-                        s.scalars(
-                            select(MetricBatchRow.seq).where(
-                                MetricBatchRow.run_id == run_id,
-                                MetricBatchRow.writer_id == writer_id,
-                                MetricBatchRow.seq.in_(seqs),
-                            )
-                        )
+                    rows = q.all(
+                        "SELECT seq FROM metric_batches WHERE run_id = ? AND writer_id = ? "
+                        f"AND seq IN ({_marks(len(seqs))})",
+                        [run_id, writer_id, *seqs],
                     )
+                    seen[(run_id, writer_id)] = {r[0] for r in rows}
             now = now_us()
-            batch_rows: list[dict[str, Any]] = []
-            chunk_rows: list[dict[str, Any]] = []
+            batch_rows: list[tuple[Any, ...]] = []
+            chunk_rows: list[tuple[Any, ...]] = []
             latest: dict[tuple[str, str], tuple[int, float, int]] = {}
             for i, b in enumerate(batches):
                 if b.run_id not in self._known_runs:
@@ -290,32 +289,24 @@ class SqlTrackingStore:
                     results[i] = True
                     continue
                 done.add(b.seq)
-                batch_rows.append(
-                    {
-                        "run_id": b.run_id,
-                        "writer_id": b.writer_id,
-                        "seq": b.seq,
-                        "points": b.points,
-                        "commit_time_us": now,
-                    }
-                )
+                batch_rows.append((b.run_id, b.writer_id, b.seq, b.points, now))
                 for series in b.series:
                     if len(series) == 0:
                         continue
                     steps = series.steps
                     chunk_rows.append(
-                        {
-                            "run_id": b.run_id,
-                            "key": series.key,
-                            "writer_id": b.writer_id,
-                            "seq": b.seq,
-                            "count": len(series),
-                            "min_step": int(steps.min()),
-                            "max_step": int(steps.max()),
-                            "steps": steps.astype(_STEP, copy=False).tobytes(),
-                            "values": series.values.astype(_VAL, copy=False).tobytes(),
-                            "timestamps_ms": series.timestamps_ms.astype(_TS, copy=False).tobytes(),
-                        }
+                        (
+                            b.run_id,
+                            series.key,
+                            b.writer_id,
+                            b.seq,
+                            len(series),
+                            int(steps.min()),
+                            int(steps.max()),
+                            steps.astype(_STEP, copy=False).tobytes(),
+                            series.values.astype(_VAL, copy=False).tobytes(),
+                            series.timestamps_ms.astype(_TS, copy=False).tobytes(),
+                        )
                     )
                     j = int(np.argmax(steps[::-1]))  # the last occurrence of the highest step
                     j = len(steps) - 1 - j
@@ -324,25 +315,26 @@ class SqlTrackingStore:
                     if prev is None or point[0] >= prev[0]:
                         latest[(b.run_id, series.key)] = point
             if batch_rows:
-                s.execute(insert(MetricBatchRow), batch_rows)
+                q.many(
+                    "INSERT INTO metric_batches (run_id, writer_id, seq, points, commit_time_us) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    batch_rows,
+                )
             if chunk_rows:
-                s.execute(insert(MetricChunkRow), chunk_rows)
+                q.many(
+                    'INSERT INTO metric_chunks (run_id, "key", writer_id, seq, "count", min_step, max_step, steps, '
+                    '"values", timestamps_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
+                    chunk_rows,
+                )
             if latest:
-                self._upsert_latest(s, latest)
+                # NaN is stored as NULL so that it never satisfies a filter (see LatestMetricRow).
+                q.many(
+                    'INSERT INTO latest_metrics (run_id, "key", step, value, timestamp_ms) VALUES (?, ?, ?, ?, ?) '
+                    'ON CONFLICT (run_id, "key") DO UPDATE SET step = excluded.step, value = excluded.value, '
+                    "timestamp_ms = excluded.timestamp_ms WHERE excluded.step >= latest_metrics.step",
+                    [(r, k, st, None if math.isnan(v) else v, ts) for (r, k), (st, v, ts) in latest.items()],
+                )
         return results
-
-    def _upsert_latest(self, s: Session, latest: dict[tuple[str, str], tuple[int, float, int]]) -> None:
-        rows = [
-            {"run_id": r, "key": k, "step": st, "value": None if math.isnan(v) else v, "timestamp_ms": ts}
-            for (r, k), (st, v, ts) in latest.items()
-        ]
-        ins: Any = (postgresql.insert if self.db.dialect == "postgresql" else sqlite.insert)(LatestMetricRow)
-        stmt = ins.on_conflict_do_update(
-            index_elements=["run_id", "key"],
-            set_={"step": ins.excluded.step, "value": ins.excluded.value, "timestamp_ms": ins.excluded.timestamp_ms},
-            where=ins.excluded.step >= LatestMetricRow.step,
-        )
-        s.execute(stmt, rows)
 
     def metric_history(
         self, run_id: str, key: str, start_step: int | None, end_step: int | None
@@ -616,3 +608,7 @@ def _after(sort: Any, descending: bool, cursor: list[Any]) -> ColumnElement[bool
         return and_(sort.is_(None), tie)
     beyond = sort < value if descending else sort > value
     return or_(beyond, and_(sort == value, tie), sort.is_(None))
+
+
+def _marks(n: int) -> str:
+    return ", ".join("?" * n)

@@ -1,0 +1,72 @@
+"""`Database.statements()`, the plain-SQL transactions of the hot paths, on SQLite and PostgreSQL:
+commit on success, nothing kept on failure, driver errors turned into domain errors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from runledger_server.backends.sql.database import Database
+from runledger_server.domain.errors import AlreadyExists, Unavailable
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'meta.db'}"
+    else:
+        url = request.getfixturevalue("pg_database_url")
+    database = Database(url)
+    with database.statements(write=True) as q:
+        q.run("CREATE TABLE things (id INTEGER PRIMARY KEY, label TEXT NOT NULL)")
+    yield database
+    database.dispose()
+
+
+def labels(db: Database) -> list[str]:
+    with db.statements(write=False) as q:
+        return [r[0] for r in q.all("SELECT label FROM things ORDER BY id")]
+
+
+def test_commits_and_reads_back_with_placeholders(db: Database) -> None:
+    with db.statements(write=True) as q:
+        assert q.run("INSERT INTO things (id, label) VALUES (?, ?)", (1, "a")) == 1
+        assert q.run("INSERT INTO things (id, label) VALUES (?, ?)", (2, "b?")) == 1
+        assert q.one("SELECT label FROM things WHERE id = ?", (2,)) == ("b?",)
+        assert q.one("SELECT label FROM things WHERE id = ?", (3,)) is None
+    assert labels(db) == ["a", "b?"]
+
+
+def test_duplicate_key_is_already_exists_and_nothing_of_the_transaction_is_kept(db: Database) -> None:
+    with db.statements(write=True) as q:
+        q.run("INSERT INTO things (id, label) VALUES (?, ?)", (1, "kept"))
+    with pytest.raises(AlreadyExists) as err, db.statements(write=True) as q:
+        q.run("INSERT INTO things (id, label) VALUES (?, ?)", (2, "dropped"))
+        q.run("INSERT INTO things (id, label) VALUES (?, ?)", (1, "duplicate"))
+    assert err.value.reason == "CONFLICT"
+    assert labels(db) == ["kept"]
+
+
+def test_an_exception_in_the_block_rolls_back(db: Database) -> None:
+    with pytest.raises(RuntimeError), db.statements(write=True) as q:
+        q.run("INSERT INTO things (id, label) VALUES (?, ?)", (1, "dropped"))
+        raise RuntimeError("refused after the write")
+    assert labels(db) == []
+    with db.statements(write=True) as q:  # the pooled connection is usable afterwards
+        q.run("INSERT INTO things (id, label) VALUES (?, ?)", (1, "after"))
+    assert labels(db) == ["after"]
+
+
+def test_unreachable_database_is_unavailable(tmp_path: Path) -> None:
+    (tmp_path / "a-directory").mkdir()
+    unreachable = [
+        Database(f"sqlite:///{tmp_path / 'a-directory'}"),  # a directory cannot be opened as a database
+        Database("postgresql+psycopg://postgres@127.0.0.1:9/postgres?connect_timeout=2"),  # nothing listens
+    ]
+    for db in unreachable:
+        with pytest.raises(Unavailable) as err, db.statements(write=False) as q:
+            q.all("SELECT 1")
+        assert err.value.reason == "DATABASE_UNAVAILABLE"
+        assert "metadata database is unavailable" in str(err.value)
