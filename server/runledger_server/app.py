@@ -19,7 +19,6 @@ from runledger.v1 import (
     registry_service_pb2,
     registry_service_pb2_grpc,
     tracking_service_pb2,
-    tracking_service_pb2_grpc,
 )
 from runledger_server.backends import artifacts as artifact_backends
 from runledger_server.backends.sql import migrate
@@ -33,6 +32,7 @@ from runledger_server.services.artifacts import ArtifactService
 from runledger_server.services.metric_ingest import MetricIngest
 from runledger_server.services.registry import RegistryService
 from runledger_server.services.tracking import TrackingService
+from runledger_server.transport import tracking_servicer
 from runledger_server.transport.artifact_servicer import ArtifactServicer
 from runledger_server.transport.registry_servicer import RegistryServicer
 from runledger_server.transport.tracking_servicer import TrackingServicer
@@ -90,7 +90,7 @@ async def build_server(settings: Settings) -> tuple[Server, int]:
             ("grpc.so_reuseport", 0),
         ]
     )
-    tracking_service_pb2_grpc.add_TrackingServiceServicer_to_server(TrackingServicer(tracking, executor), grpc_server)
+    tracking_servicer.add_to_server(TrackingServicer(tracking, executor), grpc_server)
     # Transfers get their own pool: a long upload waiting on the artifact store must not starve tracking calls.
     artifact_executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="runledger-artifacts")
     artifacts = ArtifactService(SqlArtifactIndex(db), artifact_backends.from_settings(settings))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from runledger_server.domain.errors import InvalidArgument
-from runledger_server.domain.metrics import Series, downsample, validate_batch
+from runledger_server.domain.metrics import Series, downsample, in_step_order, joined, validate_batch
 
 
 def _series(key: str, n: int, nv: int | None = None, nt: int | None = None) -> Series:
@@ -63,3 +63,54 @@ def test_downsample_keeps_a_divergence() -> None:
     values[6000:] = np.nan
     keep = downsample(np.arange(10_000), values, 60)
     assert len(keep) <= 60 and np.isnan(values[keep]).any() and 0 in keep and 9_999 in keep
+
+
+def chunk(steps: list[int], first_value: float = 0.0) -> Series:
+    n = len(steps)
+    return Series(
+        "k", np.array(steps, dtype=np.int64), first_value + np.arange(n, dtype=np.float64), np.zeros(n, np.int64)
+    )
+
+
+def reference(chunks: list[Series], start: int | None, end: int | None) -> list[tuple[int, float]]:
+    """The definition: every point in range, stable-sorted by step (ties keep logging order)."""
+    points = [(int(s), float(v)) for c in chunks for s, v in zip(c.steps, c.values, strict=True)]
+    points = [p for p in points if (start is None or p[0] >= start) and (end is None or p[0] <= end)]
+    return sorted(points, key=lambda p: p[0])
+
+
+def flat(pieces: list[Series]) -> list[tuple[int, float]]:
+    whole = joined(pieces)
+    return [(int(s), float(v)) for s, v in zip(whole.steps, whole.values, strict=True)]
+
+
+def test_ordered_chunks_pass_through_uncopied() -> None:
+    chunks = [chunk([0, 1, 2]), chunk([2, 3], 10.0), chunk([7, 9], 20.0)]
+    pieces = in_step_order(chunks, None, None)
+    assert all(p is c for p, c in zip(pieces, chunks, strict=True))
+    assert flat(pieces) == reference(chunks, None, None)
+
+
+def test_range_cuts_chunks_and_drops_empty_ones() -> None:
+    chunks = [chunk([0, 1, 2]), chunk([3, 4, 5], 10.0), chunk([6, 7], 20.0)]
+    pieces = in_step_order(chunks, 2, 4)
+    assert flat(pieces) == [(2, 2.0), (3, 10.0), (4, 11.0)]
+    assert len(pieces) == 2
+
+
+def test_random_chunks_match_the_stable_sort_definition() -> None:
+    rng = np.random.default_rng(11)
+    for _ in range(300):
+        chunks = []
+        base = 0
+        for i in range(int(rng.integers(0, 6))):
+            n = int(rng.integers(0, 5))
+            if rng.random() < 0.6:  # mostly increasing, sometimes overlapping or out of order
+                steps = sorted(int(x) for x in base + rng.integers(-3, 8, n))
+            else:
+                steps = [int(x) for x in rng.integers(0, 20, n)]
+            base += 5
+            chunks.append(chunk(steps, 100.0 * i))
+        start = None if rng.random() < 0.5 else int(rng.integers(0, 15))
+        end = None if rng.random() < 0.5 else int(rng.integers(0, 25))
+        assert flat(in_step_order(chunks, start, end)) == reference(chunks, start, end)

@@ -35,3 +35,76 @@ def test_nan_payload_bits_survive() -> None:
     odd_nan = np.array([0x7FF8_0000_DEAD_BEEF], dtype=np.int64).view(np.float64)
     _, v, _ = wire.arrays(wire.series("k", np.array([1]), odd_nan, np.array([1])))
     assert v.view(np.int64)[0] == 0x7FF8_0000_DEAD_BEEF
+
+
+CASES = [
+    ([], [], []),
+    ([0], [0.5], [1]),
+    ([-3, 2**62, 7], [math.nan, math.inf, -math.inf], [0, -1, 2**40]),
+    (list(range(1000)), [1.0 / (i + 1) for i in range(1000)], [1_700_000_000_000 + i for i in range(1000)]),
+]
+
+
+def bits(values: np.ndarray) -> list[int]:
+    return np.asarray(values, dtype=np.float64).view(np.int64).tolist()
+
+
+@pytest.mark.parametrize(("steps", "values", "stamps"), CASES)
+def test_decode_series_agrees_with_protobuf(steps, values, stamps) -> None:
+    data = tracking_pb2.MetricSeries(
+        key="train/kl", steps=steps, values=values, timestamps_ms=stamps
+    ).SerializeToString()
+    got = wire.decode_series(data)
+    assert got.key == "train/kl"
+    assert got.steps.tolist() == steps and got.timestamps_ms.tolist() == stamps
+    assert bits(got.values) == bits(np.array(values, dtype=np.float64))
+
+
+@pytest.mark.parametrize(("steps", "values", "stamps"), CASES)
+def test_parts_encoding_equals_whole_array_encoding(steps, values, stamps) -> None:
+    s, v, t = np.array(steps, dtype=np.int64), np.array(values, dtype=np.float64), np.array(stamps, dtype=np.int64)
+    cut = len(steps) // 3
+    parts = wire.encode_series_parts("k", [s[:cut], s[cut:]], [v[:cut], v[cut:]], [t[:cut].tobytes(), t[cut:]])
+    assert parts == wire.encode_series("k", s, v, t)
+
+
+def test_parts_of_unequal_length_are_refused() -> None:
+    with pytest.raises(ValueError, match="same number"):
+        wire.encode_series_parts("k", [np.arange(3)], [np.zeros(2)], [np.arange(3)])
+
+
+def test_decode_accepts_unpacked_fields_repeated_blocks_and_unknown_fields() -> None:
+    def varint(n: int) -> bytes:
+        return wire._varint(n)
+
+    i8 = lambda *xs: np.array(xs, dtype="<i8").tobytes()  # noqa: E731
+    f8 = lambda *xs: np.array(xs, dtype="<f8").tobytes()  # noqa: E731
+    data = b"".join(
+        [
+            varint(1 << 3 | 2) + varint(1) + b"k",
+            varint(2 << 3 | 1) + i8(5),  # one unpacked step
+            varint(2 << 3 | 2) + varint(16) + i8(6, 7),  # then a packed block
+            varint(3 << 3 | 2) + varint(24) + f8(0.5, 1.5, 2.5),
+            varint(99 << 3 | 0) + varint(300),  # unknown varint field
+            varint(98 << 3 | 2) + varint(3) + b"xyz",  # unknown bytes field
+            varint(4 << 3 | 2) + varint(24) + i8(1, 2, 3),
+        ]
+    )
+    assert tracking_pb2.MetricSeries.FromString(data).steps == [5, 6, 7]
+    got = wire.decode_series(data)
+    assert (got.key, got.steps.tolist(), got.values.tolist(), got.timestamps_ms.tolist()) == (
+        "k",
+        [5, 6, 7],
+        [0.5, 1.5, 2.5],
+        [1, 2, 3],
+    )
+
+
+@pytest.mark.parametrize("cut", [1, 5, 20, 40])
+def test_truncated_or_inconsistent_messages_are_refused(cut: int) -> None:
+    data = wire.encode_series("k", np.arange(3), np.zeros(3), np.arange(3))
+    with pytest.raises(ValueError, match="MetricSeries"):
+        wire.decode_series(data[:cut])
+    lopsided = tracking_pb2.MetricSeries(key="k", steps=[1, 2], values=[1.0], timestamps_ms=[1, 2])
+    with pytest.raises(ValueError, match="2 steps, 1 values"):
+        wire.decode_series(lopsided.SerializeToString())

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from runledger import _convert, _ids, _process, artifacts, errors
+from runledger import _convert, _ids, _process, artifacts, errors, wire
 from runledger._buffer import BatchPolicy
 from runledger._retry import RetryPolicy
 from runledger._streamer import MetricStreamer, StreamerConfig
@@ -31,6 +31,7 @@ from runledger.v1 import (
 )
 
 _LOGGER = logging.getLogger(__name__)
+_HISTORY_METHOD = "/runledger.v1.TrackingService/GetMetricHistory"
 
 T = TypeVar("T")
 StubT = TypeVar("StubT")
@@ -122,6 +123,18 @@ class Client:
     @property
     def _tracking(self) -> tracking_service_pb2_grpc.TrackingServiceStub:
         return self._stub(tracking_service_pb2_grpc.TrackingServiceStub)
+
+    @property
+    def _history_call(self) -> Any:
+        """GetMetricHistory decoding each message straight into numpy views (wire.decode_series)."""
+        call = self._stubs.get(_HISTORY_METHOD)
+        if call is None:
+            call = self._stubs[_HISTORY_METHOD] = self.channel.unary_stream(
+                _HISTORY_METHOD,
+                request_serializer=pb.GetMetricHistoryRequest.SerializeToString,
+                response_deserializer=wire.decode_series,
+            )
+        return call
 
     def _call(
         self,
@@ -343,7 +356,7 @@ class Client:
             request.end_step = end_step
 
         def attempt(remaining: float) -> MetricHistory:
-            return from_chunks(self._tracking.GetMetricHistory(request, timeout=remaining, metadata=self._metadata))
+            return from_chunks(self._history_call(request, timeout=remaining, metadata=self._metadata))
 
         return self._retrying(attempt, True, timeout)
 

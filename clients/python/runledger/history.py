@@ -1,4 +1,4 @@
-"""Metric history as numpy arrays, assembled from GetMetricHistory's packed chunks without per-point Python work."""
+"""Metric history as numpy arrays, assembled from GetMetricHistory's messages without per-point Python work."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from runledger.v1 import tracking_pb2
+from runledger.wire import SeriesArrays
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -21,20 +21,11 @@ class MetricHistory(NamedTuple):
     timestamps_ms: np.ndarray  # int64
 
 
-def from_chunks(chunks: Iterable[tracking_pb2.MetricSeries]) -> MetricHistory:
-    steps: list[np.ndarray] = []
-    values: list[np.ndarray] = []
-    stamps: list[np.ndarray] = []
-    for chunk in chunks:
-        if not chunk.steps:
-            continue
-        # numpy reads protobuf's packed repeated containers directly: no Python object per point.
-        steps.append(np.array(chunk.steps, dtype=np.int64))
-        values.append(np.array(chunk.values, dtype=np.float64))
-        stamps.append(np.array(chunk.timestamps_ms, dtype=np.int64))
-    if not steps:
-        empty_i = np.empty(0, dtype=np.int64)
-        return MetricHistory(empty_i, np.empty(0, dtype=np.float64), empty_i.copy())
-    if len(steps) == 1:
-        return MetricHistory(steps[0], values[0], stamps[0])
-    return MetricHistory(np.concatenate(steps), np.concatenate(values), np.concatenate(stamps))
+def from_chunks(chunks: Iterable[SeriesArrays]) -> MetricHistory:
+    """Join decoded GetMetricHistory messages: one copy per array, into fresh writable arrays."""
+    parts = [c for c in chunks if c.steps.shape[0]]
+    return MetricHistory(
+        np.concatenate([c.steps for c in parts]) if parts else np.empty(0, np.int64),
+        np.concatenate([c.values for c in parts]) if parts else np.empty(0, np.float64),
+        np.concatenate([c.timestamps_ms for c in parts]) if parts else np.empty(0, np.int64),
+    )

@@ -93,3 +93,56 @@ def downsample(steps: np.ndarray, values: np.ndarray, max_points: int) -> np.nda
     if np.any(~np.isnan(values)):
         keep.append(np.array([int(np.nanargmin(values)), int(np.nanargmax(values))]))
     return np.unique(np.concatenate(keep))
+
+
+def in_step_order(chunks: list[Series], start_step: int | None, end_step: int | None) -> list[Series]:
+    """Stored chunks of one key cut to [start_step, end_step] and put in step order.
+
+    Ties keep logging order (a stable sort). When the chunks are already in order, the usual case of a
+    trainer logging increasing steps, they are returned as they are, views of the stored bytes: a long
+    history is then never copied here, and the transport sends it chunk by chunk.
+    """
+    if start_step is not None or end_step is not None:
+        chunks = [c for c in (_cut(c, start_step, end_step) for c in chunks) if len(c)]
+    if _ordered(chunks):
+        return chunks
+    whole = joined(chunks)
+    order = np.argsort(whole.steps, kind="stable")
+    return [Series(whole.key, whole.steps[order], whole.values[order], whole.timestamps_ms[order])]
+
+
+def joined(chunks: list[Series]) -> Series:
+    """All points of the chunks in one Series (one copy per array)."""
+    if not chunks:
+        return Series("", np.empty(0, np.int64), np.empty(0, np.float64), np.empty(0, np.int64))
+    if len(chunks) == 1:
+        return chunks[0]
+    return Series(
+        chunks[0].key,
+        np.concatenate([c.steps for c in chunks]),
+        np.concatenate([c.values for c in chunks]),
+        np.concatenate([c.timestamps_ms for c in chunks]),
+    )
+
+
+def _cut(chunk: Series, start_step: int | None, end_step: int | None) -> Series:
+    mask = np.ones(len(chunk), bool)
+    if start_step is not None:
+        mask &= chunk.steps >= start_step
+    if end_step is not None:
+        mask &= chunk.steps <= end_step
+    if mask.all():
+        return chunk
+    return Series(chunk.key, chunk.steps[mask], chunk.values[mask], chunk.timestamps_ms[mask])
+
+
+def _ordered(chunks: list[Series]) -> bool:
+    last: int | None = None
+    for c in chunks:
+        s = c.steps
+        if s.shape[0] == 0:
+            continue
+        if (last is not None and int(s[0]) < last) or bool(np.any(s[1:] < s[:-1])):
+            return False
+        last = int(s[-1])
+    return True

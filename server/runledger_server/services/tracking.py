@@ -6,12 +6,10 @@ import logging
 from collections.abc import Sequence
 from concurrent.futures import Future
 
-import numpy as np
-
 from runledger_server.domain import filters, ids, names, paging, sweeps
 from runledger_server.domain.errors import InvalidArgument
 from runledger_server.domain.lineage import Lineage
-from runledger_server.domain.metrics import Batch, downsample
+from runledger_server.domain.metrics import Batch, Series, downsample, in_step_order, joined
 from runledger_server.services.metric_ingest import MetricIngest
 from runledger_server.store.entities import EvalResult, Experiment, Page, Run
 from runledger_server.store.tracking import TrackingStore
@@ -112,18 +110,20 @@ class TrackingService:
 
     def metric_history(
         self, run_id: str, key: str, start_step: int | None, end_step: int | None, max_points: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ) -> list[Series]:
+        """The points of one key in step order, as consecutive pieces (views of the stored chunks when possible)."""
         names.run_id(run_id)
         names.key(key, "key")
         if max_points < 0:
             raise InvalidArgument(f"max_points must be >= 0, got {max_points}", field="max_points")
         if start_step is not None and end_step is not None and end_step < start_step:
             raise InvalidArgument("end_step must be >= start_step", field="end_step")
-        steps, values, stamps = self.store.metric_history(run_id, key, start_step, end_step)
-        if max_points and steps.shape[0] > max_points:
-            keep = downsample(steps, values, max_points)
-            steps, values, stamps = steps[keep], values[keep], stamps[keep]
-        return steps, values, stamps
+        pieces = in_step_order(self.store.metric_chunks(run_id, key, start_step, end_step), start_step, end_step)
+        if max_points and sum(len(p) for p in pieces) > max_points:
+            whole = joined(pieces)
+            keep = downsample(whole.steps, whole.values, max_points)
+            pieces = [Series(key, whole.steps[keep], whole.values[keep], whole.timestamps_ms[keep])]
+        return pieces
 
     # eval results and sweeps
     def log_eval_result(self, run_id: str, suite_fingerprint: str, metrics: dict[str, float]) -> EvalResult:

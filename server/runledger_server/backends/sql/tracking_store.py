@@ -12,6 +12,7 @@ import numpy as np
 from sqlalchemy import ColumnElement, and_, exists, not_, or_, select, update
 from sqlalchemy.orm import Session
 
+from runledger_server.backends.sql import chunk_format
 from runledger_server.backends.sql.base import now_us
 from runledger_server.backends.sql.database import Database
 from runledger_server.backends.sql.tracking_tables import (
@@ -19,7 +20,6 @@ from runledger_server.backends.sql.tracking_tables import (
     ExperimentRow,
     ExperimentTagRow,
     LatestMetricRow,
-    MetricChunkRow,
     RunParamRow,
     RunRow,
     RunTagRow,
@@ -28,13 +28,13 @@ from runledger_server.domain import ids, lineage as lineage_rules, paging
 from runledger_server.domain.errors import AlreadyExists, InvalidArgument, NotFound
 from runledger_server.domain.filters import Clause, OrderBy
 from runledger_server.domain.lineage import Lineage
-from runledger_server.domain.metrics import Batch
+from runledger_server.domain.metrics import Batch, Series
 from runledger_server.store.entities import EvalResult, Experiment, LatestMetric, Page, Run
 
 _LOGGER = logging.getLogger(__name__)
 
 FINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
-_STEP, _VAL, _TS = np.dtype("<i8"), np.dtype("<f8"), np.dtype("<i8")
+_VAL = np.dtype("<f8")
 
 
 class SqlTrackingStore:
@@ -303,9 +303,9 @@ class SqlTrackingStore:
                             len(series),
                             int(steps.min()),
                             int(steps.max()),
-                            steps.astype(_STEP, copy=False).tobytes(),
+                            chunk_format.encode_steps(steps),
                             series.values.astype(_VAL, copy=False).tobytes(),
-                            series.timestamps_ms.astype(_TS, copy=False).tobytes(),
+                            chunk_format.encode_timestamps(series.timestamps_ms),
                         )
                     )
                     j = int(np.argmax(steps[::-1]))  # the last occurrence of the highest step
@@ -336,35 +336,32 @@ class SqlTrackingStore:
                 )
         return results
 
-    def metric_history(
-        self, run_id: str, key: str, start_step: int | None, end_step: int | None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        stmt = select(MetricChunkRow.steps, MetricChunkRow.values, MetricChunkRow.timestamps_ms).where(
-            MetricChunkRow.run_id == run_id, MetricChunkRow.key == key
+    def metric_chunks(self, run_id: str, key: str, start_step: int | None, end_step: int | None) -> list[Series]:
+        sql = (
+            'SELECT "count", min_step, max_step, steps, "values", timestamps_ms FROM metric_chunks '
+            'WHERE run_id = ? AND "key" = ?'
         )
+        params: list[Any] = [run_id, key]
         if start_step is not None:
-            stmt = stmt.where(MetricChunkRow.max_step >= start_step)
+            sql += " AND max_step >= ?"
+            params.append(start_step)
         if end_step is not None:
-            stmt = stmt.where(MetricChunkRow.min_step <= end_step)
-        with self.db.read() as s:
-            _require_run(s, run_id)
-            chunks = s.execute(stmt.order_by(MetricChunkRow.id)).all()
-        if not chunks:
-            return np.empty(0, _STEP), np.empty(0, _VAL), np.empty(0, _TS)
-        steps = np.frombuffer(b"".join(c[0] for c in chunks), _STEP)
-        values = np.frombuffer(b"".join(c[1] for c in chunks), _VAL)
-        stamps = np.frombuffer(b"".join(c[2] for c in chunks), _TS)
-        if start_step is not None or end_step is not None:
-            mask = np.ones(steps.shape[0], bool)
-            if start_step is not None:
-                mask &= steps >= start_step
-            if end_step is not None:
-                mask &= steps <= end_step
-            steps, values, stamps = steps[mask], values[mask], stamps[mask]
-        if steps.shape[0] > 1 and np.any(steps[1:] < steps[:-1]):
-            order = np.argsort(steps, kind="stable")
-            steps, values, stamps = steps[order], values[order], stamps[order]
-        return steps, values, stamps
+            sql += " AND min_step <= ?"
+            params.append(end_step)
+        with self.db.statements(write=False) as q:
+            if q.one("SELECT 1 FROM runs WHERE id = ?", (run_id,)) is None:
+                raise NotFound(f"runs/{run_id} not found", field="run_id")
+            rows = q.all(sql + " ORDER BY id", params)
+        # Values are views of the fetched bytes, not copied on their way to the transport.
+        return [
+            Series(
+                key,
+                chunk_format.decode_steps(s, n, lo, hi),
+                np.frombuffer(v, _VAL),
+                chunk_format.decode_timestamps(t, n),
+            )
+            for n, lo, hi, s, v, t in rows
+        ]
 
     # ---- eval results ------------------------------------------------------------------------
     def log_eval_result(self, run_id: str, suite_fingerprint: str, metrics: dict[str, float]) -> EvalResult:
