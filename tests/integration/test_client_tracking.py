@@ -200,6 +200,48 @@ def test_bad_metric_input_is_refused_in_the_callers_hands(client: runledger.Clie
     assert client.metric_history(run.run_id, "loss").steps.tolist() == [3]
 
 
+def test_log_series_stores_arrays_exactly_in_order_with_per_step_logging(client: runledger.Client) -> None:
+    rng = np.random.default_rng(3)
+    reward = rng.normal(size=50_000)
+    reward[7] = math.nan
+    kl = np.abs(rng.normal(size=50_000))
+    with client.start_run(experiment="series") as run:
+        run.log_metrics({"rl/reward": -1.0}, step=0)  # per-step points before and after the arrays
+        run.log_series({"rl/reward": reward, "rl/kl": kl}, steps=np.arange(1, 50_001), timestamps_ms=np.arange(50_000))
+        run.log_metrics({"rl/reward": -2.0, "rl/kl": 9.0}, step=50_001, timestamp_ms=99)
+        run.log_series({"rl/kl": [0.5, 0.25]}, steps=[60_000, 60_001])  # plain lists; timestamps: now
+    assert run.acked_points == run.logged_points == 1 + 100_000 + 2 + 2
+    r = client.metric_history(run.run_id, "rl/reward")
+    assert r.steps.tolist() == list(range(50_002))
+    assert np.array_equal(bits(r.values), bits(np.concatenate([[-1.0], reward, [-2.0]])))
+    assert r.timestamps_ms[1:50_001].tolist() == list(range(50_000)) and r.timestamps_ms[-1] == 99
+    k = client.metric_history(run.run_id, "rl/kl")
+    assert k.steps.tolist() == [*range(1, 50_002), 60_000, 60_001]
+    assert np.array_equal(bits(k.values), bits(np.concatenate([kl, [9.0, 0.5, 0.25]])))
+
+
+@pytest.mark.parametrize(
+    ("metrics", "steps", "stamps", "fragment"),
+    [
+        ({"a": [1.0, 2.0]}, [1, 2, 3], None, "shape"),
+        ({"a": [1.0, "x"]}, [1, 2], None, "must be numbers"),
+        ({"a": [1.0]}, [1.5], None, "must be integers"),
+        ({"a": [1.0]}, [1 << 63], None, "int64"),
+        ({"a": [[1.0]]}, [[1]], None, "one-dimensional"),
+        ({" a": [1.0]}, [1], None, "not valid"),
+        ({"a": [1.0, 2.0]}, [1, 2], [5], "timestamps_ms has 1"),
+    ],
+)
+def test_log_series_refuses_bad_arrays_and_queues_nothing(
+    client: runledger.Client, metrics: dict, steps: list, stamps: list | None, fragment: str
+) -> None:
+    run = client.start_run(experiment="series-bad")
+    with pytest.raises(errors.InvalidArgument, match=fragment):
+        run.log_series(metrics, steps=steps, timestamps_ms=stamps)
+    assert run.logged_points == 0
+    run.finish()
+
+
 # ---- typed errors -----------------------------------------------------------------------------------
 def test_typed_errors_carry_code_reason_and_metadata(client: runledger.Client) -> None:
     run = client.start_run(experiment="errors", params={"lr": 2e-5})

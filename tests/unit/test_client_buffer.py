@@ -1,13 +1,15 @@
-"""The client's pure buffering: per-key columns, batch cutting, the cut policy and the outbox of unacked batches."""
+"""The client's pure buffering: row groups, batch cutting, the cut policy and the outbox of unacked batches."""
 
 from __future__ import annotations
 
 import math
+import random
 
+import numpy as np
 import pytest
 
 from runledger import errors
-from runledger._buffer import BatchPolicy, MetricBuffer, Outbox
+from runledger._buffer import BatchPolicy, MetricBuffer, Outbox, RowBlock
 
 
 def _fill(buffer: MetricBuffer, rows: list[tuple[int, dict[str, float]]]) -> None:
@@ -15,17 +17,28 @@ def _fill(buffer: MetricBuffer, rows: list[tuple[int, dict[str, float]]]) -> Non
         buffer.append(metrics, step, 1_000 + step)
 
 
-def _points(series: list[tuple[str, list[int], list[float], list[int]]]) -> dict[str, list[tuple[int, float, int]]]:
-    return {key: list(zip(steps, values, stamps, strict=True)) for key, steps, values, stamps in series}
+Points = dict[str, list[tuple[int, float, int]]]
 
 
-def test_append_keeps_columns_per_key_in_logging_order() -> None:
+def _points(blocks: list[RowBlock], into: Points | None = None) -> Points:
+    """Per key, the (step, value, timestamp) triples of cut blocks, in block order."""
+    out: Points = {} if into is None else into
+    for b in blocks:
+        values = np.asarray(b.values, dtype=np.float64).reshape(len(b.steps), len(b.keys))
+        for j, key in enumerate(b.keys):
+            out.setdefault(key, []).extend(
+                zip(np.asarray(b.steps).tolist(), values[:, j].tolist(), np.asarray(b.stamps).tolist(), strict=True)
+            )
+    return out
+
+
+def test_append_keeps_points_per_key_in_logging_order() -> None:
     buffer = MetricBuffer()
     _fill(buffer, [(0, {"loss": 1.0, "kl": 0.1}), (1, {"loss": 0.9}), (2, {"kl": 0.3, "loss": 0.8})])
     assert buffer.points == 5
-    series, taken = buffer.cut(100)
+    blocks, taken = buffer.cut(100)
     assert taken == 5 and buffer.points == 0
-    assert _points(series) == {
+    assert _points(blocks) == {
         "loss": [(0, 1.0, 1000), (1, 0.9, 1001), (2, 0.8, 1002)],
         "kl": [(0, 0.1, 1000), (2, 0.3, 1002)],
     }
@@ -33,15 +46,12 @@ def test_append_keeps_columns_per_key_in_logging_order() -> None:
 
 
 def test_nan_and_infinities_and_numeric_types_go_through_as_floats() -> None:
-    import numpy as np
-
     buffer = MetricBuffer()
     buffer.append({"a": math.nan, "b": math.inf, "c": -math.inf, "d": np.float32(0.5), "e": 3, "f": True}, 7, 0)
-    (series, _) = buffer.cut(100)
-    values = {key: v[0] for key, _, v, _ in series}
+    blocks, _ = buffer.cut(100)
+    values = {key: pts[0][1] for key, pts in _points(blocks).items()}
     assert math.isnan(values["a"]) and values["b"] == math.inf and values["c"] == -math.inf
     assert values["d"] == 0.5 and values["e"] == 3.0 and values["f"] == 1.0
-    assert all(type(v) is float for v in values.values())
 
 
 @pytest.mark.parametrize(
@@ -61,56 +71,104 @@ def test_a_bad_key_or_value_adds_nothing(metrics: dict, reason_fragment: str) ->
     buffer.append({"ok": 0.5}, 0, 0)
     with pytest.raises(errors.InvalidArgument, match=reason_fragment):
         buffer.append(metrics, 1, 0)
-    assert buffer.points == 1
-    series, taken = buffer.cut(100)
-    assert taken == 1 and _points(series) == {"ok": [(0, 0.5, 0)]}
+    buffer.append({"ok": 0.25}, 2, 0)  # the same keys as the group the refused call may have joined
+    with pytest.raises(errors.InvalidArgument, match="must be numbers"):
+        buffer.append({"ok": "x"}, 3, 0)
+    assert buffer.points == 2
+    blocks, taken = buffer.cut(100)
+    assert taken == 2 and _points(blocks) == {"ok": [(0, 0.5, 0), (2, 0.25, 0)]}
 
 
 @pytest.mark.parametrize(
-    ("per_key", "max_points", "expected_first_cut"),
+    ("rows", "max_points", "first_cut"),
     [
         # everything fits: one cut takes all
-        ({"a": 3, "b": 2}, 10, {"a": 3, "b": 2}),
-        # exactly the budget
-        ({"a": 5, "b": 5}, 10, {"a": 5, "b": 5}),
-        # over budget: proportional shares, keys keep their oldest points first
-        ({"a": 10, "b": 10}, 10, {"a": 5, "b": 5}),
-        ({"a": 30, "b": 10}, 20, {"a": 15, "b": 5}),
-        # a tiny key still gets at least one point: no starvation behind a busy key
-        ({"a": 1000, "b": 1}, 10, {"a": 9, "b": 1}),
-        # budget of one point per cut
-        ({"a": 3}, 1, {"a": 1}),
+        ([{"a": 1.0, "b": 2.0}] * 3, 10, 6),
+        # whole rows only, oldest first, up to the budget
+        ([{"a": 1.0, "b": 2.0}] * 10, 5, 4),
+        # at least one row, even when it alone is over the budget
+        ([{"a": 1.0, "b": 2.0, "c": 3.0}] * 2, 1, 3),
+        # rows of several groups in one cut
+        ([{"a": 1.0}, {"b": 2.0}, {"a": 1.0, "b": 2.0}, {"c": 0.0}], 100, 5),
     ],
 )
-def test_cut_takes_proportional_prefixes(
-    per_key: dict[str, int], max_points: int, expected_first_cut: dict[str, int]
-) -> None:
+def test_cut_takes_the_oldest_whole_rows(rows: list[dict[str, float]], max_points: int, first_cut: int) -> None:
     buffer = MetricBuffer()
-    for key, n in per_key.items():
-        for step in range(n):
-            buffer.append({key: float(step)}, step, 0)
-    total = sum(per_key.values())
-    series, taken = buffer.cut(max_points)
-    got = {key: steps for key, steps, _, _ in series}
-    assert {k: len(v) for k, v in got.items()} == expected_first_cut
-    assert all(v == list(range(len(v))) for v in got.values())  # oldest points first, in order
-    assert taken == sum(expected_first_cut.values()) and buffer.points == total - taken
-    # draining the rest yields every remaining point exactly once, in order per key
-    seen = {k: list(v) for k, v in got.items()}
+    _fill(buffer, list(enumerate(rows)))
+    total = buffer.points
+    blocks, taken = buffer.cut(max_points)
+    assert taken == first_cut == sum(b.points for b in blocks) and buffer.points == total - taken
+    seen = _points(blocks)
     while buffer.points:
         more, _ = buffer.cut(max_points)
-        for key, steps, _, _ in more:
-            seen.setdefault(key, []).extend(steps)
-    assert seen == {k: list(range(n)) for k, n in per_key.items()}
+        _points(more, seen)
+    expected: Points = {}
+    for step, row in enumerate(rows):
+        for key, value in row.items():
+            expected.setdefault(key, []).append((step, value, 1_000 + step))
+    assert seen == expected
 
 
-def test_cut_limits_series_per_batch() -> None:
+def test_alternating_key_sets_share_groups_and_keep_order() -> None:
     buffer = MetricBuffer()
-    buffer.append({f"k{i}": 1.0 for i in range(5)}, 0, 0)
-    series, taken = buffer.cut(100, max_series=2)
-    assert [s[0] for s in series] == ["k0", "k1"] and taken == 2 and buffer.points == 3
-    series, taken = buffer.cut(100, max_series=2)
-    assert [s[0] for s in series] == ["k2", "k3"]
+    for step in range(100):
+        buffer.append({"loss": float(step)}, step, 0)
+        buffer.append({"lr": 0.1}, step, 0)
+    blocks, taken = buffer.cut(1_000)
+    assert taken == 200 and len(blocks) == 2  # two groups, not 200
+    pts = _points(blocks)
+    assert [p[0] for p in pts["loss"]] == list(range(100)) and [p[0] for p in pts["lr"]] == list(range(100))
+
+
+def test_a_call_wider_than_a_batch_is_split_by_keys() -> None:
+    buffer = MetricBuffer(max_series=2)
+    buffer.append({f"k{i}": float(i) for i in range(5)}, 0, 0)
+    assert buffer.points == 5
+    keys_per_cut = []
+    while buffer.points:
+        blocks, _ = buffer.cut(100)
+        keys_per_cut.append(sorted({k for b in blocks for k in b.keys}))
+    assert keys_per_cut == [["k0", "k1"], ["k2", "k3"], ["k4"]]
+    with pytest.raises(errors.InvalidArgument, match="must be numbers"):
+        buffer.append({"k0": 1.0, "k1": 1.0, "k2": "bad"}, 1, 0)
+    assert buffer.points == 0
+
+
+def test_random_logging_matches_the_reference_order() -> None:
+    """Rows with random key sets (reordered too) and column blocks, cut at random budgets: every key's
+    points come out exactly once, in logging order, and no cut exceeds its limits."""
+    rng = random.Random(5)
+    pool = ["a", "b", "c", "d", "e"]
+    for _ in range(200):
+        buffer = MetricBuffer(max_series=3)
+        expected: Points = {}
+        seen: Points = {}
+        step = 0
+        for _ in range(rng.randint(1, 60)):
+            if rng.random() < 0.15:
+                keys = tuple(rng.sample(pool, rng.randint(1, 4)))
+                n = rng.randint(1, 6)
+                steps = np.arange(step, step + n, dtype=np.int64)
+                values = np.array([[float(s * 10 + j) for j in range(len(keys))] for s in steps.tolist()])
+                buffer.append_columns(keys, steps, steps + 7, values)
+                for j, key in enumerate(keys):
+                    expected.setdefault(key, []).extend((s, s * 10.0 + j, s + 7) for s in steps.tolist())
+                step += n
+            else:
+                keys = tuple(rng.sample(pool, rng.randint(1, 5)))
+                row = {key: float(step * 10 + j) for j, key in enumerate(keys)}
+                buffer.append(row, step, step + 7)
+                for key, value in row.items():
+                    expected.setdefault(key, []).append((step, value, step + 7))
+                step += 1
+            if rng.random() < 0.3:
+                blocks, taken = buffer.cut(rng.randint(1, 12))
+                assert len({k for b in blocks for k in b.keys}) <= 3
+                assert taken == sum(b.points for b in blocks)
+                _points(blocks, seen)
+        while buffer.points:
+            _points(buffer.cut(rng.randint(1, 12))[0], seen)
+        assert seen == expected
 
 
 @pytest.mark.parametrize(
@@ -137,9 +195,9 @@ def test_batch_policy_refuses_nonsense(max_points: int, max_delay: float) -> Non
 
 def test_outbox_numbers_batches_and_tracks_unacked_points() -> None:
     box = Outbox()
-    b0 = box.add([("a", [0], [1.0], [0])], 1)
-    b1 = box.add([("a", [1, 2], [1.0, 2.0], [0, 0])], 2)
-    b2 = box.add([("a", [3], [1.0], [0])], 1)
+    b0 = box.add([RowBlock(("a",), [0], [0], [1.0])], 1)
+    b1 = box.add([RowBlock(("a",), [1, 2], [0, 0], [1.0, 2.0])], 2)
+    b2 = box.add([RowBlock(("a",), [3], [0], [1.0])], 1)
     assert [b0.seq, b1.seq, b2.seq] == [0, 1, 2] and box.next_seq == 3
     assert box.points == 4 and len(box) == 3 and box.first_unacked() == 0
     # out-of-order ack: the lowest unacked stays 0

@@ -21,9 +21,9 @@ import grpc
 import numpy as np
 
 from runledger import _process, errors, wire
-from runledger._buffer import BatchPolicy, MetricBuffer, Outbox, PendingBatch, SeriesData
+from runledger._buffer import BatchPolicy, MetricBuffer, Outbox, PendingBatch, RowBlock
 from runledger._retry import RetryPolicy
-from runledger.v1 import tracking_pb2, tracking_service_pb2 as pb
+from runledger.v1 import tracking_service_pb2 as pb
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -57,24 +57,28 @@ class _Connection:
         self.stopped = False
 
 
-_EXACT_INT = float(2**53)  # integers up to this magnitude survive a trip through float64
-
-
-def _block_series(key: str, steps: Any, values: Any, stamps: Any) -> tracking_pb2.MetricSeries:
-    """Columns -> MetricSeries by block copy (wire.series); exact per-element path for huge integers."""
-    s = np.array(steps, dtype=np.float64)
-    t = np.array(stamps, dtype=np.float64)
-    if s.size and (np.abs(s).max() >= _EXACT_INT or np.abs(t).max() >= _EXACT_INT):
-        return tracking_pb2.MetricSeries(key=key, steps=steps, values=values, timestamps_ms=stamps)
-    return wire.series(key, s.astype(np.int64), np.array(values, dtype=np.float64), t.astype(np.int64))
-
-
-def build_request(run_id: str, writer_id: str, seq: int, series: list[SeriesData]) -> pb.StreamMetricsRequest:
-    return pb.StreamMetricsRequest(
-        run_id=run_id,
-        writer_id=writer_id,
-        seq=seq,
-        series=[_block_series(key, steps, values, stamps) for key, steps, values, stamps in series],
+def build_request(run_id: str, writer_id: str, seq: int, blocks: list[RowBlock]) -> pb.StreamMetricsRequest:
+    """Row blocks -> one StreamMetricsRequest with one block-encoded MetricSeries per key (wire.py)."""
+    steps: dict[str, list[np.ndarray]] = {}
+    values: dict[str, list[np.ndarray]] = {}
+    stamps: dict[str, list[np.ndarray]] = {}
+    for block in blocks:
+        # Steps were checked to fit int64 when logged, timestamps too (or come from the clock).
+        s = np.asarray(block.steps, dtype=np.int64)
+        t = np.asarray(block.stamps, dtype=np.int64)
+        v = np.asarray(block.values, dtype=np.float64).reshape(s.shape[0], len(block.keys))
+        for j, key in enumerate(block.keys):
+            steps.setdefault(key, []).append(s)
+            values.setdefault(key, []).append(np.ascontiguousarray(v[:, j]))
+            stamps.setdefault(key, []).append(t)
+    body = b"".join(
+        wire.length_delimited(4, wire.encode_series_parts(key, steps[key], values[key], stamps[key])) for key in steps
+    )
+    return pb.StreamMetricsRequest.FromString(
+        wire.length_delimited(1, run_id.encode())
+        + wire.length_delimited(2, writer_id.encode())
+        + wire.varint_field(3, seq)
+        + body
     )
 
 
@@ -157,6 +161,16 @@ class MetricStreamer:
                 self._wait_for_room()
             self._logged += buffer.append(metrics, step, timestamp_ms)
             if buffer.points >= self._policy.max_points:
+                self._cond.notify_all()
+
+    def append_columns(self, keys: tuple[str, ...], steps: np.ndarray, stamps: np.ndarray, values: np.ndarray) -> None:
+        with self._lock:
+            if self._error is not None or self._closing:
+                self._raise_unusable()
+            if self._buffer.points + self._outbox.points >= self._cap:
+                self._wait_for_room()
+            self._logged += self._buffer.append_columns(keys, steps, stamps, values)
+            if self._buffer.points >= self._policy.max_points:
                 self._cond.notify_all()
 
     def _wait_for_room(self) -> None:

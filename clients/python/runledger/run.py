@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from runledger import _ids, _process, errors
 from runledger._buffer import INT64_MAX, INT64_MIN
 from runledger._streamer import MetricStreamer
@@ -74,18 +76,34 @@ class Run:
         Blocks only when the buffer is full (`max_buffered_points` logged and not yet acknowledged), until
         acknowledgements free room: points are never dropped. Raises the error that stopped the sender, if any.
         """
-        try:
-            step = operator.index(step)
-        except TypeError:
-            raise errors.InvalidArgument(
-                f"step must be an integer, got {type(step).__name__}", reason="INVALID_ARGUMENT"
-            ) from None
-        if step > INT64_MAX or step < INT64_MIN:
-            raise errors.InvalidArgument(f"step {step} does not fit in int64", reason="INVALID_ARGUMENT")
+        if type(step) is not int or not INT64_MIN <= step <= INT64_MAX:
+            step = _int64(step, "step")
         stream = self._stream
         if stream is None:
             stream = self._open_stream()
-        stream.append(metrics, step, _time_ns() // 1_000_000 if timestamp_ms is None else int(timestamp_ms))
+        stream.append(
+            metrics, step, _time_ns() // 1_000_000 if timestamp_ms is None else _int64(timestamp_ms, "timestamp_ms")
+        )
+
+    def log_series(
+        self,
+        metrics: Mapping[str, Any],
+        *,
+        steps: Any,
+        timestamps_ms: Any = None,
+    ) -> None:
+        """Queue many steps at once: `metrics` maps each key to an array of values, one per entry of `steps`.
+
+        For loops that already hold their metrics as arrays (vectorized environments, per-token statistics,
+        imports from another tracker): no Python work per point. Every key gets a value at every step (NaN
+        and infinities are kept as they are); `timestamps_ms` is one per step, or the current time for all.
+        Validated whole: a bad argument raises InvalidArgument and queues nothing.
+        """
+        columns = _series_columns(metrics, steps, timestamps_ms)
+        stream = self._stream
+        if stream is None:
+            stream = self._open_stream()
+        stream.append_columns(*columns)
 
     def _open_stream(self) -> MetricStreamer:
         with self._lock:
@@ -225,3 +243,66 @@ class Run:
         self._lock = threading.Lock()
         self.writer_id = _ids.forked_writer_id(self.writer_id)
         self.owns_status = False
+
+
+def _int64(value: Any, field: str) -> int:
+    """An int64 argument (an int, or anything with __index__ such as numpy integers), else InvalidArgument."""
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise errors.InvalidArgument(
+            f"{field} must be an integer, got {type(value).__name__}", reason="INVALID_ARGUMENT"
+        ) from None
+    if number > INT64_MAX or number < INT64_MIN:
+        raise errors.InvalidArgument(f"{field} {number} does not fit in int64", reason="INVALID_ARGUMENT")
+    return number
+
+
+def _series_columns(
+    metrics: Mapping[str, Any], steps: Any, timestamps_ms: Any
+) -> tuple[tuple[str, ...], np.ndarray, np.ndarray, np.ndarray]:
+    """(keys, steps, timestamps_ms, values n x len(keys)) checked for log_series."""
+    step_array = _int64_array(steps, "steps")
+    n = step_array.shape[0]
+    if timestamps_ms is None:
+        stamps = np.full(n, _time_ns() // 1_000_000, dtype=np.int64)
+    else:
+        stamps = _int64_array(timestamps_ms, "timestamps_ms")
+        if stamps.shape[0] != n:
+            raise errors.InvalidArgument(
+                f"timestamps_ms has {stamps.shape[0]} entries for {n} steps", reason="INVALID_ARGUMENT"
+            )
+    keys = tuple(metrics)
+    values = np.empty((n, len(keys)), dtype=np.float64)
+    for j, key in enumerate(keys):
+        try:
+            column = np.asarray(metrics[key], dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise errors.InvalidArgument(
+                f"values of metric {key!r} must be numbers: {exc}", reason="INVALID_ARGUMENT"
+            ) from None
+        if column.shape != (n,):
+            raise errors.InvalidArgument(
+                f"metric {key!r} has values of shape {column.shape} for {n} steps", reason="INVALID_ARGUMENT"
+            )
+        values[:, j] = column
+    return keys, step_array, stamps, values
+
+
+def _int64_array(data: Any, field: str) -> np.ndarray:
+    """A 1-D int64 array from integers (numpy integer arrays or Python ints), else InvalidArgument."""
+    try:
+        array = np.asarray(data)
+        if array.dtype.kind == "O":  # Python ints beyond int64 (or mixed objects)
+            array = np.asarray(data, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise errors.InvalidArgument(f"{field} must be int64 integers: {exc}", reason="INVALID_ARGUMENT") from None
+    if array.ndim != 1:
+        raise errors.InvalidArgument(
+            f"{field} must be one-dimensional, got shape {array.shape}", reason="INVALID_ARGUMENT"
+        )
+    if array.dtype.kind == "u" and array.size and int(array.max()) > INT64_MAX:
+        raise errors.InvalidArgument(f"{field} do not fit in int64", reason="INVALID_ARGUMENT")
+    if array.dtype.kind not in "iu" and array.size:
+        raise errors.InvalidArgument(f"{field} must be integers, got {array.dtype}", reason="INVALID_ARGUMENT")
+    return np.ascontiguousarray(array, dtype=np.int64)

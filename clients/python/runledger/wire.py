@@ -38,6 +38,16 @@ def _packed(field: int, data: bytes) -> bytes:
     return _varint(field << 3 | 2) + _varint(len(data)) + data
 
 
+def length_delimited(field: int, data: bytes) -> bytes:
+    """One length-delimited field (bytes, string, embedded message, packed array), even when empty."""
+    return _varint(field << 3 | 2) + _varint(len(data)) + data
+
+
+def varint_field(field: int, value: int) -> bytes:
+    """One varint field (a non-negative integer); empty for 0, as protobuf writes proto3 defaults."""
+    return _varint(field << 3) + _varint(value) if value else b""
+
+
 def encode_series(key: str, steps: np.ndarray, values: np.ndarray, timestamps_ms: np.ndarray) -> bytes:
     """The serialized MetricSeries for these arrays (any int/float dtype; converted to 8-byte little-endian)."""
     k = key.encode()
