@@ -289,14 +289,31 @@ def _log_steps(run: runledger.Run, steps: int) -> float:
     return time.perf_counter() - start
 
 
+def _log_series(run: runledger.Run, steps: int, per_call: int) -> None:
+    """The same points as _log_steps, `per_call` steps of 4 keys per log_series call (as arrays)."""
+    vals = np.sin(np.arange(steps) / 50)
+    columns = (vals, -vals, 0.01 * vals, 1.0 + vals)
+    for lo in range(0, steps, per_call):
+        hi = min(steps, lo + per_call)
+        run.log_series({k: c[lo:hi] for k, c in zip(KEYS, columns, strict=True)}, steps=np.arange(lo, hi))
+
+
 def rl_ingest_one(address: str, points: int) -> dict[str, Any]:
     client = Client(address)
-    run = client.start_run(experiment="bench-ingest", name="one-trainer")
     steps = points // len(KEYS)
+    run = client.start_run(experiment="bench-ingest", name="one-trainer")
     start = time.perf_counter()
     loop = _log_steps(run, steps)
     run.flush()
     elapsed = time.perf_counter() - start
+    run.finish()
+    # MLflow's client sends 1,000 points per log_batch call; runledger's log_series with 250 steps of 4 keys
+    # is the same call shape.
+    run = client.start_run(experiment="bench-ingest", name="one-trainer-arrays")
+    start = time.perf_counter()
+    _log_series(run, steps, 1_000 // len(KEYS))
+    run.flush()
+    series_elapsed = time.perf_counter() - start
     run.finish()
     client.close()
     return {
@@ -304,6 +321,8 @@ def rl_ingest_one(address: str, points: int) -> dict[str, Any]:
         "seconds": elapsed,
         "points_per_s": steps * len(KEYS) / elapsed,
         "us_per_step": 1e6 * loop / steps,
+        "series_seconds": series_elapsed,
+        "series_points_per_s": steps * len(KEYS) / series_elapsed,
     }
 
 
@@ -594,8 +613,13 @@ def on_mlflow(
     return {kind: measure(f"mlflow/{kind:8s} {label}", functools.partial(go, kind)) for kind in kinds}
 
 
-def fill(row: Row, rl: dict[str, Any] | str, mf: dict[str, dict[str, Any] | str] | str, key: str) -> Row:
-    """Put the figures in the row; MLflow's is the better of its servers' (which one is kept in the row)."""
+def fill(
+    row: Row, rl: dict[str, Any] | str, mf: dict[str, dict[str, Any] | str] | str, key: str, mf_key: str = ""
+) -> Row:
+    """Put the figures in the row; MLflow's is the better of its servers' (which one is kept in the row).
+
+    `mf_key` names MLflow's figure when it differs from runledger's (the same measurement for both rows)."""
+    mf_key = mf_key or key
     if isinstance(rl, str):
         row.runledger_note = f"n/a ({rl})"
     else:
@@ -603,7 +627,7 @@ def fill(row: Row, rl: dict[str, Any] | str, mf: dict[str, dict[str, Any] | str]
     if isinstance(mf, str):
         row.mlflow_note = f"n/a ({mf})"
         return row
-    measured = {kind: float(r[key]) for kind, r in mf.items() if not isinstance(r, str)}
+    measured = {kind: float(r[mf_key]) for kind, r in mf.items() if not isinstance(r, str)}
     if not measured:
         row.mlflow_note = f"n/a ({next(iter(mf.values()))})"
         return row
@@ -635,6 +659,8 @@ def run_workloads(
             lambda u, _db: run_mlflow("ingest", u, "--points", str(s.points)),
         )
         rows.append(fill(Row(f"ingest, 1 trainer, {pts} points", "points/s", True), rl, mf, "points_per_s"))
+        label = f"ingest, 1 trainer, {pts} points, 1,000 per call (runledger log_series, MLflow log_batch)"
+        rows.append(fill(Row(label, "points/s", True), rl, mf, "series_points_per_s", "points_per_s"))
         rows.append(fill(Row("training-thread time per step of 4 keys", "µs", False), rl, mf, "us_per_step"))
     if "ingest16" in selected:
         print(f"ingest, {s.trainers} trainers")

@@ -110,6 +110,7 @@ class MetricStreamer:
         self._logged = 0
         self._acked = 0
         self._blocked = 0  # callers waiting for room: the next batch is cut at once
+        self._woken = False  # the sender was told that a full batch is buffered
         self._last_cut = clock()
         self._error: errors.RunledgerError | None = None  # fatal: raised to the caller, nothing more is sent
         self._last_transient: errors.RunledgerError | None = None
@@ -160,7 +161,8 @@ class MetricStreamer:
             if buffer.points + self._outbox.points >= self._cap:
                 self._wait_for_room()
             self._logged += buffer.append(metrics, step, timestamp_ms)
-            if buffer.points >= self._policy.max_points:
+            if buffer.points >= self._policy.max_points and not self._woken:
+                self._woken = True  # once per batch: waking the sender costs more than the append
                 self._cond.notify_all()
 
     def append_columns(self, keys: tuple[str, ...], steps: np.ndarray, stamps: np.ndarray, values: np.ndarray) -> None:
@@ -170,7 +172,8 @@ class MetricStreamer:
             if self._buffer.points + self._outbox.points >= self._cap:
                 self._wait_for_room()
             self._logged += self._buffer.append_columns(keys, steps, stamps, values)
-            if self._buffer.points >= self._policy.max_points:
+            if self._buffer.points >= self._policy.max_points and not self._woken:
+                self._woken = True
                 self._cond.notify_all()
 
     def _wait_for_room(self) -> None:
@@ -260,6 +263,7 @@ class MetricStreamer:
     def _cut(self) -> PendingBatch:
         series, points = self._buffer.cut(self._policy.max_points)
         self._last_cut = self._clock()
+        self._woken = False
         return self._outbox.add(series, points)
 
     def _has_work(self) -> bool:
