@@ -7,7 +7,8 @@ runledger path is the Python client helpers (`upload_file` hashes the file, then
 server, which hashes it again and streams it as a multipart upload; `download` verifies the sha256 at
 the end, once streamed through the server and once fetched through the presigned URL the server signs)
 against a `runledger serve --artifacts s3://...` subprocess. Each round uses fresh content (so
-deduplication cannot skip the upload) and the two paths alternate; medians are printed, with the
+deduplication cannot skip the upload), the order of the paths rotates from round to round, and every transfer
+starts without a previous output file; medians are printed, with the
 ratio runledger / direct, and the server's VmHWM (peak resident memory) after all rounds.
 
 Run: .venv/bin/python bench/bench_artifacts.py [--mib 256] [--rounds 3]
@@ -23,7 +24,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 from minio import Minio
@@ -36,6 +39,7 @@ from _server import free_port, peak_rss_mib, runledger_server
 from runledger import artifacts as client_artifacts
 from runledger.v1 import tracking_service_pb2 as tpb, tracking_service_pb2_grpc
 
+T = TypeVar("T")
 MiB = 1 << 20
 BUCKET = "bench-artifacts"
 KEYS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret"}
@@ -80,6 +84,11 @@ def fill(path: Path, mib: int, seed: int) -> None:
             f.write(seed.to_bytes(8, "little") + i.to_bytes(8, "little") + block[16:])
 
 
+def rotate(items: list[T], by: int) -> list[T]:
+    k = by % len(items)
+    return items[k:] + items[:k]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mib", type=int, default=256, help="file size in MiB (default 256)")
@@ -111,35 +120,55 @@ def main() -> int:
                 exp = tracking.CreateExperiment(tpb.CreateExperimentRequest(display_name="bench-artifacts"))
                 run_id = tracking.CreateRun(tpb.CreateRunRequest(experiment=exp.name)).run_id
                 idle_rss = peak_rss_mib(pid)
+                uploaded: dict[int, Any] = {}
                 for r in range(args.rounds):
-                    fill(src, args.mib, seed=2 * r)
-                    t = time.perf_counter()
-                    direct.fput_object(BUCKET, f"direct/{r}", str(src))
-                    rates["direct_up"].append(args.mib / (time.perf_counter() - t))
-                    t = time.perf_counter()
-                    direct.fget_object(BUCKET, f"direct/{r}", str(out))
-                    rates["direct_down"].append(args.mib / (time.perf_counter() - t))
-                    direct.remove_object(BUCKET, f"direct/{r}")
-                    out.unlink()
+                    # Every transfer starts from the same state (no output file, nothing else running), and the
+                    # order of the paths rotates from round to round: on this kind of machine a transfer's rate
+                    # depends on what ran just before it, so a fixed order would favour whichever goes first.
+                    fill(src, args.mib, seed=r)  # the same bytes for both paths; runledger's key is new per round
 
-                    fill(src, args.mib, seed=2 * r + 1)
-                    reset_peak(pid)
-                    t = time.perf_counter()
-                    art = client_artifacts.upload_file(channel, run_id, src, f"round-{r}/model.bin", progress=False)
-                    rates["rl_up"].append(args.mib / (time.perf_counter() - t))
-                    peaks["upload"] = max(peaks["upload"], peak_rss_mib(pid))
-                    reset_peak(pid)
-                    t = time.perf_counter()
-                    client_artifacts.download(channel, run_id, art.path, out, presigned=False, progress=False)
-                    rates["rl_down"].append(args.mib / (time.perf_counter() - t))
-                    peaks["download"] = max(peaks["download"], peak_rss_mib(pid))
-                    assert art.size == args.mib * MiB and out.stat().st_size == art.size
-                    out.unlink()
-                    t = time.perf_counter()
-                    client_artifacts.download(channel, run_id, art.path, out, progress=False)  # presigned URL
-                    rates["rl_fast"].append(args.mib / (time.perf_counter() - t))
-                    out.unlink()
-                    direct.remove_object(BUCKET, art.uri.removeprefix(f"s3://{BUCKET}/"))  # keep moto's memory flat
+                    def up_direct(r: int = r) -> None:
+                        direct.fput_object(BUCKET, f"direct/{r}", str(src))
+
+                    def up_runledger(r: int = r) -> None:
+                        reset_peak(pid)
+                        uploaded[r] = client_artifacts.upload_file(
+                            channel, run_id, src, f"round-{r}/model.bin", progress=False
+                        )
+                        peaks["upload"] = max(peaks["upload"], peak_rss_mib(pid))
+
+                    ups: list[tuple[str, Callable[[], None]]] = [("direct_up", up_direct), ("rl_up", up_runledger)]
+                    for name, upload in rotate(ups, r):
+                        t = time.perf_counter()
+                        upload()
+                        rates[name].append(args.mib / (time.perf_counter() - t))
+                    art = uploaded[r]
+                    assert art.size == args.mib * MiB
+
+                    def down_direct(r: int = r) -> None:
+                        direct.fget_object(BUCKET, f"direct/{r}", str(out))
+
+                    def down_server(path: str = art.path) -> None:
+                        reset_peak(pid)
+                        client_artifacts.download(channel, run_id, path, out, presigned=False, progress=False)
+                        peaks["download"] = max(peaks["download"], peak_rss_mib(pid))
+
+                    def down_presigned(path: str = art.path) -> None:
+                        client_artifacts.download(channel, run_id, path, out, progress=False)
+
+                    downs: list[tuple[str, Callable[[], None]]] = [
+                        ("direct_down", down_direct),
+                        ("rl_down", down_server),
+                        ("rl_fast", down_presigned),
+                    ]
+                    for name, download in rotate(downs, r):
+                        t = time.perf_counter()
+                        download()
+                        rates[name].append(args.mib / (time.perf_counter() - t))
+                        assert out.stat().st_size == args.mib * MiB
+                        out.unlink()
+                    direct.remove_object(BUCKET, f"direct/{r}")  # keep moto's memory flat
+                    direct.remove_object(BUCKET, art.uri.removeprefix(f"s3://{BUCKET}/"))
                     print(
                         f"round {r}: direct up {rates['direct_up'][-1]:.0f} down {rates['direct_down'][-1]:.0f} | "
                         f"runledger up {rates['rl_up'][-1]:.0f} down {rates['rl_down'][-1]:.0f} "
