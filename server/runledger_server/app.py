@@ -40,6 +40,16 @@ from runledger_server.transport.tracking_servicer import TrackingServicer
 _LOGGER = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Keepalive: the server pings idle connections so that a client gone silently (a partitioned or frozen trainer)
+# releases its streams within about a minute and a half, and it accepts the client's own pings (runledger clients
+# ping every 20 s; gRPC's default would answer pings more frequent than every 5 minutes with GOAWAY).
+KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 0),
+)
 SERVICE_NAMES = (
     tracking_service_pb2.DESCRIPTOR.services_by_name["TrackingService"].full_name,
     artifact_service_pb2.DESCRIPTOR.services_by_name["ArtifactService"].full_name,
@@ -88,6 +98,7 @@ async def build_server(settings: Settings) -> tuple[Server, int]:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
+            *KEEPALIVE_OPTIONS,
         ]
     )
     tracking_servicer.add_to_server(TrackingServicer(tracking, executor), grpc_server)

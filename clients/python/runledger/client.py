@@ -43,6 +43,12 @@ _CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 5_000),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    # Ping every 20 s, also between calls, and give up on a connection after 10 s without an answer: a silent
+    # network partition then fails the metric stream (which reconnects and re-sends) instead of hanging it.
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
 )
 
 
