@@ -581,3 +581,40 @@ def test_the_index_on_postgresql_orders_and_refuses_like_sqlite(pg_settings: Set
         m = stub.GetArtifactManifest(pb.GetArtifactManifestRequest(run_id=run, path="a"))
         assert [e.path for e in m.entries] == ["B", "b"]
         assert _paths(stub, run) == sorted(paths)
+
+
+@pytest.mark.postgres
+def test_racing_file_and_directory_uploads_on_two_replicas_keep_one(pg_settings: Settings) -> None:
+    """`x` (a file) and `x/w` (a file below it) uploaded at once through two replicas: exactly one is recorded."""
+    with (
+        EmbeddedServer(pg_settings) as a,
+        EmbeddedServer(pg_settings) as b,
+        grpc.insecure_channel(a.address) as ch_a,
+        grpc.insecure_channel(b.address) as ch_b,
+    ):
+        run = _new_run(_tracking(ch_a))
+        stubs = [Stub(ch_a), Stub(ch_b)]
+        for i in range(20):
+            start = threading.Barrier(2)
+            results: dict[str, str] = {}
+
+            def upload(stub: Stub, path: str, start: threading.Barrier, results: dict[str, str]) -> None:
+                start.wait()
+                try:
+                    _upload(stub, run, path, path.encode())
+                    results[path] = "ok"
+                except grpc.RpcError as err:
+                    results[path] = err.code().name
+
+            pair = [f"x{i}", f"x{i}/w"]
+            threads = [
+                threading.Thread(target=upload, args=(stubs[(j + i) % 2], pair[j], start, results)) for j in (0, 1)
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert sorted(results.values()) == ["FAILED_PRECONDITION", "ok"], results
+        recorded = _paths(stubs[0], run)
+        for i in range(20):
+            assert (f"x{i}" in recorded) != (f"x{i}/w" in recorded), recorded

@@ -33,6 +33,10 @@ class SqlArtifactIndex:
     def record(self, run_id: str, path: str, sha256: str, size: int, uri: str) -> ArtifactRecord:
         """Idempotent for the same content; a path never changes content once recorded."""
         with self.db.write() as s:
+            # Recordings of one run take turns: the file-vs-directory check below reads other paths of the run,
+            # which a row lock on the new path alone would not protect. PostgreSQL: a lock on the run's row
+            # that foreign-key checks (metric chunks, other artifacts) do not wait for; SQLite: BEGIN IMMEDIATE.
+            s.execute(select(RunRow.id).where(RunRow.id == run_id).with_for_update(key_share=True))
             existing = _check(s, run_id, path, sha256)
             if existing is not None:
                 return existing
