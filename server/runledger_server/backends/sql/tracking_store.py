@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from runledger_server.backends.sql import chunk_format
 from runledger_server.backends.sql.base import now_us
+from runledger_server.backends.sql.chunk_cache import DEFAULT_MAX_BYTES, ChunkCache, ChunkKey
 from runledger_server.backends.sql.database import Database
 from runledger_server.backends.sql.tracking_tables import (
     EvalScoreRow,
@@ -35,12 +36,14 @@ _LOGGER = logging.getLogger(__name__)
 
 FINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 _VAL = np.dtype("<f8")
+_ID_BATCH = 500  # chunk ids per IN list: far below the databases' parameter limits
 
 
 class SqlTrackingStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, chunk_cache_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.db = db
         self._known_runs: set[str] = set()  # runs are never deleted, so a positive cache is always valid
+        self._chunks = ChunkCache(chunk_cache_bytes)
 
     # ---- experiments -------------------------------------------------------------------------
     def create_experiment(self, display_name: str, description: str, tags: dict[str, str]) -> Experiment:
@@ -279,6 +282,7 @@ class SqlTrackingStore:
             now = now_us()
             batch_rows: list[tuple[Any, ...]] = []
             chunk_rows: list[tuple[Any, ...]] = []
+            committed: list[tuple[ChunkKey, Series]] = []
             latest: dict[tuple[str, str], tuple[int, float, int]] = {}
             for i, b in enumerate(batches):
                 if b.run_id not in self._known_runs:
@@ -308,6 +312,7 @@ class SqlTrackingStore:
                             chunk_format.encode_timestamps(series.timestamps_ms),
                         )
                     )
+                    committed.append(((b.run_id, series.key, b.writer_id, b.seq), _owned(series)))
                     j = int(np.argmax(steps[::-1]))  # the last occurrence of the highest step
                     j = len(steps) - 1 - j
                     point = (int(steps[j]), float(series.values[j]), int(series.timestamps_ms[j]))
@@ -334,34 +339,49 @@ class SqlTrackingStore:
                     "timestamp_ms = excluded.timestamp_ms WHERE excluded.step >= latest_metrics.step",
                     [(r, k, st, None if math.isnan(v) else v, ts) for (r, k), (st, v, ts) in latest.items()],
                 )
+        for chunk_key, chunk in committed:  # only once the transaction has committed
+            self._chunks.put(chunk_key, chunk)
         return results
 
     def metric_chunks(self, run_id: str, key: str, start_step: int | None, end_step: int | None) -> list[Series]:
-        sql = (
-            'SELECT "count", min_step, max_step, steps, "values", timestamps_ms FROM metric_chunks '
-            'WHERE run_id = ? AND "key" = ?'
-        )
+        where = 'WHERE run_id = ? AND "key" = ?'
         params: list[Any] = [run_id, key]
         if start_step is not None:
-            sql += " AND max_step >= ?"
+            where += " AND max_step >= ?"
             params.append(start_step)
         if end_step is not None:
-            sql += " AND min_step <= ?"
+            where += " AND min_step <= ?"
             params.append(end_step)
         with self.db.statements(write=False) as q:
             if q.one("SELECT 1 FROM runs WHERE id = ?", (run_id,)) is None:
                 raise NotFound(f"runs/{run_id} not found", field="run_id")
-            rows = q.all(sql + " ORDER BY id", params)
-        # Values are views of the fetched bytes, not copied on their way to the transport.
-        return [
-            Series(
-                key,
-                chunk_format.decode_steps(s, n, lo, hi),
-                np.frombuffer(v, _VAL),
-                chunk_format.decode_timestamps(t, n),
-            )
-            for n, lo, hi, s, v, t in rows
-        ]
+            # Which chunks, in logging order (no blob is read for this); then the blobs of those not in memory.
+            listed = q.all(f"SELECT id, writer_id, seq FROM metric_chunks {where} ORDER BY id", params)
+            found: dict[int, Series] = {}
+            missing: list[int] = []
+            for chunk_id, writer_id, seq in listed:
+                chunk = self._chunks.get((run_id, key, writer_id, seq))
+                if chunk is None:
+                    missing.append(chunk_id)
+                else:
+                    found[chunk_id] = chunk
+            for lo in range(0, len(missing), _ID_BATCH):
+                ids = missing[lo : lo + _ID_BATCH]
+                rows = q.all(
+                    'SELECT id, writer_id, seq, "count", min_step, max_step, steps, "values", timestamps_ms '
+                    f"FROM metric_chunks WHERE id IN ({_marks(len(ids))})",
+                    ids,
+                )
+                for chunk_id, writer_id, seq, n, low, high, steps, values, stamps in rows:
+                    chunk = Series(
+                        key,
+                        chunk_format.decode_steps(steps, n, low, high),
+                        np.frombuffer(values, _VAL),  # a view of the fetched bytes
+                        chunk_format.decode_timestamps(stamps, n),
+                    )
+                    self._chunks.put((run_id, key, writer_id, seq), chunk)
+                    found[chunk_id] = chunk
+        return [found[chunk_id] for chunk_id, _, _ in listed]
 
     # ---- eval results ------------------------------------------------------------------------
     def log_eval_result(self, run_id: str, suite_fingerprint: str, metrics: dict[str, float]) -> EvalResult:
@@ -609,3 +629,13 @@ def _after(sort: Any, descending: bool, cursor: list[Any]) -> ColumnElement[bool
 
 def _marks(n: int) -> str:
     return ", ".join("?" * n)
+
+
+def _owned(series: Series) -> Series:
+    """The series as the database returns it: int64 steps and timestamps, float64 values."""
+    return Series(
+        series.key,
+        np.ascontiguousarray(series.steps, dtype=np.int64),
+        np.ascontiguousarray(series.values, dtype=_VAL),
+        np.ascontiguousarray(series.timestamps_ms, dtype=np.int64),
+    )

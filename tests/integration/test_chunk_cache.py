@@ -1,0 +1,73 @@
+"""The in-memory chunk cache of the SQL tracking store: reads served from memory equal reads from the database,
+whatever the cache holds (everything, a part, nothing), and the cache stays within its byte budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runledger_server.backends.sql import migrate
+from runledger_server.backends.sql.chunk_cache import ChunkCache
+from runledger_server.backends.sql.database import Database
+from runledger_server.backends.sql.tracking_store import SqlTrackingStore
+from runledger_server.domain import ids
+from runledger_server.domain.lineage import Lineage
+from runledger_server.domain.metrics import Batch, Series, joined
+
+
+def series(key: str, steps: np.ndarray, seed: int) -> Series:
+    values = np.random.default_rng(seed).normal(size=steps.shape[0])
+    values[::7] = np.nan
+    return Series(key, steps.astype(np.int64), values, 1_700_000_000_000 + steps.astype(np.int64) * 3)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Database:
+    database = Database(f"sqlite:///{tmp_path / 'meta.db'}")
+    migrate.upgrade(database)
+    return database
+
+
+def logged_run(store: SqlTrackingStore) -> str:
+    exp = store.create_experiment("cache", "", {})
+    run_id = ids.new_id()
+    store.create_run(run_id, exp.experiment_id, "", {}, {}, Lineage(), None)
+    batches = [
+        Batch(run_id, "w0", seq, (series("loss", np.arange(seq * 1000, seq * 1000 + 1000), seq),)) for seq in range(12)
+    ]
+    batches.append(Batch(run_id, "w1", 0, (series("loss", np.array([5, 3, 4000, 4]), 99),)))  # irregular steps
+    assert store.commit_metric_batches(batches) == [False] * len(batches)
+    return run_id
+
+
+def same(a: list[Series], b: list[Series]) -> None:
+    x, y = joined(a), joined(b)
+    assert np.array_equal(x.steps, y.steps) and np.array_equal(x.timestamps_ms, y.timestamps_ms)
+    assert np.array_equal(x.values.view(np.int64), y.values.view(np.int64))  # bit-exact, NaN included
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 40_000, 128 << 20])
+def test_reads_through_the_cache_equal_reads_from_the_database(db: Database, cache_bytes: int) -> None:
+    writer = SqlTrackingStore(db, chunk_cache_bytes=cache_bytes)
+    run_id = logged_run(writer)
+    cold = SqlTrackingStore(db, chunk_cache_bytes=0)  # another replica: nothing in memory
+    for start, end in [(None, None), (2_500, 7_000), (4, 4)]:
+        expected = cold.metric_chunks(run_id, "loss", start, end)
+        same(writer.metric_chunks(run_id, "loss", start, end), expected)
+        same(writer.metric_chunks(run_id, "loss", start, end), expected)  # again, after the read filled the cache
+    assert writer._chunks.nbytes <= cache_bytes
+
+
+def test_cache_evicts_least_recently_used_within_its_budget() -> None:
+    one = Series("k", np.arange(10), np.zeros(10), np.arange(10))  # 240 bytes
+    cache = ChunkCache(max_bytes=500)
+    cache.put(("r", "k", "w", 0), one)
+    cache.put(("r", "k", "w", 1), one)
+    assert cache.get(("r", "k", "w", 0)) is one  # now the most recently used
+    cache.put(("r", "k", "w", 2), one)
+    assert cache.get(("r", "k", "w", 1)) is None and cache.get(("r", "k", "w", 0)) is one
+    assert cache.nbytes == 480
+    cache.put(("r", "k", "w", 3), Series("k", np.arange(100), np.zeros(100), np.arange(100)))  # over budget alone
+    assert cache.get(("r", "k", "w", 3)) is None and cache.nbytes == 480
