@@ -618,3 +618,28 @@ def test_racing_file_and_directory_uploads_on_two_replicas_keep_one(pg_settings:
         recorded = _paths(stubs[0], run)
         for i in range(20):
             assert (f"x{i}" in recorded) != (f"x{i}/w" in recorded), recorded
+
+
+@pytest.mark.s3
+def test_a_bucket_the_server_creates_aborts_unfinished_uploads_and_an_existing_one_is_left_alone(
+    tmp_path: Path, s3_server: S3Server
+) -> None:
+    client = s3_server.client()
+    fresh = replace(s3_server, bucket=f"rl-new-{uuid.uuid4().hex[:12]}")
+    base = Settings(host="127.0.0.1", port=0, data_dir=tmp_path / "d")
+    with EmbeddedServer(fresh.settings(base, "team/models")) as srv, grpc.insecure_channel(srv.address) as channel:
+        _upload(Stub(channel), _new_run(_tracking(channel)), "x.bin", b"x")
+    config = client.get_bucket_lifecycle(fresh.bucket)
+    assert config is not None
+    (rule,) = config.rules
+    assert rule.rule_id == "runledger-abort-incomplete-uploads" and rule.status == "Enabled"
+    assert rule.rule_filter is not None and rule.rule_filter.prefix == "team/models/"
+    assert rule.abort_incomplete_multipart_upload is not None
+    assert rule.abort_incomplete_multipart_upload.days_after_initiation == 1
+
+    existing = replace(s3_server, bucket=f"rl-old-{uuid.uuid4().hex[:12]}")
+    client.make_bucket(existing.bucket)  # its owner's bucket: the server leaves its lifecycle alone
+    base = replace(base, data_dir=tmp_path / "d2")
+    with EmbeddedServer(existing.settings(base, "m")) as srv, grpc.insecure_channel(srv.address) as channel:
+        _upload(Stub(channel), _new_run(_tracking(channel)), "x.bin", b"x")
+    assert client.get_bucket_lifecycle(existing.bucket) is None

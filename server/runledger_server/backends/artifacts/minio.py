@@ -20,8 +20,9 @@ from typing import BinaryIO
 
 import urllib3
 from minio import Minio
-from minio.commonconfig import CopySource
+from minio.commonconfig import ENABLED, CopySource, Filter
 from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
+from minio.lifecycleconfig import AbortIncompleteMultipartUpload, LifecycleConfig, Rule
 
 from runledger_server.backends.artifacts.verified_put import put_verified
 from runledger_server.domain.errors import (
@@ -34,6 +35,7 @@ from runledger_server.domain.errors import (
 
 _LOGGER = logging.getLogger(__name__)
 
+ABORT_RULE_ID = "runledger-abort-incomplete-uploads"
 PART_SIZE = 8 << 20  # parts in flight are what an upload holds in memory
 MAX_PARTS = 10_000  # S3's limit per multipart upload
 UNKNOWN_SIZE_PART = 16 << 20  # without a declared size: objects up to 156 GiB
@@ -121,11 +123,27 @@ class S3BlobStore:
                     try:
                         self.client.make_bucket(self.bucket)
                         _LOGGER.info("created bucket %s at %s", self.bucket, self.endpoint)
+                        self._abort_incomplete_uploads()
                     except S3Error as exc:
                         if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                             raise
                 self._sweep_stale_temp()
             self._ready = True
+
+    def _abort_incomplete_uploads(self) -> None:
+        """On a bucket this server created: S3 itself aborts multipart uploads left unfinished for a day
+        (an abort that failed while the store was down would otherwise keep their parts forever). A bucket
+        that existed before keeps the lifecycle its owner gave it."""
+        rule = Rule(
+            ENABLED,
+            rule_filter=Filter(prefix=self.prefix),
+            rule_id=ABORT_RULE_ID,
+            abort_incomplete_multipart_upload=AbortIncompleteMultipartUpload(days_after_initiation=1),
+        )
+        try:
+            self.client.set_bucket_lifecycle(self.bucket, LifecycleConfig([rule]))
+        except S3Error as exc:  # e.g. a server without lifecycle support: uploads still work
+            _LOGGER.warning("could not set the bucket's lifecycle rule for unfinished uploads: %s", exc)
 
     def try_ensure_bucket(self) -> bool:
         """At startup: a store that is down is reported, not fatal (artifact calls answer UNAVAILABLE)."""
