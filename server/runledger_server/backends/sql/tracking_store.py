@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 from sqlalchemy import ColumnElement, and_, exists, not_, or_, select, update
@@ -36,7 +36,8 @@ _LOGGER = logging.getLogger(__name__)
 
 FINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 _VAL = np.dtype("<f8")
-_ID_BATCH = 500  # chunk ids per IN list: far below the databases' parameter limits
+T = TypeVar("T")
+_IN_BATCH = 500  # values per IN list: far below the databases' parameter limits
 
 
 class SqlTrackingStore:
@@ -264,8 +265,8 @@ class SqlTrackingStore:
         results: list[bool | Exception] = [False] * len(batches)
         with self.db.statements(write=True) as q:
             unknown = list({b.run_id for b in batches} - self._known_runs)
-            if unknown:
-                found = q.all(f"SELECT id FROM runs WHERE id IN ({_marks(len(unknown))})", unknown)
+            for run_ids in _in_batches(unknown):
+                found = q.all(f"SELECT id FROM runs WHERE id IN ({_marks(len(run_ids))})", run_ids)
                 self._known_runs |= {r[0] for r in found}
             seen: dict[tuple[str, str], set[int]] = defaultdict(set)
             wanted: dict[tuple[str, str], list[int]] = defaultdict(list)
@@ -273,12 +274,13 @@ class SqlTrackingStore:
                 wanted[(b.run_id, b.writer_id)].append(b.seq)
             for (run_id, writer_id), seqs in wanted.items():
                 if run_id in self._known_runs:
-                    rows = q.all(
-                        "SELECT seq FROM metric_batches WHERE run_id = ? AND writer_id = ? "
-                        f"AND seq IN ({_marks(len(seqs))})",
-                        [run_id, writer_id, *seqs],
-                    )
-                    seen[(run_id, writer_id)] = {r[0] for r in rows}
+                    for some in _in_batches(seqs):  # a group of tiny batches can hold many thousands
+                        rows = q.all(
+                            "SELECT seq FROM metric_batches WHERE run_id = ? AND writer_id = ? "
+                            f"AND seq IN ({_marks(len(some))})",
+                            [run_id, writer_id, *some],
+                        )
+                        seen[(run_id, writer_id)].update(r[0] for r in rows)
             now = now_us()
             batch_rows: list[tuple[Any, ...]] = []
             chunk_rows: list[tuple[Any, ...]] = []
@@ -365,8 +367,7 @@ class SqlTrackingStore:
                     missing.append(chunk_id)
                 else:
                     found[chunk_id] = chunk
-            for lo in range(0, len(missing), _ID_BATCH):
-                ids = missing[lo : lo + _ID_BATCH]
+            for ids in _in_batches(missing):
                 rows = q.all(
                     'SELECT id, writer_id, seq, "count", min_step, max_step, steps, "values", timestamps_ms '
                     f"FROM metric_chunks WHERE id IN ({_marks(len(ids))})",
@@ -625,6 +626,11 @@ def _after(sort: Any, descending: bool, cursor: list[Any]) -> ColumnElement[bool
         return and_(sort.is_(None), tie)
     beyond = sort < value if descending else sort > value
     return or_(beyond, and_(sort == value, tie), sort.is_(None))
+
+
+def _in_batches(values: list[T]) -> Iterator[list[T]]:
+    for lo in range(0, len(values), _IN_BATCH):
+        yield values[lo : lo + _IN_BATCH]
 
 
 def _marks(n: int) -> str:
