@@ -256,11 +256,16 @@ def test_registration_needs_the_run_its_artifact_and_the_model(reg: Registry) ->
     reg.model()
     run_id = reg.run()
     reg.upload(run_id, "model.safetensors", b"weights")
+    broken = reg.run(**{k: v for k, v in LINEAGE.items() if k != "config"})
     cases = [
         (MODEL, "no-such-run", "model.safetensors", grpc.StatusCode.NOT_FOUND, "run_id"),
         (MODEL, run_id, "other.bin", grpc.StatusCode.NOT_FOUND, "artifact_path"),
         (MODEL, run_id, "../model.safetensors", grpc.StatusCode.INVALID_ARGUMENT, "artifact_path"),
         ("models/nope", run_id, "model.safetensors", grpc.StatusCode.NOT_FOUND, "model"),
+        # A missing model is named first, whatever else is wrong.
+        ("models/nope", "no-such-run", "model.safetensors", grpc.StatusCode.NOT_FOUND, "model"),
+        ("models/nope", run_id, "other.bin", grpc.StatusCode.NOT_FOUND, "model"),
+        ("models/nope", broken, "model.safetensors", grpc.StatusCode.NOT_FOUND, "model"),
     ]
     for model, rid, path, code, field in cases:
         r = refusal(

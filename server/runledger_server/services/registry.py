@@ -86,10 +86,17 @@ class RegistryService:
         run_id = names.run_id(run_id)
         path = _artifact_path(artifact_path)
         _check_description(description)
-        self.store.get_model(model_id)
-        lineage = self.runs.run_lineage(run_id)
-        missing = lineage.missing_fields()
+        # The model's existence is checked by the store's write (the version counter row); a refusal checks it
+        # first, so a missing model is reported before anything about the run, as if checked up front.
+        try:
+            lineage = self.runs.run_lineage(run_id)
+            missing = lineage.missing_fields()
+            described = None if missing else self.artifacts.describe(run_id, path, "artifact_path")
+        except DomainError:
+            self.store.get_model(model_id)
+            raise
         if missing:
+            self.store.get_model(model_id)
             raise FailedPrecondition(
                 f"runs/{run_id} has broken lineage: missing {', '.join(missing)}; "
                 "record them with SetLineage before registering a version",
@@ -98,8 +105,7 @@ class RegistryService:
                 metadata={"missingFields": ",".join(missing), "run": f"runs/{run_id}"},
             )
         fingerprint = lineage.fingerprint()
-        assert fingerprint is not None
-        described = self.artifacts.describe(run_id, path, "artifact_path")
+        assert fingerprint is not None and described is not None
         artifact = ArtifactRef(path, described.sha256, described.size, described.uri)
         version = self.store.create_version(model_id, run_id, artifact, lineage, fingerprint, description)
         _LOGGER.info("registered models/%s/versions/%d from runs/%s", model_id, version.version, run_id)
