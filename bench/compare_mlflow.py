@@ -4,8 +4,10 @@ Workloads (runledger through its Python client, or raw gRPC stubs where the clie
 MLflow through `MlflowClient`, see mlflow_workloads.py):
   ingest1    one trainer logs 300,000 points (4 keys per step); timed from the first log call until the
              points are durably stored (runledger: `run.log_metrics` per step, then `run.flush()`; MLflow:
-             `log_batch` of 1,000). Also the training thread's time per step of 4 keys.
-  ingest16   16 trainer processes at once, connected before the clock starts; aggregate points/s.
+             `log_batch` of 1,000), and again with `run.log_series` of 1,000 points per call. Also the
+             training thread's time per step of 4 keys.
+  ingest16   16 trainer processes at once, connected before the clock starts; aggregate points/s, per step
+             and with `log_series` of 1,000 points per call.
   history    read back one key of 1,000,000 points (runledger: `client.metric_history`, median of 3 reads;
              MLflow: `get_metric_history`, its rows written straight into its SQLite tables beforehand).
   lookup     GetModelVersionByAlias / get_model_version_by_alias, p50 and p99 over 5,000 calls, idle and
@@ -326,12 +328,16 @@ def rl_ingest_one(address: str, points: int) -> dict[str, Any]:
     }
 
 
-def _rl_trainer(address: str, experiment: str, points: int, ready: Any, go: Any, out: Any) -> None:
+def _rl_trainer(address: str, experiment: str, points: int, per_call: int, ready: Any, go: Any, out: Any) -> None:
+    """One trainer process: `log_metrics` per step (per_call 0), or `log_series` of `per_call` steps."""
     client = Client(address)
     run = client.start_run(experiment=experiment)
     ready.put(1)
     go.wait()
-    _log_steps(run, points // len(KEYS))
+    if per_call:
+        _log_series(run, points // len(KEYS), per_call)
+    else:
+        _log_steps(run, points // len(KEYS))
     run.flush()
     out.put(time.time())
     run.finish()
@@ -339,11 +345,17 @@ def _rl_trainer(address: str, experiment: str, points: int, ready: Any, go: Any,
 
 
 def rl_ingest_many(address: str, points: int, trainers: int) -> dict[str, Any]:
+    per_step = _rl_ingest_many(address, points, trainers, 0)
+    series = _rl_ingest_many(address, points, trainers, 1_000 // len(KEYS))
+    return {**per_step, "series_seconds": series["seconds"], "series_points_per_s": series["points_per_s"]}
+
+
+def _rl_ingest_many(address: str, points: int, trainers: int, per_call: int) -> dict[str, Any]:
     ctx = mp.get_context("spawn")  # a clean gRPC runtime in each trainer
     ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     per = points // trainers
     procs = [
-        ctx.Process(target=_rl_trainer, args=(address, "bench-ingest-many", per, ready, go, out))
+        ctx.Process(target=_rl_trainer, args=(address, "bench-ingest-many", per, per_call, ready, go, out))
         for _ in range(trainers)
     ]
     for p in procs:
@@ -671,6 +683,8 @@ def run_workloads(
         )
         label = f"ingest, {s.trainers} trainers (runledger {s.multi_points:,} points, MLflow {pts})"
         rows.append(fill(Row(label, "points/s", True), rl, mf, "points_per_s"))
+        label = f"ingest, {s.trainers} trainers, 1,000 per call (runledger log_series, MLflow log_batch)"
+        rows.append(fill(Row(label, "points/s", True), rl, mf, "series_points_per_s", "points_per_s"))
     if "history" in selected:
         hp = s.history_points
         print(f"history, {hp:,} points")
