@@ -8,6 +8,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -18,6 +19,11 @@ _LOGGER = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 20
 STALE_TEMP_SECONDS = 24 * 3600
+# While an upload streams in, what it has written so far goes to disk in the background every this many bytes,
+# so the fsync before publishing has only the tail left (a 256 MiB file otherwise waits ~0.4 s on it here).
+WRITEBACK_BYTES = 16 << 20
+
+_writeback = ThreadPoolExecutor(max_workers=4, thread_name_prefix="runledger-writeback")
 
 
 class LocalBlobStore:
@@ -96,17 +102,31 @@ class LocalBlobWriter:
         self._store = store
         self._f = f
         self._tmp = tmp
+        self._unsynced = 0
+        self._syncing: Future[None] | None = None
 
     def write(self, data: bytes) -> None:
         try:
             self._f.write(data)
         except OSError as exc:
             raise _unavailable(self._store.root, exc) from exc
+        self._unsynced += len(data)
+        if self._unsynced >= WRITEBACK_BYTES and (self._syncing is None or self._syncing.done()):
+            self._unsynced = 0
+            self._syncing = _writeback.submit(os.fdatasync, self._f.fileno())
+
+    def _settle(self) -> None:
+        """Wait for the background writeback; its errors do not matter, the final fsync reports them."""
+        if self._syncing is not None:
+            with contextlib.suppress(OSError):
+                self._syncing.result()
+            self._syncing = None
 
     def commit(self, sha256: str) -> str:
         final = self._store.path(sha256)
         try:
             self._f.flush()
+            self._settle()
             os.fsync(self._f.fileno())
             self._f.close()
             if final.exists():  # identical content is stored once
@@ -124,6 +144,7 @@ class LocalBlobWriter:
         return self._store.uri(sha256)
 
     def abort(self) -> None:
+        self._settle()  # the file descriptor stays open until no writeback uses it
         with contextlib.suppress(OSError):
             self._f.close()
         with contextlib.suppress(FileNotFoundError):
