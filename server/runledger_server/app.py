@@ -89,7 +89,7 @@ async def build_server(settings: Settings) -> tuple[Server, int]:
     db = Database(settings.database_url)
     migrate.upgrade(db)
     executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="runledger-worker")
-    tracking_store = SqlTrackingStore(db)
+    tracking_store = SqlTrackingStore(db, settings.metric_cache_mib << 20)
     ingest = MetricIngest(tracking_store)
     tracking = TrackingService(tracking_store, ingest)
 
@@ -125,10 +125,11 @@ async def build_server(settings: Settings) -> tuple[Server, int]:
     server._closers += [db.dispose, lambda: executor.shutdown(wait=True), ingest.close, alias_watch.close]
     server._closers.append(lambda: artifact_executor.shutdown(wait=True))
     _LOGGER.info(
-        "runledger serving on %s:%d (metadata: %s, artifacts: %s)",
+        "runledger serving on %s:%d (metadata: %s, artifacts: %s, metric cache: %d MiB)",
         settings.host,
         port,
         db.url.render_as_string(hide_password=True),
         settings.artifact_location,
+        settings.metric_cache_mib,
     )
     return server, port

@@ -44,7 +44,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = args.log_level or ("INFO" if args.command == "serve" else "WARNING")
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
-        asyncio.run(serve(config.from_args(args)))
+        try:
+            settings = config.from_args(args)
+        except config.ConfigError as exc:
+            parser.error(str(exc))  # exits with status 2
+        asyncio.run(serve(settings))
         return 0
     from runledger_server.demo import run_demo
 

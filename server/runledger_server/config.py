@@ -11,6 +11,11 @@ from pathlib import Path
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50051
 DEFAULT_DATA_DIR = "./runledger-data"
+DEFAULT_METRIC_CACHE_MIB = 128
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names the flag and the environment variable."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,8 @@ class Settings:
     artifacts: str = ""  # empty: a local directory under data_dir; or s3://bucket/prefix
     s3: S3Settings = field(default_factory=S3Settings)
     grace_seconds: float = 10.0
+    # Decoded metric chunks kept in memory per server (0: none); each replica has its own.
+    metric_cache_mib: int = DEFAULT_METRIC_CACHE_MIB
 
     @property
     def database_url(self) -> str:
@@ -59,6 +66,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--artifacts", help="directory or s3://bucket/prefix (env RUNLEDGER_ARTIFACTS)")
     parser.add_argument("--s3-endpoint", help="host:port of the S3/MinIO server (env RUNLEDGER_S3_ENDPOINT)")
     parser.add_argument("--s3-secure", choices=["true", "false"], help="use TLS for S3 (env RUNLEDGER_S3_SECURE)")
+    parser.add_argument(
+        "--metric-cache-mib",
+        help="memory for recently written or read metric history, 0 for none "
+        f"(env RUNLEDGER_METRIC_CACHE_MIB, default {DEFAULT_METRIC_CACHE_MIB})",
+    )
+
+
+def _int_setting(text: str, flag: str, env_name: str, low: int, high: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        raise ConfigError(f"{flag} (env {env_name}) must be an integer from {low} to {high}, got {text!r}")
+    return value
 
 
 def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
@@ -73,7 +95,9 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
     secure_flag = getattr(args, "s3_secure", None)
     return Settings(
         host=pick(getattr(args, "host", None), "RUNLEDGER_HOST", DEFAULT_HOST),
-        port=int(pick(getattr(args, "port", None), "RUNLEDGER_PORT", str(DEFAULT_PORT))),
+        port=_int_setting(
+            pick(getattr(args, "port", None), "RUNLEDGER_PORT", str(DEFAULT_PORT)), "--port", "RUNLEDGER_PORT", 0, 65535
+        ),
         data_dir=Path(pick(getattr(args, "data_dir", None), "RUNLEDGER_DATA_DIR", DEFAULT_DATA_DIR)),
         db_url=pick(getattr(args, "db", None), "RUNLEDGER_DB", ""),
         artifacts=pick(getattr(args, "artifacts", None), "RUNLEDGER_ARTIFACTS", ""),
@@ -83,6 +107,13 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
             secret_key=env.get("AWS_SECRET_ACCESS_KEY") or env.get("MINIO_ROOT_PASSWORD", ""),
             secure=_env_bool(secure_flag if secure_flag is not None else env.get("RUNLEDGER_S3_SECURE"), False),
             region=env.get("AWS_REGION", ""),
+        ),
+        metric_cache_mib=_int_setting(
+            pick(getattr(args, "metric_cache_mib", None), "RUNLEDGER_METRIC_CACHE_MIB", str(DEFAULT_METRIC_CACHE_MIB)),
+            "--metric-cache-mib",
+            "RUNLEDGER_METRIC_CACHE_MIB",
+            0,
+            1 << 20,
         ),
     )
 

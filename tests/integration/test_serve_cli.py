@@ -103,3 +103,36 @@ def test_bad_database_url_fails_with_a_clear_message(tmp_path: Path) -> None:
         timeout=60,
     )
     assert proc.returncode != 0 and "nosuchdb" in proc.stderr
+
+
+def test_metric_cache_size_from_flag_or_env_reaches_the_server(tmp_path: Path) -> None:
+    proc, _ = _start(
+        ["--port", "0", "--data-dir", str(tmp_path / "a"), "--metric-cache-mib", "0"],
+        env={"RUNLEDGER_METRIC_CACHE_MIB": "64"},
+    )
+    proc.terminate()
+    _, err = proc.communicate(timeout=30)
+    assert "metric cache: 0 MiB" in err  # the flag wins over the environment
+    proc, _ = _start(["--port", "0", "--data-dir", str(tmp_path / "b")], env={"RUNLEDGER_METRIC_CACHE_MIB": "64"})
+    proc.terminate()
+    _, err = proc.communicate(timeout=30)
+    assert "metric cache: 64 MiB" in err
+
+
+def test_bad_numeric_settings_are_refused_naming_the_flag_and_variable(tmp_path: Path) -> None:
+    cases = [
+        (["--metric-cache-mib", "-1"], {}, "--metric-cache-mib (env RUNLEDGER_METRIC_CACHE_MIB)"),
+        ([], {"RUNLEDGER_METRIC_CACHE_MIB": "lots"}, "--metric-cache-mib (env RUNLEDGER_METRIC_CACHE_MIB)"),
+        (["--port", "70000"], {}, "--port (env RUNLEDGER_PORT)"),
+        ([], {"RUNLEDGER_PORT": "http"}, "--port (env RUNLEDGER_PORT)"),
+    ]
+    for args, env, named in cases:
+        proc = subprocess.run(
+            [sys.executable, "-m", "runledger_server", "serve", "--data-dir", str(tmp_path), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, **env},
+        )
+        assert proc.returncode == 2 and named in proc.stderr, (args, env, proc.stderr)
+        assert not (tmp_path / "runledger.db").exists()  # refused before anything was created
