@@ -8,6 +8,7 @@ import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -198,6 +199,20 @@ def test_a_directory_is_addressed_by_its_manifest_digest(reg: Registry) -> None:
     assert v.artifact_path == "adapter"
     assert v.artifact_sha256 == hashlib.sha256(canonical.encode()).hexdigest()
     assert v.artifact_size == sum(len(d) for d in files.values())
+
+
+def test_a_refused_directory_registration_publishes_no_manifest(reg: Registry, server: EmbeddedServer) -> None:
+    run_id = reg.run()
+    reg.upload(run_id, "adapter/adapter_model.safetensors", b"w" * 5000)
+    blobs = Path(server.settings.artifact_location) / "sha256"
+    before = sorted(p.name for p in blobs.rglob("*") if p.is_file())
+    r = refusal(
+        lambda: reg.stub.CreateModelVersion(
+            pb.CreateModelVersionRequest(model="models/nope", run_id=run_id, artifact_path="adapter/")
+        )
+    )
+    assert (r.code, r.metadata.get("field")) == (grpc.StatusCode.NOT_FOUND, "model")
+    assert sorted(p.name for p in blobs.rglob("*") if p.is_file()) == before
 
 
 def test_version_numbers_count_up_and_list_newest_first(reg: Registry) -> None:

@@ -10,7 +10,7 @@ import hashlib
 import io
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple, Protocol
 
 from runledger_server.domain import artifact_paths, manifest as manifest_rule, names, paging
@@ -184,12 +184,19 @@ class ArtifactService:
         ]
         return directory, manifest_rule.build(entries)
 
-    def describe(self, run_id: str, path: str, field: str = "artifact_path") -> Description:
+    def describe(
+        self,
+        run_id: str,
+        path: str,
+        field: str = "artifact_path",
+        before_publish: Callable[[], object] | None = None,
+    ) -> Description:
         """A file's digest, or a directory's manifest digest (its content address), for the registry.
 
         For a directory the manifest itself is published as a blob, so its URI (and a download by its
         sha256) yields the exact list of files the digest stands for, however the directory grows later;
-        `size` is then the total size of the files.
+        `size` is then the total size of the files. `before_publish` runs just before that write: a caller's
+        last check, so a refused call writes nothing.
         """
         run_id = names.run_id(run_id)
         directory = artifact_paths.directory_path(path, field)
@@ -199,6 +206,8 @@ class ArtifactService:
                 return Description(record.sha256, record.size, record.uri, False)
         _, manifest = self.manifest(run_id, directory, field)
         body = canonical_manifest(manifest)
+        if before_publish is not None:
+            before_publish()
         uri = self.blobs.put(manifest.sha256, io.BytesIO(body), len(body))
         return Description(manifest.sha256, manifest.size, uri, True)
 

@@ -47,7 +47,9 @@ class ArtifactDescription(Protocol):
 class ArtifactDescriber(Protocol):
     """What a run path holds: a recorded file, or a directory addressed by the digest of its manifest."""
 
-    def describe(self, run_id: str, path: str, field: str = ...) -> ArtifactDescription: ...
+    def describe(
+        self, run_id: str, path: str, field: str = ..., before_publish: Callable[[], object] | None = ...
+    ) -> ArtifactDescription: ...
 
 
 AliasListener = Callable[[str, str], None]
@@ -87,16 +89,20 @@ class RegistryService:
         path = _artifact_path(artifact_path)
         _check_description(description)
         # The model's existence is checked by the store's write (the version counter row); a refusal checks it
-        # first, so a missing model is reported before anything about the run, as if checked up front.
+        # first, so a missing model is reported before anything about the run, as if checked up front, and so
+        # is a directory's manifest about to be published (a refused call writes nothing).
+        def model_exists() -> object:
+            return self.store.get_model(model_id)
+
         try:
             lineage = self.runs.run_lineage(run_id)
             missing = lineage.missing_fields()
-            described = None if missing else self.artifacts.describe(run_id, path, "artifact_path")
+            described = None if missing else self.artifacts.describe(run_id, path, "artifact_path", model_exists)
         except DomainError:
-            self.store.get_model(model_id)
+            model_exists()
             raise
         if missing:
-            self.store.get_model(model_id)
+            model_exists()
             raise FailedPrecondition(
                 f"runs/{run_id} has broken lineage: missing {', '.join(missing)}; "
                 "record them with SetLineage before registering a version",
