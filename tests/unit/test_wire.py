@@ -108,3 +108,31 @@ def test_truncated_or_inconsistent_messages_are_refused(cut: int) -> None:
     lopsided = tracking_pb2.MetricSeries(key="k", steps=[1, 2], values=[1.0], timestamps_ms=[1, 2])
     with pytest.raises(ValueError, match="2 steps, 1 values"):
         wire.decode_series(lopsided.SerializeToString())
+
+
+def test_the_senders_request_bytes_equal_protobufs_serialization() -> None:
+    """`build_request` hands gRPC its own bytes; they must be exactly the message protobuf would write."""
+    from runledger._buffer import RowBlock
+    from runledger._streamer import build_request
+    from runledger.v1 import tracking_service_pb2
+
+    blocks = [
+        RowBlock(("loss", "reward"), [0, 1], [10, 11], [0.5, 1.0, math.nan, -0.0]),
+        RowBlock(("loss",), np.array([2, 3]), np.array([12, 13]), np.array([[0.25], [math.inf]])),
+    ]
+    got = build_request("run-1", "w-1", 7, blocks)
+    want = tracking_service_pb2.StreamMetricsRequest(
+        run_id="run-1",
+        writer_id="w-1",
+        seq=7,
+        series=[
+            tracking_pb2.MetricSeries(
+                key="loss", steps=[0, 1, 2, 3], values=[0.5, math.nan, 0.25, math.inf], timestamps_ms=[10, 11, 12, 13]
+            ),
+            tracking_pb2.MetricSeries(key="reward", steps=[0, 1], values=[1.0, -0.0], timestamps_ms=[10, 11]),
+        ],
+    )
+    assert got == want.SerializeToString()
+    assert build_request("run-1", "w-1", 0, []) == tracking_service_pb2.StreamMetricsRequest(
+        run_id="run-1", writer_id="w-1"
+    ).SerializeToString()

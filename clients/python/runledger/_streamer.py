@@ -27,8 +27,8 @@ from runledger.v1 import tracking_service_pb2 as pb
 
 _LOGGER = logging.getLogger(__name__)
 
-# Opens one StreamMetrics call fed by the given request iterator; returns the call (an iterator of acks).
-OpenStream = Callable[[Iterator[pb.StreamMetricsRequest]], Any]
+# Opens one StreamMetrics call fed by the given serialized requests; returns the call (an iterator of acks).
+OpenStream = Callable[[Iterator[bytes]], Any]
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,12 @@ class _Connection:
         self.stopped = False
 
 
-def build_request(run_id: str, writer_id: str, seq: int, blocks: list[RowBlock]) -> pb.StreamMetricsRequest:
-    """Row blocks -> one StreamMetricsRequest with one block-encoded MetricSeries per key (wire.py)."""
+def build_request(run_id: str, writer_id: str, seq: int, blocks: list[RowBlock]) -> bytes:
+    """Row blocks -> one serialized StreamMetricsRequest with one block-encoded MetricSeries per key (wire.py).
+
+    The bytes go to gRPC as they are (the client registers a pass-through serializer for StreamMetrics), so a
+    batch is never parsed into protobuf objects and serialized again.
+    """
     steps: dict[str, list[np.ndarray]] = {}
     values: dict[str, list[np.ndarray]] = {}
     stamps: dict[str, list[np.ndarray]] = {}
@@ -71,15 +75,16 @@ def build_request(run_id: str, writer_id: str, seq: int, blocks: list[RowBlock])
             steps.setdefault(key, []).append(s)
             values.setdefault(key, []).append(np.ascontiguousarray(v[:, j]))
             stamps.setdefault(key, []).append(t)
-    body = b"".join(
-        wire.length_delimited(4, wire.encode_series_parts(key, steps[key], values[key], stamps[key])) for key in steps
-    )
-    return pb.StreamMetricsRequest.FromString(
-        wire.length_delimited(1, run_id.encode())
-        + wire.length_delimited(2, writer_id.encode())
-        + wire.varint_field(3, seq)
-        + body
-    )
+    pieces: list[Any] = [
+        wire.length_delimited(1, run_id.encode()),
+        wire.length_delimited(2, writer_id.encode()),
+        wire.varint_field(3, seq),
+    ]
+    for key in steps:
+        series, length = wire.series_pieces(key, steps[key], values[key], stamps[key])
+        pieces.append(wire.field_header(4, length))
+        pieces += series
+    return b"".join(pieces)  # the one copy of the points
 
 
 class MetricStreamer:
@@ -398,7 +403,7 @@ class MetricStreamer:
             else:
                 self._cond.wait()
 
-    def _requests(self, conn: _Connection) -> Iterator[pb.StreamMetricsRequest]:
+    def _requests(self, conn: _Connection) -> Iterator[bytes]:
         """Runs on gRPC's request-consuming thread: waits for batches, builds their messages, yields them."""
         while True:
             with self._cond:

@@ -32,6 +32,7 @@ from runledger.v1 import (
 
 _LOGGER = logging.getLogger(__name__)
 _HISTORY_METHOD = "/runledger.v1.TrackingService/GetMetricHistory"
+_STREAM_METHOD = "/runledger.v1.TrackingService/StreamMetrics"
 
 T = TypeVar("T")
 StubT = TypeVar("StubT")
@@ -129,6 +130,18 @@ class Client:
     @property
     def _tracking(self) -> tracking_service_pb2_grpc.TrackingServiceStub:
         return self._stub(tracking_service_pb2_grpc.TrackingServiceStub)
+
+    @property
+    def _stream_metrics_call(self) -> Any:
+        """StreamMetrics taking requests already serialized by the sender (`_streamer.build_request`)."""
+        call = self._stubs.get(_STREAM_METHOD)
+        if call is None:
+            call = self._stubs[_STREAM_METHOD] = self.channel.stream_stream(
+                _STREAM_METHOD,
+                request_serializer=_as_is,
+                response_deserializer=pb.StreamMetricsResponse.FromString,
+            )
+        return call
 
     @property
     def _history_call(self) -> Any:
@@ -335,8 +348,8 @@ class Client:
 
     # ---- metrics ------------------------------------------------------------------------------------
     def _metric_streamer(self, run_id: str, writer_id: str) -> MetricStreamer:
-        def open_stream(requests: Iterator[pb.StreamMetricsRequest]) -> Any:
-            return self._tracking.StreamMetrics(requests, metadata=self._metadata)
+        def open_stream(requests: Iterator[bytes]) -> Any:
+            return self._stream_metrics_call(requests, metadata=self._metadata)
 
         return MetricStreamer(run_id, writer_id, open_stream, self.streamer_config)
 
@@ -508,3 +521,7 @@ class Client:
 
     def alias_history(self, model: str, alias: str) -> Iterator[registry_pb2.AliasHistoryEntry]:
         return self.registry.alias_history(model, alias)
+
+
+def _as_is(request: bytes) -> bytes:
+    return request

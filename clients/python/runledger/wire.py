@@ -40,7 +40,7 @@ def _packed(field: int, data: bytes) -> bytes:
 
 def length_delimited(field: int, data: bytes) -> bytes:
     """One length-delimited field (bytes, string, embedded message, packed array), even when empty."""
-    return _varint(field << 3 | 2) + _varint(len(data)) + data
+    return field_header(field, len(data)) + data
 
 
 def varint_field(field: int, value: int) -> bytes:
@@ -67,6 +67,14 @@ def encode_series_parts(key: str, steps: Sequence[Any], values: Sequence[Any], t
     Parts are little-endian 8-byte arrays or buffers (int64 steps and timestamps, float64 values), e.g.
     stored chunks read from the database: they are copied once, into the message.
     """
+    return b"".join(series_pieces(key, steps, values, timestamps_ms)[0])
+
+
+def series_pieces(
+    key: str, steps: Sequence[Any], values: Sequence[Any], timestamps_ms: Sequence[Any]
+) -> tuple[list[Any], int]:
+    """The serialized MetricSeries of `encode_series_parts` as pieces to join, and its length in bytes:
+    for embedding it in a larger message with a single copy of the arrays."""
     sizes = [sum(memoryview(p).nbytes for p in parts) for parts in (steps, values, timestamps_ms)]
     if len(set(sizes)) != 1 or sizes[0] % 8:
         raise ValueError(f"steps, values and timestamps_ms must hold the same number of 8-byte items: {sizes} bytes")
@@ -76,7 +84,12 @@ def encode_series_parts(key: str, steps: Sequence[Any], values: Sequence[Any], t
         for field, parts in ((2, steps), (3, values), (4, timestamps_ms)):
             pieces.append(_varint(field << 3 | 2) + _varint(sizes[0]))
             pieces.extend(parts)
-    return b"".join(pieces)
+    return pieces, sum(memoryview(p).nbytes for p in pieces)
+
+
+def field_header(field: int, length: int) -> bytes:
+    """The tag and length that precede a length-delimited field of `length` bytes."""
+    return _varint(field << 3 | 2) + _varint(length)
 
 
 class SeriesArrays(NamedTuple):
