@@ -71,3 +71,21 @@ def test_cache_evicts_least_recently_used_within_its_budget() -> None:
     assert cache.nbytes == 480
     cache.put(("r", "k", "w", 3), Series("k", np.arange(100), np.zeros(100), np.arange(100)))  # over budget alone
     assert cache.get(("r", "k", "w", 3)) is None and cache.nbytes == 480
+
+
+def test_committed_chunks_cached_from_request_views_own_their_memory(db: Database) -> None:
+    """The server ingests series as read-only views of the request bytes; the cache must not keep those alive."""
+    store = SqlTrackingStore(db)
+    exp = store.create_experiment("views", "", {})
+    run_id = ids.new_id()
+    store.create_run(run_id, exp.experiment_id, "", {}, {}, Lineage(), None)
+    request = np.arange(3000, dtype=np.int64).tobytes() + np.linspace(0, 1, 1000).tobytes()
+    steps = np.frombuffer(request, np.int64, 1000, 0)
+    stamps = np.frombuffer(request, np.int64, 1000, 8000)
+    values = np.frombuffer(request, np.float64, 1000, 24000)
+    store.commit_metric_batches([Batch(run_id, "w", 0, (Series("loss", steps, values, stamps),))])
+    cached = store._chunks.get((run_id, "loss", "w", 0))
+    assert cached is not None
+    for a in (cached.steps, cached.values, cached.timestamps_ms):
+        assert a.flags.owndata and a.base is None
+    same([cached], [Series("loss", steps.copy(), values.copy(), stamps.copy())])

@@ -133,6 +133,54 @@ def test_the_senders_request_bytes_equal_protobufs_serialization() -> None:
         ],
     )
     assert got == want.SerializeToString()
-    assert build_request("run-1", "w-1", 0, []) == tracking_service_pb2.StreamMetricsRequest(
-        run_id="run-1", writer_id="w-1"
-    ).SerializeToString()
+    assert (
+        build_request("run-1", "w-1", 0, [])
+        == tracking_service_pb2.StreamMetricsRequest(run_id="run-1", writer_id="w-1").SerializeToString()
+    )
+
+
+def test_metrics_batch_decoding_agrees_with_protobuf() -> None:
+    from runledger.v1 import tracking_service_pb2
+
+    rng = np.random.default_rng(7)
+    for seq in (0, 1, 2**40, -5):
+        msg = tracking_service_pb2.StreamMetricsRequest(
+            run_id="run-ü", writer_id="rank-3", seq=seq, series=[tracking_pb2.MetricSeries(key="empty")]
+        )
+        for key in ("loss", "rl/kl"):
+            n = int(rng.integers(1, 50))
+            msg.series.add(key=key, steps=list(range(n)), values=rng.normal(size=n).tolist(), timestamps_ms=[7] * n)
+        data = msg.SerializeToString()
+        got = wire.decode_metrics_batch(data)
+        assert (got.run_id, got.writer_id, got.seq) == (msg.run_id, msg.writer_id, msg.seq)
+        assert [s.key for s in got.series] == [s.key for s in msg.series]
+        for g, m in zip(got.series, msg.series, strict=True):
+            assert g.steps.tolist() == list(m.steps) and g.timestamps_ms.tolist() == list(m.timestamps_ms)
+            assert bits(g.values) == bits(np.array(m.values, dtype=np.float64))
+        # Unknown fields are skipped and a repeated singular field's last value wins, as protobuf does.
+        extra = (
+            data
+            + wire.length_delimited(9, b"future")
+            + wire.length_delimited(2, b"rank-4")
+            + bytes([5 << 3 | 5])
+            + b"\0" * 4
+        )
+        parsed = tracking_service_pb2.StreamMetricsRequest.FromString(extra)
+        again = wire.decode_metrics_batch(extra)
+        assert (again.writer_id, again.seq, len(again.series)) == (parsed.writer_id, parsed.seq, len(parsed.series))
+
+
+def test_metrics_batch_keeps_unequal_arrays_for_the_receiver_and_refuses_truncation() -> None:
+    from runledger.v1 import tracking_service_pb2
+
+    msg = tracking_service_pb2.StreamMetricsRequest(
+        run_id="r", writer_id="w", seq=1, series=[tracking_pb2.MetricSeries(key="k", steps=[1, 2], values=[0.5])]
+    )
+    data = msg.SerializeToString()
+    got = wire.decode_metrics_batch(data)
+    assert (len(got.series[0].steps), len(got.series[0].values)) == (2, 1)  # the server refuses it by name
+    for cut in (1, len(data) // 2, len(data) - 1):
+        with pytest.raises(ValueError):
+            wire.decode_metrics_batch(data[:cut])
+    with pytest.raises(ValueError):  # strings are UTF-8, as protobuf requires
+        wire.decode_metrics_batch(wire.length_delimited(1, b"\xff\xfe"))

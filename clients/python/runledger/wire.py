@@ -104,11 +104,12 @@ class SeriesArrays(NamedTuple):
 _ARRAY_FIELDS = {2: _I8, 3: _F8, 4: _I8}
 
 
-def decode_series(data: bytes) -> SeriesArrays:
+def decode_series(data: bytes | memoryview, *, equal_lengths: bool = True) -> SeriesArrays:
     """Parse a serialized MetricSeries into numpy views of `data`: no protobuf objects, no copy.
 
     Accepts everything a protobuf parser would: packed or unpacked arrays, repeated occurrences of a
     field (concatenated), and unknown fields (skipped), so messages from any conforming sender decode.
+    Arrays of unequal lengths raise ValueError unless `equal_lengths` is False (the caller checks them).
     """
     view = memoryview(data)
     end = len(view)
@@ -144,11 +145,62 @@ def decode_series(data: bytes) -> SeriesArrays:
     if pos != end:
         raise ValueError("truncated MetricSeries")
     steps, values, stamps = (_joined(parts[f], _ARRAY_FIELDS[f]) for f in (2, 3, 4))
-    if not steps.shape[0] == values.shape[0] == stamps.shape[0]:
+    if equal_lengths and not steps.shape[0] == values.shape[0] == stamps.shape[0]:
         raise ValueError(
             f"malformed MetricSeries: {steps.shape[0]} steps, {values.shape[0]} values, {stamps.shape[0]} timestamps"
         )
     return SeriesArrays(key, steps, values, stamps)
+
+
+class MetricsBatch(NamedTuple):
+    """A decoded StreamMetricsRequest or LogMetricsRequest (the same fields): its series as numpy views."""
+
+    run_id: str
+    writer_id: str
+    seq: int
+    series: list[SeriesArrays]
+
+
+def decode_metrics_batch(data: bytes | memoryview) -> MetricsBatch:
+    """Parse a serialized StreamMetricsRequest (or LogMetricsRequest) without protobuf objects.
+
+    Like a protobuf parser: the last occurrence of a singular field wins, unknown fields and fields of an
+    unexpected wire type are skipped, strings must be UTF-8; a truncated message raises ValueError. A series
+    whose arrays differ in length is returned as it is, for the receiver to refuse with its own message.
+    """
+    view = memoryview(data)
+    end = len(view)
+    run_id = writer_id = ""
+    seq = 0
+    series: list[SeriesArrays] = []
+    pos = 0
+    while pos < end:
+        tag, pos = _read_varint(view, pos)
+        field, kind = tag >> 3, tag & 7
+        if kind == 2:
+            size, pos = _read_varint(view, pos)
+            if pos + size > end:
+                raise ValueError("truncated metrics batch: a field runs past the end of the message")
+            if field == 1:
+                run_id = bytes(view[pos : pos + size]).decode()
+            elif field == 2:
+                writer_id = bytes(view[pos : pos + size]).decode()
+            elif field == 4:
+                series.append(decode_series(view[pos : pos + size], equal_lengths=False))
+            pos += size
+        elif kind == 0:
+            value, pos = _read_varint(view, pos)
+            if field == 3:
+                seq = value - (1 << 64) if value >= 1 << 63 else value  # int64 is two's complement on the wire
+        elif kind == 1:
+            pos += 8
+        elif kind == 5:
+            pos += 4
+        else:
+            raise ValueError(f"malformed metrics batch: unsupported wire type {kind} for field {field}")
+    if pos != end:
+        raise ValueError("truncated metrics batch")
+    return MetricsBatch(run_id, writer_id, seq, series)
 
 
 def _read_varint(view: memoryview, pos: int) -> tuple[int, int]:

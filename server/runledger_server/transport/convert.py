@@ -63,6 +63,11 @@ def series_from_proto(msg: tracking_pb2.MetricSeries) -> Series:
     return Series(key=msg.key, steps=steps, values=values, timestamps_ms=timestamps_ms)
 
 
+def series_from_wire(s: wire.SeriesArrays) -> Series:
+    """A series decoded by `wire.decode_metrics_batch` (read-only views of the request bytes)."""
+    return Series(key=s.key, steps=s.steps, values=s.values, timestamps_ms=s.timestamps_ms)
+
+
 def experiment_to_proto(e: entities.Experiment) -> tracking_pb2.Experiment:
     return tracking_pb2.Experiment(
         name=f"experiments/{e.experiment_id}",

@@ -33,6 +33,10 @@ def add_to_server(servicer: TrackingServicer, server: Any) -> None:
     tracking_service_pb2_grpc.add_TrackingServiceServicer_to_server(servicer, captured)  # type: ignore[arg-type]
     handlers = dict(captured.handlers)
     handlers["GetMetricHistory"] = handlers["GetMetricHistory"]._replace(response_serializer=_bytes_or_message)
+    # Metric batches are decoded straight into numpy views (wire.decode_metrics_batch): building protobuf
+    # arrays and copying them out again cost ~0.7 ms of the event loop per 16,000-point batch.
+    for method in ("StreamMetrics", "LogMetrics"):
+        handlers[method] = handlers[method]._replace(request_deserializer=wire.decode_metrics_batch)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(captured.service, handlers),))
     server.add_registered_method_handlers(captured.service, handlers)
 
@@ -169,8 +173,8 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
             missing_fields=lineage.missing_fields(),
         )
 
-    async def StreamMetrics(
-        self, request_iterator: AsyncIterator[pb.StreamMetricsRequest], context: grpc.aio.ServicerContext
+    async def StreamMetrics(  # type: ignore[override]  # requests arrive decoded by wire (see add_to_server)
+        self, request_iterator: AsyncIterator[wire.MetricsBatch], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamMetricsResponse]:
         """Acks go out in arrival order, each only after its batch's group commit."""
         pending: asyncio.Queue[tuple[str, int, asyncio.Future[bool]] | None] = asyncio.Queue(MAX_IN_FLIGHT_PER_STREAM)
@@ -180,7 +184,7 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
             try:
                 async for req in request_iterator:
                     batch = validate_batch(
-                        req.run_id, req.writer_id, req.seq, tuple(convert.series_from_proto(s) for s in req.series)
+                        req.run_id, req.writer_id, req.seq, tuple(convert.series_from_wire(s) for s in req.series)
                     )
                     fut = asyncio.wrap_future(self._svc.submit_metrics(batch))
                     await pending.put((req.writer_id, req.seq, fut))
@@ -208,9 +212,11 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
             task.cancel()
 
     @handle_errors
-    async def LogMetrics(self, request: pb.LogMetricsRequest, context: Any) -> pb.LogMetricsResponse:
+    async def LogMetrics(  # type: ignore[override]  # decoded by wire, as StreamMetrics
+        self, request: wire.MetricsBatch, context: Any
+    ) -> pb.LogMetricsResponse:
         batch = validate_batch(
-            request.run_id, request.writer_id, request.seq, tuple(convert.series_from_proto(s) for s in request.series)
+            request.run_id, request.writer_id, request.seq, tuple(convert.series_from_wire(s) for s in request.series)
         )
         duplicate = await asyncio.wrap_future(self._svc.submit_metrics(batch))
         return pb.LogMetricsResponse(writer_id=request.writer_id, seq=request.seq, duplicate=duplicate)

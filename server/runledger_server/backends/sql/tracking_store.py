@@ -638,10 +638,13 @@ def _marks(n: int) -> str:
 
 
 def _owned(series: Series) -> Series:
-    """The series as the database returns it: int64 steps and timestamps, float64 values."""
+    """The series as the database returns it (int64 steps and timestamps, float64 values), in arrays of its own:
+    a view into a request's bytes would keep the whole request alive in the chunk cache."""
     return Series(
-        series.key,
-        np.ascontiguousarray(series.steps, dtype=np.int64),
-        np.ascontiguousarray(series.values, dtype=_VAL),
-        np.ascontiguousarray(series.timestamps_ms, dtype=np.int64),
+        series.key, _own(series.steps, np.int64), _own(series.values, _VAL), _own(series.timestamps_ms, np.int64)
     )
+
+
+def _own(a: np.ndarray, dtype: Any) -> np.ndarray:
+    a = np.ascontiguousarray(a, dtype=dtype)
+    return a if a.flags.owndata else a.copy()
