@@ -134,24 +134,21 @@ class Client:
     @property
     def _stream_metrics_call(self) -> Any:
         """StreamMetrics taking requests already serialized by the sender (`_streamer.build_request`)."""
-        call = self._stubs.get(_STREAM_METHOD)
-        if call is None:
-            call = self._stubs[_STREAM_METHOD] = self.channel.stream_stream(
-                _STREAM_METHOD,
-                request_serializer=_as_is,
-                response_deserializer=pb.StreamMetricsResponse.FromString,
-            )
-        return call
+        return self._method("stream_stream", _STREAM_METHOD, _as_is, pb.StreamMetricsResponse.FromString)
 
     @property
     def _history_call(self) -> Any:
         """GetMetricHistory decoding each message straight into numpy views (wire.decode_series)."""
-        call = self._stubs.get(_HISTORY_METHOD)
+        return self._method(
+            "unary_stream", _HISTORY_METHOD, pb.GetMetricHistoryRequest.SerializeToString, wire.decode_series
+        )
+
+    def _method(self, kind: str, path: str, serializer: Callable[..., Any], deserializer: Callable[..., Any]) -> Any:
+        """A method of this client's channel with its own (de)serializers, cached like the stubs."""
+        call = self._stubs.get(path)
         if call is None:
-            call = self._stubs[_HISTORY_METHOD] = self.channel.unary_stream(
-                _HISTORY_METHOD,
-                request_serializer=pb.GetMetricHistoryRequest.SerializeToString,
-                response_deserializer=wire.decode_series,
+            call = self._stubs[path] = getattr(self.channel, kind)(
+                path, request_serializer=serializer, response_deserializer=deserializer
             )
         return call
 

@@ -9,7 +9,7 @@ arrays it returns are views of the received message bytes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -112,38 +112,18 @@ def decode_series(data: bytes | memoryview, *, equal_lengths: bool = True) -> Se
     Arrays of unequal lengths raise ValueError unless `equal_lengths` is False (the caller checks them).
     """
     view = memoryview(data)
-    end = len(view)
     key = ""
     parts: dict[int, list[np.ndarray]] = {2: [], 3: [], 4: []}
-    pos = 0
-    while pos < end:
-        tag, pos = _read_varint(view, pos)
-        field, kind = tag >> 3, tag & 7
+    for field, kind, pos, size in _fields(view, "MetricSeries"):
         if kind == 2:
-            size, pos = _read_varint(view, pos)
-            if pos + size > end:
-                raise ValueError("truncated MetricSeries: a field runs past the end of the message")
             if field == 1:
                 key = bytes(view[pos : pos + size]).decode()
             elif field in _ARRAY_FIELDS:
                 if size % 8:
                     raise ValueError(f"malformed MetricSeries: field {field} holds {size} bytes, not 8-byte items")
                 parts[field].append(np.frombuffer(data, _ARRAY_FIELDS[field], size // 8, pos))
-            pos += size
-        elif kind == 1:
-            if pos + 8 > end:
-                raise ValueError("truncated MetricSeries: a fixed64 field runs past the end of the message")
-            if field in _ARRAY_FIELDS:
-                parts[field].append(np.frombuffer(data, _ARRAY_FIELDS[field], 1, pos))
-            pos += 8
-        elif kind == 0:
-            _, pos = _read_varint(view, pos)
-        elif kind == 5:
-            pos += 4
-        else:
-            raise ValueError(f"malformed MetricSeries: unsupported wire type {kind} for field {field}")
-    if pos != end:
-        raise ValueError("truncated MetricSeries")
+        elif kind == 1 and field in _ARRAY_FIELDS:
+            parts[field].append(np.frombuffer(data, _ARRAY_FIELDS[field], 1, pos))
     steps, values, stamps = (_joined(parts[f], _ARRAY_FIELDS[f]) for f in (2, 3, 4))
     if equal_lengths and not steps.shape[0] == values.shape[0] == stamps.shape[0]:
         raise ValueError(
@@ -169,45 +149,51 @@ def decode_metrics_batch(data: bytes | memoryview) -> MetricsBatch:
     whose arrays differ in length is returned as it is, for the receiver to refuse with its own message.
     """
     view = memoryview(data)
-    end = len(view)
     run_id = writer_id = ""
     seq = 0
     series: list[SeriesArrays] = []
-    pos = 0
-    while pos < end:
-        tag, pos = _read_varint(view, pos)
-        field, kind = tag >> 3, tag & 7
+    for field, kind, pos, size in _fields(view, "metrics batch"):
         if kind == 2:
-            size, pos = _read_varint(view, pos)
-            if pos + size > end:
-                raise ValueError("truncated metrics batch: a field runs past the end of the message")
             if field == 1:
                 run_id = bytes(view[pos : pos + size]).decode()
             elif field == 2:
                 writer_id = bytes(view[pos : pos + size]).decode()
             elif field == 4:
                 series.append(decode_series(view[pos : pos + size], equal_lengths=False))
-            pos += size
-        elif kind == 0:
-            value, pos = _read_varint(view, pos)
-            if field == 3:
-                seq = value - (1 << 64) if value >= 1 << 63 else value  # int64 is two's complement on the wire
-        elif kind == 1:
-            pos += 8
-        elif kind == 5:
-            pos += 4
-        else:
-            raise ValueError(f"malformed metrics batch: unsupported wire type {kind} for field {field}")
-    if pos != end:
-        raise ValueError("truncated metrics batch")
+        elif kind == 0 and field == 3:
+            seq = size - (1 << 64) if size >= 1 << 63 else size  # int64 is two's complement on the wire
     return MetricsBatch(run_id, writer_id, seq, series)
 
 
-def _read_varint(view: memoryview, pos: int) -> tuple[int, int]:
+def _fields(view: memoryview, what: str) -> Iterator[tuple[int, int, int, int]]:
+    """(field number, wire type, position, size) of each field of a serialized message, checked against its end;
+    for a varint field the last item is its value instead of a size."""
+    end = len(view)
+    pos = 0
+    while pos < end:
+        tag, pos = _read_varint(view, pos, what)
+        field, kind = tag >> 3, tag & 7
+        if kind == 0:
+            value, pos = _read_varint(view, pos, what)
+            yield field, kind, pos, value
+            continue
+        if kind == 2:
+            size, pos = _read_varint(view, pos, what)
+        elif kind in (1, 5):
+            size = 8 if kind == 1 else 4
+        else:
+            raise ValueError(f"malformed {what}: unsupported wire type {kind} for field {field}")
+        if pos + size > end:
+            raise ValueError(f"truncated {what}: field {field} runs past the end of the message")
+        yield field, kind, pos, size
+        pos += size
+
+
+def _read_varint(view: memoryview, pos: int, what: str = "MetricSeries") -> tuple[int, int]:
     result = shift = 0
     while True:
         if pos >= len(view) or shift > 63:
-            raise ValueError("malformed MetricSeries: bad varint")
+            raise ValueError(f"malformed {what}: bad varint")
         b = view[pos]
         pos += 1
         result |= (b & 0x7F) << shift
