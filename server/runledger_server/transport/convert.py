@@ -58,11 +58,6 @@ def direction_to_proto(direction: Direction) -> common_pb2.Direction.ValueType:
     return common_pb2.DIRECTION_MAXIMIZE if direction is Direction.MAXIMIZE else common_pb2.DIRECTION_MINIMIZE
 
 
-def series_from_proto(msg: tracking_pb2.MetricSeries) -> Series:
-    steps, values, timestamps_ms = wire.arrays(msg)
-    return Series(key=msg.key, steps=steps, values=values, timestamps_ms=timestamps_ms)
-
-
 def series_from_wire(s: wire.SeriesArrays) -> Series:
     """A series decoded by `wire.decode_metrics_batch` (read-only views of the request bytes)."""
     return Series(key=s.key, steps=s.steps, values=s.values, timestamps_ms=s.timestamps_ms)
