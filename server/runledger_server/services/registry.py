@@ -88,6 +88,7 @@ class RegistryService:
         run_id = names.run_id(run_id)
         path = _artifact_path(artifact_path)
         _check_description(description)
+
         # The model's existence is checked by the store's write (the version counter row); a refusal checks it
         # first, so a missing model is reported before anything about the run, as if checked up front, and so
         # is a directory's manifest about to be published (a refused call writes nothing).
