@@ -311,7 +311,23 @@ def test_reusing_a_writer_id_is_refused_not_silently_dropped(client: runledger.C
     assert info.value.reason == "WRITER_ID_REUSED" and info.value.metadata["writerId"] == "rank0"
 
 
-# ---- backpressure and reconnection ------------------------------------------------------------------
+# ---- batching, backpressure and reconnection --------------------------------------------------------
+def test_a_full_batch_is_sent_at_once_not_at_the_batch_interval(server: EmbeddedServer) -> None:
+    # An hour between timed cuts: only a full batch (4 points) can make the sender cut and send.
+    with runledger.Client(server.address, batch_points=4, batch_interval=3600.0, retry=FAST_RETRY) as c:
+        run = c.start_run(experiment="full-batches")
+        run.log_metrics({"a": 0.0, "b": 0.0}, step=0)
+        run.log_metrics({"a": 1.0, "b": -1.0}, step=1)  # 4 points: a full batch
+        wait_until(lambda: run.acked_points == 4)
+        run.log_metrics({"a": 2.0, "b": -2.0}, step=2)  # half a batch stays buffered
+        time.sleep(0.2)
+        assert run.acked_points == 4 and run.logged_points == 6
+        run.log_metrics({"a": 3.0, "b": -3.0}, step=3)
+        wait_until(lambda: run.acked_points == 8)
+        assert c.metric_history(run.run_id, "b").values.tolist() == [0.0, -1.0, -2.0, -3.0]
+        run.finish()
+
+
 def test_full_buffer_blocks_the_caller_until_the_server_is_back(tmp_path: Path) -> None:
     port = free_port()
     settings = Settings(host="127.0.0.1", port=port, data_dir=tmp_path / "data")

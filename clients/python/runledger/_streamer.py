@@ -116,6 +116,8 @@ class MetricStreamer:
         self._acked = 0
         self._blocked = 0  # callers waiting for room: the next batch is cut at once
         self._woken = False  # the sender was told that a full batch is buffered
+        self._slow_at = min(self._cap, self._policy.max_points)  # see _reset_threshold
+        self._unusable = False  # closing or failed: the caller's append goes the slow way and raises
         self._last_cut = clock()
         self._error: errors.RunledgerError | None = None  # fatal: raised to the caller, nothing more is sent
         self._last_transient: errors.RunledgerError | None = None
@@ -159,16 +161,34 @@ class MetricStreamer:
         return self._error
 
     def append(self, metrics: Mapping[str, Any], step: int, timestamp_ms: int) -> None:
-        with self._lock:
-            if self._error is not None or self._closing:
+        # The training thread's hot path: the bare lock's acquire/release (cheaper than `with`), one flag for
+        # "closed or failed", and one threshold standing for "a batch is due" and "the buffer is full".
+        lock = self._lock
+        lock.acquire()
+        try:
+            if self._unusable:
                 self._raise_unusable()
             buffer = self._buffer
-            if buffer.points + self._outbox.points >= self._cap:
-                self._wait_for_room()
             self._logged += buffer.append(metrics, step, timestamp_ms)
-            if buffer.points >= self._policy.max_points and not self._woken:
-                self._woken = True  # once per batch: waking the sender costs more than the append
-                self._cond.notify_all()
+            if buffer.points >= self._slow_at:
+                self._after_append()
+        finally:
+            lock.release()
+
+    def _after_append(self) -> None:
+        """Under the lock, once the buffer reached `_slow_at`: wake the sender for a full batch, wait for room."""
+        buffer = self._buffer
+        if buffer.points >= self._policy.max_points and not self._woken:
+            self._woken = True  # once per batch: waking the sender costs more than the append
+            self._cond.notify_all()
+        if buffer.points + self._outbox.points >= self._cap:
+            self._wait_for_room()
+        self._reset_threshold()
+
+    def _reset_threshold(self) -> None:
+        """Under the lock: the buffered points at which an append must wake the sender or wait for room."""
+        room = self._cap - self._outbox.points
+        self._slow_at = room if self._woken else min(room, self._policy.max_points)
 
     def append_columns(self, keys: tuple[str, ...], steps: np.ndarray, stamps: np.ndarray, values: np.ndarray) -> None:
         with self._lock:
@@ -238,7 +258,7 @@ class MetricStreamer:
         """Flush, then end the stream and the sender thread. Raises what flush raises (the sender stays up)."""
         self.flush(timeout)
         with self._cond:
-            self._closing = True
+            self._closing = self._unusable = True
             self._cond.notify_all()
         self._thread.join(self._config.close_timeout)
         if self._thread.is_alive():
@@ -255,7 +275,7 @@ class MetricStreamer:
     def abandon(self) -> None:
         """Stop at once, dropping whatever is not acknowledged (used after a failed or timed-out close)."""
         with self._cond:
-            self._closing = True
+            self._closing = self._unusable = True
             self._stop_now = True
             call = self._call
             self._cond.notify_all()
@@ -269,7 +289,9 @@ class MetricStreamer:
         series, points = self._buffer.cut(self._policy.max_points)
         self._last_cut = self._clock()
         self._woken = False
-        return self._outbox.add(series, points)
+        batch = self._outbox.add(series, points)
+        self._reset_threshold()
+        return batch
 
     def _has_work(self) -> bool:
         return bool(self._buffer.points or len(self._outbox))
@@ -357,6 +379,7 @@ class MetricStreamer:
             unstored = self._outbox.points + self._buffer.points + lost
             error.metadata.setdefault("unstoredPoints", str(unstored))
             self._error = error
+            self._unusable = True
             _LOGGER.error("metric stream of run %s failed: %s (%d points not stored)", self.run_id, error, unstored)
         self._cond.notify_all()
 
@@ -379,6 +402,7 @@ class MetricStreamer:
                 self._fail_locked(error, lost=batch.points)
                 raise error
             self._acked += batch.points
+            self._reset_threshold()
             self._cond.notify_all()
             return True
 
