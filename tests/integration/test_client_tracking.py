@@ -195,9 +195,13 @@ def test_bad_metric_input_is_refused_in_the_callers_hands(client: runledger.Clie
         run.log_metrics({"loss": 1.0}, step=1.5)  # type: ignore[arg-type]
     with pytest.raises(errors.InvalidArgument):
         run.log_metrics({"loss": 1.0}, step=1 << 63)
+    with pytest.raises(errors.InvalidArgument):
+        run.log_metrics({"kl": None}, step=2)  # keys never logged again: must not hold up the rest
     run.log_metrics({"loss": 1.0}, step=np.int64(3))  # numpy integers are integers
-    run.finish()
+    run.log_metrics({"reward": 0.5}, step=4)
+    run.finish(timeout=60)
     assert client.metric_history(run.run_id, "loss").steps.tolist() == [3]
+    assert client.metric_history(run.run_id, "reward").steps.tolist() == [4]
 
 
 def test_log_series_stores_arrays_exactly_in_order_with_per_step_logging(client: runledger.Client) -> None:

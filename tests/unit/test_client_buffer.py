@@ -79,6 +79,18 @@ def test_a_bad_key_or_value_adds_nothing(metrics: dict, reason_fragment: str) ->
     assert taken == 2 and _points(blocks) == {"ok": [(0, 0.5, 0), (2, 0.25, 0)]}
 
 
+def test_a_refused_call_with_new_keys_does_not_hold_up_later_points() -> None:
+    buffer = MetricBuffer()
+    with pytest.raises(errors.InvalidArgument, match="must be numbers"):
+        buffer.append({"a": "bad"}, 0, 0)  # its keys got a group before the value was refused
+    buffer.append({"b": 1.0}, 1, 0)
+    blocks, taken = buffer.cut(100)  # an empty group at the head used to end the cut with nothing taken
+    assert taken == 1 and buffer.points == 0 and _points(blocks) == {"b": [(1, 1.0, 0)]}
+    buffer.append({"a": 2.0}, 2, 0)
+    blocks, taken = buffer.cut(100)
+    assert taken == 1 and _points(blocks) == {"a": [(2, 2.0, 0)]}
+
+
 @pytest.mark.parametrize(
     ("rows", "max_points", "first_cut"),
     [
@@ -135,8 +147,8 @@ def test_a_call_wider_than_a_batch_is_split_by_keys() -> None:
 
 
 def test_random_logging_matches_the_reference_order() -> None:
-    """Rows with random key sets (reordered too) and column blocks, cut at random budgets: every key's
-    points come out exactly once, in logging order, and no cut exceeds its limits."""
+    """Rows with random key sets (reordered too), column blocks and refused calls, cut at random budgets:
+    every accepted point comes out exactly once, in logging order, and no cut exceeds its limits."""
     rng = random.Random(5)
     pool = ["a", "b", "c", "d", "e"]
     for _ in range(200):
@@ -154,6 +166,12 @@ def test_random_logging_matches_the_reference_order() -> None:
                 for j, key in enumerate(keys):
                     expected.setdefault(key, []).extend((s, s * 10.0 + j, s + 7) for s in steps.tolist())
                 step += n
+            elif rng.random() < 0.1:
+                keys = tuple(rng.sample(pool, rng.randint(1, 5)))
+                bad: dict[str, object] = {key: float(j) for j, key in enumerate(keys)}
+                bad[rng.choice(keys)] = "not a number"
+                with pytest.raises(errors.InvalidArgument):
+                    buffer.append(bad, step, 0)  # type: ignore[arg-type]
             else:
                 keys = tuple(rng.sample(pool, rng.randint(1, 5)))
                 row = {key: float(step * 10 + j) for j, key in enumerate(keys)}
@@ -166,9 +184,11 @@ def test_random_logging_matches_the_reference_order() -> None:
                 assert len({k for b in blocks for k in b.keys}) <= 3
                 assert taken == sum(b.points for b in blocks)
                 _points(blocks, seen)
-        while buffer.points:
+        for _ in range(1_000):
+            if not buffer.points:
+                break
             _points(buffer.cut(rng.randint(1, 12))[0], seen)
-        assert seen == expected
+        assert buffer.points == 0 and seen == expected
 
 
 @pytest.mark.parametrize(

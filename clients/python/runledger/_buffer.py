@@ -215,6 +215,9 @@ class MetricBuffer:
         taken = 0
         while self._groups:
             group = self._groups[0]
+            if not len(group.steps):  # made for a call that was then refused (a bad value): holds nothing
+                self._drop_oldest()
+                continue
             k = len(group.keys)
             fresh = keys.union(group.keys)
             if blocks and len(fresh) > self.max_series:

@@ -112,7 +112,6 @@ class MetricStreamer:
         self._cond = threading.Condition(self._lock)  # the hot path enters the bare lock: no Python-level frame
         self._buffer = MetricBuffer()
         self._outbox = Outbox()
-        self._logged = 0
         self._acked = 0
         self._blocked = 0  # callers waiting for room: the next batch is cut at once
         self._woken = False  # the sender was told that a full batch is buffered
@@ -134,7 +133,8 @@ class MetricStreamer:
     # ---- the caller's side ---------------------------------------------------------------------------
     @property
     def logged_points(self) -> int:
-        return self._logged
+        # Points are never dropped while the sender lives: each is buffered, in the outbox or acknowledged.
+        return self._buffer.points + self._outbox.points + self._acked
 
     @property
     def acked_points(self) -> int:
@@ -169,7 +169,7 @@ class MetricStreamer:
             if self._unusable:
                 self._raise_unusable()
             buffer = self._buffer
-            self._logged += buffer.append(metrics, step, timestamp_ms)
+            buffer.append(metrics, step, timestamp_ms)
             if buffer.points >= self._slow_at:
                 self._after_append()
         finally:
@@ -196,7 +196,7 @@ class MetricStreamer:
                 self._raise_unusable()
             if self._buffer.points + self._outbox.points >= self._cap:
                 self._wait_for_room()
-            self._logged += self._buffer.append_columns(keys, steps, stamps, values)
+            self._buffer.append_columns(keys, steps, stamps, values)
             if self._buffer.points >= self._policy.max_points and not self._woken:
                 self._woken = True
                 self._cond.notify_all()
