@@ -171,7 +171,7 @@ def test_random_logging_matches_the_reference_order() -> None:
                 bad: dict[str, object] = {key: float(j) for j, key in enumerate(keys)}
                 bad[rng.choice(keys)] = "not a number"
                 with pytest.raises(errors.InvalidArgument):
-                    buffer.append(bad, step, 0)  # type: ignore[arg-type]
+                    buffer.append(bad, step, 0)
             else:
                 keys = tuple(rng.sample(pool, rng.randint(1, 5)))
                 row = {key: float(step * 10 + j) for j, key in enumerate(keys)}
