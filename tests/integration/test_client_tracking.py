@@ -313,6 +313,7 @@ def test_reusing_a_writer_id_is_refused_not_silently_dropped(client: runledger.C
     with pytest.raises(errors.AlreadyExists) as info:
         second.flush(timeout=30)
     assert info.value.reason == "WRITER_ID_REUSED" and info.value.metadata["writerId"] == "rank0"
+    assert second.logged_points == 1 and second.acked_points == 0  # logged, not stored: counted as logged
 
 
 # ---- batching, backpressure and reconnection --------------------------------------------------------

@@ -113,6 +113,7 @@ class MetricStreamer:
         self._buffer = MetricBuffer()
         self._outbox = Outbox()
         self._acked = 0
+        self._dropped = 0  # points of a batch the server kept from another writer with this writer_id
         self._blocked = 0  # callers waiting for room: the next batch is cut at once
         self._woken = False  # the sender was told that a full batch is buffered
         self._slow_at = min(self._cap, self._policy.max_points)  # see _reset_threshold
@@ -133,8 +134,8 @@ class MetricStreamer:
     # ---- the caller's side ---------------------------------------------------------------------------
     @property
     def logged_points(self) -> int:
-        # Points are never dropped while the sender lives: each is buffered, in the outbox or acknowledged.
-        return self._buffer.points + self._outbox.points + self._acked
+        # Every logged point is buffered, in the outbox, acknowledged, or dropped as a duplicate writer's.
+        return self._buffer.points + self._outbox.points + self._acked + self._dropped
 
     @property
     def acked_points(self) -> int:
@@ -399,6 +400,7 @@ class MetricStreamer:
                     reason="WRITER_ID_REUSED",
                     metadata={"runId": self.run_id, "writerId": self.writer_id, "seq": str(ack.seq)},
                 )
+                self._dropped += batch.points
                 self._fail_locked(error, lost=batch.points)
                 raise error
             self._acked += batch.points
