@@ -5,7 +5,7 @@ MLflow through `MlflowClient`, see mlflow_workloads.py):
   ingest1    one trainer logs 300,000 points (4 keys per step); timed from the first log call until the
              points are durably stored (runledger: `run.log_metrics` per step, then `run.flush()`; MLflow:
              `log_batch` of 1,000), and again with `run.log_series` of 1,000 points per call. Also the
-             training thread's time per step of 4 keys.
+             training thread's time per step of 4 keys. runledger's figures: median of 3 runs.
   ingest16   16 trainer processes at once, connected before the clock starts; aggregate points/s, per step
              and with `log_series` of 1,000 points per call.
   history    read back one key of 1,000,000 points (runledger: `client.metric_history`, median of 3 reads;
@@ -300,31 +300,40 @@ def _log_series(run: runledger.Run, steps: int, per_call: int) -> None:
         run.log_series({k: c[lo:hi] for k, c in zip(KEYS, columns, strict=True)}, steps=np.arange(lo, hi))
 
 
-def rl_ingest_one(address: str, points: int) -> dict[str, Any]:
+def rl_ingest_one(address: str, points: int, repeats: int = 3) -> dict[str, Any]:
+    """Per-step and `log_series` ingest of one trainer, each `repeats` times alternately; medians are reported
+    (a run takes well under a second here, where one sample moves by tens of percent with the machine)."""
     client = Client(address)
     steps = points // len(KEYS)
-    run = client.start_run(experiment="bench-ingest", name="one-trainer")
-    start = time.perf_counter()
-    loop = _log_steps(run, steps)
-    run.flush()
-    elapsed = time.perf_counter() - start
-    run.finish()
-    # MLflow's client sends 1,000 points per log_batch call; runledger's log_series with 250 steps of 4 keys
-    # is the same call shape.
-    run = client.start_run(experiment="bench-ingest", name="one-trainer-arrays")
-    start = time.perf_counter()
-    _log_series(run, steps, 1_000 // len(KEYS))
-    run.flush()
-    series_elapsed = time.perf_counter() - start
-    run.finish()
+    per_step: list[float] = []
+    loops: list[float] = []
+    series: list[float] = []
+    for _ in range(repeats):
+        run = client.start_run(experiment="bench-ingest", name="one-trainer")
+        start = time.perf_counter()
+        loops.append(_log_steps(run, steps))
+        run.flush()
+        per_step.append(time.perf_counter() - start)
+        run.finish()
+        # MLflow's client sends 1,000 points per log_batch call; runledger's log_series with 250 steps of 4 keys
+        # is the same call shape.
+        run = client.start_run(experiment="bench-ingest", name="one-trainer-arrays")
+        start = time.perf_counter()
+        _log_series(run, steps, 1_000 // len(KEYS))
+        run.flush()
+        series.append(time.perf_counter() - start)
+        run.finish()
     client.close()
+    elapsed, series_elapsed = statistics.median(per_step), statistics.median(series)
     return {
         "points": steps * len(KEYS),
         "seconds": elapsed,
         "points_per_s": steps * len(KEYS) / elapsed,
-        "us_per_step": 1e6 * loop / steps,
+        "us_per_step": 1e6 * statistics.median(loops) / steps,
         "series_seconds": series_elapsed,
         "series_points_per_s": steps * len(KEYS) / series_elapsed,
+        "all_seconds": per_step,
+        "all_series_seconds": series,
     }
 
 
@@ -817,7 +826,9 @@ def report(rows: list[Row], meta: dict[str, Any]) -> str:
             "How each figure is taken (details in `bench/compare_mlflow.py`):",
             "",
             "- Ingest is timed from the first log call until the points are durably stored: runledger's `flush()` "
-            "returns once the server has acknowledged its commit; MLflow's last `log_batch` (1,000 points) returns.",
+            "returns once the server has acknowledged its commit; MLflow's last `log_batch` (1,000 points) returns. "
+            "runledger's one-trainer figures are the median of 3 runs (each under a second), MLflow's are one run "
+            "per web server (over a minute each).",
             '- "1,000 per call": runledger\'s `log_series` with 250 steps of 4 keys as arrays per call, the call '
             "shape of MLflow's `log_batch`; the MLflow figure is the same measurement as in the row above.",
             "- Training-thread time: runledger's `log_metrics` buffers and returns; MLflow's `log_batch` is "
