@@ -74,15 +74,19 @@ class MetricIngest:
             self._commit(group)  # type: ignore[arg-type]
 
     def _commit(self, group: list[tuple[Batch, Future[bool]]]) -> None:
+        # A caller that went away (its stream ended, its deadline passed) cancels its future while it waits
+        # here; its batch is stored all the same (the client re-sends it with the same seq and learns it is a
+        # duplicate), but only the futures still wanted get a result: resolving a cancelled one raises.
+        wanted = [fut.set_running_or_notify_cancel() for _, fut in group]
         try:
-            results = self._store.commit_metric_batches([b for b, _ in group])
+            results: list[bool | Exception] = self._store.commit_metric_batches([b for b, _ in group])
         except Exception as exc:  # the whole transaction failed: every batch learns why
             if not isinstance(exc, Unavailable):
                 _LOGGER.exception("metric group commit failed")
-            for _, fut in group:
-                fut.set_exception(exc)
-            return
-        for (_, fut), result in zip(group, results, strict=True):
+            results = [exc] * len(group)
+        for (_, fut), want, result in zip(group, wanted, results, strict=True):
+            if not want:
+                continue
             if isinstance(result, Exception):
                 fut.set_exception(result)
             else:
