@@ -264,6 +264,11 @@ def test_metric_refusals_store_nothing(tracking) -> None:
     assert r.code == grpc.StatusCode.NOT_FOUND and r.metadata["field"] == "run_id"
     r = refusal(lambda: tracking.LogMetrics(pb.LogMetricsRequest(run_id=run.run_id, writer_id="", seq=0)))
     assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "writer_id"
+    twice = pb.LogMetricsRequest(
+        run_id=run.run_id, writer_id="w", seq=0, series=[_series("ok", [1], [1.0]), _series("ok", [2], [2.0])]
+    )
+    r = refusal(lambda: tracking.LogMetrics(twice))  # one stored chunk per (key, writer, seq)
+    assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "series.key" and "ok" in r.message
     # the same invalid batch over the stream ends the stream with the same status
     r = refusal(lambda: list(tracking.StreamMetrics(iter([pb.StreamMetricsRequest(**_fields(bad))]))))
     assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["key"] == "rl/kl"

@@ -27,6 +27,8 @@ def _series(key: str, n: int, nv: int | None = None, nt: int | None = None) -> S
         ("r1", "w", 0, (_series("loss", 3, nv=2),), "series[loss]"),
         ("r1", "w", 0, (_series("loss", 3, nt=4),), "series[loss]"),
         ("r1", "w", 0, (_series("", 1),), "series.key"),
+        ("r1", "w", 1 << 63, (), "seq"),  # stored as int64
+        ("r1", "w", 0, (_series("loss", 2), _series("kl", 1), _series("loss", 3)), "series.key"),  # one chunk per key
     ],
 )
 def test_validate_batch_refusals(run_id: str, writer: str, seq: int, series: tuple[Series, ...], field: str) -> None:

@@ -45,13 +45,21 @@ def validate_batch(run_id: str, writer_id: str, seq: int, series: tuple[Series, 
     names.run_id(run_id)
     if not writer_id or len(writer_id) > 128 or "\x00" in writer_id:
         raise InvalidArgument("writer_id is required (1-128 characters, no NUL)", field="writer_id")
-    if seq < 0:
-        raise InvalidArgument(f"seq must be >= 0, got {seq}", field="seq")
+    if not 0 <= seq < 1 << 63:
+        raise InvalidArgument(f"seq must be in [0, 2^63), got {seq}", field="seq")
     if len(series) > MAX_SERIES_PER_BATCH:
         raise InvalidArgument(f"a batch holds at most {MAX_SERIES_PER_BATCH} series", field="series")
     total = 0
+    keys: set[str] = set()
     for s in series:
         names.key(s.key, "series.key")
+        if s.key in keys:  # one series per key: (run, key, writer, seq) names a stored chunk
+            raise InvalidArgument(
+                f"metric {s.key!r} appears twice in one batch; send its points as one series",
+                field="series.key",
+                metadata={"key": s.key},
+            )
+        keys.add(s.key)
         n = len(s.steps)
         if len(s.values) != n or len(s.timestamps_ms) != n:
             raise InvalidArgument(
