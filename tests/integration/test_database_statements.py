@@ -1,4 +1,4 @@
-"""`Database.statements()`, the plain-SQL transactions of the hot paths, on SQLite and PostgreSQL:
+"""`Database.statements()` and `Database.query()`, the plain SQL of the hot paths, on SQLite and PostgreSQL:
 commit on success, nothing kept on failure, driver errors turned into domain errors."""
 
 from __future__ import annotations
@@ -39,6 +39,17 @@ def test_commits_and_reads_back_with_placeholders(db: Database) -> None:
     assert labels(db) == ["a", "b?"]
 
 
+def test_query_reads_one_statement_outside_a_transaction(db: Database) -> None:
+    with db.statements(write=True) as q:
+        q.run("INSERT INTO things (id, label) VALUES (?, ?)", (1, "a"))
+        q.run("INSERT INTO things (id, label) VALUES (?, ?)", (2, "b?"))
+    assert db.query("SELECT id, label FROM things WHERE id >= ? ORDER BY id", (1,)) == [(1, "a"), (2, "b?")]
+    assert db.query("SELECT label FROM things WHERE label = ?", ("none",)) == []
+    with db.statements(write=True) as q:  # nothing of the read stays open: the table can be written at once
+        q.run("DELETE FROM things WHERE id = ?", (1,))
+    assert db.query("SELECT label FROM things", ()) == [("b?",)]
+
+
 def test_duplicate_key_is_already_exists_and_nothing_of_the_transaction_is_kept(db: Database) -> None:
     with db.statements(write=True) as q:
         q.run("INSERT INTO things (id, label) VALUES (?, ?)", (1, "kept"))
@@ -70,3 +81,6 @@ def test_unreachable_database_is_unavailable(tmp_path: Path) -> None:
             q.all("SELECT 1")
         assert err.value.reason == "DATABASE_UNAVAILABLE"
         assert "metadata database is unavailable" in str(err.value)
+        with pytest.raises(Unavailable) as err:  # the serving lookup's read, too (it was INTERNAL)
+            db.query("SELECT 1", ())
+        assert err.value.reason == "DATABASE_UNAVAILABLE"

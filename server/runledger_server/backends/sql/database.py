@@ -64,6 +64,44 @@ class Database:
         with _translate(), Session(self._write_engine, expire_on_commit=False) as session, session.begin():
             yield session
 
+    def query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """The rows of one read-only statement (`?` placeholders) outside a transaction, for hot reads.
+
+        On PostgreSQL the connection is switched to autocommit for it, which saves the BEGIN and ROLLBACK
+        round trips (SQLite connections are in autocommit mode already). Errors are translated like
+        `statements()`: a database that is down is UNAVAILABLE, and a broken connection leaves the pool.
+        """
+        dbapi: Any = self.engine.dialect.loaded_dbapi
+        conn = self._checkout(dbapi)
+        try:
+            driver: Any = conn.driver_connection
+            autocommit = not self.is_sqlite and not driver.autocommit
+            if autocommit:
+                driver.autocommit = True
+            cur = conn.cursor()
+            try:
+                cur.execute(sql if self._placeholder == "?" else sql.replace("?", self._placeholder), params)
+                rows = [tuple(r) for r in cur.fetchall()]
+            finally:
+                cur.close()
+            if autocommit:
+                driver.autocommit = False
+            return rows
+        except dbapi.OperationalError as exc:
+            conn.invalidate()  # a broken connection must not go back to the pool
+            _LOGGER.warning("database unavailable: %s", exc)
+            raise Unavailable(f"the metadata database is unavailable: {exc}", reason="DATABASE_UNAVAILABLE") from exc
+        finally:
+            conn.close()  # back to the pool (a no-op after invalidate)
+
+    def _checkout(self, dbapi: Any) -> Any:
+        try:
+            return self.engine.raw_connection()
+        except (OperationalError, dbapi.OperationalError) as exc:  # the pool passes driver errors through
+            cause = exc.orig if isinstance(exc, OperationalError) else exc
+            _LOGGER.warning("database unavailable: %s", cause)
+            raise Unavailable(f"the metadata database is unavailable: {cause}", reason="DATABASE_UNAVAILABLE") from exc
+
     @contextlib.contextmanager
     def statements(self, *, write: bool) -> Iterator[Statements]:
         """One transaction of plain SQL (`?` placeholders) on a pooled driver connection.
@@ -72,12 +110,7 @@ class Database:
         opens its transaction at the first statement. Driver errors are translated like SQLAlchemy's.
         """
         dbapi: Any = self.engine.dialect.loaded_dbapi
-        try:
-            conn = self.engine.raw_connection()
-        except (OperationalError, dbapi.OperationalError) as exc:  # the pool passes driver errors through
-            cause = exc.orig if isinstance(exc, OperationalError) else exc
-            _LOGGER.warning("database unavailable: %s", cause)
-            raise Unavailable(f"the metadata database is unavailable: {cause}", reason="DATABASE_UNAVAILABLE") from exc
+        conn = self._checkout(dbapi)
         try:
             cur = conn.cursor()
             try:

@@ -65,8 +65,6 @@ class SqlRegistryStore:
         self._insert: Any = postgresql.insert if db.dialect == "postgresql" else sqlite.insert
         # SQLite's write transaction already holds the database lock (and has no FOR UPDATE).
         self._for_update = "" if db.is_sqlite else " FOR UPDATE"
-        mark = "?" if db.engine.dialect.paramstyle == "qmark" else "%s"
-        self._serving_sql = _SERVING_SQL.replace("?", mark)
         self._versions: OrderedDict[tuple[str, int], ModelVersion] = OrderedDict()
         self._versions_lock = threading.Lock()
 
@@ -384,24 +382,7 @@ class SqlRegistryStore:
         return ServingTarget(current, replace(version, aliases=aliases))
 
     def _alias_and_siblings(self, model_id: str, alias: str) -> list[tuple[str, int, int, str, int]]:
-        conn = self.db.engine.raw_connection()
-        driver: Any = conn.driver_connection
-        # One statement needs no transaction: on PostgreSQL autocommit saves the BEGIN and the ROLLBACK
-        # round trips (SQLite connections are in autocommit mode already).
-        autocommit = not self.local_reads and not driver.autocommit
-        try:
-            if autocommit:
-                driver.autocommit = True
-            cur = conn.cursor()
-            try:
-                cur.execute(self._serving_sql, (model_id, alias, model_id, alias))
-                return [tuple(r) for r in cur.fetchall()]
-            finally:
-                cur.close()
-        finally:
-            if autocommit:
-                driver.autocommit = False
-            conn.close()  # back to the pool
+        return self.db.query(_SERVING_SQL, (model_id, alias, model_id, alias))
 
     def _cached_version(self, model_id: str, version: int) -> ModelVersion:
         key = (model_id, version)
