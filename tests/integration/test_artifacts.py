@@ -4,6 +4,7 @@ verified and content-addressed, refusals leave nothing behind, downloads resume 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -353,15 +354,35 @@ def test_client_download_resumes_a_partial_file_and_verifies(
     assert dest.read_bytes() == data and not partial.exists()
     assert moved[0] == MiB + 3  # started from the partial file, not from zero
 
-    # A corrupt partial file is detected at the end; nothing is left in place.
+    # A partial file that is not this artifact's (damaged, or left by a download of other content to the
+    # same place) shows at the end: the download starts over from zero instead of failing.
     dest.unlink()
     partial.write_bytes(b"X" * 100)
-    with pytest.raises(DataLoss) as info:
-        client_artifacts.download(channel, run_id, "big.bin", dest, progress=False)
-    assert info.value.reason == "DIGEST_MISMATCH"
-    assert not dest.exists() and not partial.exists()
-    client_artifacts.download(channel, run_id, "big.bin", dest, progress=False)  # and the retry succeeds
-    assert dest.read_bytes() == data
+    moved.clear()
+    client_artifacts.download(channel, run_id, "big.bin", dest, progress=lambda done, total: moved.append(done))
+    assert dest.read_bytes() == data and not partial.exists()
+    assert moved[0] == 100 and moved[-1] == 2 * len(data)  # the 100 bytes and the rest, then all of it again
+
+
+def test_client_download_refuses_bytes_that_do_not_match_the_record(
+    channel: grpc.Channel, artifacts: Stub, run_id: str, backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    data = _blob(MiB + 9, seed=3)
+    art = _upload(artifacts, run_id, "rot.bin", data)
+    damaged = data[:-1] + bytes([data[-1] ^ 1])  # one flipped bit at rest
+    if backend == "local":
+        blob = Path(art.uri.removeprefix("file://"))
+        blob.chmod(0o644)
+        blob.write_bytes(damaged)
+    else:
+        s3: S3Server = request.getfixturevalue("s3_server")
+        key = art.uri.removeprefix(f"s3://{s3.bucket}/")
+        s3.client().put_object(s3.bucket, key, io.BytesIO(damaged), len(damaged))
+    dest = tmp_path / "rot.bin"
+    with pytest.raises(DataLoss) as info:  # a fresh download: no partial file to blame, no second try
+        client_artifacts.download(channel, run_id, "rot.bin", dest, progress=False)
+    assert info.value.reason == "DIGEST_MISMATCH" and info.value.metadata["expectedSha256"] == art.sha256
+    assert not dest.exists() and not (tmp_path / "rot.bin.part").exists()
 
 
 def test_listing_pages_in_path_order(artifacts: Stub, run_id: str) -> None:

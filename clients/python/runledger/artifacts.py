@@ -90,9 +90,10 @@ def download(
     A file goes to `dest` (or into it, when `dest` is an existing directory); a directory's files go below
     `dest` at their relative paths. Each file is checked against its sha256 (DataLoss on mismatch); files
     already present with the right content are skipped, and a `.part` left by an interrupted download is
-    resumed from where it stopped. With `presigned` (the default), when the server's artifact store is S3
-    the bytes are fetched straight from it through a short-lived URL the server signs, and through the
-    server otherwise (or when that URL cannot be reached). Returns the file or directory written.
+    resumed from where it stopped (and the file fetched again from the start if the result does not match).
+    With `presigned` (the default), when the server's artifact store is S3 the bytes are fetched straight
+    from it through a short-lived URL the server signs, and through the server otherwise (or when that URL
+    cannot be reached). Returns the file or directory written.
     """
     stub = artifact_service_pb2_grpc.ArtifactServiceStub(channel)
     path = path.strip("/") if path not in ("", "/") else ""
@@ -184,6 +185,7 @@ def _download(
                 digest.update(chunk)
                 offset += len(chunk)
     meter.advance(offset)
+    resumed = offset > 0
     with partial.open("r+b" if offset else "wb") as out:
         out.seek(offset)
         out.truncate()
@@ -194,6 +196,9 @@ def _download(
             sink.close()
     if offset != artifact.size or digest.hexdigest() != artifact.sha256:
         partial.unlink(missing_ok=True)
+        if resumed:  # the partial file was not (all) this artifact's: another download's, or damaged
+            _LOGGER.info("%s: the partial file did not match; downloading it again from the start", artifact.path)
+            return _download(stub, artifact, target, False, meter, direct)
         raise DataLoss(
             f"downloaded {artifact.path} ({offset} bytes, sha256 {digest.hexdigest()}) does not match "
             f"its recorded sha256 {artifact.sha256} ({artifact.size} bytes); the partial file was removed",
