@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -190,7 +191,11 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
                     await pending.put((req.writer_id, req.seq, fut))
             except BaseException as exc:  # surfaced to the client through the ack loop
                 failure.append(exc)
-            finally:
+            if failure and isinstance(failure[0], asyncio.CancelledError):
+                # Cancelled with the handler (the call ended): nobody may take from a full queue any more.
+                with contextlib.suppress(asyncio.QueueFull):
+                    pending.put_nowait(None)
+            else:
                 await pending.put(None)
 
         task = asyncio.create_task(reader())

@@ -321,6 +321,9 @@ class SqlTrackingStore:
                     prev = latest.get((b.run_id, series.key))
                     if prev is None or point[0] >= prev[0]:
                         latest[(b.run_id, series.key)] = point
+            # Rows go in key order: two PostgreSQL replicas whose groups hold the same runs then take their
+            # row locks (latest_metrics, a re-sent batch's key) in the same order and cannot deadlock.
+            batch_rows.sort()
             if batch_rows:
                 q.many(
                     "INSERT INTO metric_batches (run_id, writer_id, seq, points, commit_time_us) "
@@ -339,7 +342,7 @@ class SqlTrackingStore:
                     'INSERT INTO latest_metrics (run_id, "key", step, value, timestamp_ms) VALUES (?, ?, ?, ?, ?) '
                     'ON CONFLICT (run_id, "key") DO UPDATE SET step = excluded.step, value = excluded.value, '
                     "timestamp_ms = excluded.timestamp_ms WHERE excluded.step >= latest_metrics.step",
-                    [(r, k, st, None if math.isnan(v) else v, ts) for (r, k), (st, v, ts) in latest.items()],
+                    [(r, k, st, None if math.isnan(v) else v, ts) for (r, k), (st, v, ts) in sorted(latest.items())],
                 )
         for chunk_key, chunk in committed:  # only once the transaction has committed
             self._chunks.put(chunk_key, chunk)
