@@ -73,20 +73,21 @@ class Database:
         """
         dbapi: Any = self.engine.dialect.loaded_dbapi
         conn = self._checkout(dbapi)
+        driver: Any = conn.driver_connection
+        autocommit = not self.is_sqlite and not driver.autocommit
         try:
-            driver: Any = conn.driver_connection
-            autocommit = not self.is_sqlite and not driver.autocommit
             if autocommit:
                 driver.autocommit = True
-            cur = conn.cursor()
             try:
-                cur.execute(sql if self._placeholder == "?" else sql.replace("?", self._placeholder), params)
-                rows = [tuple(r) for r in cur.fetchall()]
+                cur = conn.cursor()
+                try:
+                    cur.execute(sql if self._placeholder == "?" else sql.replace("?", self._placeholder), params)
+                    return [tuple(r) for r in cur.fetchall()]
+                finally:
+                    cur.close()
             finally:
-                cur.close()
-            if autocommit:
-                driver.autocommit = False
-            return rows
+                if autocommit:
+                    driver.autocommit = False  # pooled connections run transactions
         except dbapi.OperationalError as exc:
             conn.invalidate()  # a broken connection must not go back to the pool
             _LOGGER.warning("database unavailable: %s", exc)
