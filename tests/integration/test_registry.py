@@ -181,6 +181,10 @@ def test_versions_record_run_artifact_digest_and_lineage(reg: Registry) -> None:
     assert v.lineage.config == LINEAGE["config"] and v.lineage.HasField("seed") and v.lineage.seed == 0
     got = reg.stub.GetModelVersion(pb.GetModelVersionRequest(name=v.name))
     assert got == v
+    for bad in ("0", "99999999999999999999"):  # the second used to overflow the database's integer: INTERNAL
+        request = pb.GetModelVersionRequest(name=f"models/{MODEL}/versions/{bad}")
+        r = refusal(lambda request=request: reg.stub.GetModelVersion(request))  # type: ignore[misc]
+        assert (r.code, r.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "name"), bad
     assert reg.stub.GetRegisteredModel(pb.GetRegisteredModelRequest(name=f"models/{MODEL}")).latest_version == 1
 
 

@@ -63,7 +63,10 @@ def version_ref(name: str, field: str = "name") -> tuple[str, int | None, str | 
         raise InvalidArgument(f"{field} is required", field=field)
     m = _VERSION.match(name)
     if m:
-        return slug(m.group(1), field), int(m.group(2)), None
+        number = int(m.group(2))
+        if not 0 < number < 1 << 63:
+            raise InvalidArgument(f"{field} {name!r}: a version number is from 1 to 2^63-1", field=field)
+        return slug(m.group(1), field), number, None
     candidate = name if name.startswith("models/") else f"models/{name}"
     m = _ALIAS_REF.match(candidate)
     if m:
