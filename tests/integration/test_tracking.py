@@ -246,6 +246,22 @@ def test_nan_and_infinities_round_trip_exactly(tracking) -> None:
     assert latest.step == 7 and math.isnan(latest.value)
 
 
+def test_malformed_metric_batches_are_invalid_argument(channel: grpc.Channel, tracking) -> None:
+    run = _run(tracking, _experiment(tracking))
+    good = pb.LogMetricsRequest(
+        run_id=run.run_id, writer_id="w", seq=0, series=[_series("ok", [1, 2], [1.0, 2.0])]
+    ).SerializeToString()
+    log = channel.unary_unary("/runledger.v1.TrackingService/LogMetrics")  # bytes in, bytes out
+    stream = channel.stream_stream("/runledger.v1.TrackingService/StreamMetrics")
+    for bad in (good[:-3], b"\x0a\x02\xff\xfe"):  # cut short; a run_id that is not UTF-8
+        r = refusal(lambda bad=bad: log(bad))  # type: ignore[misc]
+        assert (r.code, r.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "request")
+        r = refusal(lambda bad=bad: list(stream(iter([bad]))))  # type: ignore[misc]
+        assert (r.code, r.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "request")
+    assert _history(tracking, run.run_id, "ok")[0] == []
+    assert pb.LogMetricsResponse.FromString(log(good)).duplicate is False  # the well-formed batch goes in
+
+
 def test_metric_refusals_store_nothing(tracking) -> None:
     run = _run(tracking, _experiment(tracking))
     bad = pb.LogMetricsRequest(
