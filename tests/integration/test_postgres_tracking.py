@@ -1,21 +1,22 @@
 """TrackingService against PostgreSQL through the real server: runs, params, exact metric values,
-SearchRuns, and two replicas sharing one database (re-sent batches stored once)."""
+SearchRuns, and two replicas sharing one database (re-sent batches stored once, raced writes serialized)."""
 
 from __future__ import annotations
 
 import math
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import grpc
 import pytest
 
-from runledger.v1 import tracking_pb2, tracking_service_pb2 as pb, tracking_service_pb2_grpc
+from runledger.v1 import common_pb2, tracking_pb2, tracking_service_pb2 as pb, tracking_service_pb2_grpc
 from runledger_server.config import Settings
 from runledger_server.embedded import EmbeddedServer
-from tests.support import refusal
+from tests.support import outcome, refusal
 
 pytestmark = pytest.mark.postgres
 
@@ -248,3 +249,48 @@ def test_same_batch_raced_to_both_replicas_is_stored_once(replicas: tuple[Stub, 
 
     steps, values = _history(b, run.run_id, "loss")
     assert steps == list(range(rounds)) and values == [float(s) for s in range(rounds)]
+
+
+def test_lineage_and_params_raced_on_two_replicas_stay_immutable_and_consistent(
+    replicas: tuple[Stub, Stub],
+) -> None:
+    a, b = replicas
+    exp = a.CreateExperiment(pb.CreateExperimentRequest(display_name="races")).name
+    start = threading.Barrier(2)
+    base = {"data_version": "d", "code_commit": "c", "config": '{"x": 1}', "base_model": "m"}
+
+    def call(fn: Callable[[], object]) -> str:
+        start.wait(timeout=30)
+        return outcome(fn)
+
+    def race(fa: Callable[[], object], fb: Callable[[], object]) -> list[str]:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            return sorted(f.result() for f in [pool.submit(call, fa), pool.submit(call, fb)])
+
+    def lineage(run: str, **fields: object) -> pb.SetLineageRequest:
+        return pb.SetLineageRequest(run_id=run, lineage=common_pb2.Lineage(**fields))  # type: ignore[arg-type]
+
+    for i in range(12):
+        # Two complete lineages that differ: one is stored, the other refused (lineage is immutable).
+        run = a.CreateRun(pb.CreateRunRequest(experiment=exp)).run_id
+        got = race(
+            partial(a.SetLineage, lineage(run, **base, seed=1)), partial(b.SetLineage, lineage(run, **base, seed=2))
+        )
+        assert got == ["ALREADY_EXISTS LINEAGE_IMMUTABLE", "OK"], (i, got)
+        # The last two missing fields set at once: the run ends complete, with its fingerprint.
+        partly = common_pb2.Lineage(config='{"x": 1}', base_model="m", seed=0)
+        run = a.CreateRun(pb.CreateRunRequest(experiment=exp, lineage=partly)).run_id
+        got = race(
+            partial(a.SetLineage, lineage(run, data_version="d")), partial(b.SetLineage, lineage(run, code_commit="c"))
+        )
+        stored = b.GetRun(pb.GetRunRequest(run_id=run))
+        assert got == ["OK", "OK"] and not stored.missing_lineage_fields and stored.lineage_fingerprint, (i, got)
+        # The same param twice at once (a retry racing the original) is a no-op; a different value is refused.
+        run = a.CreateRun(pb.CreateRunRequest(experiment=exp)).run_id
+        same = pb.LogParamsRequest(run_id=run, params={"lr": "1e-4"})
+        assert race(partial(a.LogParams, same), partial(b.LogParams, same)) == ["OK", "OK"], i
+        got = race(
+            partial(a.LogParams, pb.LogParamsRequest(run_id=run, params={"wd": "0.1"})),
+            partial(b.LogParams, pb.LogParamsRequest(run_id=run, params={"wd": "0.2"})),
+        )
+        assert got == ["ALREADY_EXISTS PARAM_IMMUTABLE", "OK"], (i, got)

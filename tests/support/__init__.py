@@ -25,7 +25,20 @@ def refusal(call: Callable[[], Any]) -> Refusal:
     """Run a call that must fail; return its status code, message and ErrorInfo."""
     with pytest.raises(grpc.RpcError) as info:
         call()
-    err = info.value
+    return refusal_of(info.value)
+
+
+def outcome(call: Callable[[], Any]) -> str:
+    """Run a call that may fail: "OK", or its status code and ErrorInfo reason (for comparing raced calls)."""
+    try:
+        call()
+    except grpc.RpcError as err:
+        r = refusal_of(err)
+        return f"{r.code.name} {r.reason}"
+    return "OK"
+
+
+def refusal_of(err: grpc.RpcError) -> Refusal:
     status = rpc_status.from_call(err)  # type: ignore[arg-type]
     assert status is not None, f"no google.rpc.Status details on {err}"
     reason, meta, domain = "", {}, ""

@@ -209,7 +209,7 @@ class SqlTrackingStore:
     # ---- params, tags, lineage ---------------------------------------------------------------
     def log_params(self, run_id: str, params: dict[str, str]) -> dict[str, str]:
         with self.db.write() as s:
-            _require_run(s, run_id)
+            _require_run(s, run_id, lock=True)  # concurrent writers see each other's params
             existing = dict(
                 s.execute(select(RunParamRow.key, RunParamRow.value).where(RunParamRow.run_id == run_id)).all()
             )
@@ -246,7 +246,7 @@ class SqlTrackingStore:
 
     def set_lineage(self, run_id: str, lineage: Lineage) -> Lineage:
         with self.db.write() as s:
-            row = _require_run(s, run_id)
+            row = _require_run(s, run_id, lock=True)  # merged against what a concurrent writer just stored
             merged = lineage_rules.merge(_lineage(row), lineage)
             _apply_lineage(row, merged)
             row.update_time_us = now_us()
@@ -478,8 +478,10 @@ class SqlTrackingStore:
 
 
 # ---- helpers -------------------------------------------------------------------------------------
-def _require_run(s: Session, run_id: str) -> RunRow:
-    row = s.get(RunRow, run_id)
+def _require_run(s: Session, run_id: str, *, lock: bool = False) -> RunRow:
+    """The run's row; `lock` holds it until the transaction ends, for read-merge-write updates on PostgreSQL
+    (SQLite's write transactions hold the database lock from their start)."""
+    row = s.get(RunRow, run_id, with_for_update=True) if lock else s.get(RunRow, run_id)
     if row is None:
         raise NotFound(f"runs/{run_id} not found", field="run_id")
     return row
