@@ -168,6 +168,48 @@ def test_forked_child_logs_as_its_own_writer(tmp_path: Path) -> None:
         server.stop()
 
 
+TRAINER_WITH_A_WORKER = """
+import multiprocessing as mp
+import sys
+import runledger
+
+def worker(run):  # a DataLoader-like worker: logs through the inherited run and returns, no flush
+    for step in range(1000):
+        run.log_metrics({"worker/x": float(step)}, step=step)
+
+if __name__ == "__main__":
+    client = runledger.Client(sys.argv[1])
+    run = client.start_run(experiment="worker-exit")
+    run.log_metrics({"main/x": 0.0}, step=0)
+    run.flush()
+    p = mp.get_context("fork").Process(target=worker, args=(run,))
+    p.start()
+    p.join()
+    run.finish()
+    print(p.exitcode, run.run_id, flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_points_of_a_multiprocessing_worker_are_flushed_when_it_returns(tmp_path: Path) -> None:
+    # multiprocessing ends its workers with os._exit(): no atexit there, so the flush must ride its finalizers.
+    server = ServerProcess(free_port(), tmp_path / "data", tmp_path / "server.log")
+    address = server.start()
+    script = tmp_path / "trainer.py"
+    script.write_text(TRAINER_WITH_A_WORKER)
+    try:
+        done = subprocess.run([sys.executable, str(script), address], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        exitcode, run_id = done.stdout.split()
+        assert exitcode == "0"
+        with runledger.Client(address) as client:
+            assert client.metric_history(run_id, "worker/x").steps.tolist() == list(range(1000))
+            assert client.metric_history(run_id, "main/x").steps.tolist() == [0]
+    finally:
+        server.stop()
+
+
 TRAINER_WITHOUT_FINISH = """
 import sys
 import runledger

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import multiprocessing.util
 import os
 import threading
 import weakref
@@ -70,5 +71,18 @@ def _at_exit() -> None:
             _LOGGER.warning("metrics not flushed at exit: %s", exc)
 
 
+def _in_multiprocessing_child(_: object) -> None:
+    # A multiprocessing worker (a DataLoader worker, say) ends with os._exit(): atexit never runs there, only
+    # multiprocessing's finalizers, which it clears when the worker starts; so the exit flush is registered
+    # again as one of them, after that clearing.
+    multiprocessing.util.Finalize(None, _at_exit, exitpriority=100)
+
+
+class _Registration:
+    """The object multiprocessing keeps (weakly) for the after-fork hook: alive as long as this module."""
+
+
+_registration = _Registration()
 os.register_at_fork(after_in_child=_after_fork_in_child)
+multiprocessing.util.register_after_fork(_registration, _in_multiprocessing_child)
 atexit.register(_at_exit)
