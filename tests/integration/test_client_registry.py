@@ -75,8 +75,9 @@ def test_register_gate_promote_resolve_watch(server: EmbeddedServer, tmp_path: P
         assert refused.value.candidate_score == 0.66 and refused.value.incumbent_score == 0.66
         assert isinstance(refused.value, FailedPrecondition)
         assert got_two.wait(30), seen
-        watch.close()
+        follower.join(30)
         assert seen == [0, 1, 2]  # unset at first, then each promotion
+        assert watch.closed  # leaving the loop ended the stream; no close() needed
 
         resolved = client.resolve("qwen3-8b-sft@production")
         assert resolved.version == 2 and resolved.artifact_sha256 == versions["b"].artifact_sha256

@@ -88,22 +88,34 @@ def _model(model: str) -> str:
 
 
 class AliasWatch:
-    """An alias's current state, then one message per change, until `close()` (also a context manager)."""
+    """An alias's current state, then one message per change, until `close()` (also a context manager).
+
+    Leaving the loop (`break`, an exception in its body) ends the watch too, here and on the server.
+    """
 
     def __init__(self, call: Any) -> None:
         self._call = call
         self._lock = threading.Lock()
+        self._closed = False
 
     def __iter__(self) -> Iterator[pb.WatchAliasResponse]:
         try:
             yield from self._call
         except grpc.RpcError as exc:
-            if exc.code() is grpc.StatusCode.CANCELLED:  # closed by us
+            if exc.code() is grpc.StatusCode.CANCELLED and self._closed:  # closed by us
                 return
             raise _typed(exc) from None
+        finally:
+            self.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether the stream has ended: closed, left, or ended by the server."""
+        return bool(self._call.done())
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self._call.cancel()
 
     def __enter__(self) -> AliasWatch:
