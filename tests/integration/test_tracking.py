@@ -391,6 +391,7 @@ def test_search_order_and_paging(tracking) -> None:
         ("params.lr ~ 1", "", "filter"),
         ("bogus = 1", "", "filter"),
         ("metrics.loss < 'x'", "", "filter"),
+        ("params.lr = 2e-5", "", "filter"),  # params are text: quote the value as it was logged
         ("", "a b c", "order_by"),
     ],
 )

@@ -124,6 +124,10 @@ def parse_filter(text: str, field: str = "filter") -> tuple[Clause, ...]:
         if kind == "metrics":
             need(op not in ("LIKE",), "a numeric comparison for metrics")
             need(all(isinstance(v, float) for v in values), "a number for metrics")
+        elif kind in ("params", "tags"):
+            # Stored as the text that was logged ("2e-5", "0.10"): a number here would be compared as some other
+            # text (2e-5 -> "2e-05", and "128" < "64"), silently matching the wrong runs, so it must be quoted.
+            need(all(isinstance(v, str) for v in values), f"a quoted value for {kind} (their values are text)")
         else:
             values = [v if isinstance(v, str) else _num_text(v) for v in values]
         if kind == "attribute" and key == "status":
