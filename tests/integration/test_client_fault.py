@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import runledger
-from runledger import RetryPolicy
+from runledger import RetryPolicy, errors
 from runledger.v1 import tracking_pb2
 
 WRITERS = 4
@@ -237,4 +237,24 @@ def test_points_of_an_unfinished_run_are_flushed_at_exit(tmp_path: Path) -> None
             assert history.steps.tolist() == list(range(1000))
             assert client.get_run(run_id).status == tracking_pb2.RUN_STATUS_RUNNING  # unknown outcome: left as is
     finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_registry_reads_ride_out_a_server_restart_and_writes_do_not_repeat(tmp_path: Path) -> None:
+    server = ServerProcess(free_port(), tmp_path / "data", tmp_path / "server.log")
+    client = runledger.Client(server.start(), timeout=60, retry=RetryPolicy(initial_backoff=0.05, max_backoff=0.5))
+    try:
+        client.registry.create_model("served")
+        server.stop()
+        with pytest.raises(errors.Unavailable):  # a write is not retried: a lost reply must not act twice
+            client.registry.create_model("while-down")
+        restarted = threading.Timer(1.0, server.start)
+        restarted.start()
+        started = time.monotonic()
+        assert client.registry.get_model("served").name == "models/served"  # a read waits for the server
+        assert time.monotonic() - started >= 0.5
+        restarted.join()
+    finally:
+        client.close()
         server.stop()

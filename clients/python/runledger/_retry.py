@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import logging
+import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+
+from runledger import errors
 
 _LOGGER = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -35,3 +45,30 @@ class RetryPolicy:
                 base = self.max_backoff
                 break
         return base * (1.0 - self.jitter * u)
+
+
+def call_with_retry(
+    attempt: Callable[[float], T],
+    policy: RetryPolicy,
+    *,
+    idempotent: bool,
+    budget: float,
+    target: str,
+    typed: Callable[[grpc.RpcError], errors.RunledgerError] = errors.from_rpc_error,
+) -> T:
+    """`attempt(remaining seconds)` until it succeeds; UNAVAILABLE is retried with backoff, for idempotent
+    calls only, until `budget` seconds have passed. Failures are raised as `typed` makes them."""
+    deadline = time.monotonic() + budget
+    failures = 0
+    while True:
+        remaining = max(deadline - time.monotonic(), 0.001)
+        try:
+            return attempt(remaining)
+        except grpc.RpcError as exc:
+            err = typed(exc)
+        failures += 1
+        delay = policy.delay(failures, random.random())
+        if not (idempotent and err.code is grpc.StatusCode.UNAVAILABLE) or time.monotonic() + delay >= deadline:
+            raise err from None
+        _LOGGER.info("%s: %s; retrying in %.2f s", target, err, delay)
+        time.sleep(delay)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import re
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,7 +14,7 @@ import grpc
 
 from runledger import _convert, _ids, _process, artifacts, errors, wire
 from runledger._buffer import BatchPolicy
-from runledger._retry import RetryPolicy
+from runledger._retry import RetryPolicy, call_with_retry
 from runledger._streamer import MetricStreamer, StreamerConfig
 from runledger.history import MetricHistory, from_chunks
 from runledger.registry import AliasWatch, Registry
@@ -167,20 +165,7 @@ class Client:
 
     def _retrying(self, attempt: Callable[[float], T], idempotent: bool, timeout: float | None) -> T:
         budget = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + budget
-        failures = 0
-        while True:
-            remaining = max(deadline - time.monotonic(), 0.001)
-            try:
-                return attempt(remaining)
-            except grpc.RpcError as exc:
-                err = errors.from_rpc_error(exc)
-            failures += 1
-            delay = self.retry.delay(failures, random.random())
-            if not (idempotent and err.code is grpc.StatusCode.UNAVAILABLE) or time.monotonic() + delay >= deadline:
-                raise err from None
-            _LOGGER.info("%s: %s; retrying in %.2f s", self.target, err, delay)
-            time.sleep(delay)
+        return call_with_retry(attempt, self.retry, idempotent=idempotent, budget=budget, target=self.target)
 
     def close(self) -> None:
         """Close the channel. Finish or flush runs first: their unsent points are lost with it."""
@@ -467,7 +452,9 @@ class Client:
         """Every RegistryService call (models, versions, gates, aliases, history, watch)."""
         registry = self._stubs.get(Registry)
         if registry is None:
-            registry = self._stubs[Registry] = Registry(self.channel, timeout=self.timeout, metadata=self._metadata)
+            registry = self._stubs[Registry] = Registry(
+                self.channel, timeout=self.timeout, metadata=self._metadata, retry=self.retry
+            )
         return registry
 
     def register(

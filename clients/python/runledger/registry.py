@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import grpc
 
 from runledger import _convert, errors
+from runledger._retry import RetryPolicy, call_with_retry
 from runledger.v1 import registry_pb2, registry_service_pb2 as pb, registry_service_pb2_grpc
 
 _LOGGER = logging.getLogger(__name__)
@@ -128,17 +129,33 @@ class AliasWatch:
 class Registry:
     """RegistryService calls over a channel, with typed errors and plain Python arguments."""
 
-    def __init__(self, channel: grpc.Channel, *, timeout: float = 30.0, metadata: Sequence[tuple[str, str]] = ()):
-        """`metadata` goes with every call, e.g. `(("x-runledger-actor", "release-bot"),)` to name who acts."""
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        *,
+        timeout: float = 30.0,
+        metadata: Sequence[tuple[str, str]] = (),
+        retry: RetryPolicy | None = None,
+    ):
+        """`metadata` goes with every call, e.g. `(("x-runledger-actor", "release-bot"),)` to name who acts.
+
+        Reads (lookups, listings, evaluations) are retried on UNAVAILABLE until `timeout`, e.g. through a
+        server restart; writes are not (a lost reply must not promote or register twice).
+        """
         self._stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
         self.timeout = timeout
         self._metadata = tuple(metadata)
+        self._retry = retry or RetryPolicy()
 
-    def _call(self, method: Callable[..., T], request: Any) -> T:
-        try:
-            return method(request, timeout=self.timeout, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise _typed(exc) from None
+    def _call(self, method: Callable[..., T], request: Any, *, read: bool = False) -> T:
+        return call_with_retry(
+            lambda remaining: method(request, timeout=remaining, metadata=self._metadata),
+            self._retry,
+            idempotent=read,
+            budget=self.timeout,
+            target="registry",
+            typed=_typed,
+        )
 
     # ---- models and versions ----------------------------------------------------------------
     def create_model(
@@ -155,7 +172,7 @@ class Registry:
             return self.get_model(model_id)
 
     def get_model(self, model: str) -> registry_pb2.RegisteredModel:
-        return self._call(self._stub.GetRegisteredModel, pb.GetRegisteredModelRequest(name=_model(model)))
+        return self._call(self._stub.GetRegisteredModel, pb.GetRegisteredModelRequest(name=_model(model)), read=True)
 
     def register(
         self, run_id: str, *, model: str, artifact_path: str, description: str = "", create_model: bool = True
@@ -171,14 +188,14 @@ class Registry:
 
     def get_version(self, model: str, version: int) -> registry_pb2.ModelVersion:
         name = f"{_model(model)}/versions/{version}"
-        return self._call(self._stub.GetModelVersion, pb.GetModelVersionRequest(name=name))
+        return self._call(self._stub.GetModelVersion, pb.GetModelVersionRequest(name=name), read=True)
 
     def list_versions(self, model: str, *, page_size: int = 0) -> Iterator[registry_pb2.ModelVersion]:
         """Newest first, fetched page by page."""
         token = ""
         while True:
             request = pb.ListModelVersionsRequest(model=_model(model), page_size=page_size, page_token=token)
-            page = self._call(self._stub.ListModelVersions, request)
+            page = self._call(self._stub.ListModelVersions, request, read=True)
             yield from page.model_versions
             token = page.next_page_token
             if not token:
@@ -189,7 +206,7 @@ class Registry:
         request = pb.VerifyLineageRequest(
             model=_model(model), version=version, lineage=_convert.lineage_to_proto(lineage)
         )
-        return self._call(self._stub.VerifyLineage, request)
+        return self._call(self._stub.VerifyLineage, request, read=True)
 
     # ---- gates -------------------------------------------------------------------------------
     def create_gate(
@@ -235,7 +252,7 @@ class Registry:
         request = pb.EvaluatePromotionRequest(
             model=_model(model), alias=alias, version=version, gate_id=gate, expected_revision=expected_revision
         )
-        return self._call(self._stub.EvaluatePromotion, request).decision
+        return self._call(self._stub.EvaluatePromotion, request, read=True).decision
 
     def rollback(self, model: str, alias: str) -> registry_pb2.Alias:
         """Back to the version the alias held before its last change (repeat to go further back)."""
@@ -247,12 +264,12 @@ class Registry:
 
     def resolve(self, ref: str) -> registry_pb2.ModelVersion:
         """The version `"model@alias"` (or `models/model@alias`) points at; NotFound when the alias is unset."""
-        return self._call(self._stub.GetModelVersion, pb.GetModelVersionRequest(name=_model(ref)))
+        return self._call(self._stub.GetModelVersion, pb.GetModelVersionRequest(name=_model(ref)), read=True)
 
     def lookup(self, model: str, alias: str) -> pb.GetModelVersionByAliasResponse:
         """The serving lookup: the version and the alias with its revision."""
         request = pb.GetModelVersionByAliasRequest(model=_model(model), alias=alias)
-        return self._call(self._stub.GetModelVersionByAlias, request)
+        return self._call(self._stub.GetModelVersionByAlias, request, read=True)
 
     def watch_alias(self, model: str, alias: str) -> AliasWatch:
         """Iterate the alias's current state, then every change (no polling); `close()` ends it."""
@@ -266,7 +283,7 @@ class Registry:
             request = pb.ListAliasHistoryRequest(
                 model=_model(model), alias=alias, page_size=page_size, page_token=token
             )
-            page = self._call(self._stub.ListAliasHistory, request)
+            page = self._call(self._stub.ListAliasHistory, request, read=True)
             yield from page.entries
             token = page.next_page_token
             if not token:
