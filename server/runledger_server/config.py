@@ -50,10 +50,16 @@ class Settings:
         return self.artifacts or str(self.data_dir / "artifacts")
 
 
-def _env_bool(value: str | None, default: bool) -> bool:
+def _bool_setting(value: str | None, default: bool, flag: str, env_name: str) -> bool:
+    """true/false (also 1/0, yes/no, on/off); anything else is refused rather than read as false."""
     if value is None or value == "":
         return default
-    return value.strip().lower() in ("1", "true", "yes", "on")
+    text = value.strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{flag} (env {env_name}) must be true or false, got {value!r}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,7 +111,12 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
             endpoint=pick(getattr(args, "s3_endpoint", None), "RUNLEDGER_S3_ENDPOINT", ""),
             access_key=env.get("AWS_ACCESS_KEY_ID") or env.get("MINIO_ROOT_USER", ""),
             secret_key=env.get("AWS_SECRET_ACCESS_KEY") or env.get("MINIO_ROOT_PASSWORD", ""),
-            secure=_env_bool(secure_flag if secure_flag is not None else env.get("RUNLEDGER_S3_SECURE"), False),
+            secure=_bool_setting(
+                secure_flag if secure_flag is not None else env.get("RUNLEDGER_S3_SECURE"),
+                False,
+                "--s3-secure",
+                "RUNLEDGER_S3_SECURE",
+            ),
             region=env.get("AWS_REGION", ""),
         ),
         metric_cache_mib=_int_setting(

@@ -119,12 +119,13 @@ def test_metric_cache_size_from_flag_or_env_reaches_the_server(tmp_path: Path) -
     assert "metric cache: 64 MiB" in err
 
 
-def test_bad_numeric_settings_are_refused_naming_the_flag_and_variable(tmp_path: Path) -> None:
+def test_bad_settings_are_refused_naming_the_flag_and_variable(tmp_path: Path) -> None:
     cases = [
         (["--metric-cache-mib", "-1"], {}, "--metric-cache-mib (env RUNLEDGER_METRIC_CACHE_MIB)"),
         ([], {"RUNLEDGER_METRIC_CACHE_MIB": "lots"}, "--metric-cache-mib (env RUNLEDGER_METRIC_CACHE_MIB)"),
         (["--port", "70000"], {}, "--port (env RUNLEDGER_PORT)"),
         ([], {"RUNLEDGER_PORT": "http"}, "--port (env RUNLEDGER_PORT)"),
+        ([], {"RUNLEDGER_S3_SECURE": "enable"}, "--s3-secure (env RUNLEDGER_S3_SECURE)"),  # was read as false
     ]
     for args, env, named in cases:
         proc = subprocess.run(
