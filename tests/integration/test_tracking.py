@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import struct
+import time
 
 import grpc
 import pytest
@@ -95,6 +96,9 @@ def test_run_lifecycle(tracking) -> None:
     assert not run.HasField("end_time")
     done = tracking.UpdateRun(pb.UpdateRunRequest(run_id=run.run_id, status=tracking_pb2.RUN_STATUS_FINISHED))
     assert done.status == tracking_pb2.RUN_STATUS_FINISHED and done.HasField("end_time")
+    time.sleep(0.01)  # a retried UpdateRun (its reply lost) must not move the end time
+    again = tracking.UpdateRun(pb.UpdateRunRequest(run_id=run.run_id, status=tracking_pb2.RUN_STATUS_FINISHED))
+    assert again.end_time == done.end_time
     renamed = tracking.UpdateRun(pb.UpdateRunRequest(run_id=run.run_id, display_name="r0-final"))
     assert renamed.display_name == "r0-final" and renamed.status == tracking_pb2.RUN_STATUS_FINISHED
     got = tracking.GetRun(pb.GetRunRequest(run_id=run.run_id))

@@ -145,8 +145,13 @@ class SqlTrackingStore:
             row = _require_run(s, run_id)
             now = now_us()
             if status is not None:
+                if status in FINAL_STATUSES:
+                    # The same final status again (a client retrying after a lost reply) keeps its end time.
+                    repeated = status == row.status and row.end_time_us is not None and end_time_us is None
+                    row.end_time_us = row.end_time_us if repeated else (end_time_us or now)
+                else:
+                    row.end_time_us = None
                 row.status = status
-                row.end_time_us = (end_time_us or now) if status in FINAL_STATUSES else None
             elif end_time_us is not None:
                 row.end_time_us = end_time_us
             if display_name is not None:
