@@ -73,6 +73,20 @@ def test_start_run_records_params_tags_and_lineage_fingerprint(client: runledger
     assert client.get_run(run.run_id).status == tracking_pb2.RUN_STATUS_FINISHED
 
 
+def test_start_run_with_a_chosen_id_again_returns_that_run_while_it_is_the_same(client: runledger.Client) -> None:
+    # A create retried after its reply was lost (or a restarted script with a fixed ID) gets the run it made;
+    # a run of that ID that differs, or has ended, is a conflict.
+    kwargs = {"experiment": "chosen", "name": "a", "params": {"lr": 2e-5}, "lineage": EXAMPLE_LINEAGE}
+    first = client.start_run(run_id="chosen-run-1", **kwargs)  # type: ignore[arg-type]
+    again = client.start_run(run_id="chosen-run-1", **kwargs)  # type: ignore[arg-type]
+    assert again.run_id == first.run_id and again.lineage_fingerprint == EXAMPLE_FINGERPRINT
+    with pytest.raises(errors.AlreadyExists):
+        client.start_run(run_id="chosen-run-1", **{**kwargs, "params": {"lr": 3e-5}})  # type: ignore[arg-type]
+    first.finish()
+    with pytest.raises(errors.AlreadyExists):
+        client.start_run(run_id="chosen-run-1", **kwargs)  # type: ignore[arg-type]
+
+
 def test_lineage_set_in_parts_gets_the_fingerprint_when_complete(client: runledger.Client) -> None:
     run = client.start_run(experiment="qwen3-sft", lineage={"data_version": "sft-mix-v3", "seed": 0})
     assert run.lineage_fingerprint == "" and set(run.missing_lineage_fields) == {"code_commit", "config", "base_model"}

@@ -93,3 +93,11 @@ def string_map(values: Mapping[str, Any] | None, field: str) -> dict[str, str]:
             raise _invalid(f"{field} keys must be strings, got {key!r}", field)
         out[key] = value if isinstance(value, str) else str(value)
     return out
+
+
+def same_json(a: str, b: str) -> bool:
+    """Whether two JSON texts hold the same value (the server may store a config re-serialised)."""
+    try:
+        return bool(json.loads(a) == json.loads(b))
+    except ValueError:
+        return a == b

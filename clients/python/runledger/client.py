@@ -267,10 +267,12 @@ class Client:
         try:
             info = self._call(self._tracking.CreateRun, request, idempotent=True)
         except errors.AlreadyExists:
-            if run_id is not None:
-                raise
             # A fresh random ID that exists: an earlier attempt of this very call was stored, its answer lost.
+            # A caller's ID: the same, if the run is exactly what this call asks for and still running (also
+            # what a restarted script with a fixed ID wants); any other run of that ID is a real conflict.
             info = self.get_run(chosen)
+            if run_id is not None and not _is_created_by(info, request):
+                raise
         return Run(self, info, writer_id=writer_id or self.writer_id or _ids.new_writer_id(), owns_status=True)
 
     def attach_run(self, run_id: str, *, writer_id: str | None = None) -> Run:
@@ -505,6 +507,25 @@ class Client:
 
     def alias_history(self, model: str, alias: str) -> Iterator[registry_pb2.AliasHistoryEntry]:
         return self.registry.alias_history(model, alias)
+
+
+def _is_created_by(run: tracking_pb2.Run, request: pb.CreateRunRequest) -> bool:
+    """Whether `run` is what `request` creates: same experiment, name, params and tags, the lineage fields it
+    sets (config compared as JSON), and still RUNNING."""
+    if (run.experiment, run.display_name, dict(run.params), dict(run.tags)) != (
+        request.experiment,
+        request.display_name,
+        dict(request.params),
+        dict(request.tags),
+    ) or run.status != tracking_pb2.RUN_STATUS_RUNNING:
+        return False
+    for field, value in request.lineage.ListFields():
+        stored = getattr(run.lineage, field.name)
+        if field.name == "config" and _convert.same_json(stored, value):
+            continue
+        if stored != value:
+            return False
+    return True
 
 
 def _as_is(request: bytes) -> bytes:
