@@ -9,6 +9,7 @@ import time
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from runledger.v1 import common_pb2, tracking_pb2, tracking_service_pb2 as pb
 from tests.support import refusal
@@ -129,6 +130,16 @@ def test_run_refusals_change_nothing(tracking) -> None:
     run = _run(tracking, exp)
     r = refusal(lambda: tracking.UpdateRun(pb.UpdateRunRequest(run_id=run.run_id, status=17)))  # type: ignore[arg-type]
     assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "status"
+    for bad_time in (Timestamp(seconds=10**12), Timestamp(seconds=1, nanos=-1)):  # these used to be INTERNAL
+        request = pb.UpdateRunRequest(run_id=run.run_id, status=tracking_pb2.RUN_STATUS_FINISHED, end_time=bad_time)
+        r = refusal(lambda request=request: tracking.UpdateRun(request))  # type: ignore[misc]
+        assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "end_time"
+    r = refusal(lambda: _run(tracking, exp, start_time=Timestamp(seconds=-(10**12))))
+    assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "start_time"
+    r = refusal(lambda: _run(tracking, exp, lineage=common_pb2.Lineage(config="[" * 100_000)))  # too deep to parse
+    assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "lineage.config"
+    r = refusal(lambda: _run(tracking, exp, run_id="abc\n"))  # a trailing newline is not part of a valid ID
+    assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "run_id"
     assert tracking.GetRun(pb.GetRunRequest(run_id=run.run_id)).status == tracking_pb2.RUN_STATUS_RUNNING
 
 

@@ -67,7 +67,7 @@ def prefix(value: str, field: str = "prefix") -> str:
 def sha256_hex(value: str, field: str = "sha256") -> str:
     """A sha256 digest as 64 hex characters (case-insensitive; returned lowercase)."""
     lowered = value.lower()
-    if not _SHA256.match(lowered):
+    if not _SHA256.fullmatch(lowered):
         raise InvalidArgument(f"{field} {value[:80]!r} is not a sha256 hex digest (64 hex characters)", field=field)
     return lowered
 

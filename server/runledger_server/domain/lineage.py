@@ -50,6 +50,8 @@ def parse_config(text: str) -> dict[str, Any]:
         value = json.loads(text)
     except ValueError as exc:
         raise InvalidArgument(f"lineage.config is not valid JSON: {exc}", field="lineage.config") from exc
+    except RecursionError:
+        raise InvalidArgument("lineage.config is nested too deeply", field="lineage.config") from None
     if not isinstance(value, dict):
         raise InvalidArgument("lineage.config must be a JSON object", field="lineage.config")
     return value

@@ -19,7 +19,7 @@ MAX_VALUE = 1 << 20  # 1 MiB per param/tag value: refused above, never truncated
 
 def slug(value: str, field: str) -> str:
     """A model, gate or alias ID: letters, digits, `.`, `_`, `-`, 1-128 chars, alphanumeric first."""
-    if not _SLUG.match(value or ""):
+    if not _SLUG.fullmatch(value or ""):
         raise InvalidArgument(
             f"{field} {value!r} is not a valid ID: use letters, digits, '.', '_', '-' "
             "(1-128 characters, starting with a letter or digit)",
@@ -31,7 +31,7 @@ def slug(value: str, field: str) -> str:
 def run_id(value: str, field: str = "run_id") -> str:
     if not value:
         raise InvalidArgument(f"{field} is required", field=field)
-    if not _RUN_ID.match(value):
+    if not _RUN_ID.fullmatch(value):
         raise InvalidArgument(
             f"{field} {value!r} is not a valid run ID (lowercase letters, digits, '-', 1-64 characters)",
             field=field,
@@ -43,7 +43,7 @@ def experiment_id(name: str, field: str = "experiment") -> str:
     """`experiments/{id}` -> id."""
     if not name:
         raise InvalidArgument(f"{field} is required (format: experiments/{{experiment}})", field=field)
-    m = _EXPERIMENT.match(name)
+    m = _EXPERIMENT.fullmatch(name)
     if not m:
         raise InvalidArgument(f"{field} {name!r} is not of the form experiments/{{experiment}}", field=field)
     return m.group(1)
@@ -61,14 +61,14 @@ def version_ref(name: str, field: str = "name") -> tuple[str, int | None, str | 
     """`models/{m}/versions/{n}` or `models/{m}@{alias}` (also bare `{m}@{alias}`) -> (model, version, alias)."""
     if not name:
         raise InvalidArgument(f"{field} is required", field=field)
-    m = _VERSION.match(name)
+    m = _VERSION.fullmatch(name)
     if m:
         number = int(m.group(2))
         if not 0 < number < 1 << 63:
             raise InvalidArgument(f"{field} {name!r}: a version number is from 1 to 2^63-1", field=field)
         return slug(m.group(1), field), number, None
     candidate = name if name.startswith("models/") else f"models/{name}"
-    m = _ALIAS_REF.match(candidate)
+    m = _ALIAS_REF.fullmatch(candidate)
     if m:
         return slug(m.group(1), field), None, slug(m.group(2), field)
     raise InvalidArgument(
@@ -78,7 +78,7 @@ def version_ref(name: str, field: str = "name") -> tuple[str, int | None, str | 
 
 
 def gate_ref(name: str, field: str = "name") -> tuple[str, str]:
-    m = _GATE.match(name or "")
+    m = _GATE.fullmatch(name or "")
     if not m:
         raise InvalidArgument(f"{field} {name!r} is not of the form models/{{model}}/gates/{{gate}}", field=field)
     return slug(m.group(1), field), slug(m.group(2), field)

@@ -21,8 +21,13 @@ def timestamp(us: int | None) -> Timestamp | None:
     return ts
 
 
-def micros(ts: Timestamp, present: bool) -> int | None:
-    return ts.ToMicroseconds() if present else None
+def micros(ts: Timestamp, present: bool, field: str) -> int | None:
+    if not present:
+        return None
+    try:
+        return ts.ToMicroseconds()
+    except ValueError as exc:  # seconds outside years 1-9999, or nanos outside [0, 1e9)
+        raise InvalidArgument(f"{field} is not a valid timestamp: {exc}", field=field) from None
 
 
 def lineage_from_proto(msg: common_pb2.Lineage) -> Lineage:

@@ -126,7 +126,7 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
             tags=dict(request.tags),
             params=dict(request.params),
             lineage=convert.lineage_from_proto(request.lineage),
-            start_time_us=convert.micros(request.start_time, request.HasField("start_time")),
+            start_time_us=convert.micros(request.start_time, request.HasField("start_time"), "start_time"),
         )
         return convert.run_to_proto(run)
 
@@ -146,7 +146,7 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
             self._svc.update_run,
             request.run_id,
             status=status,
-            end_time_us=convert.micros(request.end_time, request.HasField("end_time")),
+            end_time_us=convert.micros(request.end_time, request.HasField("end_time"), "end_time"),
             display_name=request.display_name if request.HasField("display_name") else None,
         )
         return convert.run_to_proto(run)
