@@ -4,7 +4,7 @@ concrete backends."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,6 +65,7 @@ class Server:
     port: int
     settings: Settings
     _closers: list[Callable[[], object]] = field(default_factory=list)
+    _drainers: list[Callable[[], Awaitable[object]]] = field(default_factory=list)  # awaited before the closers
     _health: Any = None  # grpc_health's asyncio HealthServicer (untyped in its stubs)
 
     async def start(self) -> None:
@@ -77,6 +78,8 @@ class Server:
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         await self.grpc_server.stop(self.settings.grace_seconds if grace is None else grace)
+        for drain in self._drainers:
+            await drain()
         for close in reversed(self._closers):
             close()
 
@@ -108,9 +111,8 @@ async def build_server(settings: Settings) -> tuple[Server, int]:
     registry = RegistryService(SqlRegistryStore(db), tracking_store, artifacts)
     alias_watch = AliasWatchHub(registry.alias_revisions, executor)
     registry.on_alias_change(alias_watch.notify)
-    artifact_service_pb2_grpc.add_ArtifactServiceServicer_to_server(
-        ArtifactServicer(artifacts, artifact_executor), grpc_server
-    )
+    artifact_servicer = ArtifactServicer(artifacts, artifact_executor)
+    artifact_service_pb2_grpc.add_ArtifactServiceServicer_to_server(artifact_servicer, grpc_server)
     registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(
         RegistryServicer(registry, alias_watch, executor), grpc_server
     )
@@ -124,6 +126,7 @@ async def build_server(settings: Settings) -> tuple[Server, int]:
     server = Server(grpc_server, port, settings, _health=health_servicer)
     server._closers += [db.dispose, lambda: executor.shutdown(wait=True), ingest.close, alias_watch.close]
     server._closers.append(lambda: artifact_executor.shutdown(wait=True))
+    server._drainers.append(artifact_servicer.drain)
     _LOGGER.info(
         "runledger serving on %s:%d (metadata: %s, artifacts: %s, metric cache: %d MiB)",
         settings.host,

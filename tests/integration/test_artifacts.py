@@ -571,6 +571,34 @@ def test_an_abandoned_upload_leaves_nothing_behind(artifacts: Stub, run_id: str,
     assert _paths(artifacts, run_id) == []
 
 
+def test_an_upload_cut_off_by_server_shutdown_leaves_nothing_behind(
+    settings: Settings, stored: Callable[[], int]
+) -> None:
+    server = EmbeddedServer(settings).start()  # its own server: stopped in the middle of the upload
+    sent, hold = threading.Event(), threading.Event()
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            run_id = _new_run(_tracking(channel))
+
+            def cut_off() -> Iterator[pb.UploadArtifactRequest]:
+                reqs = _requests(run_id, "cut.bin", _blob(12 * MiB, seed=4))
+                for _ in range(10):  # header + 9 MiB: past the first multipart part on S3
+                    yield next(reqs)
+                sent.set()
+                hold.wait(60)
+
+            call = artifact_service_pb2_grpc.ArtifactServiceStub(channel).UploadArtifact.future(cut_off())
+            assert sent.wait(60) and _wait_until(lambda: stored() > 0)
+            server.stop(grace=0.2)  # cancels the upload; its abort must run before the server's pools close
+            hold.set()
+            with pytest.raises(grpc.RpcError):
+                call.result(timeout=60)
+        assert stored() == 0, "the upload cut off by the shutdown left data behind"
+    finally:
+        hold.set()
+        server.stop()
+
+
 def _wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
     """Cleanup after a cancelled call runs on the server after the call ends: wait for its effect."""
     done = threading.Event()

@@ -132,6 +132,15 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 
+    async def drain(self) -> None:
+        """Wait for the aborts and closes of calls that ended (cancelled ones at shutdown included): they run on
+        the artifact pool, which must not shut down before them, or a cancelled upload's bytes stay behind."""
+        for _ in range(100):
+            await asyncio.sleep(0)  # let cancelled handlers reach their cleanup
+            if not self._cleanups:
+                return
+            await asyncio.gather(*self._cleanups, return_exceptions=True)
+
     @handle_errors
     async def ListArtifacts(self, request: pb.ListArtifactsRequest, context: Any) -> pb.ListArtifactsResponse:
         page = await self._call(self._svc.list, request.run_id, request.prefix, request.page_size, request.page_token)
