@@ -252,7 +252,8 @@ class Client:
         `experiment` is a display name (created when missing), `experiments/{id}` or an Experiment.
         `lineage` holds any of data_version, code_commit, config (a dict), base_model, seed; the server
         computes the fingerprint (`run.lineage_fingerprint`). `run_id` is chosen here when not given, which
-        makes a retried create safe.
+        makes a retried create safe; a given `run_id` whose run is exactly what this call asks for and still
+        running returns that run (a retry, or a restarted script), any other run of that ID is AlreadyExists.
         """
         chosen = run_id or _ids.new_run_id()
         request = pb.CreateRunRequest(
