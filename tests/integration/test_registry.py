@@ -250,7 +250,7 @@ def test_model_ids_are_validated_and_unique(reg: Registry) -> None:
     r = refusal(lambda: reg.model("bad/name"))
     assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "model_id"
     r = refusal(lambda: reg.stub.GetRegisteredModel(pb.GetRegisteredModelRequest(name="models/nope")))
-    assert r.code == grpc.StatusCode.NOT_FOUND and "models/nope" in r.message
+    assert r.code == grpc.StatusCode.NOT_FOUND and "models/nope" in r.message and r.metadata["field"] == "name"
 
 
 def test_broken_lineage_names_every_missing_field(reg: Registry) -> None:

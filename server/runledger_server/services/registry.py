@@ -76,7 +76,10 @@ class RegistryService:
         return self.store.create_model(model_id, description, tags)
 
     def get_model(self, name: str) -> RegisteredModel:
-        return self.store.get_model(names.model_id(name, "name"))
+        try:
+            return self.store.get_model(names.model_id(name, "name"))
+        except NotFound as exc:  # the store names `model`, the field of most requests; this one's is `name`
+            raise NotFound(str(exc), field="name") from None
 
     def list_models(self, page_size: int, page_token: str) -> Page[RegisteredModel]:
         return self.store.list_models(paging.page_size(page_size), page_token)
