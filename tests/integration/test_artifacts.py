@@ -555,15 +555,7 @@ def _tracking(channel: grpc.Channel):  # type: ignore[no-untyped-def]
 # ---- a client that goes away, and the index on PostgreSQL ---------------------------------------------
 def test_an_abandoned_upload_leaves_nothing_behind(artifacts: Stub, run_id: str, stored: Callable[[], int]) -> None:
     sent, hold = threading.Event(), threading.Event()
-
-    def abandoned() -> Iterator[pb.UploadArtifactRequest]:
-        reqs = _requests(run_id, "never.bin", _blob(12 * MiB, seed=9))
-        for _ in range(10):  # header + 9 MiB: past the first multipart part on S3
-            yield next(reqs)
-        sent.set()
-        hold.wait(60)
-
-    call = artifacts.UploadArtifact.future(abandoned())
+    call = artifacts.UploadArtifact.future(_held_upload(run_id, "never.bin", sent, hold))
     assert sent.wait(60)
     call.cancel()
     hold.set()
@@ -578,16 +570,8 @@ def test_an_upload_cut_off_by_server_shutdown_leaves_nothing_behind(
     sent, hold = threading.Event(), threading.Event()
     try:
         with grpc.insecure_channel(server.address) as channel:
-            run_id = _new_run(_tracking(channel))
-
-            def cut_off() -> Iterator[pb.UploadArtifactRequest]:
-                reqs = _requests(run_id, "cut.bin", _blob(12 * MiB, seed=4))
-                for _ in range(10):  # header + 9 MiB: past the first multipart part on S3
-                    yield next(reqs)
-                sent.set()
-                hold.wait(60)
-
-            call = artifact_service_pb2_grpc.ArtifactServiceStub(channel).UploadArtifact.future(cut_off())
+            upload = _held_upload(_new_run(_tracking(channel)), "cut.bin", sent, hold)
+            call = artifact_service_pb2_grpc.ArtifactServiceStub(channel).UploadArtifact.future(upload)
             assert sent.wait(60) and _wait_until(lambda: stored() > 0)
             server.stop(grace=0.2)  # cancels the upload; its abort must run before the server's pools close
             hold.set()
@@ -597,6 +581,17 @@ def test_an_upload_cut_off_by_server_shutdown_leaves_nothing_behind(
     finally:
         hold.set()
         server.stop()
+
+
+def _held_upload(
+    run_id: str, path: str, sent: threading.Event, hold: threading.Event
+) -> Iterator[pb.UploadArtifactRequest]:
+    """An upload that sends its header and 9 MiB (past the first multipart part on S3), then stays open."""
+    reqs = _requests(run_id, path, _blob(12 * MiB, seed=9))
+    for _ in range(10):
+        yield next(reqs)
+    sent.set()
+    hold.wait(60)
 
 
 def _wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> bool:

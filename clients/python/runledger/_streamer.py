@@ -193,7 +193,7 @@ class MetricStreamer:
 
     def append_columns(self, keys: tuple[str, ...], steps: np.ndarray, stamps: np.ndarray, values: np.ndarray) -> None:
         with self._lock:
-            if self._error is not None or self._closing:
+            if self._unusable:
                 self._raise_unusable()
             if self._buffer.points + self._outbox.points >= self._cap:
                 self._wait_for_room()
@@ -207,7 +207,7 @@ class MetricStreamer:
         self._cond.notify_all()  # the sender cuts what is buffered now instead of waiting for the timer
         try:
             while self._buffer.points + self._outbox.points >= self._cap:
-                if self._error is not None or self._closing:
+                if self._unusable:
                     self._raise_unusable()
                 self._cond.wait()
         finally:
