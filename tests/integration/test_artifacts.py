@@ -363,6 +363,17 @@ def test_client_download_resumes_a_partial_file_and_verifies(
     assert dest.read_bytes() == data and not partial.exists()
     assert moved[0] == 100 and moved[-1] == 2 * len(data)  # the 100 bytes and the rest, then all of it again
 
+    # Not resuming (or a partial file longer than the artifact): the old bytes are replaced, never kept.
+    for stale, resume in ((b"Y" * (len(data) + 7), True), (data[: MiB + 3], False)):
+        dest.unlink()
+        partial.write_bytes(stale)
+        moved.clear()
+        client_artifacts.download(
+            channel, run_id, "big.bin", dest, resume=resume, progress=lambda done, total: moved.append(done)
+        )
+        assert dest.read_bytes() == data and not partial.exists()
+        assert moved[0] <= MiB and moved[-1] == len(data)  # from zero (not from MiB + 3), once
+
 
 def test_client_download_refuses_bytes_that_do_not_match_the_record(
     channel: grpc.Channel, artifacts: Stub, run_id: str, backend: str, tmp_path: Path, request: pytest.FixtureRequest
