@@ -3,6 +3,7 @@ concrete backends."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -66,6 +67,7 @@ class Server:
     settings: Settings
     _closers: list[Callable[[], object]] = field(default_factory=list)
     _drainers: list[Callable[[], Awaitable[object]]] = field(default_factory=list)  # awaited before the closers
+    _stream_enders: list[Callable[[], object]] = field(default_factory=list)  # called as the stop begins
     _health: Any = None  # grpc_health's asyncio HealthServicer (untyped in its stubs)
 
     async def start(self) -> None:
@@ -77,7 +79,11 @@ class Server:
     async def stop(self, grace: float | None = None) -> None:
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
-        await self.grpc_server.stop(self.settings.grace_seconds if grace is None else grace)
+        stopping = asyncio.ensure_future(self.grpc_server.stop(self.settings.grace_seconds if grace is None else grace))
+        await asyncio.sleep(0)  # new calls are refused from here on
+        for end in self._stream_enders:  # streams that would otherwise last the whole grace period
+            end()
+        await stopping
         for drain in self._drainers:
             await drain()
         for close in reversed(self._closers):
@@ -127,6 +133,7 @@ async def build_server(settings: Settings) -> tuple[Server, int]:
     server._closers += [db.dispose, lambda: executor.shutdown(wait=True), ingest.close, alias_watch.close]
     server._closers.append(lambda: artifact_executor.shutdown(wait=True))
     server._drainers.append(artifact_servicer.drain)
+    server._stream_enders.append(alias_watch.shut_down)
     _LOGGER.info(
         "runledger serving on %s:%d (metadata: %s, artifacts: %s, metric cache: %d MiB)",
         settings.host,

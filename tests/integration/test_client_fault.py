@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -255,6 +256,67 @@ def test_registry_reads_ride_out_a_server_restart_and_writes_do_not_repeat(tmp_p
         assert client.registry.get_model("served").name == "models/served"  # a read waits for the server
         assert time.monotonic() - started >= 0.5
         restarted.join()
+    finally:
+        client.close()
+        server.stop()
+
+
+@pytest.mark.slow
+def test_an_alias_watch_ends_promptly_at_shutdown_and_rides_out_the_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stopping server ends its watches with UNAVAILABLE instead of holding its stop for the grace period;
+    the client's watch opens again on the restarted server, without repeating the state it passed on."""
+    server = ServerProcess(free_port(), tmp_path / "data", tmp_path / "server.log")
+    client = runledger.Client(server.start(), timeout=60, retry=RetryPolicy(initial_backoff=0.05, max_backoff=0.5))
+    events: list[tuple[int, int]] = []
+    failure: list[BaseException] = []
+    caplog.set_level(logging.INFO, logger="runledger.registry")
+    try:
+        adapter = tmp_path / "adapter.bin"
+        adapter.write_bytes(b"weights")
+        lineage = {"data_version": "d1", "code_commit": "c1", "config": {}, "base_model": "b", "seed": 0}
+        with client.start_run(experiment="watch", lineage=lineage) as run:
+            run.log_artifact(adapter, "adapter.bin")
+        version = client.register(run, model="served", artifact_path="adapter.bin").version
+        client.create_gate("served", "g", suite_fingerprint="suite@1", metric="accuracy", threshold=0.5)
+        client.record_gate_result("served", "g", version, 0.9)
+        watch = client.watch_alias("served", "production")
+
+        def follow() -> None:
+            try:
+                for event in watch:
+                    events.append((event.alias.revision, event.alias.version))
+                    if event.alias.revision == 1:
+                        return
+            except BaseException as exc:
+                failure.append(exc)
+
+        follower = threading.Thread(target=follow, daemon=True)
+        follower.start()
+        deadline = time.monotonic() + 30
+        while not events and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert events == [(0, 0)]  # the current state: never set
+
+        assert server.proc is not None
+        stopping = time.monotonic()
+        server.proc.terminate()  # a graceful stop (10 s of grace by default)
+        assert server.proc.wait(timeout=30) == 0
+        assert time.monotonic() - stopping < 5  # not held open by the watch
+        server.stop()
+        assert follower.is_alive() and not failure  # waiting for the server, not ended
+        assert "the server is shutting down" in caplog.text  # the status the stream ended with
+        server.start()
+        client.registry.get_model("served")  # a read waits out the channel's reconnect; a write would not
+        client.set_alias("served", "production", version, gate="g")
+        follower.join(30)
+        assert not failure and not follower.is_alive()
+        assert events == [(0, 0), (1, version)]  # the restarted stream's first state (0) was not passed on again
+
+        server.stop()  # gone for longer than the client's timeout: the watch gives up with Unavailable
+        with runledger.Client(f"127.0.0.1:{server.port}", timeout=1) as brief, pytest.raises(errors.Unavailable):
+            next(iter(brief.watch_alias("served", "production")))
     finally:
         client.close()
         server.stop()

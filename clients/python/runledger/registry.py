@@ -13,7 +13,9 @@ compare-and-swap raises `StaleRevision` (ABORTED). Every other refusal is a type
 from __future__ import annotations
 
 import logging
+import random
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -91,32 +93,64 @@ def _model(model: str) -> str:
 class AliasWatch:
     """An alias's current state, then one message per change, until `close()` (also a context manager).
 
-    Leaving the loop (`break`, an exception in its body) ends the watch too, here and on the server.
+    The watch outlives server restarts and replica moves: when the stream ends with UNAVAILABLE (a server
+    stopping ends its watches that way) it is opened again with backoff, and the current state the new stream
+    starts with is passed on only if it differs from the last one seen. It gives up, raising Unavailable,
+    after `budget` seconds without a server. Leaving the loop (`break`, an exception in its body) ends the
+    watch too, here and on the server.
     """
 
-    def __init__(self, call: Any) -> None:
-        self._call = call
+    def __init__(self, open_call: Callable[[], Any], policy: RetryPolicy, budget: float) -> None:
+        self._open = open_call
+        self._policy = policy
+        self._budget = budget
         self._lock = threading.Lock()
-        self._closed = False
+        self._closed = threading.Event()
+        self._call = open_call()
 
     def __iter__(self) -> Iterator[pb.WatchAliasResponse]:
+        seen = -1  # the revision last passed on
+        failures = 0
+        down_since = 0.0
         try:
-            yield from self._call
-        except grpc.RpcError as exc:
-            if exc.code() is grpc.StatusCode.CANCELLED and self._closed:  # closed by us
-                return
-            raise _typed(exc) from None
+            while True:
+                try:
+                    for message in self._call:
+                        failures = 0
+                        if message.alias.revision != seen:
+                            seen = message.alias.revision
+                            yield message
+                    return  # the server ended the stream without an error
+                except grpc.RpcError as exc:
+                    if self._closed.is_set():  # closed by us
+                        return
+                    err = _typed(exc)
+                    if err.code is not grpc.StatusCode.UNAVAILABLE:
+                        raise err from None
+                failures += 1
+                now = time.monotonic()
+                down_since = now if failures == 1 else down_since
+                delay = self._policy.delay(failures, random.random())
+                if now + delay - down_since > self._budget:
+                    raise err from None
+                _LOGGER.info("alias watch: %s; watching again in %.2f s", err, delay)
+                if self._closed.wait(delay):
+                    return
+                with self._lock:
+                    if self._closed.is_set():
+                        return
+                    self._call = self._open()
         finally:
             self.close()
 
     @property
     def closed(self) -> bool:
-        """Whether the stream has ended: closed, left, or ended by the server."""
-        return bool(self._call.done())
+        """Whether the watch has ended: closed, or its loop left or ended (an error, or the server for good)."""
+        return self._closed.is_set()
 
     def close(self) -> None:
         with self._lock:
-            self._closed = True
+            self._closed.set()
             self._call.cancel()
 
     def __enter__(self) -> AliasWatch:
@@ -272,9 +306,15 @@ class Registry:
         return self._call(self._stub.GetModelVersionByAlias, request, read=True)
 
     def watch_alias(self, model: str, alias: str) -> AliasWatch:
-        """Iterate the alias's current state, then every change (no polling); `close()` ends it."""
-        call = self._stub.WatchAlias(pb.WatchAliasRequest(model=_model(model), alias=alias), metadata=self._metadata)
-        return AliasWatch(call)
+        """Iterate the alias's current state, then every change (no polling); `close()` ends it.
+
+        Server restarts are ridden out (the stream is opened again, for up to `timeout` seconds without a
+        server); a slow consumer may skip intermediate revisions, never the newest one.
+        """
+        request = pb.WatchAliasRequest(model=_model(model), alias=alias)
+        return AliasWatch(
+            lambda: self._stub.WatchAlias(request, metadata=self._metadata), self._retry, budget=self.timeout
+        )
 
     def alias_history(self, model: str, alias: str, *, page_size: int = 0) -> Iterator[registry_pb2.AliasHistoryEntry]:
         """Every decision and change of the alias, oldest first."""

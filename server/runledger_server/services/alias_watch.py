@@ -4,6 +4,8 @@ Changes made through this process wake the streams at once (`notify`, callable f
 by other replicas sharing the database are found by one background poll of the watched aliases' revisions
 (a single cheap query for all of them, every `poll_interval` seconds, only while someone watches).
 A woken stream re-reads the alias and sends it only if its revision moved, so spurious wake-ups are harmless.
+When the server stops, `shut_down` ends every stream (UNAVAILABLE), so its clients move to another replica
+at once instead of holding the graceful stop for its whole grace period.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
+
+from runledger_server.domain.errors import Unavailable
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -41,10 +45,12 @@ class AliasWatchHub:
         self._subs: dict[Key, set[Subscription]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._shutting_down = False
 
     @contextlib.asynccontextmanager
     async def subscribe(self, model_id: str, alias: str) -> AsyncIterator[Subscription]:
         """Register a stream for the alias; the first read happens after registration, so no change is lost."""
+        self.check_serving()
         self._loop = asyncio.get_running_loop()
         sub = Subscription((model_id, alias))
         self._subs.setdefault(sub.key, set()).add(sub)
@@ -73,6 +79,21 @@ class AliasWatchHub:
             return
         with contextlib.suppress(RuntimeError):  # the loop closed between the check and the call
             loop.call_soon_threadsafe(self._wake, (model_id, alias))
+
+    def check_serving(self) -> None:
+        """Raise UNAVAILABLE once the server is stopping: a watching client reconnects (to another replica)."""
+        if self._shutting_down:
+            raise Unavailable(
+                "the server is shutting down; watch the alias again (on another replica, or this one restarted)",
+                reason="SHUTTING_DOWN",
+            )
+
+    def shut_down(self) -> None:
+        """End every stream (each raises UNAVAILABLE when woken) and refuse new ones; call on the loop."""
+        self._shutting_down = True
+        for subs in self._subs.values():
+            for sub in subs:
+                sub.dirty.set()
 
     def close(self) -> None:
         if self._poller is not None:

@@ -223,6 +223,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
                     sub.seen = target.alias.revision
                     yield watch_response(target)
                 await sub.dirty.wait()
+                self._hub.check_serving()
 
 
 def watch_response(target: ServingTarget) -> pb.WatchAliasResponse:

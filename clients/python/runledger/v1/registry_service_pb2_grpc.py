@@ -238,7 +238,9 @@ class RegistryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchAlias(self, request, context):
-        """Streams an alias's current target, then every change.
+        """Streams an alias's current target, then every change (a slow reader may
+        skip to the newest revision). A stopping server ends the stream with
+        UNAVAILABLE (reason SHUTTING_DOWN): watch again, e.g. on another replica.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
