@@ -104,6 +104,13 @@ def test_run_lifecycle(tracking) -> None:
     assert renamed.display_name == "r0-final" and renamed.status == tracking_pb2.RUN_STATUS_FINISHED
     got = tracking.GetRun(pb.GetRunRequest(run_id=run.run_id))
     assert got.params == {"lr": "2e-5"} and got.tags == {"stage": "sft"} and got.display_name == "r0-final"
+    assert got.start_time == got.create_time  # no start time given: the server's clock at creation
+
+    # An imported or resumed run keeps the start time it was created with.
+    started = Timestamp(seconds=1_700_000_000, nanos=123_456_000)
+    imported = _run(tracking, exp, start_time=started)
+    assert imported.start_time == started and imported.create_time != started
+    assert tracking.GetRun(pb.GetRunRequest(run_id=imported.run_id)).start_time == started
 
 
 def test_client_chosen_run_id_is_retry_safe(tracking) -> None:

@@ -98,4 +98,5 @@ def run_to_proto(r: entities.Run) -> tracking_pb2.Run:
         create_time=timestamp(r.create_time_us),
         update_time=timestamp(r.update_time_us),
         end_time=timestamp(r.end_time_us),
+        start_time=timestamp(r.start_time_us),
     )

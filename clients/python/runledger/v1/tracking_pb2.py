@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from runledger.v1 import common_pb2 as runledger_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brunledger/v1/tracking.proto\x12\x0crunledger.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19runledger/v1/common.proto\"\xec\x01\n\nExperiment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rexperiment_id\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x30\n\x04tags\x18\x05 \x03(\x0b\x32\".runledger.v1.Experiment.TagsEntry\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"A\n\x0cLatestMetric\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x14\n\x0ctimestamp_ms\x18\x03 \x01(\x03\"\xb1\x05\n\x03Run\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x12\n\nexperiment\x18\x03 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x04 \x01(\t\x12\'\n\x06status\x18\x05 \x01(\x0e\x32\x17.runledger.v1.RunStatus\x12-\n\x06params\x18\x06 \x03(\x0b\x32\x1d.runledger.v1.Run.ParamsEntry\x12)\n\x04tags\x18\x07 \x03(\x0b\x32\x1b.runledger.v1.Run.TagsEntry\x12&\n\x07lineage\x18\x08 \x01(\x0b\x32\x15.runledger.v1.Lineage\x12\x1b\n\x13lineage_fingerprint\x18\t \x01(\t\x12\x1e\n\x16missing_lineage_fields\x18\n \x03(\t\x12<\n\x0elatest_metrics\x18\x0b \x03(\x0b\x32$.runledger.v1.Run.LatestMetricsEntry\x12/\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1aP\n\x12LatestMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.runledger.v1.LatestMetric:\x02\x38\x01\"Q\n\x0cMetricSeries\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x03(\x10\x12\x0e\n\x06values\x18\x03 \x03(\x01\x12\x15\n\rtimestamps_ms\x18\x04 \x03(\x10\"\xd0\x01\n\nEvalResult\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x19\n\x11suite_fingerprint\x18\x02 \x01(\t\x12\x36\n\x07metrics\x18\x03 \x03(\x0b\x32%.runledger.v1.EvalResult.MetricsEntry\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*\x86\x01\n\tRunStatus\x12\x1a\n\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12RUN_STATUS_RUNNING\x10\x01\x12\x17\n\x13RUN_STATUS_FINISHED\x10\x02\x12\x15\n\x11RUN_STATUS_FAILED\x10\x03\x12\x15\n\x11RUN_STATUS_KILLED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brunledger/v1/tracking.proto\x12\x0crunledger.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19runledger/v1/common.proto\"\xec\x01\n\nExperiment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rexperiment_id\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x30\n\x04tags\x18\x05 \x03(\x0b\x32\".runledger.v1.Experiment.TagsEntry\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"A\n\x0cLatestMetric\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x14\n\x0ctimestamp_ms\x18\x03 \x01(\x03\"\xe1\x05\n\x03Run\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x12\n\nexperiment\x18\x03 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x04 \x01(\t\x12\'\n\x06status\x18\x05 \x01(\x0e\x32\x17.runledger.v1.RunStatus\x12-\n\x06params\x18\x06 \x03(\x0b\x32\x1d.runledger.v1.Run.ParamsEntry\x12)\n\x04tags\x18\x07 \x03(\x0b\x32\x1b.runledger.v1.Run.TagsEntry\x12&\n\x07lineage\x18\x08 \x01(\x0b\x32\x15.runledger.v1.Lineage\x12\x1b\n\x13lineage_fingerprint\x18\t \x01(\t\x12\x1e\n\x16missing_lineage_fields\x18\n \x03(\t\x12<\n\x0elatest_metrics\x18\x0b \x03(\x0b\x32$.runledger.v1.Run.LatestMetricsEntry\x12/\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1aP\n\x12LatestMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.runledger.v1.LatestMetric:\x02\x38\x01\"Q\n\x0cMetricSeries\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05steps\x18\x02 \x03(\x10\x12\x0e\n\x06values\x18\x03 \x03(\x01\x12\x15\n\rtimestamps_ms\x18\x04 \x03(\x10\"\xd0\x01\n\nEvalResult\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x19\n\x11suite_fingerprint\x18\x02 \x01(\t\x12\x36\n\x07metrics\x18\x03 \x03(\x0b\x32%.runledger.v1.EvalResult.MetricsEntry\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*\x86\x01\n\tRunStatus\x12\x1a\n\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12RUN_STATUS_RUNNING\x10\x01\x12\x17\n\x13RUN_STATUS_FINISHED\x10\x02\x12\x15\n\x11RUN_STATUS_FAILED\x10\x03\x12\x15\n\x11RUN_STATUS_KILLED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,8 +43,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUN_LATESTMETRICSENTRY']._serialized_options = b'8\001'
   _globals['_EVALRESULT_METRICSENTRY']._loaded_options = None
   _globals['_EVALRESULT_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_RUNSTATUS']._serialized_start=1398
-  _globals['_RUNSTATUS']._serialized_end=1532
+  _globals['_RUNSTATUS']._serialized_start=1446
+  _globals['_RUNSTATUS']._serialized_end=1580
   _globals['_EXPERIMENT']._serialized_start=106
   _globals['_EXPERIMENT']._serialized_end=342
   _globals['_EXPERIMENT_TAGSENTRY']._serialized_start=299
@@ -52,17 +52,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LATESTMETRIC']._serialized_start=344
   _globals['_LATESTMETRIC']._serialized_end=409
   _globals['_RUN']._serialized_start=412
-  _globals['_RUN']._serialized_end=1101
-  _globals['_RUN_PARAMSENTRY']._serialized_start=929
-  _globals['_RUN_PARAMSENTRY']._serialized_end=974
+  _globals['_RUN']._serialized_end=1149
+  _globals['_RUN_PARAMSENTRY']._serialized_start=977
+  _globals['_RUN_PARAMSENTRY']._serialized_end=1022
   _globals['_RUN_TAGSENTRY']._serialized_start=299
   _globals['_RUN_TAGSENTRY']._serialized_end=342
-  _globals['_RUN_LATESTMETRICSENTRY']._serialized_start=1021
-  _globals['_RUN_LATESTMETRICSENTRY']._serialized_end=1101
-  _globals['_METRICSERIES']._serialized_start=1103
-  _globals['_METRICSERIES']._serialized_end=1184
-  _globals['_EVALRESULT']._serialized_start=1187
-  _globals['_EVALRESULT']._serialized_end=1395
-  _globals['_EVALRESULT_METRICSENTRY']._serialized_start=1349
-  _globals['_EVALRESULT_METRICSENTRY']._serialized_end=1395
+  _globals['_RUN_LATESTMETRICSENTRY']._serialized_start=1069
+  _globals['_RUN_LATESTMETRICSENTRY']._serialized_end=1149
+  _globals['_METRICSERIES']._serialized_start=1151
+  _globals['_METRICSERIES']._serialized_end=1232
+  _globals['_EVALRESULT']._serialized_start=1235
+  _globals['_EVALRESULT']._serialized_end=1443
+  _globals['_EVALRESULT_METRICSENTRY']._serialized_start=1397
+  _globals['_EVALRESULT_METRICSENTRY']._serialized_end=1443
 # @@protoc_insertion_point(module_scope)

@@ -230,6 +230,7 @@ class Run(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Output only. The resource name. Format: `runs/{run}`."""
     run_id: _builtins.str
@@ -276,6 +277,10 @@ class Run(_message.Message):
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """When the run ended; unset while running."""
 
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When the run started: CreateRun's `start_time`, else its create time."""
+
     def __init__(
         self,
         *,
@@ -293,10 +298,11 @@ class Run(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "lineage", b"lineage", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "lineage", b"lineage", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "display_name", b"display_name", "end_time", b"end_time", "experiment", b"experiment", "latest_metrics", b"latest_metrics", "lineage", b"lineage", "lineage_fingerprint", b"lineage_fingerprint", "missing_lineage_fields", b"missing_lineage_fields", "name", b"name", "params", b"params", "run_id", b"run_id", "status", b"status", "tags", b"tags", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "display_name", b"display_name", "end_time", b"end_time", "experiment", b"experiment", "latest_metrics", b"latest_metrics", "lineage", b"lineage", "lineage_fingerprint", b"lineage_fingerprint", "missing_lineage_fields", b"missing_lineage_fields", "name", b"name", "params", b"params", "run_id", b"run_id", "start_time", b"start_time", "status", b"status", "tags", b"tags", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
