@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,8 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50051
 DEFAULT_DATA_DIR = "./runledger-data"
 DEFAULT_METRIC_CACHE_MIB = 128
+# What the minio SDK accepts as a region name; anything else would fail later, inside the artifact backend.
+_REGION = re.compile(r"[a-z0-9](?:[a-z0-9_-]{0,61}[a-z0-9])?", re.IGNORECASE)
 
 
 class ConfigError(ValueError):
@@ -26,7 +29,9 @@ class S3Settings:
     access_key: str = ""
     secret_key: str = ""
     secure: bool = False
+    # Empty: the SDK asks the bucket for its region, so a bucket outside us-east-1 still gets correct signatures.
     region: str = ""
+    session_token: str = ""  # for temporary credentials (STS, SSO, instance roles)
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,17 @@ def _bool_setting(value: str | None, default: bool, flag: str, env_name: str) ->
     if text in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"{flag} (env {env_name}) must be true or false, got {value!r}")
+
+
+def _region_setting(env: Mapping[str, str]) -> str:
+    """AWS_REGION, else AWS_DEFAULT_REGION (what AWS tools fall back to), else empty: the bucket is asked."""
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        value = env.get(name, "")
+        if value:
+            if not _REGION.fullmatch(value):
+                raise ConfigError(f"env {name} must be an S3 region name such as eu-west-1, got {value!r}")
+            return value
+    return ""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -117,7 +133,8 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
                 "--s3-secure",
                 "RUNLEDGER_S3_SECURE",
             ),
-            region=env.get("AWS_REGION", ""),
+            region=_region_setting(env),
+            session_token=env.get("AWS_SESSION_TOKEN", ""),
         ),
         metric_cache_mib=_int_setting(
             pick(getattr(args, "metric_cache_mib", None), "RUNLEDGER_METRIC_CACHE_MIB", str(DEFAULT_METRIC_CACHE_MIB)),

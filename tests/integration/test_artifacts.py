@@ -698,3 +698,115 @@ def test_a_bucket_the_server_creates_aborts_unfinished_uploads_and_an_existing_o
     with EmbeddedServer(existing.settings(base, "m")) as srv, grpc.insecure_channel(srv.address) as channel:
         _upload(Stub(channel), _new_run(_tracking(channel)), "x.bin", b"x")
     assert client.get_bucket_lifecycle(existing.bucket) is None
+
+
+# ---- no region configured: the SDK asks the bucket -----------------------------------------------------
+def _settings_without_region(tmp_path: Path, s3: S3Server, bucket: str, prefix: str, **more_env: str) -> Settings:
+    """Settings as `runledger serve` reads them from an environment that sets neither AWS_REGION nor
+    AWS_DEFAULT_REGION (the process's own environment is not consulted)."""
+    from runledger_server.config import from_argv
+
+    env = {
+        "RUNLEDGER_HOST": "127.0.0.1",
+        "RUNLEDGER_PORT": "0",
+        "RUNLEDGER_DATA_DIR": str(tmp_path / "d"),
+        "RUNLEDGER_ARTIFACTS": f"s3://{bucket}/{prefix}",
+        "RUNLEDGER_S3_ENDPOINT": s3.endpoint,
+        "RUNLEDGER_S3_SECURE": "true" if s3.secure else "false",
+        "AWS_ACCESS_KEY_ID": s3.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+        **more_env,
+    }
+    settings = from_argv([], env)
+    assert settings.s3.region == ""
+    return settings
+
+
+def _presigned_url(stub: Stub, run_id: str, path: str) -> str:
+    (message,) = stub.DownloadArtifact(pb.DownloadArtifactRequest(run_id=run_id, path=path, accept_presigned_url=True))
+    assert message.presigned_url
+    return str(message.presigned_url)
+
+
+def _fetch(url: str) -> bytes:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return bytes(response.read())
+
+
+@pytest.mark.s3
+def test_without_a_region_the_server_creates_its_bucket_stores_multipart_and_serves_presigned_downloads(
+    tmp_path: Path, s3_server: S3Server
+) -> None:
+    bucket = f"rl-noregion-{uuid.uuid4().hex[:12]}"
+    settings = _settings_without_region(tmp_path, s3_server, bucket, "team")
+    data = _blob(9 * MiB + 3, seed=12)  # two parts of a multipart upload
+    with EmbeddedServer(settings) as srv, grpc.insecure_channel(srv.address) as channel:
+        stub = Stub(channel)
+        run = _new_run(_tracking(channel))
+        assert _upload(stub, run, "ckpt.bin", data).sha256 == hashlib.sha256(data).hexdigest()
+        assert _fetch(_presigned_url(stub, run, "ckpt.bin")) == data
+        assert _download(stub, run_id=run, path="ckpt.bin")[1] == data
+    config = s3_server.client().get_bucket_lifecycle(bucket)  # created by the server, with its rule
+    assert config is not None and [r.rule_id for r in config.rules] == ["runledger-abort-incomplete-uploads"]
+
+
+@pytest.mark.s3
+def test_without_a_region_a_bucket_outside_us_east_1_gets_urls_signed_for_its_own_region(
+    tmp_path: Path, s3_server: S3Server
+) -> None:
+    if s3_server.kind != "moto":
+        pytest.skip("needs an S3 server that keeps buckets in any region (moto)")
+    bucket = f"rl-eu-{uuid.uuid4().hex[:12]}"
+    Minio(s3_server.endpoint, s3_server.access_key, s3_server.secret_key, secure=s3_server.secure).make_bucket(
+        bucket, "eu-west-1"
+    )
+    settings = _settings_without_region(tmp_path, s3_server, bucket, "m")
+    with EmbeddedServer(settings) as srv, grpc.insecure_channel(srv.address) as channel:
+        stub = Stub(channel)
+        run = _new_run(_tracking(channel))
+        _upload(stub, run, "w.bin", b"weights")
+        url = _presigned_url(stub, run, "w.bin")
+        assert "%2Feu-west-1%2Fs3%2Faws4_request" in url, url  # not the us-east-1 a fixed default would sign for
+        assert _fetch(url) == b"weights"
+
+
+@pytest.mark.s3
+def test_a_session_token_is_sent_with_the_temporary_credentials(s3_server: S3Server, tmp_path: Path) -> None:
+    if s3_server.kind != "moto":
+        pytest.skip("needs an S3 server that accepts a made-up session token (moto checks no signatures)")
+    from runledger_server.backends.artifacts import from_settings
+
+    prefix = f"t-{uuid.uuid4().hex[:12]}"
+    settings = _settings_without_region(
+        tmp_path, s3_server, s3_server.bucket, prefix, AWS_SESSION_TOKEN="session-token"
+    )
+    store = from_settings(settings)  # the store the server builds from its settings
+    assert isinstance(store, artifact_backends.S3BlobStore)
+    digest = hashlib.sha256(b"t").hexdigest()
+    assert store.put(digest, io.BytesIO(b"t"), 1) == store.uri(digest)
+    assert "X-Amz-Security-Token=session-token" in store.presigned_get(digest)
+
+
+def test_without_a_region_a_dead_store_is_unavailable_promptly(tmp_path: Path) -> None:
+    """The region lookup is one more request before the first real one: it fails as fast and as clearly."""
+    import socket
+
+    from runledger_server.domain.errors import Unavailable
+
+    with socket.socket() as closed:  # bound, never listening: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        dead = S3Server(endpoint=f"127.0.0.1:{closed.getsockname()[1]}", access_key="k", secret_key="s", kind="moto")
+        settings = _settings_without_region(tmp_path, dead, "rl-dead", "p")
+        started = time.monotonic()
+        with EmbeddedServer(settings) as srv, grpc.insecure_channel(srv.address) as channel:
+            run = _new_run(_tracking(channel))
+            r = refusal(lambda: _upload(Stub(channel), run, "x.bin", b"x"))
+            assert (r.code, r.reason) == (grpc.StatusCode.UNAVAILABLE, "ARTIFACT_STORE_UNAVAILABLE")
+            assert dead.endpoint in r.message
+        store = artifact_backends.S3BlobStore(endpoint=dead.endpoint, bucket="rl-dead", access_key="k", secret_key="s")
+        with pytest.raises(Unavailable) as info:
+            store.presigned_get(hashlib.sha256(b"x").hexdigest())
+        assert info.value.reason == "ARTIFACT_STORE_UNAVAILABLE" and dead.endpoint in info.value.message
+        assert time.monotonic() - started < 20

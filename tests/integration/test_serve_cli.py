@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from runledger.v1 import tracking_pb2, tracking_service_pb2 as pb, tracking_service_pb2_grpc
+from runledger_server import config
 
 
 def _start(args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
@@ -126,6 +128,8 @@ def test_bad_settings_are_refused_naming_the_flag_and_variable(tmp_path: Path) -
         (["--port", "70000"], {}, "--port (env RUNLEDGER_PORT)"),
         ([], {"RUNLEDGER_PORT": "http"}, "--port (env RUNLEDGER_PORT)"),
         ([], {"RUNLEDGER_S3_SECURE": "enable"}, "--s3-secure (env RUNLEDGER_S3_SECURE)"),  # was read as false
+        ([], {"AWS_REGION": "eu west 1"}, "env AWS_REGION"),  # the SDK would refuse it only at startup
+        ([], {"AWS_REGION": "", "AWS_DEFAULT_REGION": "-x"}, "env AWS_DEFAULT_REGION"),
     ]
     for args, env, named in cases:
         proc = subprocess.run(
@@ -137,3 +141,23 @@ def test_bad_settings_are_refused_naming_the_flag_and_variable(tmp_path: Path) -
         )
         assert proc.returncode == 2 and named in proc.stderr, (args, env, proc.stderr)
         assert not (tmp_path / "runledger.db").exists()  # refused before anything was created
+
+
+@pytest.mark.parametrize(
+    ("env", "region"),
+    [
+        ({"AWS_REGION": "eu-west-1", "AWS_DEFAULT_REGION": "us-west-2"}, "eu-west-1"),
+        ({"AWS_DEFAULT_REGION": "us-west-2"}, "us-west-2"),  # what AWS tools fall back to
+        ({"AWS_REGION": "", "AWS_DEFAULT_REGION": "ap-south-1"}, "ap-south-1"),  # set but empty is unset
+        ({}, ""),  # none: the SDK asks the bucket, rather than signing for a guessed us-east-1
+    ],
+)
+def test_s3_region_comes_from_aws_region_then_aws_default_region(env: dict[str, str], region: str) -> None:
+    assert config.from_argv([], env).s3.region == region
+
+
+def test_s3_session_token_is_read_for_temporary_credentials() -> None:
+    env = {"AWS_ACCESS_KEY_ID": "ASIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": "secret", "AWS_SESSION_TOKEN": "token"}
+    s3 = config.from_argv([], env).s3
+    assert (s3.access_key, s3.secret_key, s3.session_token) == ("ASIAEXAMPLE", "secret", "token")
+    assert config.from_argv([], {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE"}).s3.session_token == ""

@@ -29,6 +29,7 @@ def from_settings(settings: Settings) -> LocalBlobStore | S3BlobStore:
         secret_key=s3.secret_key,
         secure=s3.secure or not s3.endpoint,
         region=s3.region,
+        session_token=s3.session_token,
     )
     store.try_ensure_bucket()
     return store

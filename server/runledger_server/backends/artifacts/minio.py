@@ -75,6 +75,7 @@ class S3BlobStore:
         secret_key: str = "",
         secure: bool = False,
         region: str = "",
+        session_token: str = "",
         part_size: int = PART_SIZE,
         connect_timeout: float = 3.0,
         read_timeout: float = 60.0,
@@ -97,12 +98,15 @@ class S3BlobStore:
             ),
             cert_reqs="CERT_REQUIRED" if secure else "CERT_NONE",
         )
+        # No region: the SDK asks the bucket for its own (GetBucketLocation through the bounded pool above, then
+        # cached) and signs for it; a fixed guess such as us-east-1 would sign for the wrong region elsewhere.
         self.client = Minio(
             endpoint,
             access_key=access_key or None,
             secret_key=secret_key or None,
+            session_token=session_token or None,
             secure=secure,
-            region=region or "us-east-1",
+            region=region or None,
             http_client=http,
         )
         self._ready = False
@@ -187,7 +191,9 @@ class S3BlobStore:
             raise
 
     def presigned_get(self, sha256: str) -> str:
-        """Signed locally (no request to the store): a GET URL for the blob, valid for PRESIGNED_EXPIRY."""
+        """A GET URL for the blob, valid for PRESIGNED_EXPIRY; signed locally once ensure_bucket has learned the
+        bucket's region (without a configured region, signing needs it)."""
+        self.ensure_bucket()
         with self.errors("signing a download URL"):
             return self.client.presigned_get_object(self.bucket, self.key(sha256), expires=PRESIGNED_EXPIRY)
 
