@@ -3,19 +3,25 @@ SearchRuns, and two replicas sharing one database (re-sent batches stored once, 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import struct
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from pathlib import Path
 
 import grpc
 import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.engine import make_url
 
 from runledger.v1 import common_pb2, tracking_pb2, tracking_service_pb2 as pb, tracking_service_pb2_grpc
 from runledger_server.config import Settings
 from runledger_server.embedded import EmbeddedServer
+from tests.integration.test_tracking import check_pattern_filters
 from tests.support import outcome, refusal
 
 pytestmark = pytest.mark.postgres
@@ -40,6 +46,23 @@ def replicas(pg_settings: Settings) -> Iterator[tuple[Stub, Stub]]:
     ):
         assert a.port != b.port
         yield tracking_service_pb2_grpc.TrackingServiceStub(ch_a), tracking_service_pb2_grpc.TrackingServiceStub(ch_b)
+
+
+@contextlib.contextmanager
+def _database(postgres_url: str, locale: str) -> Iterator[str]:
+    """The URL of a new database with this locale, dropped afterwards."""
+    name = f"rl_{uuid.uuid4().hex[:16]}"
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"CREATE DATABASE \"{name}\" TEMPLATE template0 ENCODING 'UTF8' LOCALE '{locale}'")
+        try:
+            yield make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        admin.dispose()
 
 
 def _new_run(stub: Stub, experiment: str = "pg", **kwargs: object) -> tracking_pb2.Run:
@@ -182,6 +205,18 @@ def test_search_runs_filters_order_and_paging(pg_tracking: Stub) -> None:
         )
     )
     assert r.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("locale", ["C", "C.utf8"])
+def test_like_is_case_sensitive_and_ilike_is_not(postgres_url: str, tmp_path: Path, locale: str) -> None:
+    """The SQLite test's patterns select the same runs here, also where the locale folds `É` to `é` (C.utf8, like
+    most production databases), since ILIKE folds only A-Z."""
+    with (
+        _database(postgres_url, locale) as url,
+        EmbeddedServer(Settings(host="127.0.0.1", port=0, data_dir=tmp_path / "data", db_url=url)) as srv,
+        grpc.insecure_channel(srv.address) as ch,
+    ):
+        check_pattern_filters(tracking_service_pb2_grpc.TrackingServiceStub(ch))
 
 
 def test_two_replicas_share_data_and_store_a_resent_batch_once(replicas: tuple[Stub, Stub]) -> None:

@@ -422,6 +422,69 @@ def test_search_refusals(tracking, filter_text, order_by, field) -> None:
     assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == field
 
 
+# ---- LIKE and ILIKE: the same runs on SQLite and PostgreSQL (test_postgres_tracking.py runs these too) ----
+PATTERN_RUNS = {  # display_name: (params.optimizer, tags.team)
+    "adam": ("Adam", "RL"),
+    "adamw": ("adamw", "rl"),
+    "AdamW": ("AdamW", "rl-infra"),
+    "sgd": ("SGD", ""),
+    "underscore": ("a_b", ""),
+    "x": ("axb", ""),
+    "backslash": ("C:\\opt\\a", ""),
+    "quote": ("it's", ""),
+    "e-acute-upper": ("École", ""),
+    "e-acute-lower": ("école", ""),
+}
+PATTERN_FILTERS = {
+    "params.optimizer LIKE 'Adam%'": ["adam", "AdamW"],
+    "params.optimizer ILIKE 'Adam%'": ["adam", "adamw", "AdamW"],
+    "params.optimizer ilike 'ADAMW'": ["adamw", "AdamW"],
+    "params.optimizer LIKE 'adam_'": ["adamw"],
+    "params.optimizer LIKE 'sgd'": [],
+    "params.optimizer ILIKE 'sgd'": ["sgd"],
+    "params.optimizer LIKE 'a_b'": ["underscore", "x"],
+    r"params.optimizer LIKE 'a\\_b'": ["underscore"],  # a backslash in the pattern escapes the `_`
+    r"params.optimizer ILIKE 'A\\_B'": ["underscore"],
+    r"params.optimizer LIKE 'C:\\\\opt%'": ["backslash"],  # and `\\` is one literal backslash
+    r"params.optimizer LIKE 'it\'s'": ["quote"],
+    'params.optimizer LIKE "it\'s%"': ["quote"],
+    "params.optimizer LIKE '%cole'": ["e-acute-upper", "e-acute-lower"],
+    "params.optimizer ILIKE 'é%'": ["e-acute-lower"],  # ILIKE folds A-Z only, whatever the database's locale
+    "params.optimizer ILIKE 'É%'": ["e-acute-upper"],
+    "tags.team LIKE 'rl%'": ["adamw", "AdamW"],
+    "tags.team ILIKE 'rl%'": ["adam", "adamw", "AdamW"],
+    "display_name LIKE 'Adam%'": ["AdamW"],
+    "display_name ILIKE 'ADAM%' AND params.optimizer LIKE 'A%'": ["adam", "AdamW"],
+}
+
+
+def check_pattern_filters(tracking) -> None:
+    """Seed PATTERN_RUNS in a new experiment and check every filter of PATTERN_FILTERS, and ILIKE on experiments."""
+    exp = tracking.CreateExperiment(pb.CreateExperimentRequest(display_name="Patterns"))
+    for name, (optimizer, team) in PATTERN_RUNS.items():
+        tags = {"team": team} if team else {}
+        _run(tracking, exp, display_name=name, params={"optimizer": optimizer}, tags=tags)
+    found = {
+        text: [
+            r.display_name for r in tracking.SearchRuns(pb.SearchRunsRequest(experiments=[exp.name], filter=text)).runs
+        ]
+        for text in PATTERN_FILTERS
+    }
+    assert found == PATTERN_FILTERS
+
+    for text, expected in [("display_name LIKE 'patterns'", []), ("display_name ILIKE 'patterns'", ["Patterns"])]:
+        listed = tracking.ListExperiments(pb.ListExperimentsRequest(filter=text))
+        assert [e.display_name for e in listed.experiments] == expected, text
+
+    # A pattern ending in a backslash escapes nothing: PostgreSQL would fail on it, SQLite match nothing.
+    r = refusal(lambda: tracking.SearchRuns(pb.SearchRunsRequest(filter=r"params.optimizer LIKE 'adam\\'")))
+    assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "filter"
+
+
+def test_like_is_case_sensitive_and_ilike_is_not(tracking) -> None:
+    check_pattern_filters(tracking)
+
+
 # ---- eval results and sweeps ---------------------------------------------------------------------
 SUITE = "mmlu@abcd"
 

@@ -16,6 +16,11 @@ from runledger_server.domain.filters import Clause, OrderBy, parse_filter, parse
         ("metrics.`train/loss` < 0.5", (Clause("metrics", "train/loss", "<", (0.5,)),)),
         ("metrics.rl/kl >= -1e-3", (Clause("metrics", "rl/kl", ">=", (-1e-3,)),)),
         ("tags.team LIKE 'r%'", (Clause("tags", "team", "LIKE", ("r%",)),)),
+        ("params.optimizer ILIKE 'Adam%'", (Clause("params", "optimizer", "ILIKE", ("Adam%",)),)),
+        ('display_name ilike "R_"', (Clause("attribute", "display_name", "ILIKE", ("R_",)),)),
+        ("status ILIKE 'finished'", (Clause("attribute", "status", "ILIKE", ("FINISHED",)),)),
+        # The quoted string's escapes are undone; the pattern's own (`\_`, `\%`, `\\`) are left for LIKE.
+        (r"params.opt LIKE 'a\\_b\\\\'", (Clause("params", "opt", "LIKE", ("a\\_b\\\\",)),)),
         ("status = 'run_status_finished'", (Clause("attribute", "status", "=", ("FINISHED",)),)),
         ("status NOT IN ('FAILED', 'KILLED')", (Clause("attribute", "status", "NOT IN", ("FAILED", "KILLED")),)),
         (
@@ -40,6 +45,13 @@ def test_parse_filter(text: str, expected: tuple[Clause, ...]) -> None:
         "params.lr = ",
         "unknown = 1",
         "metrics.loss LIKE '1%'",
+        "metrics.loss ILIKE '1%'",
+        "metrics.loss ILIKE 1",
+        "params.opt ILIKE 1",
+        r"params.opt LIKE 'adam\\'",  # the pattern ends in a backslash that escapes nothing
+        r"params.opt ILIKE 'a\\\\\\'",
+        "create_time LIKE '1700000000000'",
+        "create_time ILIKE '17%'",
         "metrics.loss = 'abc'",
         "status = 'DONE'",
         "params.a = 'x' OR params.b = 'y'",
@@ -54,6 +66,14 @@ def test_parse_filter_refusals_name_the_field(text: str) -> None:
     with pytest.raises(InvalidArgument) as info:
         parse_filter(text)
     assert info.value.field == "filter"
+
+
+@pytest.mark.parametrize("op", ["LIKE", "ILIKE", "like", "ilike"])
+def test_patterns_are_refused_on_metrics_with_the_reason(op: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        parse_filter(f"metrics.`train/loss` {op} '0.5%'")
+    assert info.value.field == "filter"
+    assert "a numeric comparison for metrics" in str(info.value)
 
 
 @pytest.mark.parametrize(

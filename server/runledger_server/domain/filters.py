@@ -2,6 +2,11 @@
 
 Parsed here into plain clauses; the SQL backend turns clauses into queries. MLflow users will find
 the syntax familiar (single or double quotes, backticks for keys with special characters).
+
+`LIKE` is case-sensitive and `ILIKE` ignores the case of ASCII letters, on SQLite and PostgreSQL alike, so
+a filter selects the same runs on either. In their patterns `%` matches any characters, `_` one character,
+and a backslash makes the next one literal (`\\%`, `\\_`, `\\\\`); inside the quotes a backslash is itself
+escaped, so `params.opt LIKE 'a\\\\_b'` matches `a_b` and not `axb`.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ from runledger_server.domain.errors import InvalidArgument
 
 KINDS = ("params", "tags", "metrics")
 ATTRIBUTES = ("status", "display_name", "run_id", "experiment", "create_time")
-OPS = ("=", "!=", "<", "<=", ">", ">=", "LIKE", "IN")
+OPS = ("=", "!=", "<", "<=", ">", ">=", "LIKE", "ILIKE", "IN")
+PATTERN_OPS = ("LIKE", "ILIKE")
 
 _TOKEN = re.compile(
     r"""\s*(?:
@@ -94,13 +100,13 @@ def parse_filter(text: str, field: str = "filter") -> tuple[Clause, ...]:
         i += 1
         need(i < len(toks), "an operator")
         tk, tv = toks[i]
-        if tk == "field" and tv.upper() in ("LIKE", "IN"):
+        if tk == "field" and tv.upper() in ("LIKE", "ILIKE", "IN"):
             op = tv.upper()
         elif tk == "field" and tv.upper() == "NOT" and i + 1 < len(toks) and toks[i + 1][1].upper() == "IN":
             op = "NOT IN"
             i += 1
         else:
-            need(tk == "op", "an operator (= != < <= > >= LIKE IN)")
+            need(tk == "op", "an operator (= != < <= > >= LIKE ILIKE IN)")
             op = tv
         i += 1
         values: list[str | float] = []
@@ -119,16 +125,19 @@ def parse_filter(text: str, field: str = "filter") -> tuple[Clause, ...]:
             need(i < len(toks) and toks[i][0] in ("str", "num"), "a quoted string or a number")
             values.append(_literal(*toks[i]))
             i += 1
-        if op == "LIKE":
-            need(isinstance(values[0], str), "a quoted pattern after LIKE")
+        if op in PATTERN_OPS:
+            need(isinstance(values[0], str), f"a quoted pattern after {op}")
+            closed = _escapes_closed(str(values[0]))
+            need(closed, f"a character after the last backslash of the {op} pattern (it escapes the next one)")
         if kind == "metrics":
-            need(op not in ("LIKE",), "a numeric comparison for metrics")
+            need(op not in PATTERN_OPS, "a numeric comparison for metrics")
             need(all(isinstance(v, float) for v in values), "a number for metrics")
         elif kind in ("params", "tags"):
             # Stored as the text that was logged ("2e-5", "0.10"): a number here would be compared as some other
             # text (2e-5 -> "2e-05", and "128" < "64"), silently matching the wrong runs, so it must be quoted.
             need(all(isinstance(v, str) for v in values), f"a quoted value for {kind} (their values are text)")
         else:
+            need(key != "create_time" or op not in PATTERN_OPS, "a numeric comparison for create_time")
             values = [v if isinstance(v, str) else _num_text(v) for v in values]
         if kind == "attribute" and key == "status":
             values = [_status(str(v), field) for v in values]
@@ -137,6 +146,13 @@ def parse_filter(text: str, field: str = "filter") -> tuple[Clause, ...]:
             return tuple(clauses)
         need(toks[i][0] == "field" and toks[i][1].upper() == "AND", "AND between clauses")
         i += 1
+
+
+def _escapes_closed(pattern: str) -> bool:
+    """False when the pattern ends in a backslash that escapes nothing: PostgreSQL refuses such a pattern and
+    SQLite matches nothing with it, so it is refused before either sees it."""
+    trailing = len(pattern) - len(pattern.rstrip("\\"))
+    return trailing % 2 == 0
 
 
 def _num_text(v: float) -> str:

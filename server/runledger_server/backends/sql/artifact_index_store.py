@@ -87,7 +87,7 @@ class SqlArtifactIndex:
 def _under_prefix(run_id: str, prefix: str) -> Select[ArtifactRow]:
     stmt = select(ArtifactRow).where(ArtifactRow.run_id == run_id)
     if prefix:
-        # A range the primary key serves, then an exact check (LIKE is case-insensitive on SQLite).
+        # A range the primary key serves, then an exact check (no LIKE: its wildcards would need escaping).
         stmt = stmt.where(ArtifactRow.path >= prefix, func.substr(ArtifactRow.path, 1, len(prefix)) == prefix)
     return stmt
 

@@ -195,6 +195,11 @@ def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=60000")
+    # LIKE in run and experiment filters is case-sensitive, as on PostgreSQL (ILIKE is the case-insensitive form).
+    # The pragma is deprecated and a build may leave it out, silently: such a build would match other runs.
+    cur.execute("PRAGMA case_sensitive_like=ON")
+    if cur.execute("SELECT 'a' LIKE 'A'").fetchone()[0]:
+        raise RuntimeError("this SQLite build ignores PRAGMA case_sensitive_like, which LIKE filters need")
     # Each page not in the connection's cache costs a read() from the OS. Long metric histories are served from
     # the chunk cache (chunk_cache.py), so a modest page cache per pooled connection is enough for the rest.
     cur.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")

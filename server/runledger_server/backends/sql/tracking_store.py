@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import logging
 import math
+import string
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
-from sqlalchemy import ColumnElement, and_, exists, not_, or_, select, update
+from sqlalchemy import ColumnElement, String, and_, exists, not_, or_, select, update
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 from runledger_server.backends.sql import chunk_format
 from runledger_server.backends.sql.base import now_us
@@ -38,6 +42,9 @@ FINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 _VAL = np.dtype("<f8")
 T = TypeVar("T")
 _IN_BATCH = 500  # values per IN list: far below the databases' parameter limits
+# LIKE and ILIKE patterns escape with a backslash on both databases (PostgreSQL's default; SQLite has none).
+_LIKE_ESCAPE = "\\"
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 
 
 class SqlTrackingStore:
@@ -543,13 +550,37 @@ def _compare(column: Any, op: str, values: tuple[Any, ...]) -> ColumnElement[boo
         return column > v
     if op == ">=":
         return column >= v
-    if op == "LIKE":
-        return column.like(v)
+    if op == "LIKE":  # case-sensitive on SQLite too: database.py turns on PRAGMA case_sensitive_like
+        return column.like(v, escape=_LIKE_ESCAPE)
+    if op == "ILIKE":
+        return _AsciiLower(column).like(str(v).translate(_ASCII_LOWER), escape=_LIKE_ESCAPE)
     if op == "IN":
         return column.in_(values)
     if op == "NOT IN":
         return not_(column.in_(values))
     raise InvalidArgument(f"unsupported operator {op!r}", field="filter")
+
+
+class _AsciiLower(FunctionElement[str]):
+    """The text with A-Z lowered and every other character kept, on any database locale.
+
+    ILIKE compares these: SQLite's lower() folds only ASCII, while PostgreSQL's lower() and ILIKE follow the
+    database's locale (`É` ILIKE `é` under most UTF-8 locales), so the same filter would match other runs there.
+    """
+
+    type = String()
+    inherit_cache = True
+
+
+@compiles(_AsciiLower)  # SQLite's built-in lower() folds only A-Z
+def _ascii_lower_default(element: _AsciiLower, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"lower({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(_AsciiLower, "postgresql")
+def _ascii_lower_postgresql(element: _AsciiLower, compiler: SQLCompiler, **kw: Any) -> str:
+    upper, lower = string.ascii_uppercase, string.ascii_lowercase
+    return f"translate({compiler.process(element.clauses, **kw)}, '{upper}', '{lower}')"
 
 
 def _experiment_clause(c: Clause) -> ColumnElement[bool]:
