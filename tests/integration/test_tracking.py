@@ -147,7 +147,23 @@ def test_run_refusals_change_nothing(tracking) -> None:
     assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "lineage.config"
     r = refusal(lambda: _run(tracking, exp, run_id="abc\n"))  # a trailing newline is not part of a valid ID
     assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "run_id"
-    assert tracking.GetRun(pb.GetRunRequest(run_id=run.run_id)).status == tracking_pb2.RUN_STATUS_RUNNING
+    # End times: none on a running run, none with RUNNING, none before the start (the epoch is not "unset").
+    later = Timestamp(seconds=run.start_time.seconds + 60)
+    r = refusal(lambda: tracking.UpdateRun(pb.UpdateRunRequest(run_id=run.run_id, end_time=later)))
+    assert (r.code, r.reason, r.metadata["field"]) == (grpc.StatusCode.FAILED_PRECONDITION, "RUN_NOT_ENDED", "end_time")
+    resumed = pb.UpdateRunRequest(run_id=run.run_id, status=tracking_pb2.RUN_STATUS_RUNNING, end_time=later)
+    r = refusal(lambda: tracking.UpdateRun(resumed))
+    assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "end_time"
+    for early in (Timestamp(seconds=0), Timestamp(seconds=run.start_time.seconds - 1)):
+        ended = pb.UpdateRunRequest(run_id=run.run_id, status=tracking_pb2.RUN_STATUS_FINISHED, end_time=early)
+        r = refusal(lambda ended=ended: tracking.UpdateRun(ended))  # type: ignore[misc]
+        assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "end_time"
+    unchanged = tracking.GetRun(pb.GetRunRequest(run_id=run.run_id))
+    assert unchanged.status == tracking_pb2.RUN_STATUS_RUNNING and not unchanged.HasField("end_time")
+    # On an ended run, an end time alone corrects the end.
+    tracking.UpdateRun(pb.UpdateRunRequest(run_id=run.run_id, status=tracking_pb2.RUN_STATUS_FAILED))
+    corrected = tracking.UpdateRun(pb.UpdateRunRequest(run_id=run.run_id, end_time=later))
+    assert corrected.end_time == later and corrected.status == tracking_pb2.RUN_STATUS_FAILED
 
 
 def test_params_are_immutable(tracking) -> None:

@@ -10,13 +10,13 @@ from runledger_server.domain import filters, ids, names, paging, sweeps
 from runledger_server.domain.errors import InvalidArgument
 from runledger_server.domain.lineage import Lineage
 from runledger_server.domain.metrics import Batch, Series, downsample, in_step_order, joined
+from runledger_server.domain.run_status import STATUSES
 from runledger_server.services.metric_ingest import MetricIngest
 from runledger_server.store.entities import EvalResult, Experiment, Page, Run
 from runledger_server.store.tracking import TrackingStore
 
 _LOGGER = logging.getLogger(__name__)
 
-STATUSES = ("RUNNING", "FINISHED", "FAILED", "KILLED")
 MAX_SELECT_CANDIDATES = 10_000
 
 

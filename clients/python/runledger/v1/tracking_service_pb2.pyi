@@ -110,7 +110,8 @@ class ListExperimentsRequest(_message.Message):
     """Optional. The `next_page_token` of a previous call."""
     filter: _builtins.str
     """Optional. A filter such as `display_name = "qwen3-sft"` or
-    `tags.team = "rl"`; clauses joined by AND.
+    `tags.team ILIKE "RL%"`; clauses joined by AND, with the operators of
+    SearchRunsRequest.filter.
     """
     def __init__(
         self,
@@ -292,7 +293,9 @@ class UpdateRunRequest(_message.Message):
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """Optional. The end time; the server's clock when a final status is set
-        without it.
+        without it (the same final status again keeps the recorded one). Alone,
+        it corrects the end of an ended run (FAILED_PRECONDITION RUN_NOT_ENDED on
+        a running run); never with RUNNING, never before the run's start.
         """
 
     def __init__(
@@ -327,9 +330,14 @@ class SearchRunsRequest(_message.Message):
     filter: _builtins.str
     """Optional. Clauses joined by AND, each `<field> <op> <value>` where field
     is `params.<key>`, `tags.<key>`, `metrics.<key>` (latest value),
-    `status`, `display_name` or `run_id`; op is one of `= != < <= > >=` or
-    `LIKE` / `IN (...)`. Keys with special characters go in backticks:
-    metrics.`train/loss` < 0.5.
+    `status`, `display_name` or `run_id`; op is one of `= != < <= > >=`,
+    `IN (...)`, `LIKE` or `ILIKE`. Keys with special characters go in
+    backticks: metrics.`train/loss` < 0.5. `LIKE` is case-sensitive and
+    `ILIKE` ignores the case of ASCII letters, on every database: in their
+    patterns `%` matches any characters, `_` one character, and a backslash
+    makes the next one literal (`\\%`, `\\_`, `\\\\`); inside the quotes a
+    backslash is itself escaped, so `params.opt LIKE 'a\\\\_b'` matches
+    `a_b` and not `axb`.
     """
     order_by: _builtins.str
     """Optional. One sort key, e.g. `metrics.eval/mmlu DESC`, `params.lr`,

@@ -29,7 +29,7 @@ from runledger_server.backends.sql.tracking_tables import (
     RunRow,
     RunTagRow,
 )
-from runledger_server.domain import ids, lineage as lineage_rules, paging
+from runledger_server.domain import ids, lineage as lineage_rules, paging, run_status
 from runledger_server.domain.errors import AlreadyExists, InvalidArgument, NotFound
 from runledger_server.domain.filters import Clause, OrderBy
 from runledger_server.domain.lineage import Lineage
@@ -38,7 +38,6 @@ from runledger_server.store.entities import EvalResult, Experiment, LatestMetric
 
 _LOGGER = logging.getLogger(__name__)
 
-FINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 _VAL = np.dtype("<f8")
 T = TypeVar("T")
 _IN_BATCH = 500  # values per IN list: far below the databases' parameter limits
@@ -149,18 +148,18 @@ class SqlTrackingStore:
 
     def update_run(self, run_id: str, status: str | None, end_time_us: int | None, display_name: str | None) -> Run:
         with self.db.write() as s:
-            row = _require_run(s, run_id)
+            row = _require_run(s, run_id, lock=True)  # the new end time depends on the current state
             now = now_us()
+            row.end_time_us = run_status.end_time_after_update(
+                status=row.status,
+                end_time_us=row.end_time_us,
+                start_time_us=row.start_time_us,
+                new_status=status,
+                requested_end_us=end_time_us,
+                now_us=now,
+            )
             if status is not None:
-                if status in FINAL_STATUSES:
-                    # The same final status again (a client retrying after a lost reply) keeps its end time.
-                    repeated = status == row.status and row.end_time_us is not None and end_time_us is None
-                    row.end_time_us = row.end_time_us if repeated else (end_time_us or now)
-                else:
-                    row.end_time_us = None
                 row.status = status
-            elif end_time_us is not None:
-                row.end_time_us = end_time_us
             if display_name is not None:
                 row.display_name = display_name
             row.update_time_us = now
