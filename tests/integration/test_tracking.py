@@ -397,6 +397,29 @@ def test_search_filters(tracking, filter_text, expected) -> None:
     assert [r.display_name for r in found.runs] == expected
 
 
+def test_search_by_start_and_end_time(tracking) -> None:
+    """Imported runs keep their own start times: filters and order read those, in milliseconds."""
+    exp = _experiment(tracking)
+    for name, start_s in (("old", 1_600_000_000), ("mid", 1_650_000_000), ("new", 1_700_000_000)):
+        run = _run(tracking, exp, display_name=name, start_time=Timestamp(seconds=start_s))
+        if name != "new":  # "new" is still running: no end time
+            end = Timestamp(seconds=start_s + 3_600)
+            tracking.UpdateRun(
+                pb.UpdateRunRequest(run_id=run.run_id, status=tracking_pb2.RUN_STATUS_FINISHED, end_time=end)
+            )
+
+    def names(filter_text: str = "", order_by: str = "") -> list[str]:
+        found = tracking.SearchRuns(pb.SearchRunsRequest(experiments=[exp.name], filter=filter_text, order_by=order_by))
+        return [r.display_name for r in found.runs]
+
+    assert names("start_time >= 1650000000000") == ["mid", "new"]
+    assert names("end_time < 1650000000000") == ["old"]  # a running run has no end time to compare
+    assert names(order_by="start_time DESC") == ["new", "mid", "old"]
+    assert names(order_by="end_time DESC") == ["mid", "old", "new"]  # without one: last
+    r = refusal(lambda: tracking.SearchRuns(pb.SearchRunsRequest(filter="start_time LIKE '16%'")))
+    assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "filter"
+
+
 def test_search_order_and_paging(tracking) -> None:
     exp, _ = _seed_runs(tracking)
     order = []

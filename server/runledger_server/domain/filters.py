@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from runledger_server.domain.errors import InvalidArgument
 
 KINDS = ("params", "tags", "metrics")
-ATTRIBUTES = ("status", "display_name", "run_id", "experiment", "create_time")
+TIME_ATTRIBUTES = ("create_time", "start_time", "end_time")  # milliseconds since the epoch in a filter
+ATTRIBUTES = ("status", "display_name", "run_id", "experiment", *TIME_ATTRIBUTES)
 OPS = ("=", "!=", "<", "<=", ">", ">=", "LIKE", "ILIKE", "IN")
 PATTERN_OPS = ("LIKE", "ILIKE")
 
@@ -137,7 +138,7 @@ def parse_filter(text: str, field: str = "filter") -> tuple[Clause, ...]:
             # text (2e-5 -> "2e-05", and "128" < "64"), silently matching the wrong runs, so it must be quoted.
             need(all(isinstance(v, str) for v in values), f"a quoted value for {kind} (their values are text)")
         else:
-            need(key != "create_time" or op not in PATTERN_OPS, "a numeric comparison for create_time")
+            need(key not in TIME_ATTRIBUTES or op not in PATTERN_OPS, f"a numeric comparison for {key}")
             values = [v if isinstance(v, str) else _num_text(v) for v in values]
         if kind == "attribute" and key == "status":
             values = [_status(str(v), field) for v in values]

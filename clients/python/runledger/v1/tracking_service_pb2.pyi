@@ -330,7 +330,8 @@ class SearchRunsRequest(_message.Message):
     filter: _builtins.str
     """Optional. Clauses joined by AND, each `<field> <op> <value>` where field
     is `params.<key>`, `tags.<key>`, `metrics.<key>` (latest value),
-    `status`, `display_name` or `run_id`; op is one of `= != < <= > >=`,
+    `status`, `display_name`, `run_id`, or `create_time`, `start_time`,
+    `end_time` (milliseconds since the epoch); op is one of `= != < <= > >=`,
     `IN (...)`, `LIKE` or `ILIKE`. Keys with special characters go in
     backticks: metrics.`train/loss` < 0.5. `LIKE` is case-sensitive and
     `ILIKE` ignores the case of ASCII letters, on every database: in their
@@ -341,8 +342,8 @@ class SearchRunsRequest(_message.Message):
     """
     order_by: _builtins.str
     """Optional. One sort key, e.g. `metrics.eval/mmlu DESC`, `params.lr`,
-    `create_time DESC`. Default `create_time ASC`. Runs without the key sort
-    last.
+    `start_time DESC`. Default `create_time ASC`. Runs without the key (a
+    running run's `end_time`) sort last.
     """
     page_size: _builtins.int
     """Optional. At most this many runs (default 100, max 1000)."""

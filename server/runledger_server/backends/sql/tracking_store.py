@@ -31,7 +31,7 @@ from runledger_server.backends.sql.tracking_tables import (
 )
 from runledger_server.domain import ids, lineage as lineage_rules, paging, run_status
 from runledger_server.domain.errors import AlreadyExists, InvalidArgument, NotFound
-from runledger_server.domain.filters import Clause, OrderBy
+from runledger_server.domain.filters import TIME_ATTRIBUTES, Clause, OrderBy
 from runledger_server.domain.lineage import Lineage
 from runledger_server.domain.metrics import Batch, Series
 from runledger_server.store.entities import EvalResult, Experiment, LatestMetric, Page, Run
@@ -618,15 +618,17 @@ def _run_clause(c: Clause) -> ColumnElement[bool]:
         "run_id": RunRow.id,
         "experiment": RunRow.experiment_id,
         "create_time": RunRow.create_time_us,
+        "start_time": RunRow.start_time_us,
+        "end_time": RunRow.end_time_us,
     }[c.key]
     values = c.values
     if c.key == "experiment":
         values = tuple(str(v).removeprefix("experiments/") for v in values)
-    if c.key == "create_time":  # milliseconds since the epoch in the filter
+    if c.key in TIME_ATTRIBUTES:  # milliseconds since the epoch in the filter
         try:
             values = tuple(int(float(v) * 1000) for v in values)
         except ValueError as exc:
-            raise InvalidArgument("filter: create_time takes milliseconds since the epoch", field="filter") from exc
+            raise InvalidArgument(f"filter: {c.key} takes milliseconds since the epoch", field="filter") from exc
     return _compare(column, c.op, values)
 
 
@@ -653,6 +655,8 @@ def _sort_expr(order: OrderBy) -> Any:
         "run_id": RunRow.id,
         "experiment": RunRow.experiment_id,
         "create_time": RunRow.create_time_us,
+        "start_time": RunRow.start_time_us,
+        "end_time": RunRow.end_time_us,
     }[order.key]
 
 
