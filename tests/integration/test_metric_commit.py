@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,3 +67,44 @@ def test_a_caller_that_goes_away_does_not_stop_the_group_commit(db: Database) ->
         ingest.close()
     history = joined(SqlTrackingStore(db, chunk_cache_bytes=0).metric_chunks(run_id, "loss", None, None))
     assert history.steps.tolist() == list(range(21))
+
+
+def test_batches_another_replica_is_storing_at_the_same_moment_settle_as_duplicates(pg_database_url: str) -> None:
+    """Two of a group's batches collide with another replica's open transactions, one after the other: the
+    group is retried until every batch is settled, instead of failing the group (and other writers with it)."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    db = Database(pg_database_url)
+    migrate.upgrade(db)
+    store = SqlTrackingStore(db)
+    exp = store.create_experiment("replica-race", "", {})
+    run_id = ids.new_id()
+    store.create_run(run_id, exp.experiment_id, "", {}, {}, Lineage(), None)
+    url = make_url(pg_database_url)
+    dsn = f"host={url.host} port={url.port} user={url.username} dbname={url.database}"
+    other = [psycopg.connect(dsn), psycopg.connect(dsn)]  # the other replica's two group transactions, open
+    ingest = MetricIngest(store)
+    try:
+        for conn, seq in zip(other, (1, 2), strict=True):
+            conn.execute(
+                "INSERT INTO metric_batches (run_id, writer_id, seq, points, commit_time_us) "
+                "VALUES (%s, 'w', %s, 1, 0)",
+                (run_id, seq),
+            )
+
+        def batch(writer: str, seq: int) -> Batch:
+            return Batch(run_id, writer, seq, (Series("loss", np.array([seq]), np.array([1.0]), np.array([7])),))
+
+        futures = [ingest.submit(batch("w", 1)), ingest.submit(batch("w", 2)), ingest.submit(batch("other", 0))]
+        for conn in other:  # our insert waits on each in turn, then collides with its committed row
+            time.sleep(0.3)
+            conn.commit()
+        assert [f.result(30) for f in futures] == [True, True, False]  # two duplicates, one stored here
+        history = joined(SqlTrackingStore(db, chunk_cache_bytes=0).metric_chunks(run_id, "loss", None, None))
+        assert history.steps.tolist() == [0]  # the other writer's point (the replica stored no chunks for w)
+    finally:
+        ingest.close()
+        for conn in other:
+            conn.close()
+        db.dispose()

@@ -265,11 +265,21 @@ class SqlTrackingStore:
 
     # ---- metrics -----------------------------------------------------------------------------
     def commit_metric_batches(self, batches: Sequence[Batch]) -> list[bool | Exception]:
-        try:
-            return self._commit_group(batches)
-        except AlreadyExists:
-            # Another replica stored one of these batches concurrently: commit them one at a time.
-            return [self._commit_group([b])[0] for b in batches]
+        """Store each batch once; a batch already stored (same run, writer, seq) is reported as a duplicate.
+
+        Another replica may be storing some of the same batches at the same moment (a writer that reconnected
+        elsewhere while its batches were still queued here). PostgreSQL then fails our insert once the other
+        transaction commits; the next attempt finds those batches stored and inserts the rest, so every
+        attempt settles at least one batch and the whole group is retried rather than failed.
+        """
+        conflict: AlreadyExists | None = None
+        for _ in range(len(batches) + 1):
+            try:
+                return self._commit_group(batches)
+            except AlreadyExists as exc:
+                conflict = exc
+        assert conflict is not None
+        return [conflict] * len(batches)
 
     def _commit_group(self, batches: Sequence[Batch]) -> list[bool | Exception]:
         """One transaction for a whole group, in plain SQL: the per-commit cost is what small batches pay."""
