@@ -3,13 +3,14 @@ whatever the cache holds (everything, a part, nothing), and the cache stays with
 
 from __future__ import annotations
 
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from runledger_server.backends.sql import migrate
-from runledger_server.backends.sql.chunk_cache import ChunkCache
+from runledger_server.backends.sql.chunk_cache import ENTRY_OVERHEAD, ChunkCache
 from runledger_server.backends.sql.database import Database
 from runledger_server.backends.sql.tracking_store import SqlTrackingStore
 from runledger_server.domain import ids
@@ -61,16 +62,36 @@ def test_reads_through_the_cache_equal_reads_from_the_database(db: Database, cac
 
 
 def test_cache_evicts_least_recently_used_within_its_budget() -> None:
-    one = Series("k", np.arange(10), np.zeros(10), np.arange(10))  # 240 bytes
-    cache = ChunkCache(max_bytes=500)
+    one = Series("k", np.arange(10), np.zeros(10), np.arange(10))  # 240 bytes of points
+    entry = ENTRY_OVERHEAD + 240
+    cache = ChunkCache(max_bytes=2 * entry + 100)
     cache.put(("r", "k", "w", 0), one)
     cache.put(("r", "k", "w", 1), one)
     assert cache.get(("r", "k", "w", 0)) is one  # now the most recently used
     cache.put(("r", "k", "w", 2), one)
     assert cache.get(("r", "k", "w", 1)) is None and cache.get(("r", "k", "w", 0)) is one
-    assert cache.nbytes == 480
-    cache.put(("r", "k", "w", 3), Series("k", np.arange(100), np.zeros(100), np.arange(100)))  # over budget alone
-    assert cache.get(("r", "k", "w", 3)) is None and cache.nbytes == 480
+    assert cache.nbytes == 2 * entry
+    big = Series("k", np.arange(100), np.zeros(100), np.arange(100))  # over the budget alone
+    cache.put(("r", "k", "w", 3), big)
+    assert cache.get(("r", "k", "w", 3)) is None and cache.nbytes == 2 * entry
+
+
+@pytest.mark.parametrize("points", [1, 1000])
+def test_the_budget_bounds_real_memory_even_for_one_point_chunks(points: int) -> None:
+    """A trainer flushing every step makes chunks of one point per key: each entry's own overhead counts."""
+    budget = 4 << 20
+    cache = ChunkCache(max_bytes=budget)
+    tracemalloc.start()
+    try:
+        for seq in range(4 * budget // (24 * points + 100)):  # enough to fill the budget several times over
+            run, writer = f"run-{seq % 7:028d}", f"writer-{seq % 3:025d}"  # distinct string objects, as in requests
+            steps = np.arange(seq * points, (seq + 1) * points, dtype=np.int64)
+            cache.put((run, "train/loss", writer, seq), Series("train/loss", steps, steps * 0.5, steps.copy()))
+        used, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert cache.nbytes <= budget
+    assert used <= 1.25 * budget, f"{used / 2**20:.1f} MiB held for a {budget >> 20} MiB budget"
 
 
 def test_committed_chunks_cached_from_request_views_own_their_memory(db: Database) -> None:

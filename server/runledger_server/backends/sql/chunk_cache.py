@@ -17,6 +17,10 @@ from runledger_server.domain.metrics import Series
 ChunkKey = tuple[str, str, str, int]  # run_id, key, writer_id, seq
 
 DEFAULT_MAX_BYTES = 128 << 20
+# What an entry costs beyond its points, measured: three array headers, the Series, the key tuple and its
+# strings, the dict node (~620 bytes with shared key strings, more without). A trainer logging every step in
+# small batches makes chunks of a point or two, so the points alone would undercount memory 25-fold.
+ENTRY_OVERHEAD = 768
 
 
 class ChunkCache:
@@ -53,4 +57,4 @@ class ChunkCache:
 
 
 def _size(chunk: Series) -> int:
-    return int(chunk.steps.nbytes + chunk.values.nbytes + chunk.timestamps_ms.nbytes)
+    return ENTRY_OVERHEAD + int(chunk.steps.nbytes + chunk.values.nbytes + chunk.timestamps_ms.nbytes)
