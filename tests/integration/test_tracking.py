@@ -608,3 +608,16 @@ def test_select_winner_refusals(tracking) -> None:
     assert r.code == grpc.StatusCode.NOT_FOUND and "ghost" in r.message
     r = refusal(lambda: _select(tracking))
     assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "run_ids"
+    # Hundreds of unknown IDs: NOT_FOUND naming a few (a status listing all of them would not fit gRPC's headers).
+    ghosts = [f"ghost{i:04d}" for i in range(600)]
+    r = refusal(lambda: _select(tracking, run_ids=[run.run_id, *ghosts]))
+    assert (r.code, r.metadata["field"]) == (grpc.StatusCode.NOT_FOUND, "run_ids")
+    assert "600 runs not found" in r.message and "ghost0000" in r.message and "and 595 more" in r.message
+    r = refusal(lambda: _select(tracking, run_ids=[f"r{i}" for i in range(10_001)]))
+    assert (r.code, r.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "run_ids")
+
+
+def test_select_winner_over_runs_read_in_several_batches(tracking) -> None:
+    _, runs = _sweep(tracking, [(f"r{i}", 0.5 + (i % 97) / 1000) for i in range(1_200)])
+    out = _select(tracking, run_ids=list(runs.values()))
+    assert out.winner_run_id == runs["r96"] and len(out.cohort) == 1_200  # the first run with the top score

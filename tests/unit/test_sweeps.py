@@ -52,6 +52,15 @@ def test_mixed_suites_are_refused() -> None:
     assert "incomparable" in err.message and FP in err.message and "easyeval@zzzz" in err.message
 
 
+def test_many_suites_are_named_up_to_a_point() -> None:
+    many = cands(*((f"r{i}", 0.5, f"suite-{i:03d}@{'f' * 60}") for i in range(40)))
+    with pytest.raises(FailedPrecondition) as info:
+        select_winner(many, "mmlu", Direction.MAXIMIZE)
+    err = info.value
+    assert err.metadata["suiteCount"] == "40" and len(err.metadata["suiteFingerprints"].split(",")) == 10
+    assert "40 eval suite fingerprints" in err.message and "and 30 more" in err.message and len(err.message) < 1200
+
+
 def test_the_phantom_never_wins_in_the_named_suite_cohort() -> None:
     result = select_winner(
         cands(("r0", 0.61, FP), ("phantom", 0.99, "easyeval@zzzz")), "mmlu", Direction.MAXIMIZE, suite_fingerprint=FP

@@ -47,6 +47,9 @@ class SweepResult:
     excluded: tuple[Excluded, ...]
 
 
+MAX_NAMED_SUITES = 10
+
+
 def select_winner(
     candidates: Sequence[Candidate],
     metric: str,
@@ -65,11 +68,14 @@ def select_winner(
     if suite_fingerprint is None:
         suites = sorted({s for c in scored for s in c.scores})
         if len(suites) > 1:
+            # Named up to a point: a status that lists hundreds of suites would exceed gRPC's header limit.
+            shown = suites[:MAX_NAMED_SUITES]
+            more = f" and {len(suites) - len(shown)} more" if len(suites) > len(shown) else ""
             raise FailedPrecondition(
                 f"incomparable runs: {len(suites)} eval suite fingerprints for metric {metric!r}: "
-                f"{', '.join(suites)}; name one with suite_fingerprint",
+                f"{', '.join(shown)}{more}; name one with suite_fingerprint",
                 reason="INCOMPARABLE_EVAL_SUITES",
-                metadata={"suiteFingerprints": ",".join(suites), "metric": metric},
+                metadata={"suiteFingerprints": ",".join(shown), "suiteCount": str(len(suites)), "metric": metric},
                 field="suite_fingerprint",
             )
         if not suites:

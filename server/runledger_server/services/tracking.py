@@ -154,9 +154,14 @@ class TrackingService:
         if run_ids and experiment:
             raise InvalidArgument("give either run_ids or experiment, not both", field="run_ids")
         if run_ids:
-            for r in run_ids:
+            unique = list(dict.fromkeys(run_ids))
+            if len(unique) > MAX_SELECT_CANDIDATES:
+                raise InvalidArgument(
+                    f"{len(unique)} run_ids; at most {MAX_SELECT_CANDIDATES} candidates per call", field="run_ids"
+                )
+            for r in unique:
                 names.run_id(r, "run_ids")
-            ordered = self.store.runs_in_creation_order(list(dict.fromkeys(run_ids)))
+            ordered = self.store.runs_in_creation_order(unique)
         elif experiment:
             ordered = self._experiment_runs(experiment, filter_text)
         else:

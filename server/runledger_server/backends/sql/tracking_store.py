@@ -206,15 +206,17 @@ class SqlTrackingStore:
         return Page(runs, token)
 
     def runs_in_creation_order(self, run_ids: Sequence[str]) -> list[str]:
+        rows: list[tuple[int, str]] = []
         with self.db.read() as s:
-            found = list(
-                s.execute(
-                    select(RunRow.id).where(RunRow.id.in_(run_ids)).order_by(RunRow.create_time_us, RunRow.id)
-                ).scalars()
-            )
+            for some in _in_batches(list(run_ids)):
+                found_rows = s.execute(select(RunRow.create_time_us, RunRow.id).where(RunRow.id.in_(some)))
+                rows.extend((create_time, run_id) for create_time, run_id in found_rows)
+        found = [run_id for _, run_id in sorted(rows)]
         missing = sorted(set(run_ids) - set(found))
         if missing:
-            raise NotFound(f"runs not found: {', '.join(missing)}", field="run_ids")
+            # A few of them by name: a status message that lists hundreds would exceed gRPC's header limit.
+            named = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise NotFound(f"{len(missing)} runs not found: {named}", field="run_ids")
         return found
 
     # ---- params, tags, lineage ---------------------------------------------------------------
@@ -451,12 +453,13 @@ class SqlTrackingStore:
     def eval_scores(self, run_ids: Sequence[str], metric: str) -> dict[str, dict[str, float]]:
         out: dict[str, dict[str, float]] = defaultdict(dict)
         with self.db.read() as s:
-            for run_id, suite, value in s.execute(
-                select(EvalScoreRow.run_id, EvalScoreRow.suite_fingerprint, EvalScoreRow.value).where(
-                    EvalScoreRow.run_id.in_(run_ids), EvalScoreRow.metric == metric
-                )
-            ):
-                out[run_id][suite] = value
+            for some in _in_batches(list(run_ids)):
+                for run_id, suite, value in s.execute(
+                    select(EvalScoreRow.run_id, EvalScoreRow.suite_fingerprint, EvalScoreRow.value).where(
+                        EvalScoreRow.run_id.in_(some), EvalScoreRow.metric == metric
+                    )
+                ):
+                    out[run_id][suite] = value
         return dict(out)
 
     # ---- loading -----------------------------------------------------------------------------
