@@ -207,10 +207,11 @@ def test_batch_policy(buffered: int, since_last_cut: float, force: bool, due: bo
     assert BatchPolicy(max_points=16_384, max_delay=0.05).due(buffered, since_last_cut, force=force) is due
 
 
-@pytest.mark.parametrize(("max_points", "max_delay"), [(0, 0.05), (10, 0.0), (10, -1.0)])
+@pytest.mark.parametrize(("max_points", "max_delay"), [(0, 0.05), (10, 0.0), (10, -1.0), (1_000_001, 0.05)])
 def test_batch_policy_refuses_nonsense(max_points: int, max_delay: float) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError):  # above 1,000,000 points the server would refuse every batch
         BatchPolicy(max_points=max_points, max_delay=max_delay)
+    assert BatchPolicy(max_points=1_000_000).max_points == 1_000_000  # the server's limit itself is fine
 
 
 def test_outbox_numbers_batches_and_tracks_unacked_points() -> None:

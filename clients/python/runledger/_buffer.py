@@ -15,6 +15,7 @@ _LOGGER = logging.getLogger(__name__)
 
 MAX_KEY_LENGTH = 250
 MAX_SERIES_PER_BATCH = 10_000  # the server refuses batches with more series
+MAX_POINTS_PER_BATCH = 1_000_000  # ... or more points
 INT64_MIN = -(1 << 63)
 INT64_MAX = (1 << 63) - 1
 
@@ -47,8 +48,12 @@ class BatchPolicy:
     max_delay: float = 0.05
 
     def __post_init__(self) -> None:
-        if self.max_points < 1 or self.max_delay <= 0:
-            raise ValueError("BatchPolicy needs max_points >= 1 and max_delay > 0")
+        if not 1 <= self.max_points <= MAX_POINTS_PER_BATCH or self.max_delay <= 0:
+            # Above the server's limit every batch would be refused, and with it the run's metrics.
+            raise ValueError(
+                f"batch points must be within 1..{MAX_POINTS_PER_BATCH:,} (the server's limit per batch) "
+                f"and the batch interval > 0, got {self.max_points} and {self.max_delay}"
+            )
 
     def due(self, buffered: int, since_last_cut: float, *, force: bool = False) -> bool:
         if buffered <= 0:

@@ -81,7 +81,8 @@ class Client:
     ) -> None:
         """`writer_id`: the default writer ID of this client's runs (e.g. f"rank{rank}"); a random one when unset.
         `finish_timeout`: how long a run's context exit waits for its metrics to be stored (None: as long as it
-        takes on success, 60 s when an exception is already escaping)."""
+        takes on success, 60 s when an exception is already escaping). `batch_points`: points per batch sent,
+        at most 1,000,000 (the server's limit; ValueError above it)."""
         self.target = target
         self.timeout = timeout
         self.writer_id = writer_id
