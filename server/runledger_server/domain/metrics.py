@@ -78,7 +78,8 @@ def downsample(steps: np.ndarray, values: np.ndarray, max_points: int) -> np.nda
     """Indices (sorted) of at most ~max_points points keeping the first, the last, and each bucket's min and max.
 
     The global minimum and maximum are always kept, so a spike or a collapse never vanishes from a
-    curve. NaN points are kept where a bucket holds one (a divergence is information).
+    curve. NaN points are kept where a bucket holds one (a divergence is information). Hence a `max_points`
+    below 4 still returns those four points (five with a NaN).
     """
     n = int(steps.shape[0])
     if max_points <= 0 or n <= max_points:

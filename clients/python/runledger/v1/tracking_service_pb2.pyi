@@ -809,7 +809,8 @@ class GetMetricHistoryRequest(_message.Message):
     """Optional. The last step to include."""
     max_points: _builtins.int
     """Optional. When positive and exceeded, downsample to about this many
-    points, keeping the first, the last, the minimum and the maximum.
+    points, keeping the first, the last, the minimum and the maximum (so
+    never fewer than 4, and a NaN point too when there is one).
     """
     def __init__(
         self,
