@@ -35,6 +35,7 @@ from runledger_server.services.registry import RegistryService
 from runledger_server.services.tracking import TrackingService
 from runledger_server.transport import tracking_servicer
 from runledger_server.transport.artifact_servicer import ArtifactServicer
+from runledger_server.transport.ingest_budget import POINT_BYTES, PointBudget
 from runledger_server.transport.registry_servicer import RegistryServicer
 from runledger_server.transport.tracking_servicer import TrackingServicer
 
@@ -69,6 +70,7 @@ class Server:
     _drainers: list[Callable[[], Awaitable[object]]] = field(default_factory=list)  # awaited before the closers
     _stream_enders: list[Callable[[], object]] = field(default_factory=list)  # called as the stop begins
     _health: Any = None  # grpc_health's asyncio HealthServicer (untyped in its stubs)
+    ingest_budget: PointBudget | None = None  # metric points received and not yet committed (for monitoring)
 
     async def start(self) -> None:
         await self.grpc_server.start()
@@ -110,7 +112,8 @@ async def build_server(settings: Settings) -> tuple[Server, int]:
             *KEEPALIVE_OPTIONS,
         ]
     )
-    tracking_servicer.add_to_server(TrackingServicer(tracking, executor), grpc_server)
+    budget = PointBudget(max(1, (settings.ingest_buffer_mib << 20) // POINT_BYTES))
+    tracking_servicer.add_to_server(TrackingServicer(tracking, executor, budget), grpc_server)
     # Transfers get their own pool: a long upload waiting on the artifact store must not starve tracking calls.
     artifact_executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="runledger-artifacts")
     artifacts = ArtifactService(SqlArtifactIndex(db), artifact_backends.from_settings(settings))
@@ -129,7 +132,7 @@ async def build_server(settings: Settings) -> tuple[Server, int]:
     port = grpc_server.add_insecure_port(f"{settings.host}:{settings.port}")
     if port == 0:
         raise OSError(f"cannot listen on {settings.host}:{settings.port}")
-    server = Server(grpc_server, port, settings, _health=health_servicer)
+    server = Server(grpc_server, port, settings, _health=health_servicer, ingest_budget=budget)
     server._closers += [db.dispose, lambda: executor.shutdown(wait=True), ingest.close, alias_watch.close]
     server._closers.append(lambda: artifact_executor.shutdown(wait=True))
     server._drainers.append(artifact_servicer.drain)

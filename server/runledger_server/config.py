@@ -13,6 +13,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50051
 DEFAULT_DATA_DIR = "./runledger-data"
 DEFAULT_METRIC_CACHE_MIB = 128
+DEFAULT_INGEST_BUFFER_MIB = 256
 # What the minio SDK accepts as a region name; anything else would fail later, inside the artifact backend.
 _REGION = re.compile(r"[a-z0-9](?:[a-z0-9_-]{0,61}[a-z0-9])?", re.IGNORECASE)
 
@@ -45,6 +46,8 @@ class Settings:
     grace_seconds: float = 10.0
     # Decoded metric chunks kept in memory per server (0: none); each replica has its own.
     metric_cache_mib: int = DEFAULT_METRIC_CACHE_MIB
+    # Metric points received and not yet committed, across all streams; readers wait beyond it.
+    ingest_buffer_mib: int = DEFAULT_INGEST_BUFFER_MIB
 
     @property
     def database_url(self) -> str:
@@ -92,6 +95,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--metric-cache-mib",
         help="memory for recently written or read metric history, 0 for none "
         f"(env RUNLEDGER_METRIC_CACHE_MIB, default {DEFAULT_METRIC_CACHE_MIB})",
+    )
+    parser.add_argument(
+        "--ingest-buffer-mib",
+        help="memory for metric points received and not yet committed, across all streams; senders are slowed "
+        f"beyond it (env RUNLEDGER_INGEST_BUFFER_MIB, default {DEFAULT_INGEST_BUFFER_MIB})",
     )
 
 
@@ -141,6 +149,15 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
             "--metric-cache-mib",
             "RUNLEDGER_METRIC_CACHE_MIB",
             0,
+            1 << 20,
+        ),
+        ingest_buffer_mib=_int_setting(
+            pick(
+                getattr(args, "ingest_buffer_mib", None), "RUNLEDGER_INGEST_BUFFER_MIB", str(DEFAULT_INGEST_BUFFER_MIB)
+            ),
+            "--ingest-buffer-mib",
+            "RUNLEDGER_INGEST_BUFFER_MIB",
+            1,
             1 << 20,
         ),
     )

@@ -389,3 +389,36 @@ def test_full_buffer_blocks_the_caller_until_the_server_is_back(tmp_path: Path) 
             second.stop()
     finally:
         client.close()
+
+
+def test_points_waiting_for_a_slow_commit_stay_within_the_ingest_budget(tmp_path: Path) -> None:
+    """While commits cannot proceed (the database's write lock is held elsewhere), the server takes no more
+    points than its ingest buffer; the senders wait, and once commits resume every point is stored once."""
+    import sqlite3
+
+    settings = Settings(host="127.0.0.1", port=0, data_dir=tmp_path / "data", ingest_buffer_mib=1)
+    with EmbeddedServer(settings) as srv, runledger.Client(srv.address, batch_points=8_192) as client:
+        budget = srv._server.ingest_budget if srv._server is not None else None
+        assert budget is not None and budget.limit == (1 << 20) // 24
+        run = client.start_run(experiment="budget")
+        run.log_metrics({"warmup": 0.0}, step=0)
+        run.flush()
+        holder = sqlite3.connect(settings.data_dir / "runledger.db", timeout=60)
+        holder.execute("BEGIN IMMEDIATE")  # every commit now waits for this lock
+        try:
+            steps = np.arange(25_000)
+            run.log_series({f"k{i}": steps * 0.5 + i for i in range(8)}, steps=steps)  # 200,000 points
+            flushed = threading.Thread(target=run.flush, daemon=True)
+            flushed.start()
+            wait_until(lambda: budget.used >= budget.limit - 8_192)  # the buffer fills up to its limit ...
+            time.sleep(0.3)
+            assert budget.used <= budget.limit and budget.peak <= budget.limit  # ... and no further
+            assert flushed.is_alive()
+        finally:
+            holder.rollback()
+            holder.close()
+        flushed.join(60)
+        assert not flushed.is_alive() and budget.used == 0
+        history = client.metric_history(run.run_id, "k7")
+        assert history.steps.tolist() == steps.tolist() and history.values[-1] == 24_999 * 0.5 + 7
+        run.finish()

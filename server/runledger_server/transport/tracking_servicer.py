@@ -16,10 +16,11 @@ import numpy as np
 from runledger import wire
 from runledger.v1 import tracking_pb2, tracking_service_pb2 as pb, tracking_service_pb2_grpc
 from runledger_server.domain.errors import InvalidArgument
-from runledger_server.domain.metrics import Series, validate_batch
+from runledger_server.domain.metrics import Batch, Series, validate_batch
 from runledger_server.services.tracking import TrackingService
 from runledger_server.transport import convert
 from runledger_server.transport.errors import abort, handle_errors, status_for
+from runledger_server.transport.ingest_budget import PointBudget
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -92,9 +93,27 @@ def history_messages(key: str, pieces: list[Series], limit: int) -> Iterator[byt
 
 
 class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
-    def __init__(self, service: TrackingService, executor: Executor) -> None:
+    def __init__(self, service: TrackingService, executor: Executor, ingest_budget: PointBudget) -> None:
         self._svc = service
         self._executor = executor
+        self._budget = ingest_budget
+
+    async def _submit(self, batch: Batch) -> asyncio.Future[bool]:
+        """Queue a batch for the group commit once the server-wide ingest budget has room for its points."""
+        taken = await self._budget.acquire(batch.points)
+        loop = asyncio.get_running_loop()
+        try:
+            committed = self._svc.submit_metrics(batch)
+        except BaseException:
+            self._budget.release(taken)
+            raise
+
+        def release(_: object) -> None:  # on the committer thread, or here when refused at once
+            with contextlib.suppress(RuntimeError):  # the loop has closed (shutdown): nothing waits any more
+                loop.call_soon_threadsafe(self._budget.release, taken)
+
+        committed.add_done_callback(release)
+        return asyncio.wrap_future(committed)
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -199,7 +218,7 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
                     batch = validate_batch(
                         req.run_id, req.writer_id, req.seq, tuple(convert.series_from_wire(s) for s in req.series)
                     )
-                    fut = asyncio.wrap_future(self._svc.submit_metrics(batch))
+                    fut = await self._submit(batch)
                     await pending.put((req.writer_id, req.seq, fut))
             except BaseException as exc:  # surfaced to the client through the ack loop
                 failure.append(exc)
@@ -237,7 +256,7 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
         batch = validate_batch(
             request.run_id, request.writer_id, request.seq, tuple(convert.series_from_wire(s) for s in request.series)
         )
-        duplicate = await asyncio.wrap_future(self._svc.submit_metrics(batch))
+        duplicate = await (await self._submit(batch))
         return pb.LogMetricsResponse(writer_id=request.writer_id, seq=request.seq, duplicate=duplicate)
 
     @handle_errors
