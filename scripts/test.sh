@@ -32,6 +32,7 @@ check "generated code is up to date with proto/" scripts/check_generated.sh
 check "buf lint" buf lint
 check "buf breaking against the released v1 contract" buf breaking --against api/released/runledger-v1.binpb
 check "ruff" ruff check .
+check "ruff format" ruff format --check .
 check "mypy" mypy
 check "pytest: the whole tests/ tree, slow tests included" run_pytest
 
