@@ -1,8 +1,11 @@
 """Moving files in and out of runledger's artifact store: hashed before upload, verified after download.
 
 Uploads declare their size and sha256 in the header, so the server verifies the bytes it stores and
-can skip storing content it already holds. Downloads land in `<dest>.part`, resume from it, and are
-renamed into place only once their sha256 matches.
+can skip storing content it already holds. Downloads land in a partial file next to their destination
+(see `partial_path`), resume from it, and are renamed into place only once their sha256 matches.
+
+Artifact paths follow the server's rule (`path_problem`), checked here too: a directory is refused before
+any of it is uploaded, and a path the server lists is checked before anything is written for it.
 """
 
 from __future__ import annotations
@@ -19,13 +22,20 @@ from typing import Any, BinaryIO
 
 import grpc
 
-from runledger.errors import DataLoss, NotFound, from_rpc_error
+from runledger.artifact_paths import (
+    check_path,
+    check_upload_plan,
+    local_target,
+    nfc,
+    partial_path,
+    refuse_collisions,
+)
+from runledger.errors import DataLoss, LocalFileError, NotFound, RunledgerError, from_rpc_error
 from runledger.v1 import artifact_pb2, artifact_service_pb2 as pb, artifact_service_pb2_grpc
 
 _LOGGER = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # the server's limit per upload message
-PARTIAL_SUFFIX = ".part"
 
 # None: a progress bar when tqdm is installed and stderr is a terminal; False: none; True: tqdm if installed;
 # a callable: called with (bytes done, bytes total) as the transfer advances.
@@ -40,9 +50,10 @@ def upload_file(
     *,
     progress: Progress = None,
 ) -> artifact_pb2.Artifact:
-    """Upload one file as `artifact_path` (default: its file name) of the run; returns the recorded artifact."""
+    """Upload one file as `artifact_path` (default: its file name, in NFC) of the run; returns the recorded
+    artifact. The path is checked before the file is read, so a refused name costs no hashing."""
     local = Path(local_path)
-    target = artifact_path if artifact_path is not None else local.name
+    target = check_path(artifact_path if artifact_path is not None else nfc(local.name))
     size, digest = file_digest(local)
     with _Meter(progress, size, target) as meter:
         return _upload(
@@ -59,13 +70,18 @@ def upload_dir(
     progress: Progress = None,
 ) -> list[artifact_pb2.Artifact]:
     """Upload every file below `local_dir` under `artifact_path` (default: the directory's name; "" for the
-    run's root), keeping relative paths. Files are sent in path order."""
+    run's root), keeping relative paths. Files are sent in path order.
+
+    Local names are normalised to NFC (macOS spells them decomposed), and every path is checked before the
+    first file is sent: one name the server would refuse must not leave the rest of the directory recorded.
+    """
     root = Path(local_dir)
     if not root.is_dir():
         raise NotADirectoryError(f"{root} is not a directory")
-    base = root.resolve().name if artifact_path is None else artifact_path.strip("/")
+    base = nfc(root.resolve().name) if artifact_path is None else artifact_path.strip("/")
     files = sorted(p for p in root.rglob("*") if p.is_file())
-    plan = [(p, "/".join(filter(None, [base, p.relative_to(root).as_posix()]))) for p in files]
+    plan = [(p, "/".join(filter(None, [base, nfc(p.relative_to(root).as_posix())]))) for p in files]
+    check_upload_plan(root, plan)
     digests = [file_digest(p) for p, _ in plan]
     stub = artifact_service_pb2_grpc.ArtifactServiceStub(channel)
     with _Meter(progress, sum(size for size, _ in digests), base or "artifacts") as meter:
@@ -89,11 +105,16 @@ def download(
 
     A file goes to `dest` (or into it, when `dest` is an existing directory); a directory's files go below
     `dest` at their relative paths. Each file is checked against its sha256 (DataLoss on mismatch); files
-    already present with the right content are skipped, and a `.part` left by an interrupted download is
-    resumed from where it stopped (and the file fetched again from the start if the result does not match).
-    With `presigned` (the default), when the server's artifact store is S3 the bytes are fetched straight
-    from it through a short-lived URL the server signs, and through the server otherwise (or when that URL
-    cannot be reached). Returns the file or directory written.
+    already present with the right content are skipped, and the partial file (`partial_path`) left by an
+    interrupted download is resumed from where it stopped (and the file fetched again from the start if the
+    result does not match). With `presigned` (the default), when the server's artifact store is S3 the bytes
+    are fetched straight from it through a short-lived URL the server signs, and through the server otherwise
+    (or when that URL cannot be reached). Returns the file or directory written.
+
+    Before anything is written, every listed path is checked (FailedPrecondition UNSAFE_ARTIFACT_PATH when
+    it could land outside `dest`), and a directory whose paths differ only in case is refused when `dest`
+    is on a file system that ignores case (ARTIFACT_PATHS_COLLIDE): one file would overwrite another. A
+    local failure to write (a full disk, no permission) is raised as LocalFileError naming the file.
     """
     stub = artifact_service_pb2_grpc.ArtifactServiceStub(channel)
     path = path.strip("/") if path not in ("", "/") else ""
@@ -102,17 +123,19 @@ def download(
         raise NotFound(f"runs/{run_id} has no artifact at {path!r}", reason="ARTIFACT_NOT_FOUND", metadata={})
     destination = Path(dest)
     single = len(found) == 1 and found[0].path == path and path != ""
+    if single:
+        name = path.rsplit("/", 1)[-1]
+        plan = [(found[0], local_target(destination, name) if destination.is_dir() else destination)]
+    else:
+        prefix = f"{path}/" if path else ""
+        below = [a.path[len(prefix) :] for a in found]
+        plan = [(a, local_target(destination, rel)) for a, rel in zip(found, below, strict=True)]
+        refuse_collisions(destination, below)
     direct = _Direct(presigned)
     with _Meter(progress, sum(a.size for a in found), path or run_id) as meter:
-        if single:
-            target = destination / Path(path).name if destination.is_dir() else destination
-            _download(stub, found[0], target, resume, meter, direct)
-            return target
-        prefix = f"{path}/" if path else ""
-        for artifact in found:
-            local = destination.joinpath(*artifact.path[len(prefix) :].split("/"))
-            _download(stub, artifact, local, resume, meter, direct)
-        return destination
+        for artifact, local in plan:
+            _save(stub, artifact, local, resume, meter, direct)
+    return plan[0][1] if single else destination
 
 
 def list_artifacts(channel: grpc.Channel, run_id: str, *, prefix: str = "") -> Iterator[artifact_pb2.Artifact]:
@@ -164,6 +187,23 @@ def _upload(
         raise from_rpc_error(err) from None
 
 
+def _save(
+    stub: artifact_service_pb2_grpc.ArtifactServiceStub,
+    artifact: artifact_pb2.Artifact,
+    target: Path,
+    resume: bool,
+    meter: _Meter,
+    direct: _Direct,
+) -> None:
+    """Download one artifact to `target`, with a local file system failure raised as LocalFileError."""
+    try:
+        _download(stub, artifact, target, resume, meter, direct)
+    except RunledgerError:
+        raise  # DeadlineExceeded is an OSError too, but it is the call's failure, not the disk's
+    except OSError as exc:
+        raise LocalFileError.wrap(exc, artifact.path, target) from exc
+
+
 def _download(
     stub: artifact_service_pb2_grpc.ArtifactServiceStub,
     artifact: artifact_pb2.Artifact,
@@ -176,7 +216,7 @@ def _download(
         meter.advance(artifact.size)
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + PARTIAL_SUFFIX)
+    partial = partial_path(target)
     digest = hashlib.sha256()
     offset = 0
     if resume and partial.is_file() and partial.stat().st_size <= artifact.size:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -71,6 +73,26 @@ class AlreadyExists(RunledgerError):
 
 class FailedPrecondition(RunledgerError):
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class LocalFileError(FailedPrecondition, OSError):
+    """A downloaded artifact could not be saved locally: a full disk, no permission, a name or path the local
+    file system refuses. Names the local file and the artifact, and is still the OSError it stands for
+    (`errno`, `filename`), so code that handled those keeps working."""
+
+    @classmethod
+    def wrap(cls, exc: OSError, artifact_path: str, local: os.PathLike[str] | str) -> LocalFileError:
+        err = cls(
+            f"could not save artifact {artifact_path!r} to {local}: {exc}",
+            reason="LOCAL_FILE_ERROR",
+            metadata={
+                "path": artifact_path,
+                "localPath": str(local),
+                "errno": errno.errorcode.get(exc.errno or 0, ""),
+            },
+        )
+        err.errno, err.strerror, err.filename = exc.errno, exc.strerror, exc.filename
+        return err
 
 
 class Aborted(RunledgerError):

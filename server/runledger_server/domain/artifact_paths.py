@@ -1,8 +1,13 @@
-"""Artifact paths and digests: what a run may name its files, checked before anything touches storage."""
+"""Artifact paths and digests: what a run may name its files, checked before anything touches storage.
+
+The Python client keeps its own copy of the path rule (runledger.artifacts.path_problem) to refuse a directory
+before uploading any of it; tests/unit/test_artifact_paths.py runs both on the same cases.
+"""
 
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from runledger_server.domain.errors import InvalidArgument
 
@@ -11,18 +16,38 @@ MAX_SEGMENT_BYTES = 255  # what a filesystem accepts as one name when the artifa
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 INVALID_PATH = "INVALID_ARTIFACT_PATH"
+NOT_NFC = "is not in Unicode NFC form (normalise it first: unicodedata.normalize('NFC', ...))"
+
+
+def _is_nfc(text: str) -> bool:
+    """Only one spelling of each name: `café` composed and decomposed would otherwise be two artifacts that
+    overwrite each other on a file system that treats them as one name (macOS, Windows)."""
+    return unicodedata.is_normalized("NFC", text)
+
+
+def _is_unicode(text: str) -> bool:
+    """Strings off the wire always are; a local file name that is not UTF-8 decodes to lone surrogates."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _problem(path: str) -> str | None:
     """Why `path` is not a valid relative file path, or None when it is."""
     if not path:
         return "is empty"
+    if not _is_unicode(path):
+        return "is not valid Unicode (a lone surrogate: a file name in another encoding?)"
     if len(path) > MAX_PATH_CHARS:
         return f"is longer than {MAX_PATH_CHARS} characters"
     if "\x00" in path:
         return "contains NUL"
     if _CONTROL.search(path):
         return "contains a control character"
+    if not _is_nfc(path):
+        return NOT_NFC
     if "\\" in path:
         return "contains a backslash (use '/')"
     if path.startswith("/"):
@@ -38,7 +63,7 @@ def _problem(path: str) -> str | None:
 
 
 def file_path(path: str, field: str = "path") -> str:
-    """A file's path within a run: relative, `/`-separated, no `.`/`..`/empty segments, no backslash or NUL."""
+    """A file's path within a run: relative, `/`-separated, NFC, no `.`/`..`/empty segments, no backslash or NUL."""
     problem = _problem(path)
     if problem is not None:
         raise InvalidArgument(f"{field} {path[:200]!r} {problem}", field=field, reason=INVALID_PATH)
@@ -61,6 +86,8 @@ def prefix(value: str, field: str = "prefix") -> str:
             field=field,
             reason=INVALID_PATH,
         )
+    if not _is_nfc(value):  # no stored path is in another form, so such a prefix could only match nothing
+        raise InvalidArgument(f"{field} {value[:200]!r} {NOT_NFC}", field=field, reason=INVALID_PATH)
     return value
 
 

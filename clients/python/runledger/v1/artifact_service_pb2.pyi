@@ -32,7 +32,10 @@ class UploadArtifactHeader(_message.Message):
     run_id: _builtins.str
     """Required. The run ID."""
     path: _builtins.str
-    """Required. The relative path within the run (no `..`, no leading `/`)."""
+    """Required. The relative path within the run: `/`-separated, Unicode NFC,
+    no `.` or `..` segments, no leading `/`, no backslash or control
+    characters, at most 255 bytes per segment.
+    """
     size: _builtins.int
     """Optional. The expected size; a mismatch is INVALID_ARGUMENT."""
     sha256: _builtins.str
