@@ -32,7 +32,8 @@ class BlobWriter(Protocol):
     def write(self, data: bytes) -> None: ...
 
     def commit(self, sha256: str) -> str:
-        """Publish the bytes under their digest (a no-op when that content is already stored); return the URI."""
+        """Publish the bytes under their digest (a no-op when that content is stored already at this size, a
+        replacement of a stored blob of another size); return the URI."""
         ...
 
     def abort(self) -> None: ...
@@ -45,8 +46,6 @@ class StreamingBlobStore(BlobStore, Protocol):
         """`sha256` and `size`, when the client declared them, let a store write straight to the final
         address and choose its part size."""
         ...
-
-    def size(self, sha256: str) -> int | None: ...
 
     def presigned_get(self, sha256: str) -> str | None:
         """A short-lived URL from which a client may GET the blob itself, or None."""
@@ -71,7 +70,8 @@ class Description(NamedTuple):
 
 
 class _Discard:
-    """The writer used when the declared content is already stored: the bytes are verified, not kept."""
+    """The writer used when the declared content is already stored at its declared size: the bytes are verified,
+    not kept."""
 
     def __init__(self, uri: str) -> None:
         self._uri = uri
@@ -101,9 +101,9 @@ class ArtifactService:
         declared = artifact_paths.sha256_hex(sha256) if sha256 else None
         self.index.check(run_id, path, declared)
         writer: BlobWriter
-        if declared is not None and self.blobs.exists(declared):
+        if declared is not None and size is not None and self.blobs.size(declared) == size:
             writer = _Discard(self.blobs.uri(declared))
-        else:
+        else:  # a stored blob of another size is broken (cut short): this upload replaces it
             writer = self.blobs.writer(declared, size)
         return Upload(self.index, run_id, path, size, declared, writer)
 

@@ -26,8 +26,13 @@ class BlobStore(Protocol):
 
     def exists(self, sha256: str) -> bool: ...
 
+    def size(self, sha256: str) -> int | None:
+        """The stored blob's size, or None. Deduplication compares it with the content's size: a blob of another
+        size (cut short by a failed write) is replaced, never trusted."""
+        ...
+
     def put(self, sha256: str, stream: BinaryIO, size: int) -> str:
-        """Store a fully known content under its digest; return its URI."""
+        """Store a fully known content under its digest (kept if stored already at this size); return its URI."""
         ...
 
     def open_range(self, sha256: str, offset: int) -> Iterator[bytes]: ...

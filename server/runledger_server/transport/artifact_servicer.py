@@ -4,10 +4,9 @@ network so that neither side waits for the other, and with bounded memory per tr
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
@@ -36,6 +35,18 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
 
+    def _start(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """A call on the pool that a cleanup can wait for: awaited through `asyncio.shield`, a cancelled RPC leaves
+        it running (a pool thread cannot be interrupted) and its future keeps saying when it has ended."""
+        return asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))
+
+    def _later(self, cleanup: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run a cleanup past the end of its call; `drain` waits for it before the pool shuts down."""
+        task = asyncio.ensure_future(cleanup)
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+        return task
+
     @handle_errors
     async def UploadArtifact(
         self, request_iterator: AsyncIterator[pb.UploadArtifactRequest], context: grpc.aio.ServicerContext
@@ -45,10 +56,13 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
         if first is None or first.WhichOneof("payload") != "header":
             raise InvalidArgument("the first message of an upload must be its header", field="header")
         h = first.header
-        upload = await self._call(
-            self._svc.begin_upload, h.run_id, h.path, h.size if h.HasField("size") else None, h.sha256
-        )
-        inflight: asyncio.Future[None] | None = None
+        begin = self._start(self._svc.begin_upload, h.run_id, h.path, h.size if h.HasField("size") else None, h.sha256)
+        try:
+            upload = await asyncio.shield(begin)
+        except asyncio.CancelledError:  # a cancel or deadline while the upload opens: abort it once it is open
+            self._later(self._abort_begun(begin))
+            raise
+        inflight: asyncio.Future[Any] | None = None  # the one call of this upload running on the pool
         try:
             batch: list[bytes] = []
             batched = 0
@@ -59,37 +73,40 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
                 batched += len(req.chunk)
                 if batched >= WRITE_BATCH_BYTES:
                     if inflight is not None:
-                        await inflight
-                    inflight = asyncio.ensure_future(self._call(upload.write, batch))
+                        await asyncio.shield(inflight)
+                    inflight = self._start(upload.write, batch)
                     batch, batched = [], 0
             if inflight is not None:
-                await inflight
-                inflight = None
+                await asyncio.shield(inflight)
             if batch:
-                await self._call(upload.write, batch)
-            record = await self._call(upload.finish)
+                inflight = self._start(upload.write, batch)
+                await asyncio.shield(inflight)
+            finish = self._start(upload.finish)
+            inflight = finish
+            record = await asyncio.shield(finish)
         except asyncio.CancelledError:
-            self._cleanup_later(upload, inflight)
+            self._later(self._cleanup(upload, inflight))
             raise
         except BaseException:
-            await self._cleanup(upload, inflight)
+            await asyncio.shield(self._later(self._cleanup(upload, inflight)))  # gone before the refusal is sent
             raise
         return _artifact(record)
 
-    async def _cleanup(self, upload: Upload, inflight: asyncio.Future[None] | None) -> None:
-        """Abort a failed upload once no write of it is running, so that its bytes disappear."""
+    async def _cleanup(self, upload: Upload, inflight: asyncio.Future[Any] | None) -> None:
+        """Abort a failed upload once no call of it runs on the pool, so that its bytes disappear: an abort under a
+        running write would close the file it writes to, or leave it waiting for an S3 upload that is gone."""
         if inflight is not None:
-            with contextlib.suppress(BaseException):
-                await inflight
+            await _settled(inflight)
         try:
             await self._call(upload.abort)
         except Exception:
             _LOGGER.exception("could not abort the upload of %s to run %s", upload.path, upload.run_id)
 
-    def _cleanup_later(self, upload: Upload, inflight: asyncio.Future[None] | None) -> None:
-        task = asyncio.ensure_future(self._cleanup(upload, inflight))
-        self._cleanups.add(task)
-        task.add_done_callback(self._cleanups.discard)
+    async def _abort_begun(self, begin: asyncio.Future[Upload]) -> None:
+        """The call ended while its upload was being opened: abort the upload the pool opens for nobody."""
+        await _settled(begin)
+        if not begin.cancelled() and begin.exception() is None:
+            await self._cleanup(begin.result(), None)
 
     @handle_errors
     async def DownloadArtifact(
@@ -106,13 +123,13 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
         try:
             yield pb.DownloadArtifactResponse(artifact=_artifact(record), presigned_url=url or "")
             # Read the next chunk while the current one is being sent.
-            ahead = asyncio.ensure_future(self._call(_next_chunk, chunks))
+            ahead = self._start(_next_chunk, chunks)
             while True:
-                chunk = await ahead
+                chunk = await asyncio.shield(ahead)
                 if chunk is None:
                     ahead = None
                     break
-                ahead = asyncio.ensure_future(self._call(_next_chunk, chunks))
+                ahead = self._start(_next_chunk, chunks)
                 yield pb.DownloadArtifactResponse(chunk=chunk)
         finally:
             self._close_later(chunks, ahead)
@@ -123,14 +140,11 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
             return
 
         async def closer() -> None:
-            if ahead is not None:
-                with contextlib.suppress(BaseException):
-                    await ahead
+            if ahead is not None:  # a reader is closed only once no pool thread reads from it
+                await _settled(ahead)
             await self._call(close)
 
-        task = asyncio.ensure_future(closer())
-        self._cleanups.add(task)
-        task.add_done_callback(self._cleanups.discard)
+        self._later(closer())
 
     async def drain(self) -> None:
         """Wait for the aborts and closes of calls that ended (cancelled ones at shutdown included): they run on
@@ -160,6 +174,14 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
             size=manifest.size,
             entries=[artifact_pb2.ManifestEntry(path=e.path, sha256=e.sha256, size=e.size) for e in manifest.entries],
         )
+
+
+async def _settled(call: asyncio.Future[Any]) -> None:
+    """Wait until a call on the pool has ended, whatever its outcome: its error, if any, went to the client or has
+    no one left to go to."""
+    await asyncio.wait([call])
+    if not call.cancelled():
+        call.exception()  # retrieved, so that it is not logged as lost
 
 
 def _next_chunk(chunks: Iterator[bytes]) -> bytes | None:

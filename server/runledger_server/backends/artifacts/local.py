@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,6 +24,7 @@ STALE_TEMP_SECONDS = 24 * 3600
 # While an upload streams in, what it has written so far goes to disk in the background every this many bytes,
 # so the fsync before publishing has only the tail left (a 256 MiB file otherwise waits ~0.4 s on it here).
 WRITEBACK_BYTES = 16 << 20
+UNAVAILABLE = "ARTIFACT_STORE_UNAVAILABLE"
 
 _writeback = ThreadPoolExecutor(max_workers=4, thread_name_prefix="runledger-writeback")
 
@@ -54,10 +57,8 @@ class LocalBlobStore:
         return self.path(sha256).is_file()
 
     def size(self, sha256: str) -> int | None:
-        try:
-            return self.path(sha256).stat().st_size
-        except FileNotFoundError:
-            return None
+        """The stored blob's size; whoever deduplicates against it compares this with the content's size."""
+        return _file_size(self.path(sha256))
 
     def presigned_get(self, sha256: str) -> str | None:
         return None  # a client reads a local store only through the server
@@ -96,24 +97,31 @@ class LocalBlobStore:
 
 
 class LocalBlobWriter:
-    """One upload in progress: a temp file that becomes `<root>/sha256/...` on commit, or disappears."""
+    """One upload in progress: a temp file that becomes `<root>/sha256/...` on commit, or disappears.
+
+    Calls may come from different pool threads; a lock keeps `abort` from closing the file while a write
+    still uses its descriptor (the number could be reused by another upload's file meanwhile)."""
 
     def __init__(self, store: LocalBlobStore, f: BinaryIO, tmp: Path) -> None:
         self._store = store
         self._f = f
         self._tmp = tmp
+        self._lock = threading.Lock()
+        self._received = 0
         self._unsynced = 0
         self._syncing: Future[None] | None = None
 
     def write(self, data: bytes) -> None:
-        try:
-            self._f.write(data)
-        except OSError as exc:
-            raise _unavailable(self._store.root, exc) from exc
-        self._unsynced += len(data)
-        if self._unsynced >= WRITEBACK_BYTES and (self._syncing is None or self._syncing.done()):
-            self._unsynced = 0
-            self._syncing = _writeback.submit(os.fdatasync, self._f.fileno())
+        with self._lock:
+            try:
+                _write_all(self._f, data)
+            except OSError as exc:
+                raise _unavailable(self._store.root, exc) from exc
+            self._received += len(data)
+            self._unsynced += len(data)
+            if self._unsynced >= WRITEBACK_BYTES and (self._syncing is None or self._syncing.done()):
+                self._unsynced = 0
+                self._syncing = _writeback.submit(os.fdatasync, self._f.fileno())
 
     def _settle(self) -> None:
         """Wait for the background writeback; its errors do not matter, the final fsync reports them."""
@@ -124,26 +132,42 @@ class LocalBlobWriter:
 
     def commit(self, sha256: str) -> str:
         final = self._store.path(sha256)
-        try:
-            self._f.flush()
-            self._settle()
-            os.fsync(self._f.fileno())
-            self._f.close()
-            if final.exists():  # identical content is stored once
-                self._tmp.unlink()
-            else:
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(self._tmp, final)
-                _fsync_dir(final.parent)
-        except OSError as exc:
-            self.abort()
-            raise _unavailable(self._store.root, exc) from exc
-        except BaseException:
-            self.abort()
-            raise
+        with self._lock:
+            try:
+                self._f.flush()
+                self._settle()
+                self._check_complete()
+                os.fsync(self._f.fileno())
+                self._f.close()
+                if _file_size(final) == self._received:  # identical content is stored once
+                    self._tmp.unlink()
+                else:  # absent, or a blob of the wrong size (cut short by an old failure): replaced
+                    final.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(self._tmp, final)
+                    _fsync_dir(final.parent)
+            except OSError as exc:
+                self._discard()
+                raise _unavailable(self._store.root, exc) from exc
+            except BaseException:
+                self._discard()
+                raise
         return self._store.uri(sha256)
 
+    def _check_complete(self) -> None:
+        """Publish only a temp file that holds every byte received, whatever a write reported."""
+        kept = os.fstat(self._f.fileno()).st_size
+        if kept != self._received:
+            raise Unavailable(
+                f"the artifact directory {self._store.root} kept {kept} of the {self._received} bytes received; "
+                "nothing was stored",
+                reason=UNAVAILABLE,
+            )
+
     def abort(self) -> None:
+        with self._lock:
+            self._discard()
+
+    def _discard(self) -> None:
         self._settle()  # the file descriptor stays open until no writeback uses it
         with contextlib.suppress(OSError):
             self._f.close()
@@ -151,8 +175,26 @@ class LocalBlobWriter:
             self._tmp.unlink()
 
 
+def _write_all(f: BinaryIO, data: bytes) -> None:
+    """An unbuffered write may store only part of the bytes (a file-size limit, a filling disk): write the rest,
+    so that the failure, if there is one, is raised instead of leaving the file short."""
+    view = memoryview(data)
+    while view:
+        written = f.write(view)
+        if not written:  # nothing stored and no error reported: still no room
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
+
+
+def _file_size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None
+
+
 def _unavailable(root: Path, exc: OSError) -> Unavailable:
-    return Unavailable(f"the artifact directory {root} failed: {exc}", reason="ARTIFACT_STORE_UNAVAILABLE")
+    return Unavailable(f"the artifact directory {root} failed: {exc}", reason=UNAVAILABLE)
 
 
 def _read_from(f: BinaryIO, offset: int) -> Iterator[bytes]:

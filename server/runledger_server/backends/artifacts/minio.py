@@ -299,11 +299,14 @@ class _Pipe:
         self._reader_failure: BaseException | None = None
 
     def write(self, data: bytes) -> None:
+        """Wait for room; a pipe that is cancelled, or that the SDK no longer reads, raises instead of waiting."""
         with self._cond:
-            while self._buffered >= self._limit and self._reader_failure is None:
+            while self._buffered >= self._limit and self._reader_failure is None and self._cancel is None:
                 self._cond.wait()
             if self._reader_failure is not None:
                 raise self._reader_failure
+            if self._cancel is not None:
+                raise self._cancel
             self._chunks.append(data)
             self._buffered += len(data)
             self._cond.notify_all()
@@ -366,6 +369,7 @@ class S3BlobWriter:
         # commit either way, but with a known length of 0 the SDK would not wait for the pipe at all.
         self._length = size if size else -1
         self._pipe = _Pipe(PIPE_BYTES, size if size else None)
+        self._received = 0
         self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._upload, name="runledger-s3-upload", daemon=True)
         self._thread.start()
@@ -382,12 +386,14 @@ class S3BlobWriter:
             )
         except _Cancelled as exc:
             self._failure = exc
+            self._pipe.reader_failed(exc)  # nothing reads the pipe any more: a writer waiting for room is woken
         except BaseException as exc:
             self._failure = self._store.translate(exc, "storing an upload")
             self._pipe.reader_failed(self._failure)
 
     def write(self, data: bytes) -> None:
         self._pipe.write(data)
+        self._received += len(data)
 
     def commit(self, sha256: str) -> str:
         if self._expected is not None and sha256 != self._expected:
@@ -402,7 +408,8 @@ class S3BlobWriter:
         store = self._store
         try:
             with store.errors("publishing an upload"):
-                if store._size(store.key(sha256)) is None:  # identical content is stored once
+                # Identical content is stored once; an object of another size under the address is broken.
+                if store._size(store.key(sha256)) != self._received:
                     store.client.copy_object(store.bucket, store.key(sha256), CopySource(store.bucket, self._key))
         finally:
             self._remove_temp()

@@ -19,7 +19,7 @@ class _Writer(Protocol):
 
 
 class _Store(Protocol):
-    def exists(self, sha256: str) -> bool: ...
+    def size(self, sha256: str) -> int | None: ...
 
     def uri(self, sha256: str) -> str: ...
 
@@ -28,7 +28,7 @@ class _Store(Protocol):
 
 def put_verified(store: _Store, sha256: str, stream: BinaryIO, size: int) -> str:
     """Copy `stream` into the store under `sha256`, published only if size and digest match; the URI."""
-    if store.exists(sha256):
+    if store.size(sha256) == size:  # stored already; a blob of another size is broken and gets replaced
         return store.uri(sha256)
     w = store.writer(sha256)
     try:
