@@ -185,6 +185,10 @@ def test_versions_record_run_artifact_digest_and_lineage(reg: Registry) -> None:
         request = pb.GetModelVersionRequest(name=f"models/{MODEL}/versions/{bad}")
         r = refusal(lambda request=request: reg.stub.GetModelVersion(request))  # type: ignore[misc]
         assert (r.code, r.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "name"), bad
+    for missing in (f"models/{MODEL}/versions/99", "models/no-such-model/versions/1", f"models/{MODEL}@staging"):
+        request = pb.GetModelVersionRequest(name=missing)
+        r = refusal(lambda request=request: reg.stub.GetModelVersion(request))  # type: ignore[misc]
+        assert (r.code, r.metadata["field"]) == (grpc.StatusCode.NOT_FOUND, "name"), missing  # its only field
     assert reg.stub.GetRegisteredModel(pb.GetRegisteredModelRequest(name=f"models/{MODEL}")).latest_version == 1
 
 
@@ -469,7 +473,9 @@ def test_evaluate_promotion_decides_without_writing(reg: Registry, seeded: Champ
         pb.EvaluatePromotionRequest(model=MODEL, alias="staging", version=seeded.b, gate_id=GATE, expected_revision=0)
     ).decision
     assert d.promoted and d.incumbent_version == 0
-    assert reg.serving() == before and reg.history() == history and reg.history("staging") == []
+    assert reg.serving() == before and reg.history() == history
+    r = refusal(lambda: reg.history("staging"))  # nothing was written for it: no alias, no history
+    assert (r.code, r.metadata["field"]) == (grpc.StatusCode.NOT_FOUND, "alias")
 
 
 def test_compare_and_swap(reg: Registry, seeded: Champion) -> None:
@@ -562,6 +568,9 @@ def test_history_pages_oldest_first(reg: Registry, seeded: Champion) -> None:
         lambda: reg.stub.ListAliasHistory(pb.ListAliasHistoryRequest(model=MODEL, alias="canary", page_token="x!"))
     )
     assert r.code == grpc.StatusCode.INVALID_ARGUMENT
+    # An alias nothing was ever decided about (a misspelling) is NOT_FOUND, not an empty history.
+    r = refusal(lambda: reg.stub.ListAliasHistory(pb.ListAliasHistoryRequest(model=MODEL, alias="prodution")))
+    assert (r.code, r.metadata["field"]) == (grpc.StatusCode.NOT_FOUND, "alias")
 
 
 def test_versions_list_the_aliases_pointing_at_them(reg: Registry, seeded: Champion) -> None:

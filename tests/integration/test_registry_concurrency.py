@@ -91,6 +91,24 @@ def test_version_numbers_under_eight_threads(channels: list[grpc.Channel]) -> No
     assert setup.stub.GetRegisteredModel(pb.GetRegisteredModelRequest(name=f"models/{MODEL}")).latest_version == total
 
 
+def test_racing_creates_of_one_model_make_one_and_refuse_the_rest_alike(channels: list[grpc.Channel]) -> None:
+    stubs = [registry_service_pb2_grpc.RegistryServiceStub(ch) for ch in channels]
+    for attempt in range(5):  # a check-then-insert race shows within a few rounds on PostgreSQL
+        model = f"raced-{attempt}"
+
+        def create(t: int, model: str = model) -> str:
+            try:
+                stubs[t].CreateRegisteredModel(pb.CreateRegisteredModelRequest(model_id=model))
+                return "created"
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.ALREADY_EXISTS, exc
+                assert f"models/{model} already exists" in (exc.details() or ""), exc.details()
+                return error_reason(exc)
+
+        outcomes = race(8, create)
+        assert sorted(outcomes) == ["ALREADY_EXISTS"] * 7 + ["created"], outcomes  # never a generic CONFLICT
+
+
 @dataclass
 class Call:
     version: int

@@ -54,20 +54,27 @@ def model_id(name: str, field: str = "model") -> str:
     if not name:
         raise InvalidArgument(f"{field} is required (format: models/{{model}})", field=field)
     bare = name[len("models/") :] if name.startswith("models/") else name
+    if "@" in bare:  # `models/{m}@{alias}` names a version; here only the model goes
+        raise InvalidArgument(
+            f"{field} {name[:200]!r} names an alias: give the model here and the alias in its own field "
+            "(the models/{model}@{alias} form is taken where a version name is)",
+            field=field,
+        )
     return slug(bare, field)
 
 
 def version_ref(name: str, field: str = "name") -> tuple[str, int | None, str | None]:
-    """`models/{m}/versions/{n}` or `models/{m}@{alias}` (also bare `{m}@{alias}`) -> (model, version, alias)."""
+    """`models/{m}/versions/{n}` or `models/{m}@{alias}`, with or without the `models/` prefix (as model
+    fields take a bare ID) -> (model, version, alias)."""
     if not name:
         raise InvalidArgument(f"{field} is required", field=field)
-    m = _VERSION.fullmatch(name)
+    candidate = name if name.startswith("models/") else f"models/{name}"
+    m = _VERSION.fullmatch(candidate)
     if m:
         number = int(m.group(2))
         if not 0 < number < 1 << 63:
             raise InvalidArgument(f"{field} {name!r}: a version number is from 1 to 2^63-1", field=field)
         return slug(m.group(1), field), number, None
-    candidate = name if name.startswith("models/") else f"models/{name}"
     m = _ALIAS_REF.fullmatch(candidate)
     if m:
         return slug(m.group(1), field), None, slug(m.group(2), field)

@@ -79,7 +79,7 @@ class RegistryService:
         try:
             return self.store.get_model(names.model_id(name, "name"))
         except NotFound as exc:  # the store names `model`, the field of most requests; this one's is `name`
-            raise NotFound(str(exc), field="name") from None
+            raise _naming(exc, "name") from None
 
     def list_models(self, page_size: int, page_token: str) -> Page[RegisteredModel]:
         return self.store.list_models(paging.page_size(page_size), page_token)
@@ -124,12 +124,15 @@ class RegistryService:
     def get_version(self, name: str) -> ModelVersion:
         """By `models/{m}/versions/{n}` or `models/{m}@{alias}`."""
         model_id, version, alias = names.version_ref(name)
-        if alias is not None:
-            target = self.serving_target(f"models/{model_id}", alias)
-            assert target.version is not None
-            return target.version
-        assert version is not None
-        return self.store.get_version(model_id, version)
+        try:
+            if alias is not None:
+                target = self.serving_target(f"models/{model_id}", alias)
+                assert target.version is not None
+                return target.version
+            assert version is not None
+            return self.store.get_version(model_id, version)
+        except NotFound as exc:  # a missing model, version or alias: all of them are spelled in `name` here
+            raise _naming(exc, "name") from None
 
     def list_versions(self, model: str, page_size: int, page_token: str) -> Page[ModelVersion]:
         return self.store.list_versions(names.model_id(model), paging.page_size(page_size), page_token)
@@ -311,3 +314,8 @@ def _artifact_path(path: str) -> str:
     if not path:
         raise InvalidArgument("artifact_path is required (a file or directory of the run)", field="artifact_path")
     return artifact_paths.directory_path(path, "artifact_path")
+
+
+def _naming(exc: NotFound, field: str) -> NotFound:
+    """The same refusal, naming the request field that held the missing part."""
+    return NotFound(exc.message, reason=exc.reason, metadata={**exc.metadata, "field": field}, field=field)

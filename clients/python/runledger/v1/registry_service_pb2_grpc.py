@@ -211,6 +211,9 @@ class RegistryServiceServicer:
 
     def RollbackAlias(self, request, context):
         """Moves an alias back to the version it held before its last change.
+        Rollbacks undo in turn: after v1 -> v2 -> v3, a rollback gives v2 and a
+        second one v1 (not v3 again); with nothing left to undo it is
+        FAILED_PRECONDITION NO_PREVIOUS_VERSION. Audited like every change.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

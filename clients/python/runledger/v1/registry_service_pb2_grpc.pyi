@@ -64,7 +64,11 @@ class RegistryServiceStub:
     EvaluatePromotion: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.EvaluatePromotionRequest, _registry_service_pb2.EvaluatePromotionResponse]
     """The decision SetAlias would take, without moving anything."""
     RollbackAlias: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.RollbackAliasRequest, _registry_service_pb2.RollbackAliasResponse]
-    """Moves an alias back to the version it held before its last change."""
+    """Moves an alias back to the version it held before its last change.
+    Rollbacks undo in turn: after v1 -> v2 -> v3, a rollback gives v2 and a
+    second one v1 (not v3 again); with nothing left to undo it is
+    FAILED_PRECONDITION NO_PREVIOUS_VERSION. Audited like every change.
+    """
     DeleteAlias: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.DeleteAliasRequest, _empty_pb2.Empty]
     """Deletes an alias."""
     ListAliasHistory: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.ListAliasHistoryRequest, _registry_service_pb2.ListAliasHistoryResponse]
@@ -113,7 +117,11 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     EvaluatePromotion: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.EvaluatePromotionRequest, _registry_service_pb2.EvaluatePromotionResponse]  # type: ignore[assignment]
     """The decision SetAlias would take, without moving anything."""
     RollbackAlias: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.RollbackAliasRequest, _registry_service_pb2.RollbackAliasResponse]  # type: ignore[assignment]
-    """Moves an alias back to the version it held before its last change."""
+    """Moves an alias back to the version it held before its last change.
+    Rollbacks undo in turn: after v1 -> v2 -> v3, a rollback gives v2 and a
+    second one v1 (not v3 again); with nothing left to undo it is
+    FAILED_PRECONDITION NO_PREVIOUS_VERSION. Audited like every change.
+    """
     DeleteAlias: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.DeleteAliasRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Deletes an alias."""
     ListAliasHistory: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.ListAliasHistoryRequest, _registry_service_pb2.ListAliasHistoryResponse]  # type: ignore[assignment]
@@ -231,7 +239,11 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_service_pb2.RollbackAliasRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_registry_service_pb2.RollbackAliasResponse, _abc.Awaitable[_registry_service_pb2.RollbackAliasResponse]]:
-        """Moves an alias back to the version it held before its last change."""
+        """Moves an alias back to the version it held before its last change.
+        Rollbacks undo in turn: after v1 -> v2 -> v3, a rollback gives v2 and a
+        second one v1 (not v3 again); with nothing left to undo it is
+        FAILED_PRECONDITION NO_PREVIOUS_VERSION. Audited like every change.
+        """
 
     @_abc_1.abstractmethod
     def DeleteAlias(

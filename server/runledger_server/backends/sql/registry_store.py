@@ -71,17 +71,20 @@ class SqlRegistryStore:
     # ---- models ------------------------------------------------------------------------------
     def create_model(self, model_id: str, description: str, tags: dict[str, str]) -> RegisteredModel:
         with self.db.write() as s:
-            if s.get(RegisteredModelRow, model_id) is not None:
-                raise AlreadyExists(f"models/{model_id} already exists", field="model_id")
             now = now_us()
-            row = RegisteredModelRow(
-                id=model_id, description=description, latest_version=0, create_time_us=now, update_time_us=now
-            )
-            s.add(row)
-            s.flush()
+            # Inserted unless present, in one statement: two replicas creating the same model concurrently get
+            # one row and one clear refusal (a check-then-insert race would surface as a generic conflict).
+            created = s.execute(
+                self._insert(RegisteredModelRow)
+                .values(id=model_id, description=description, latest_version=0, create_time_us=now, update_time_us=now)
+                .on_conflict_do_nothing()
+                .returning(RegisteredModelRow.id)
+            ).scalar_one_or_none()
+            if created is None:
+                raise AlreadyExists(f"models/{model_id} already exists", field="model_id")
             s.add_all(RegisteredModelTagRow(model_id=model_id, key=k, value=v) for k, v in tags.items())
             s.flush()
-            return _model(row, dict(tags))
+            return RegisteredModel(model_id, description, dict(tags), 0, now, now)
 
     def get_model(self, model_id: str) -> RegisteredModel:
         with self.db.statements(write=False) as q:
@@ -351,6 +354,10 @@ class SqlRegistryStore:
         with self.db.read() as s:
             _orm_require_model(s, model_id)
             rows = list(s.scalars(stmt))
+            if not rows and not cursor and s.get(AliasRow, (model_id, alias)) is None:
+                # No decision was ever made about it (a refused one would have left its row and an entry): most
+                # likely a misspelt alias, which an empty history would hide.
+                raise NotFound(f"models/{model_id}/aliases/{alias} has never been set", field="alias")
         more = len(rows) > page_size
         rows = rows[:page_size]
         token = paging.encode([rows[-1].sequence], query) if more else ""
