@@ -298,6 +298,19 @@ def test_a_blob_cut_short_under_a_digest_is_replaced_by_the_next_upload(
     assert plant(digest, None) == data
 
 
+def _s3_store(s3: S3Server, endpoint: str) -> S3BlobStore:
+    """A store of its own under a fresh prefix of the test bucket, reached at `endpoint` (the server or a relay)."""
+    return S3BlobStore(
+        endpoint=endpoint,
+        bucket=s3.bucket,
+        prefix=f"t-{uuid.uuid4().hex[:12]}",
+        access_key=s3.access_key,
+        secret_key=s3.secret_key,
+        secure=s3.secure,
+        region=s3.region,
+    )
+
+
 def test_put_replaces_a_blob_cut_short(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """The way directory manifests (content of known digest) are stored checks the stored size as well."""
     data = b'[{"path":"a","sha256":"00","size":1}]'
@@ -309,15 +322,7 @@ def test_put_replaces_a_blob_cut_short(backend: str, tmp_path: Path, request: py
         store.path(digest).write_bytes(data[:10])
     else:
         s3: S3Server = request.getfixturevalue("s3_server")
-        store = S3BlobStore(
-            endpoint=s3.endpoint,
-            bucket=s3.bucket,
-            prefix=f"t-{uuid.uuid4().hex[:12]}",
-            access_key=s3.access_key,
-            secret_key=s3.secret_key,
-            secure=s3.secure,
-            region=s3.region,
-        )
+        store = _s3_store(s3, s3.endpoint)
         store.ensure_bucket()
         store.client.put_object(store.bucket, store.key(digest), io.BytesIO(data[:10]), 10)
     assert store.put(digest, io.BytesIO(data), len(data)) == store.uri(digest)
@@ -358,15 +363,7 @@ def test_a_cancel_during_the_last_write_to_a_stalled_s3_leaves_no_thread_stuck(
 @pytest.mark.s3
 def test_an_s3_write_waiting_for_room_is_woken_by_abort(s3_server: S3Server, relay: _S3Relay) -> None:
     """Whoever aborts an upload while a write waits on a stalled store: the write fails at once, not never."""
-    store = S3BlobStore(
-        endpoint=relay.endpoint,
-        bucket=s3_server.bucket,
-        prefix=f"t-{uuid.uuid4().hex[:12]}",
-        access_key=s3_server.access_key,
-        secret_key=s3_server.secret_key,
-        secure=s3_server.secure,
-        region=s3_server.region,
-    )
+    store = _s3_store(s3_server, relay.endpoint)
     data = _blob(s3_backend.PART_SIZE + s3_backend.PIPE_BYTES + MiB, seed=25)
     before = _upload_threads()
     relay.hold(_part_upload)
