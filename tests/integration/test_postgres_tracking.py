@@ -329,3 +329,20 @@ def test_lineage_and_params_raced_on_two_replicas_stay_immutable_and_consistent(
             partial(b.LogParams, pb.LogParamsRequest(run_id=run, params={"wd": "0.2"})),
         )
         assert got == ["ALREADY_EXISTS PARAM_IMMUTABLE", "OK"], (i, got)
+        # Tags are mutable: two callers adding the same new key both succeed (one inserts, the other updates).
+        got = race(
+            partial(a.SetTags, pb.SetTagsRequest(run_id=run, tags={"stage": "a"})),
+            partial(b.SetTags, pb.SetTagsRequest(run_id=run, tags={"stage": "b"})),
+        )
+        assert got == ["OK", "OK"] and b.GetRun(pb.GetRunRequest(run_id=run)).tags["stage"] in ("a", "b"), (i, got)
+        # An eval result logged twice at once (a retry racing the original) is stored once, without a conflict.
+        scores = pb.LogEvalResultRequest(run_id=run, suite_fingerprint="mmlu@1", metrics={"acc": 0.5})
+        assert race(partial(a.LogEvalResult, scores), partial(b.LogEvalResult, scores)) == ["OK", "OK"], i
+        # Two callers creating one experiment name: one creates it, the other is told which experiment has it
+        # (the metadata get-or-create follows), never a generic conflict.
+        name = f"raced-{i}"
+        got = race(
+            partial(a.CreateExperiment, pb.CreateExperimentRequest(display_name=name)),
+            partial(b.CreateExperiment, pb.CreateExperimentRequest(display_name=name)),
+        )
+        assert got == ["ALREADY_EXISTS ALREADY_EXISTS", "OK"], (i, got)

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 from sqlalchemy import ColumnElement, String, and_, exists, not_, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -49,26 +50,33 @@ _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 class SqlTrackingStore:
     def __init__(self, db: Database, chunk_cache_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.db = db
+        self._insert: Any = postgresql.insert if db.dialect == "postgresql" else sqlite.insert
         self._known_runs: set[str] = set()  # runs are never deleted, so a positive cache is always valid
         self._chunks = ChunkCache(chunk_cache_bytes)
 
     # ---- experiments -------------------------------------------------------------------------
     def create_experiment(self, display_name: str, description: str, tags: dict[str, str]) -> Experiment:
         with self.db.write() as s:
-            existing = s.scalar(select(ExperimentRow.id).where(ExperimentRow.display_name == display_name))
-            if existing is not None:
+            experiment_id, now = ids.new_id(), now_us()
+            # Inserted unless the name is taken, in one statement: of two callers racing on one name (two
+            # replicas, or sweep trials calling get-or-create at once) one creates it and the other is told
+            # which experiment holds the name, which is what get-or-create needs.
+            created = s.execute(
+                self._insert(ExperimentRow)
+                .values(id=experiment_id, display_name=display_name, description=description, create_time_us=now)
+                .on_conflict_do_nothing()
+                .returning(ExperimentRow.id)
+            ).scalar_one_or_none()
+            if created is None:
+                existing = s.scalar(select(ExperimentRow.id).where(ExperimentRow.display_name == display_name))
                 raise AlreadyExists(
                     f"experiment display_name {display_name!r} is taken by experiments/{existing}",
                     field="display_name",
                     metadata={"experiment": f"experiments/{existing}"},
                 )
-            row = ExperimentRow(
-                id=ids.new_id(), display_name=display_name, description=description, create_time_us=now_us()
-            )
-            s.add(row)
-            s.add_all(ExperimentTagRow(experiment_id=row.id, key=k, value=v) for k, v in tags.items())
+            s.add_all(ExperimentTagRow(experiment_id=experiment_id, key=k, value=v) for k, v in tags.items())
             s.flush()
-            return _experiment(row, dict(tags))
+            return Experiment(experiment_id, display_name, description, dict(tags), now)
 
     def get_experiment(self, experiment_id: str) -> Experiment:
         with self.db.read() as s:
@@ -243,7 +251,7 @@ class SqlTrackingStore:
 
     def set_tags(self, run_id: str, tags: dict[str, str], remove_keys: Sequence[str]) -> dict[str, str]:
         with self.db.write() as s:
-            _require_run(s, run_id)
+            _require_run(s, run_id, lock=True)  # two callers adding one new key: one inserts, the other updates
             rows = {r.key: r for r in s.scalars(select(RunTagRow).where(RunTagRow.run_id == run_id))}
             for key in remove_keys:
                 if key in rows:
@@ -413,7 +421,7 @@ class SqlTrackingStore:
     # ---- eval results ------------------------------------------------------------------------
     def log_eval_result(self, run_id: str, suite_fingerprint: str, metrics: dict[str, float]) -> EvalResult:
         with self.db.write() as s:
-            _require_run(s, run_id)
+            _require_run(s, run_id, lock=True)  # a retry racing the original sees its scores, not a key conflict
             rows = {
                 r.metric: r
                 for r in s.scalars(
