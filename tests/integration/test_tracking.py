@@ -414,10 +414,38 @@ def test_search_by_start_and_end_time(tracking) -> None:
 
     assert names("start_time >= 1650000000000") == ["mid", "new"]
     assert names("end_time < 1650000000000") == ["old"]  # a running run has no end time to compare
+    assert names("start_time = 1650000000000") == ["mid"]  # whole milliseconds, as the API shows times
     assert names(order_by="start_time DESC") == ["new", "mid", "old"]
     assert names(order_by="end_time DESC") == ["mid", "old", "new"]  # without one: last
     r = refusal(lambda: tracking.SearchRuns(pb.SearchRunsRequest(filter="start_time LIKE '16%'")))
     assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "filter"
+
+
+def test_a_run_matches_its_own_create_time_in_milliseconds(tracking) -> None:
+    exp = _experiment(tracking)
+    run = _run(tracking, exp, display_name="me")
+    ms = run.create_time.ToMilliseconds()  # what a user reads off the run
+
+    def names(filter_text: str) -> list[str]:
+        found = tracking.SearchRuns(pb.SearchRunsRequest(experiments=[exp.name], filter=filter_text))
+        return [r.display_name for r in found.runs]
+
+    assert names(f"create_time = {ms}") == ["me"] and names(f"create_time <= {ms}") == ["me"]
+    assert names(f"create_time < {ms}") == [] and names(f"create_time > {ms}") == []
+
+
+@pytest.mark.parametrize(
+    "filter_text",
+    [
+        "params.x IN (" + ", ".join(f"'{i}'" for i in range(1_001)) + ")",  # beyond 1,000 values
+        "params.x LIKE '" + "a%" * 6_000 + "'",  # a pattern SQLite would refuse as too complex
+        "create_time > 1e30",  # beyond a 64-bit count of microseconds
+        "params.x = 'a\x00b'",
+    ],
+)
+def test_filters_beyond_the_databases_limits_are_invalid_argument(tracking, filter_text: str) -> None:
+    r = refusal(lambda: tracking.SearchRuns(pb.SearchRunsRequest(filter=filter_text)))
+    assert (r.code, r.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "filter"), r.message
 
 
 def test_search_order_and_paging(tracking) -> None:
@@ -608,6 +636,12 @@ def test_select_winner_refusals(tracking) -> None:
     assert r.code == grpc.StatusCode.NOT_FOUND and "ghost" in r.message
     r = refusal(lambda: _select(tracking))
     assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "run_ids"
+    r = refusal(lambda: _select(tracking, run_ids=[run.run_id], filter='tags.keep = "yes"'))  # would be ignored
+    assert (r.code, r.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "filter")
+    r = refusal(lambda: _select(tracking, experiment="experiments/nope"))
+    assert (r.code, r.metadata["field"]) == (grpc.StatusCode.NOT_FOUND, "experiment")
+    r = refusal(lambda: _select(tracking, experiment="experiments/bad id"))
+    assert (r.code, r.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "experiment")
     # Hundreds of unknown IDs: NOT_FOUND naming a few (a status listing all of them would not fit gRPC's headers).
     ghosts = [f"ghost{i:04d}" for i in range(600)]
     r = refusal(lambda: _select(tracking, run_ids=[run.run_id, *ghosts]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from runledger_server.domain import paging
 from runledger_server.domain.errors import InvalidArgument
 from runledger_server.domain.filters import Clause, OrderBy, parse_filter, parse_order_by
 
@@ -94,3 +95,11 @@ def test_parse_order_by_refusals(text: str) -> None:
     with pytest.raises(InvalidArgument) as info:
         parse_order_by(text)
     assert info.value.field == "order_by"
+
+
+@pytest.mark.parametrize("cursor", [[], [1], ["x", "y"], [1.5, "r"], [None, "r"], [1, 2], [{"a": 1}, "r"]])
+def test_a_page_cursor_of_another_shape_is_a_malformed_token(cursor: list[object]) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        paging.fields(cursor, int, str)
+    assert info.value.field == "page_token"
+    assert paging.fields([7, "r"], int, str) == [7, "r"]

@@ -21,6 +21,9 @@ TIME_ATTRIBUTES = ("create_time", "start_time", "end_time")  # milliseconds sinc
 ATTRIBUTES = ("status", "display_name", "run_id", "experiment", *TIME_ATTRIBUTES)
 OPS = ("=", "!=", "<", "<=", ">", ">=", "LIKE", "ILIKE", "IN")
 PATTERN_OPS = ("LIKE", "ILIKE")
+MAX_IN_VALUES = 1000
+MAX_PATTERN_CHARS = 10_000
+MAX_TIME_MS = 9.2e15  # microseconds since the epoch must fit the database's 64-bit integer
 
 _TOKEN = re.compile(
     r"""\s*(?:
@@ -93,7 +96,8 @@ def parse_filter(text: str, field: str = "filter") -> tuple[Clause, ...]:
 
     def need(cond: bool, what: str) -> None:
         if not cond:
-            raise InvalidArgument(f"{field}: expected {what} in {text!r}", field=field)
+            shown = text if len(text) <= 300 else f"{text[:300]}... ({len(text)} characters)"  # fits a status
+            raise InvalidArgument(f"{field}: expected {what} in {shown!r}", field=field)
 
     while True:
         need(i < len(toks) and toks[i][0] == "field", "a field such as params.lr")
@@ -126,8 +130,14 @@ def parse_filter(text: str, field: str = "filter") -> tuple[Clause, ...]:
             need(i < len(toks) and toks[i][0] in ("str", "num"), "a quoted string or a number")
             values.append(_literal(*toks[i]))
             i += 1
+        # Bounds that keep a filter a query rather than a load on the database (SQLite refuses long patterns,
+        # PostgreSQL more than 65,535 parameters, and neither takes NUL in text).
+        need(len(values) <= MAX_IN_VALUES, f"at most {MAX_IN_VALUES} values in IN (...)")
+        need(not any(isinstance(v, str) and "\x00" in v for v in values), "no NUL in a value")
+        need("\x00" not in key, "no NUL in a key")
         if op in PATTERN_OPS:
             need(isinstance(values[0], str), f"a quoted pattern after {op}")
+            need(len(str(values[0])) <= MAX_PATTERN_CHARS, f"a {op} pattern of at most {MAX_PATTERN_CHARS} characters")
             closed = _escapes_closed(str(values[0]))
             need(closed, f"a character after the last backslash of the {op} pattern (it escapes the next one)")
         if kind == "metrics":
@@ -139,6 +149,11 @@ def parse_filter(text: str, field: str = "filter") -> tuple[Clause, ...]:
             need(all(isinstance(v, str) for v in values), f"a quoted value for {kind} (their values are text)")
         else:
             need(key not in TIME_ATTRIBUTES or op not in PATTERN_OPS, f"a numeric comparison for {key}")
+            if key in TIME_ATTRIBUTES:
+                need(
+                    all(isinstance(v, float) and abs(v) <= MAX_TIME_MS for v in values),
+                    f"milliseconds since the epoch for {key} (a number within +-{MAX_TIME_MS:.0f})",
+                )
             values = [v if isinstance(v, str) else _num_text(v) for v in values]
         if kind == "attribute" and key == "status":
             values = [_status(str(v), field) for v in values]
@@ -177,6 +192,6 @@ def parse_order_by(text: str, field: str = "order_by") -> OrderBy:
         text = parts[0]
     toks = _tokens(text, field)
     if len(toks) != 1 or toks[0][0] != "field":
-        raise InvalidArgument(f"{field}: expected one field and an optional ASC/DESC, got {text!r}", field=field)
+        raise InvalidArgument(f"{field}: expected one field and an optional ASC/DESC, got {text[:300]!r}", field=field)
     kind, key = _field(toks[0][1], field)
     return OrderBy(kind, key, descending)

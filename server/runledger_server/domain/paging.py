@@ -45,3 +45,11 @@ def decode(token: str, query: Any) -> list[Any] | None:
     if not isinstance(cursor, list):
         raise InvalidArgument("page_token is malformed", field="page_token")
     return cursor
+
+
+def fields(cursor: list[Any], *kinds: type | tuple[type, ...]) -> list[Any]:
+    """The cursor's values when they have the expected number and types: a token is opaque to its holder, but
+    one edited by hand must be refused as malformed, not reach the database as a wrong-typed value."""
+    if len(cursor) != len(kinds) or not all(isinstance(v, k) for v, k in zip(cursor, kinds, strict=True)):
+        raise InvalidArgument("page_token is malformed", field="page_token")
+    return cursor

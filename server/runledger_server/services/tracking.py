@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 
 from runledger_server.domain import filters, ids, names, paging, sweeps
-from runledger_server.domain.errors import InvalidArgument
+from runledger_server.domain.errors import InvalidArgument, NotFound
 from runledger_server.domain.lineage import Lineage
 from runledger_server.domain.metrics import Batch, Series, downsample, in_step_order, joined
 from runledger_server.domain.run_status import STATUSES
@@ -153,6 +153,10 @@ class TrackingService:
             _suite(suite_fingerprint, "suite_fingerprint")
         if run_ids and experiment:
             raise InvalidArgument("give either run_ids or experiment, not both", field="run_ids")
+        if run_ids and filter_text.strip():  # it would be ignored: every listed run is a candidate
+            raise InvalidArgument(
+                "filter applies to an experiment's runs; with run_ids, list only the candidates", field="filter"
+            )
         if run_ids:
             unique = list(dict.fromkeys(run_ids))
             if len(unique) > MAX_SELECT_CANDIDATES:
@@ -171,6 +175,12 @@ class TrackingService:
         return sweeps.select_winner(candidates, metric, direction, suite_fingerprint=suite_fingerprint)
 
     def _experiment_runs(self, experiment: str, filter_text: str) -> list[str]:
+        # A missing experiment is NOT_FOUND naming it, not "no scored runs" (which would blame the metric).
+        experiment_id = names.experiment_id(experiment, "experiment")
+        try:
+            self.store.get_experiment(experiment_id)
+        except NotFound:
+            raise NotFound(f"experiments/{experiment_id} not found", field="experiment") from None
         out: list[str] = []
         token = ""
         while True:

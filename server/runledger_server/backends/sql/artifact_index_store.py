@@ -70,7 +70,7 @@ class SqlArtifactIndex:
             _require_run(s, run_id)
             stmt = _under_prefix(run_id, prefix)
             if cursor:
-                stmt = stmt.where(ArtifactRow.path > str(cursor[0]))
+                stmt = stmt.where(ArtifactRow.path > paging.fields(cursor, str)[0])
             rows = list(s.scalars(stmt.order_by(ArtifactRow.path).limit(page_size + 1)))
         more = len(rows) > page_size
         rows = rows[:page_size]

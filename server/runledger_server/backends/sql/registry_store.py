@@ -103,7 +103,7 @@ class SqlRegistryStore:
         cursor = paging.decode(page_token, query)
         stmt = select(RegisteredModelRow)
         if cursor:
-            stmt = stmt.where(RegisteredModelRow.id > str(cursor[0]))
+            stmt = stmt.where(RegisteredModelRow.id > paging.fields(cursor, str)[0])
         stmt = stmt.order_by(RegisteredModelRow.id).limit(page_size + 1)
         with self.db.read() as s:
             rows = list(s.scalars(stmt))
@@ -183,7 +183,7 @@ class SqlRegistryStore:
         cursor = paging.decode(page_token, query)
         stmt = select(ModelVersionRow).where(ModelVersionRow.model_id == model_id)
         if cursor:
-            stmt = stmt.where(ModelVersionRow.version < int(cursor[0]))
+            stmt = stmt.where(ModelVersionRow.version < paging.fields(cursor, int)[0])
         stmt = stmt.order_by(ModelVersionRow.version.desc()).limit(page_size + 1)
         with self.db.read() as s:
             _orm_require_model(s, model_id)
@@ -349,7 +349,7 @@ class SqlRegistryStore:
         cursor = paging.decode(page_token, query)
         stmt = select(AliasHistoryRow).where(AliasHistoryRow.model_id == model_id, AliasHistoryRow.alias == alias)
         if cursor:
-            stmt = stmt.where(AliasHistoryRow.sequence > int(cursor[0]))
+            stmt = stmt.where(AliasHistoryRow.sequence > paging.fields(cursor, int)[0])
         stmt = stmt.order_by(AliasHistoryRow.sequence).limit(page_size + 1)
         with self.db.read() as s:
             _orm_require_model(s, model_id)

@@ -92,7 +92,7 @@ class SqlTrackingStore:
         for c in clauses:
             stmt = stmt.where(_experiment_clause(c))
         if cursor:
-            ct, eid = cursor
+            ct, eid = paging.fields(cursor, int, str)
             stmt = stmt.where(
                 or_(ExperimentRow.create_time_us > ct, and_(ExperimentRow.create_time_us == ct, ExperimentRow.id > eid))
             )
@@ -633,7 +633,7 @@ def _run_clause(c: Clause) -> ColumnElement[bool]:
             LatestMetricRow.value.is_not(None),
             _compare(LatestMetricRow.value, c.op, c.values),
         )
-    column = {
+    column: Any = {
         "status": RunRow.status,
         "display_name": RunRow.display_name,
         "run_id": RunRow.id,
@@ -645,11 +645,14 @@ def _run_clause(c: Clause) -> ColumnElement[bool]:
     values = c.values
     if c.key == "experiment":
         values = tuple(str(v).removeprefix("experiments/") for v in values)
-    if c.key in TIME_ATTRIBUTES:  # milliseconds since the epoch in the filter
+    if c.key in TIME_ATTRIBUTES:
+        # The filter says milliseconds, the column holds microseconds: compare whole milliseconds, so that a
+        # run's own create_time (as the API shows it, in ms) matches `create_time = X` and `<= X`.
         try:
-            values = tuple(int(float(v) * 1000) for v in values)
+            values = tuple(float(v) for v in values)
         except ValueError as exc:
             raise InvalidArgument(f"filter: {c.key} takes milliseconds since the epoch", field="filter") from exc
+        column = column // 1000
     return _compare(column, c.op, values)
 
 
@@ -682,10 +685,7 @@ def _sort_expr(order: OrderBy) -> Any:
 
 
 def _after(sort: Any, descending: bool, cursor: list[Any]) -> ColumnElement[bool]:
-    try:
-        value, ct, rid = cursor
-    except ValueError as exc:
-        raise InvalidArgument("page_token is malformed", field="page_token") from exc
+    value, ct, rid = paging.fields(cursor, (int, float, str, type(None)), int, str)
     tie = or_(RunRow.create_time_us > ct, and_(RunRow.create_time_us == ct, RunRow.id > rid))
     if value is None:
         return and_(sort.is_(None), tie)
