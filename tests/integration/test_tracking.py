@@ -111,6 +111,8 @@ def test_run_lifecycle(tracking) -> None:
     imported = _run(tracking, exp, start_time=started)
     assert imported.start_time == started and imported.create_time != started
     assert tracking.GetRun(pb.GetRunRequest(run_id=imported.run_id)).start_time == started
+    at_epoch = _run(tracking, exp, start_time=Timestamp(seconds=0))  # the epoch is a time, not "unset"
+    assert at_epoch.start_time.ToMicroseconds() == 0 and at_epoch.HasField("start_time")
 
 
 def test_client_chosen_run_id_is_retry_safe(tracking) -> None:

@@ -101,3 +101,11 @@ def test_string_map_stringifies_values() -> None:
     assert string_map(None, "params") == {}
     with pytest.raises(errors.InvalidArgument):
         string_map({1: "x"}, "params")
+
+
+def test_same_json_compares_as_the_lineage_fingerprint_does() -> None:
+    from runledger._convert import same_json
+
+    assert same_json('{"lr": 1e-4, "r": 16}', '{"r":16,"lr":0.0001}')  # re-serialised, same value
+    assert not same_json('{"lr": 1}', '{"lr": 1.0}')  # 1 and 1.0 give different fingerprints
+    assert not same_json('{"flag": true}', '{"flag": 1}')

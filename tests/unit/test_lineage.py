@@ -142,3 +142,12 @@ def test_random_lineages_agree_with_the_reference() -> None:
             "seed": rng.randint(-(2**40), 2**40),
         }
         assert as_lineage(d).fingerprint() == reference_fingerprint(d)
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_a_config_with_non_json_numbers_is_refused(constant: str) -> None:
+    from runledger_server.domain.lineage import parse_config
+
+    with pytest.raises(InvalidArgument) as info:
+        parse_config(f'{{"lr": {constant}}}')
+    assert info.value.field == "lineage.config"

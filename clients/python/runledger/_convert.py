@@ -96,8 +96,13 @@ def string_map(values: Mapping[str, Any] | None, field: str) -> dict[str, str]:
 
 
 def same_json(a: str, b: str) -> bool:
-    """Whether two JSON texts hold the same value (the server may store a config re-serialised)."""
+    """Whether two JSON texts hold the same value as the lineage fingerprint sees it (the server may store a
+    config re-serialised): compared in canonical form, so 1 and 1.0, or true and 1, differ as they do there."""
     try:
-        return bool(json.loads(a) == json.loads(b))
-    except ValueError:
+        return _canonical(json.loads(a)) == _canonical(json.loads(b))
+    except (ValueError, RecursionError):
         return a == b
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))

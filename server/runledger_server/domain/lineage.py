@@ -47,7 +47,7 @@ class Lineage:
 def parse_config(text: str) -> dict[str, Any]:
     """Parse config JSON text, keeping ints as ints and floats as floats; it must be an object."""
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_refuse_constant)
     except ValueError as exc:
         raise InvalidArgument(f"lineage.config is not valid JSON: {exc}", field="lineage.config") from exc
     except RecursionError:
@@ -55,6 +55,11 @@ def parse_config(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise InvalidArgument("lineage.config must be a JSON object", field="lineage.config")
     return value
+
+
+def _refuse_constant(name: str) -> Any:
+    """NaN and Infinity are not JSON: a fingerprint over them could not be reproduced by a strict parser."""
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def fingerprint_of(lineage: dict[str, Any]) -> str:

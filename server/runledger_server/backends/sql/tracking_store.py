@@ -130,7 +130,7 @@ class SqlTrackingStore:
                 status="RUNNING",
                 create_time_us=now,
                 update_time_us=now,
-                start_time_us=start_time_us or now,
+                start_time_us=now if start_time_us is None else start_time_us,
                 end_time_us=None,
             )
             _apply_lineage(row, merged)
