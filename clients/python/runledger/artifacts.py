@@ -134,7 +134,12 @@ def download(
     direct = _Direct(presigned)
     with _Meter(progress, sum(a.size for a in found), path or run_id) as meter:
         for artifact, local in plan:
-            _save(stub, artifact, local, resume, meter, direct)
+            try:
+                _download(stub, artifact, local, resume, meter, direct)
+            except RunledgerError:
+                raise  # DeadlineExceeded is an OSError too, but it is the call's failure, not the disk's
+            except OSError as exc:  # the local file system's: a full disk, no permission, a name it refuses
+                raise LocalFileError.wrap(exc, artifact.path, local) from exc
     return plan[0][1] if single else destination
 
 
@@ -185,23 +190,6 @@ def _upload(
         return stub.UploadArtifact(requests())
     except grpc.RpcError as err:
         raise from_rpc_error(err) from None
-
-
-def _save(
-    stub: artifact_service_pb2_grpc.ArtifactServiceStub,
-    artifact: artifact_pb2.Artifact,
-    target: Path,
-    resume: bool,
-    meter: _Meter,
-    direct: _Direct,
-) -> None:
-    """Download one artifact to `target`, with a local file system failure raised as LocalFileError."""
-    try:
-        _download(stub, artifact, target, resume, meter, direct)
-    except RunledgerError:
-        raise  # DeadlineExceeded is an OSError too, but it is the call's failure, not the disk's
-    except OSError as exc:
-        raise LocalFileError.wrap(exc, artifact.path, target) from exc
 
 
 def _download(
