@@ -49,13 +49,16 @@ def replicas(pg_settings: Settings) -> Iterator[tuple[Stub, Stub]]:
 
 
 @contextlib.contextmanager
-def _database(postgres_url: str, locale: str) -> Iterator[str]:
-    """The URL of a new database with this locale, dropped afterwards."""
+def _database(postgres_url: str, locale: str, icu_locale: str = "") -> Iterator[str]:
+    """The URL of a new database with this locale (or this ICU collation), dropped afterwards."""
     name = f"rl_{uuid.uuid4().hex[:16]}"
     admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    icu = f" LOCALE_PROVIDER icu ICU_LOCALE '{icu_locale}'" if icu_locale else ""
     try:
         with admin.connect() as conn:
-            conn.exec_driver_sql(f"CREATE DATABASE \"{name}\" TEMPLATE template0 ENCODING 'UTF8' LOCALE '{locale}'")
+            conn.exec_driver_sql(
+                f"CREATE DATABASE \"{name}\" TEMPLATE template0 ENCODING 'UTF8' LOCALE '{locale}'{icu}"
+            )
         try:
             yield make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
         finally:
@@ -217,6 +220,42 @@ def test_like_is_case_sensitive_and_ilike_is_not(postgres_url: str, tmp_path: Pa
         grpc.insecure_channel(srv.address) as ch,
     ):
         check_pattern_filters(tracking_service_pb2_grpc.TrackingServiceStub(ch))
+
+
+def test_text_orders_and_compares_bytewise_as_on_sqlite_under_any_collation(postgres_url: str, tmp_path: Path) -> None:
+    """A database with an en-US collation (ICU, as many production databases have) sorts `aaa` before `BBB`;
+    filters and orders over params, tags and names compare bytes here too, so they pick the runs SQLite picks."""
+    with (
+        _database(postgres_url, "C", icu_locale="en-US") as url,
+        EmbeddedServer(Settings(host="127.0.0.1", port=0, data_dir=tmp_path / "data", db_url=url)) as srv,
+        grpc.insecure_channel(srv.address) as ch,
+    ):
+        stub = tracking_service_pb2_grpc.TrackingServiceStub(ch)
+        exp = stub.CreateExperiment(pb.CreateExperimentRequest(display_name="collation")).name
+        for value in ("aaa", "BBB", "bbb", "Ab"):
+            stub.CreateRun(
+                pb.CreateRunRequest(experiment=exp, display_name=value, params={"p": value}, tags={"t": value})
+            )
+
+        def names(**kwargs: str) -> list[str]:
+            return [r.display_name for r in stub.SearchRuns(pb.SearchRunsRequest(experiments=[exp], **kwargs)).runs]
+
+        bytewise = ["Ab", "BBB", "aaa", "bbb"]  # uppercase before lowercase, as Python's sorted() and SQLite
+        assert names(order_by="params.p") == bytewise
+        assert names(order_by="tags.t DESC") == bytewise[::-1]
+        assert names(order_by="display_name") == bytewise
+        assert names(filter='params.p < "a"') == ["BBB", "Ab"]  # in creation order, the default
+        assert sorted(names(filter='display_name >= "B"')) == ["BBB", "aaa", "bbb"]
+        paged, token = [], ""
+        while True:  # the keyset cursor follows the same order across pages
+            page = stub.SearchRuns(
+                pb.SearchRunsRequest(experiments=[exp], order_by="params.p", page_size=1, page_token=token)
+            )
+            paged += [r.display_name for r in page.runs]
+            token = page.next_page_token
+            if not token:
+                break
+        assert paged == bytewise
 
 
 def test_two_replicas_share_data_and_store_a_resent_batch_once(replicas: tuple[Stub, Stub]) -> None:

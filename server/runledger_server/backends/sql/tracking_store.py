@@ -603,15 +603,33 @@ def _ascii_lower_postgresql(element: _AsciiLower, compiler: SQLCompiler, **kw: A
     return f"translate({compiler.process(element.clauses, **kw)}, '{upper}', '{lower}')"
 
 
+class _Bytewise(FunctionElement[str]):
+    """Text compared and ordered by its bytes, as SQLite does: PostgreSQL otherwise follows the database's
+    collation (en-US orders `aaa` before `BBB`, SQLite after), so one filter or order would pick other runs."""
+
+    type = String()
+    inherit_cache = True
+
+
+@compiles(_Bytewise)  # SQLite's default collation, BINARY, is bytewise already
+def _bytewise_default(element: _Bytewise, compiler: SQLCompiler, **kw: Any) -> str:
+    return str(compiler.process(element.clauses, **kw))
+
+
+@compiles(_Bytewise, "postgresql")
+def _bytewise_postgresql(element: _Bytewise, compiler: SQLCompiler, **kw: Any) -> str:
+    return f'({compiler.process(element.clauses, **kw)} COLLATE "C")'
+
+
 def _experiment_clause(c: Clause) -> ColumnElement[bool]:
     if c.kind == "tags":
         return exists().where(
             ExperimentTagRow.experiment_id == ExperimentRow.id,
             ExperimentTagRow.key == c.key,
-            _compare(ExperimentTagRow.value, c.op, c.values),
+            _compare(_Bytewise(ExperimentTagRow.value), c.op, c.values),
         )
     if c.kind == "attribute" and c.key == "display_name":
-        return _compare(ExperimentRow.display_name, c.op, c.values)
+        return _compare(_Bytewise(ExperimentRow.display_name), c.op, c.values)
     raise InvalidArgument(
         f"filter: experiments can be filtered on display_name and tags.<key>, not {c.kind}.{c.key}", field="filter"
     )
@@ -620,11 +638,13 @@ def _experiment_clause(c: Clause) -> ColumnElement[bool]:
 def _run_clause(c: Clause) -> ColumnElement[bool]:
     if c.kind == "params":
         return exists().where(
-            RunParamRow.run_id == RunRow.id, RunParamRow.key == c.key, _compare(RunParamRow.value, c.op, c.values)
+            RunParamRow.run_id == RunRow.id,
+            RunParamRow.key == c.key,
+            _compare(_Bytewise(RunParamRow.value), c.op, c.values),
         )
     if c.kind == "tags":
         return exists().where(
-            RunTagRow.run_id == RunRow.id, RunTagRow.key == c.key, _compare(RunTagRow.value, c.op, c.values)
+            RunTagRow.run_id == RunRow.id, RunTagRow.key == c.key, _compare(_Bytewise(RunTagRow.value), c.op, c.values)
         )
     if c.kind == "metrics":
         return exists().where(
@@ -653,18 +673,20 @@ def _run_clause(c: Clause) -> ColumnElement[bool]:
         except ValueError as exc:
             raise InvalidArgument(f"filter: {c.key} takes milliseconds since the epoch", field="filter") from exc
         column = column // 1000
+    else:
+        column = _Bytewise(column)
     return _compare(column, c.op, values)
 
 
 def _sort_expr(order: OrderBy) -> Any:
     if order.kind == "params":
-        return (
+        return _Bytewise(
             select(RunParamRow.value)
             .where(RunParamRow.run_id == RunRow.id, RunParamRow.key == order.key)
             .scalar_subquery()
         )
     if order.kind == "tags":
-        return (
+        return _Bytewise(
             select(RunTagRow.value).where(RunTagRow.run_id == RunRow.id, RunTagRow.key == order.key).scalar_subquery()
         )
     if order.kind == "metrics":
@@ -673,15 +695,20 @@ def _sort_expr(order: OrderBy) -> Any:
             .where(LatestMetricRow.run_id == RunRow.id, LatestMetricRow.key == order.key)
             .scalar_subquery()
         )
-    return {
-        "status": RunRow.status,
-        "display_name": RunRow.display_name,
-        "run_id": RunRow.id,
-        "experiment": RunRow.experiment_id,
-        "create_time": RunRow.create_time_us,
-        "start_time": RunRow.start_time_us,
-        "end_time": RunRow.end_time_us,
-    }[order.key]
+    if order.key in TIME_ATTRIBUTES:
+        return {
+            "create_time": RunRow.create_time_us,
+            "start_time": RunRow.start_time_us,
+            "end_time": RunRow.end_time_us,
+        }[order.key]
+    return _Bytewise(
+        {
+            "status": RunRow.status,
+            "display_name": RunRow.display_name,
+            "run_id": RunRow.id,
+            "experiment": RunRow.experiment_id,
+        }[order.key]
+    )
 
 
 def _after(sort: Any, descending: bool, cursor: list[Any]) -> ColumnElement[bool]:
