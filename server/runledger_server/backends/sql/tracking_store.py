@@ -603,6 +603,12 @@ def _ascii_lower_postgresql(element: _AsciiLower, compiler: SQLCompiler, **kw: A
     return f"translate({compiler.process(element.clauses, **kw)}, '{upper}', '{lower}')"
 
 
+def _text_compare(column: Any, op: str, values: tuple[Any, ...]) -> ColumnElement[bool]:
+    """Ordering comparisons of text by bytes; equality and patterns need no collation (equal text is equal
+    bytes under any deterministic collation), so those keep the column's index usable."""
+    return _compare(_Bytewise(column) if op in ("<", "<=", ">", ">=") else column, op, values)
+
+
 class _Bytewise(FunctionElement[str]):
     """Text compared and ordered by its bytes, as SQLite does: PostgreSQL otherwise follows the database's
     collation (en-US orders `aaa` before `BBB`, SQLite after), so one filter or order would pick other runs."""
@@ -626,10 +632,10 @@ def _experiment_clause(c: Clause) -> ColumnElement[bool]:
         return exists().where(
             ExperimentTagRow.experiment_id == ExperimentRow.id,
             ExperimentTagRow.key == c.key,
-            _compare(_Bytewise(ExperimentTagRow.value), c.op, c.values),
+            _text_compare(ExperimentTagRow.value, c.op, c.values),
         )
     if c.kind == "attribute" and c.key == "display_name":
-        return _compare(_Bytewise(ExperimentRow.display_name), c.op, c.values)
+        return _text_compare(ExperimentRow.display_name, c.op, c.values)
     raise InvalidArgument(
         f"filter: experiments can be filtered on display_name and tags.<key>, not {c.kind}.{c.key}", field="filter"
     )
@@ -640,11 +646,11 @@ def _run_clause(c: Clause) -> ColumnElement[bool]:
         return exists().where(
             RunParamRow.run_id == RunRow.id,
             RunParamRow.key == c.key,
-            _compare(_Bytewise(RunParamRow.value), c.op, c.values),
+            _text_compare(RunParamRow.value, c.op, c.values),
         )
     if c.kind == "tags":
         return exists().where(
-            RunTagRow.run_id == RunRow.id, RunTagRow.key == c.key, _compare(_Bytewise(RunTagRow.value), c.op, c.values)
+            RunTagRow.run_id == RunRow.id, RunTagRow.key == c.key, _text_compare(RunTagRow.value, c.op, c.values)
         )
     if c.kind == "metrics":
         return exists().where(
@@ -672,10 +678,8 @@ def _run_clause(c: Clause) -> ColumnElement[bool]:
             values = tuple(float(v) for v in values)
         except ValueError as exc:
             raise InvalidArgument(f"filter: {c.key} takes milliseconds since the epoch", field="filter") from exc
-        column = column // 1000
-    else:
-        column = _Bytewise(column)
-    return _compare(column, c.op, values)
+        return _compare(column // 1000, c.op, values)
+    return _text_compare(column, c.op, values)
 
 
 def _sort_expr(order: OrderBy) -> Any:
