@@ -282,6 +282,14 @@ def test_size_mismatch_is_invalid_argument_naming_size(
     assert _paths(artifacts, run_id) == [] and stored() == 0
 
 
+def test_a_declared_size_beyond_what_the_store_takes_is_invalid_argument(
+    artifacts: Stub, run_id: str, stored: Callable[[], int]
+) -> None:
+    r = refusal(lambda: _upload(artifacts, run_id, "huge.bin", _blob(1024), size=6 << 40))  # 6 TiB; S3's limit is 5
+    assert (r.code, r.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "size"), r.message
+    assert _paths(artifacts, run_id) == [] and stored() == 0
+
+
 @pytest.mark.parametrize("path", ["../escape", "/abs/path", "a//b", "a/./b", "dir/", "a\\b", "nul\x00", "", "x" * 1025])
 def test_bad_paths_are_refused_naming_path(artifacts: Stub, run_id: str, stored: Callable[[], int], path: str) -> None:
     r = refusal(lambda: _upload(artifacts, run_id, path, b"data"))

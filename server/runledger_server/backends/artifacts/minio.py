@@ -38,6 +38,7 @@ _LOGGER = logging.getLogger(__name__)
 ABORT_RULE_ID = "runledger-abort-incomplete-uploads"
 PART_SIZE = 8 << 20  # parts in flight are what an upload holds in memory
 MAX_PARTS = 10_000  # S3's limit per multipart upload
+MAX_OBJECT_BYTES = 5 << 40  # S3's limit per object
 UNKNOWN_SIZE_PART = 16 << 20  # without a declared size: objects up to 156 GiB
 PIPE_BYTES = 4 << 20  # received bytes waiting while a part is sent; the network side is far faster than S3
 READ_CHUNK = 1 << 20
@@ -198,6 +199,10 @@ class S3BlobStore:
             return self.client.presigned_get_object(self.bucket, self.key(sha256), expires=PRESIGNED_EXPIRY)
 
     def writer(self, sha256: str | None = None, size: int | None = None) -> S3BlobWriter:
+        if size is not None and size > MAX_OBJECT_BYTES:  # refused before a byte moves, not by the SDK midway
+            raise InvalidArgument(
+                f"size {size} is beyond the largest object S3 stores ({MAX_OBJECT_BYTES} bytes, 5 TiB)", field="size"
+            )
         self.ensure_bucket()
         return S3BlobWriter(self, sha256, size, self.part_size_for(size))
 
