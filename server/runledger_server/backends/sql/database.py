@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
@@ -53,6 +54,11 @@ class Database:
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name
+
+    @property
+    def insert(self) -> Any:
+        """The dialect's INSERT construct, which has ON CONFLICT on both SQLite and PostgreSQL."""
+        return postgresql.insert if self.dialect == "postgresql" else sqlite.insert
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Session]:

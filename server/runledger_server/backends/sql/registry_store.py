@@ -16,7 +16,6 @@ from dataclasses import replace
 from typing import Any
 
 from sqlalchemy import select, tuple_
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from runledger_server.backends.sql.base import now_us
@@ -62,7 +61,6 @@ class SqlRegistryStore:
     def __init__(self, db: Database) -> None:
         self.db = db
         self.local_reads = db.is_sqlite
-        self._insert: Any = postgresql.insert if db.dialect == "postgresql" else sqlite.insert
         # SQLite's write transaction already holds the database lock (and has no FOR UPDATE).
         self._for_update = "" if db.is_sqlite else " FOR UPDATE"
         self._versions: OrderedDict[tuple[str, int], ModelVersion] = OrderedDict()
@@ -75,7 +73,7 @@ class SqlRegistryStore:
             # Inserted unless present, in one statement: two replicas creating the same model concurrently get
             # one row and one clear refusal (a check-then-insert race would surface as a generic conflict).
             created = s.execute(
-                self._insert(RegisteredModelRow)
+                self.db.insert(RegisteredModelRow)
                 .values(id=model_id, description=description, latest_version=0, create_time_us=now, update_time_us=now)
                 .on_conflict_do_nothing()
                 .returning(RegisteredModelRow.id)
@@ -199,7 +197,7 @@ class SqlRegistryStore:
         with self.db.write() as s:
             _orm_require_model(s, model_id)
             s.execute(
-                self._insert(GateRow)
+                self.db.insert(GateRow)
                 .values(
                     model_id=model_id,
                     gate_id=spec.gate_id,

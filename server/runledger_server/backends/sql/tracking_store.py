@@ -11,7 +11,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 from sqlalchemy import ColumnElement, String, and_, exists, not_, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -50,7 +49,6 @@ _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 class SqlTrackingStore:
     def __init__(self, db: Database, chunk_cache_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.db = db
-        self._insert: Any = postgresql.insert if db.dialect == "postgresql" else sqlite.insert
         self._known_runs: set[str] = set()  # runs are never deleted, so a positive cache is always valid
         self._chunks = ChunkCache(chunk_cache_bytes)
 
@@ -62,7 +60,7 @@ class SqlTrackingStore:
             # replicas, or sweep trials calling get-or-create at once) one creates it and the other is told
             # which experiment holds the name, which is what get-or-create needs.
             created = s.execute(
-                self._insert(ExperimentRow)
+                self.db.insert(ExperimentRow)
                 .values(id=experiment_id, display_name=display_name, description=description, create_time_us=now)
                 .on_conflict_do_nothing()
                 .returning(ExperimentRow.id)
