@@ -215,7 +215,7 @@ def test_a_short_write_is_refused_and_a_later_upload_stores_the_whole_blob(tmp_p
             # Like a disk filling up: the last write of the upload stores only part of its bytes.
             resource.prlimit(pid, resource.RLIMIT_FSIZE, (3 * MiB // 2, hard))
             r = refusal(lambda: _upload(stub, run, "ckpt.bin", data))
-            assert (r.code, r.reason) == (grpc.StatusCode.UNAVAILABLE, "ARTIFACT_STORE_UNAVAILABLE")
+            assert (r.code, r.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "ARTIFACT_STORE_FULL")
             assert str(root) in r.message
             assert _paths(stub, run) == [] and _files(root) == []  # no record, no blob, no temp file
 

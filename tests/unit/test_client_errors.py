@@ -23,8 +23,8 @@ from runledger import errors
         (grpc.StatusCode.UNAUTHENTICATED, errors.Unauthenticated),
         (grpc.StatusCode.DATA_LOSS, errors.DataLoss),
         (grpc.StatusCode.DEADLINE_EXCEEDED, errors.DeadlineExceeded),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, errors.ResourceExhausted),
         (grpc.StatusCode.INTERNAL, errors.RunledgerError),
-        (grpc.StatusCode.RESOURCE_EXHAUSTED, errors.RunledgerError),
     ],
 )
 def test_one_class_per_code(code: grpc.StatusCode, cls: type[errors.RunledgerError]) -> None:
@@ -72,6 +72,7 @@ def test_deadline_exceeded_is_a_timeout() -> None:
         (grpc.StatusCode.RESOURCE_EXHAUSTED, "", False),  # e.g. a message over the size limit: resending won't help
         # the server's deliberate answers
         (grpc.StatusCode.UNAVAILABLE, "runledger", True),  # shutting down
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "runledger", True),  # storage full: kept until there is room
         (grpc.StatusCode.INTERNAL, "runledger", False),
         (grpc.StatusCode.INVALID_ARGUMENT, "runledger", False),
         (grpc.StatusCode.NOT_FOUND, "runledger", False),

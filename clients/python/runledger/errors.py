@@ -103,6 +103,12 @@ class Unavailable(RunledgerError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class ResourceExhausted(RunledgerError):
+    """The server's storage has no room (reasons DATABASE_FULL, ARTIFACT_STORE_FULL), or a gRPC limit was hit."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class PermissionDenied(RunledgerError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
@@ -130,6 +136,7 @@ _BY_CODE: dict[grpc.StatusCode, type[RunledgerError]] = {
         FailedPrecondition,
         Aborted,
         Unavailable,
+        ResourceExhausted,
         PermissionDenied,
         Unauthenticated,
         DataLoss,
@@ -167,12 +174,16 @@ def is_transient(err: RunledgerError) -> bool:
     """Worth retrying: the server or the connection is (for now) unable, not a refusal of the request itself.
 
     A status with the server's own ErrorInfo is a deliberate answer; only its UNAVAILABLE (e.g. shutting
-    down) is transient. Without one, the status came from the transport (connection reset,
-    server killed mid-call), and the usual transport codes are retried.
+    down) and its RESOURCE_EXHAUSTED (storage full: points wait in the client until an operator makes room,
+    rather than being dropped) are transient. Without one, the status came from the transport (connection
+    reset, server killed mid-call), and the usual transport codes are retried.
     """
     if err.domain == DOMAIN:
-        return err.code is grpc.StatusCode.UNAVAILABLE
+        return err.code in _SERVER_TRANSIENT
     return err.code in _TRANSPORT_TRANSIENT
+
+
+_SERVER_TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 
 _TRANSPORT_TRANSIENT = frozenset(

@@ -81,6 +81,13 @@ class Unavailable(DomainError):
     default_reason = "UNAVAILABLE"
 
 
+class ResourceExhausted(DomainError):
+    """Storage has no room (a full disk, a quota): retrying helps only once an operator makes room."""
+
+    code = Code.RESOURCE_EXHAUSTED
+    default_reason = "RESOURCE_EXHAUSTED"
+
+
 class PermissionDenied(DomainError):
     code = Code.PERMISSION_DENIED
     default_reason = "PERMISSION_DENIED"

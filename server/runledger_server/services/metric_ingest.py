@@ -12,7 +12,7 @@ import queue
 import threading
 from concurrent.futures import Future
 
-from runledger_server.domain.errors import Unavailable
+from runledger_server.domain.errors import ResourceExhausted, Unavailable
 from runledger_server.domain.metrics import Batch
 from runledger_server.store.tracking import TrackingStore
 
@@ -81,7 +81,7 @@ class MetricIngest:
         try:
             results: list[bool | Exception] = self._store.commit_metric_batches([b for b, _ in group])
         except Exception as exc:  # the whole transaction failed: every batch learns why
-            if not isinstance(exc, Unavailable):
+            if not isinstance(exc, Unavailable | ResourceExhausted):  # logged where they are raised
                 _LOGGER.exception("metric group commit failed")
             results = [exc] * len(group)
         for (_, fut), want, result in zip(group, wanted, results, strict=True):

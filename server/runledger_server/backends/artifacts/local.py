@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from runledger_server.backends.artifacts.verified_put import put_verified
-from runledger_server.domain.errors import NotFound, Unavailable
+from runledger_server.domain.errors import NotFound, ResourceExhausted, Unavailable
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -25,6 +25,9 @@ STALE_TEMP_SECONDS = 24 * 3600
 # so the fsync before publishing has only the tail left (a 256 MiB file otherwise waits ~0.4 s on it here).
 WRITEBACK_BYTES = 16 << 20
 UNAVAILABLE = "ARTIFACT_STORE_UNAVAILABLE"
+FULL = "ARTIFACT_STORE_FULL"
+# A full disk, a quota, a file-size limit: no room for the bytes, which only an operator can change.
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 _writeback = ThreadPoolExecutor(max_workers=4, thread_name_prefix="runledger-writeback")
 
@@ -40,7 +43,7 @@ class LocalBlobStore:
             self._tmp.mkdir(parents=True, exist_ok=True)
             (self.root / "sha256").mkdir(exist_ok=True)
         except OSError as exc:
-            raise _unavailable(self.root, exc) from exc
+            raise _store_error(self.root, exc) from exc
         self._sweep_stale_temp()
 
     @property
@@ -116,7 +119,7 @@ class LocalBlobWriter:
             try:
                 _write_all(self._f, data)
             except OSError as exc:
-                raise _unavailable(self._store.root, exc) from exc
+                raise _store_error(self._store.root, exc) from exc
             self._received += len(data)
             self._unsynced += len(data)
             if self._unsynced >= WRITEBACK_BYTES and (self._syncing is None or self._syncing.done()):
@@ -147,7 +150,7 @@ class LocalBlobWriter:
                     _fsync_dir(final.parent)
             except OSError as exc:
                 self._discard()
-                raise _unavailable(self._store.root, exc) from exc
+                raise _store_error(self._store.root, exc) from exc
             except BaseException:
                 self._discard()
                 raise
@@ -193,7 +196,9 @@ def _file_size(path: Path) -> int | None:
         return None
 
 
-def _unavailable(root: Path, exc: OSError) -> Unavailable:
+def _store_error(root: Path, exc: OSError) -> Unavailable | ResourceExhausted:
+    if exc.errno in _NO_ROOM:
+        return ResourceExhausted(f"the artifact directory {root} has no room: {exc}; nothing was stored", reason=FULL)
     return Unavailable(f"the artifact directory {root} failed: {exc}", reason=UNAVAILABLE)
 
 

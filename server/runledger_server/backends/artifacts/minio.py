@@ -30,6 +30,7 @@ from runledger_server.domain.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     Unavailable,
 )
 
@@ -46,9 +47,12 @@ STALE_TEMP = datetime.timedelta(hours=24)
 PRESIGNED_EXPIRY = datetime.timedelta(minutes=15)  # long enough to start a transfer, checked when it starts
 UNAVAILABLE = "ARTIFACT_STORE_UNAVAILABLE"
 ACCESS_DENIED = "ARTIFACT_STORE_ACCESS_DENIED"
+FULL = "ARTIFACT_STORE_FULL"
 _DENIED_CODES = frozenset(
     {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "AllAccessDisabled"}
 )
+# MinIO out of drive space, or over the bucket's quota: no room until an operator makes some.
+_FULL_CODES = frozenset({"XMinioStorageFull", "XMinioAdminBucketQuotaExceeded", "QuotaExceeded"})
 _MISSING_CODES = frozenset({"NoSuchKey", "NoSuchObject", "NotFound", "ResourceNotFound"})
 
 
@@ -260,6 +264,13 @@ class S3BlobStore:
                     f"the artifact store at {self.endpoint} denied access to bucket {self.bucket!r} while {action} "
                     f"({exc.code}); check the S3 access key and secret",
                     reason=ACCESS_DENIED,
+                    metadata={**meta, "s3Code": exc.code or ""},
+                )
+            if exc.code in _FULL_CODES:
+                return ResourceExhausted(
+                    f"the artifact store at {self.endpoint} has no room in bucket {self.bucket!r} while {action} "
+                    f"({exc.code}: {exc.message}); nothing was stored",
+                    reason=FULL,
                     metadata={**meta, "s3Code": exc.code or ""},
                 )
             if exc.code == "NoSuchBucket":

@@ -21,11 +21,13 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from runledger_server.domain.errors import AlreadyExists, Unavailable
+from runledger_server.domain.errors import AlreadyExists, ResourceExhausted, Unavailable
 
 _LOGGER = logging.getLogger(__name__)
 
 SQLITE_CACHE_KIB = 4 * 1024  # per pooled connection, allocated as pages are used
+SQLITE_FULL = 13  # "database or disk is full": the disk, or the database's max_page_count
+PG_DISK_FULL = "53100"
 
 
 class Database:
@@ -96,8 +98,7 @@ class Database:
                     driver.autocommit = False  # pooled connections run transactions
         except dbapi.OperationalError as exc:
             conn.invalidate()  # a broken connection must not go back to the pool
-            _LOGGER.warning("database unavailable: %s", exc)
-            raise Unavailable(f"the metadata database is unavailable: {exc}", reason="DATABASE_UNAVAILABLE") from exc
+            raise database_error(exc) from exc
         finally:
             conn.close()  # back to the pool (a no-op after invalidate)
 
@@ -105,9 +106,7 @@ class Database:
         try:
             return self.engine.raw_connection()
         except (OperationalError, dbapi.OperationalError) as exc:  # the pool passes driver errors through
-            cause = exc.orig if isinstance(exc, OperationalError) else exc
-            _LOGGER.warning("database unavailable: %s", cause)
-            raise Unavailable(f"the metadata database is unavailable: {cause}", reason="DATABASE_UNAVAILABLE") from exc
+            raise database_error(exc.orig if isinstance(exc, OperationalError) else exc) from exc
 
     @contextlib.contextmanager
     def statements(self, *, write: bool) -> Iterator[Statements]:
@@ -133,15 +132,15 @@ class Database:
                 ) from exc
             except dbapi.OperationalError as exc:
                 conn.invalidate()  # a broken connection must not go back to the pool
-                _LOGGER.warning("database unavailable: %s", exc)
-                raise Unavailable(
-                    f"the metadata database is unavailable: {exc}", reason="DATABASE_UNAVAILABLE"
-                ) from exc
+                raise database_error(exc) from exc
             except BaseException:
                 _rollback_quietly(conn)
                 raise
             finally:
-                cur.close()
+                # After invalidate() the connection is closed, and SQLite's cursor then refuses to close: that
+                # error would replace the translated one (a full or locked database answered INTERNAL).
+                with contextlib.suppress(dbapi.Error):
+                    cur.close()
         finally:
             conn.close()  # back to the pool
 
@@ -224,5 +223,18 @@ def _translate() -> Iterator[None]:
         _LOGGER.debug("integrity error: %s", exc)
         raise AlreadyExists("the resource was created concurrently or already exists", reason="CONFLICT") from exc
     except OperationalError as exc:
-        _LOGGER.warning("database unavailable: %s", exc.orig)
-        raise Unavailable(f"the metadata database is unavailable: {exc.orig}", reason="DATABASE_UNAVAILABLE") from exc
+        raise database_error(exc.orig) from exc
+
+
+def database_error(cause: BaseException | None) -> Unavailable | ResourceExhausted:
+    """A driver's operational failure as a refusal: a database out of room is RESOURCE_EXHAUSTED (retrying
+    helps only once an operator makes room), anything else (down, unreachable, locked too long) UNAVAILABLE."""
+    sqlite_code = getattr(cause, "sqlite_errorcode", None)
+    full = isinstance(sqlite_code, int) and sqlite_code & 0xFF == SQLITE_FULL  # the primary code of an extended one
+    if full or getattr(cause, "sqlstate", None) == PG_DISK_FULL:
+        _LOGGER.error("metadata database full: %s", cause)
+        return ResourceExhausted(
+            f"the metadata database has no room: {cause}; nothing was written", reason="DATABASE_FULL"
+        )
+    _LOGGER.warning("database unavailable: %s", cause)
+    return Unavailable(f"the metadata database is unavailable: {cause}", reason="DATABASE_UNAVAILABLE")
