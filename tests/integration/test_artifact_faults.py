@@ -536,3 +536,32 @@ def test_a_cancelled_local_upload_is_aborted_only_after_its_last_write(
         assert _wait_until(lambda: _files(root) == [])
         assert slow_disk.closed_mid_write == [], "the upload's file was closed while a write still used it"
         assert _paths(stub, run) == []
+
+
+# ---- an upload without a declared size, beyond what its fixed part size allows ------------------------------
+def test_an_undeclared_size_beyond_the_s3_part_limit_is_invalid_argument_and_leaves_nothing(
+    tmp_path: Path, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two parts instead of S3's 10,000, so that the limit (parts x 16 MiB) is reached with 33 MiB instead of 156 GiB.
+    monkeypatch.setattr(s3_backend, "MAX_PARTS", 2)
+    limit = 2 * s3_backend.UNKNOWN_SIZE_PART
+    prefix = f"t-{uuid.uuid4().hex[:12]}"
+    with (
+        EmbeddedServer(_s3_settings(tmp_path, s3_server, prefix)) as server,
+        grpc.insecure_channel(server.address) as channel,
+    ):
+        stub = Stub(channel)
+        run = _new_run(_tracking(channel))
+        r = refusal(lambda: _upload(stub, run, "big.bin", _blob(limit + MiB, seed=5), size=None, sha256=None))
+        assert (r.code, r.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "SIZE_REQUIRED")
+        assert r.metadata["field"] == "size"
+        assert "declare its size" in r.message
+        assert _paths(stub, run) == []
+        data = _blob(limit, seed=6)  # at the limit: stored, declared or not
+        art = _upload(stub, run, "fits.bin", data, size=None, sha256=None)
+        assert (art.size, art.sha256) == (limit, hashlib.sha256(data).hexdigest())
+        assert _download(stub, run_id=run, path="fits.bin")[1] == data
+        declared = _blob(limit + MiB, seed=7)  # a declared size chooses its own part size
+        assert _upload(stub, run, "declared.bin", declared).size == len(declared)
+    # The refused upload left no object or unfinished multipart upload; the two stored blobs remain.
+    assert _wait_until(lambda: _count_s3(s3_server.client(), s3_server, f"{prefix}/") == 2)

@@ -386,6 +386,8 @@ class S3BlobWriter:
         self._length = size if size else -1
         self._pipe = _Pipe(PIPE_BYTES, size if size else None)
         self._received = 0
+        # Without a declared size the part size is fixed up front, and with it the largest object possible.
+        self._max_bytes = min(part_size * MAX_PARTS, MAX_OBJECT_BYTES) if size is None else None
         self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._upload, name="runledger-s3-upload", daemon=True)
         self._thread.start()
@@ -408,6 +410,14 @@ class S3BlobWriter:
             self._pipe.reader_failed(self._failure)
 
     def write(self, data: bytes) -> None:
+        if self._max_bytes is not None and self._received + len(data) > self._max_bytes:
+            # Refused by us, naming what to do, rather than by the SDK at part 10,001 (which surfaced as UNAVAILABLE).
+            raise InvalidArgument(
+                f"an upload without a declared size can hold at most {self._max_bytes} bytes on this S3 store "
+                f"({MAX_PARTS} parts of {self._part_size >> 20} MiB); declare its size in the header",
+                field="size",
+                reason="SIZE_REQUIRED",
+            )
         self._pipe.write(data)
         self._received += len(data)
 
