@@ -422,3 +422,50 @@ def test_points_waiting_for_a_slow_commit_stay_within_the_ingest_budget(tmp_path
         history = client.metric_history(run.run_id, "k7")
         assert history.steps.tolist() == steps.tolist() and history.values[-1] == 24_999 * 0.5 + 7
         run.finish()
+
+
+def test_batches_of_calls_that_went_away_count_against_the_ingest_budget_until_committed(tmp_path: Path) -> None:
+    """A LogMetrics call whose deadline passes while its batch waits for a commit leaves the batch queued (it
+    is stored later): its points must go on counting against the server's ingest budget until then."""
+    import sqlite3
+
+    from runledger import wire
+    from runledger.v1 import tracking_service_pb2 as pb, tracking_service_pb2_grpc
+
+    settings = Settings(host="127.0.0.1", port=0, data_dir=tmp_path / "data", ingest_buffer_mib=1)
+    with EmbeddedServer(settings) as srv, grpc.insecure_channel(srv.address) as channel:
+        budget = srv._server.ingest_budget if srv._server is not None else None
+        assert budget is not None
+        stub = tracking_service_pb2_grpc.TrackingServiceStub(channel)
+        exp = stub.CreateExperiment(pb.CreateExperimentRequest(display_name="budget-cancel"))
+        run_id = stub.CreateRun(pb.CreateRunRequest(experiment=exp.name)).run_id
+        per_batch = 10_000
+
+        def request(seq: int) -> pb.LogMetricsRequest:
+            steps = np.arange(seq * per_batch, (seq + 1) * per_batch, dtype=np.int64)
+            series = wire.series("loss", steps, steps * 0.25, np.full(per_batch, 7, dtype=np.int64))
+            return pb.LogMetricsRequest(run_id=run_id, writer_id="w", seq=seq, series=[series])
+
+        stub.LogMetrics(request(0))  # a first commit, so the next ones wait only for the lock below
+        holder = sqlite3.connect(settings.data_dir / "runledger.db", timeout=60)
+        holder.execute("BEGIN IMMEDIATE")  # every commit now waits for this lock
+        try:
+            for seq in range(1, 9):  # 80,000 points, within the budget of ~43,690 only if released early
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.LogMetrics(request(seq), timeout=0.2)
+                assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+                assert budget.used <= budget.limit
+            time.sleep(0.3)
+            # The calls are gone; the batches are not: the budget is full and holds the next caller back.
+            assert budget.used >= budget.limit - per_batch
+        finally:
+            holder.rollback()
+            holder.close()
+        wait_until(lambda: budget.used == 0)
+        # What the callers would do: send again. The batches that got in were stored meanwhile; those whose
+        # callers gave up while waiting for room never entered and are stored now.
+        duplicates = [stub.LogMetrics(request(seq), timeout=30).duplicate for seq in range(1, 9)]
+        entered = budget.limit // per_batch
+        assert duplicates == [True] * entered + [False] * (8 - entered)
+        history = runledger.Client(srv.address).metric_history(run_id, "loss")
+        assert history.steps.tolist() == list(range(9 * per_batch))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 
 from runledger_server.domain.errors import ResourceExhausted, Unavailable
@@ -35,13 +36,20 @@ class MetricIngest:
         self._thread = threading.Thread(target=self._run, name="metric-group-commit", daemon=True)
         self._thread.start()
 
-    def submit(self, batch: Batch) -> Future[bool]:
-        """Queue a batch; the future resolves to True for a duplicate, False when newly stored."""
+    def submit(self, batch: Batch, settled: Callable[[], object] | None = None) -> Future[bool]:
+        """Queue a batch; the future resolves to True for a duplicate, False when newly stored.
+
+        `settled` is called once the batch has left the server's hands (its commit succeeded or failed, or it
+        was refused at once), even when its future was cancelled meanwhile: a caller that goes away does not
+        take its batch out of the queue, so whoever accounts for queued points must wait for this call.
+        """
         fut: Future[bool] = Future()
         if self._closed:
             fut.set_exception(Unavailable("the server is shutting down", reason="SHUTTING_DOWN"))
+            if settled is not None:
+                settled()
             return fut
-        self._queue.put((batch, fut))
+        self._queue.put((batch, fut, settled))
         return fut
 
     def close(self) -> None:
@@ -73,18 +81,29 @@ class MetricIngest:
                 points += nxt[0].points  # type: ignore[index]
             self._commit(group)  # type: ignore[arg-type]
 
-    def _commit(self, group: list[tuple[Batch, Future[bool]]]) -> None:
+    def _commit(self, group: list[tuple[Batch, Future[bool], Callable[[], object] | None]]) -> None:
+        try:
+            self._resolve(group)
+        finally:
+            for _, _, settled in group:
+                if settled is not None:
+                    try:
+                        settled()
+                    except Exception:
+                        _LOGGER.exception("metric batch settle callback failed")
+
+    def _resolve(self, group: list[tuple[Batch, Future[bool], Callable[[], object] | None]]) -> None:
         # A caller that went away (its stream ended, its deadline passed) cancels its future while it waits
         # here; its batch is stored all the same (the client re-sends it with the same seq and learns it is a
         # duplicate), but only the futures still wanted get a result: resolving a cancelled one raises.
-        wanted = [fut.set_running_or_notify_cancel() for _, fut in group]
+        wanted = [fut.set_running_or_notify_cancel() for _, fut, _ in group]
         try:
-            results: list[bool | Exception] = self._store.commit_metric_batches([b for b, _ in group])
+            results: list[bool | Exception] = self._store.commit_metric_batches([b for b, _, _ in group])
         except Exception as exc:  # the whole transaction failed: every batch learns why
             if not isinstance(exc, Unavailable | ResourceExhausted):  # logged where they are raised
                 _LOGGER.exception("metric group commit failed")
             results = [exc] * len(group)
-        for (_, fut), want, result in zip(group, wanted, results, strict=True):
+        for (_, fut, _), want, result in zip(group, wanted, results, strict=True):
             if not want:
                 continue
             if isinstance(result, Exception):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
 from runledger_server.domain import filters, ids, names, paging, sweeps
@@ -104,9 +104,10 @@ class TrackingService:
         return self.store.set_lineage(run_id, lineage)
 
     # metrics
-    def submit_metrics(self, batch: Batch) -> Future[bool]:
-        """Queue a validated batch for group commit; resolves after the commit (True = duplicate)."""
-        return self.ingest.submit(batch)
+    def submit_metrics(self, batch: Batch, settled: Callable[[], object] | None = None) -> Future[bool]:
+        """Queue a validated batch for group commit; resolves after the commit (True = duplicate). `settled` is
+        called once the batch is no longer held, committed or not, even if the future was cancelled."""
+        return self.ingest.submit(batch, settled)
 
     def metric_history(
         self, run_id: str, key: str, start_step: int | None, end_step: int | None, max_points: int

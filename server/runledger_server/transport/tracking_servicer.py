@@ -102,17 +102,18 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
         """Queue a batch for the group commit once the server-wide ingest budget has room for its points."""
         taken = await self._budget.acquire(batch.points)
         loop = asyncio.get_running_loop()
-        try:
-            committed = self._svc.submit_metrics(batch)
-        except BaseException:
-            self._budget.release(taken)
-            raise
 
-        def release(_: object) -> None:  # on the committer thread, or here when refused at once
+        def release() -> None:  # on the committer thread once the batch is no longer held, or here if refused
             with contextlib.suppress(RuntimeError):  # the loop has closed (shutdown): nothing waits any more
                 loop.call_soon_threadsafe(self._budget.release, taken)
 
-        committed.add_done_callback(release)
+        # Released when the batch leaves the commit queue, not when its caller goes away: a cancelled call's
+        # batch stays queued (and is stored), and its points must go on counting until then.
+        try:
+            committed = self._svc.submit_metrics(batch, release)
+        except BaseException:
+            self._budget.release(taken)
+            raise
         return asyncio.wrap_future(committed)
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
