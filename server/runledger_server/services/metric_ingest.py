@@ -82,17 +82,6 @@ class MetricIngest:
             self._commit(group)  # type: ignore[arg-type]
 
     def _commit(self, group: list[tuple[Batch, Future[bool], Callable[[], object] | None]]) -> None:
-        try:
-            self._resolve(group)
-        finally:
-            for _, _, settled in group:
-                if settled is not None:
-                    try:
-                        settled()
-                    except Exception:
-                        _LOGGER.exception("metric batch settle callback failed")
-
-    def _resolve(self, group: list[tuple[Batch, Future[bool], Callable[[], object] | None]]) -> None:
         # A caller that went away (its stream ended, its deadline passed) cancels its future while it waits
         # here; its batch is stored all the same (the client re-sends it with the same seq and learns it is a
         # duplicate), but only the futures still wanted get a result: resolving a cancelled one raises.
@@ -103,6 +92,14 @@ class MetricIngest:
             if not isinstance(exc, Unavailable | ResourceExhausted):  # logged where they are raised
                 _LOGGER.exception("metric group commit failed")
             results = [exc] * len(group)
+        finally:
+            # Before any ack can go out: whoever accounts for held points sees them gone first.
+            for _, _, settled in group:
+                if settled is not None:
+                    try:
+                        settled()
+                    except Exception:
+                        _LOGGER.exception("metric batch settle callback failed")
         for (_, fut, _), want, result in zip(group, wanted, results, strict=True):
             if not want:
                 continue
