@@ -12,13 +12,17 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import pytest
 
 import runledger
 from runledger import RetryPolicy, errors
 from runledger.v1 import tracking_pb2
+from runledger_server.config import Settings
+from runledger_server.embedded import EmbeddedServer
 
 WRITERS = 4
 KEYS = ("train/loss", "train/reward")
@@ -320,3 +324,65 @@ def test_an_alias_watch_ends_promptly_at_shutdown_and_rides_out_the_restart(
     finally:
         client.close()
         server.stop()
+
+
+def test_a_garbled_status_detail_from_a_proxy_is_still_a_typed_error() -> None:
+    """A proxy (or a broken server) may send a `grpc-status-details-bin` trailer that does not parse: the error
+    keeps the call's own status code and message instead of failing while it is built."""
+
+    def refuse(request: bytes, context: grpc.ServicerContext) -> bytes:
+        context.set_trailing_metadata((("grpc-status-details-bin", b"\xff\x00 not a Status"),))
+        context.abort(grpc.StatusCode.UNAVAILABLE, "upstream connect error")
+
+    class Refuser(grpc.GenericRpcHandler):
+        def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+            return grpc.unary_unary_rpc_method_handler(refuse)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=[Refuser()])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary("/runledger.v1.TrackingService/GetRun")
+            with pytest.raises(grpc.RpcError) as info:
+                call(b"")
+        err = errors.from_rpc_error(info.value)
+        assert isinstance(err, errors.Unavailable) and err.message == "upstream connect error"
+        assert errors.is_transient(err)  # not the server's own answer: a transport failure, retried
+    finally:
+        server.stop(None)
+
+
+def test_every_point_taken_while_finish_runs_is_stored(tmp_path: Path) -> None:
+    """A second thread (system metrics, say) logs while the main thread finishes the run: each of its calls is
+    either refused (RUN_CLOSED) or its point is stored; finish() never returns with a taken point unsent."""
+    settings = Settings(host="127.0.0.1", port=0, data_dir=tmp_path / "data")
+    with EmbeddedServer(settings) as srv, runledger.Client(srv.address) as client:
+        for attempt in range(5):
+            run = client.start_run(experiment="finish-race")
+            taken: list[int] = []
+            started = threading.Event()
+
+            def system_metrics(
+                run: runledger.Run = run, taken: list[int] = taken, started: threading.Event = started
+            ) -> None:
+                step = 0
+                while True:
+                    try:
+                        run.log_metrics({"gpu/util": float(step)}, step=step)
+                    except errors.FailedPrecondition:
+                        return
+                    taken.append(step)
+                    step += 1
+                    if step == 1_000:
+                        started.set()
+
+            logger = threading.Thread(target=system_metrics, daemon=True)
+            logger.start()
+            assert started.wait(30)
+            run.finish(timeout=60)
+            logger.join(30)
+            assert not logger.is_alive()
+            assert run.acked_points == run.logged_points == len(taken)
+            history = client.metric_history(run.run_id, "gpu/util")
+            assert history.steps.tolist() == taken, attempt

@@ -238,6 +238,24 @@ def test_log_series_stores_arrays_exactly_in_order_with_per_step_logging(client:
     assert np.array_equal(bits(k.values), bits(np.concatenate([kl, [9.0, 0.5, 0.25]])))
 
 
+def test_log_series_keeps_what_was_logged_when_the_caller_reuses_its_arrays(client: runledger.Client) -> None:
+    """A loop that refills preallocated step and timestamp arrays for each call: the points already queued keep
+    the steps and timestamps they were logged with."""
+    steps = np.arange(5, dtype=np.int64)
+    stamps = np.arange(1_000, 1_005, dtype=np.int64)
+    values = np.zeros(5)
+    with client.start_run(experiment="series-reuse") as run:
+        for _ in range(3):
+            run.log_series({"loss": values}, steps=steps, timestamps_ms=stamps)
+            steps += 5  # refilled in place before the sender took the previous call's points
+            stamps += 5
+            values += 1.0
+    history = client.metric_history(run.run_id, "loss")
+    assert history.steps.tolist() == list(range(15))
+    assert history.timestamps_ms.tolist() == list(range(1_000, 1_015))
+    assert history.values.tolist() == [float(call) for call in range(3) for _ in range(5)]
+
+
 @pytest.mark.parametrize(
     ("metrics", "steps", "stamps", "fragment"),
     [

@@ -8,8 +8,10 @@ import math
 import pytest
 
 from runledger import errors
-from runledger._convert import direction, lineage_to_proto, run_status, string_map
-from runledger.v1 import common_pb2, tracking_pb2
+from runledger._convert import direction, lineage_to_proto, request, run_status, string_map
+from runledger.v1 import common_pb2, registry_service_pb2, tracking_pb2, tracking_service_pb2
+
+HISTORY = tracking_service_pb2.GetMetricHistoryRequest
 
 EXAMPLE = {
     "data_version": "sft-mix-v3",
@@ -109,3 +111,27 @@ def test_same_json_compares_as_the_lineage_fingerprint_does() -> None:
     assert same_json('{"lr": 1e-4, "r": 16}', '{"r":16,"lr":0.0001}')  # re-serialised, same value
     assert not same_json('{"lr": 1}', '{"lr": 1.0}')  # 1 and 1.0 give different fingerprints
     assert not same_json('{"flag": true}', '{"flag": 1}')
+
+
+@pytest.mark.parametrize(
+    ("cls", "fields", "field"),
+    [
+        (HISTORY, {"run_id": "r", "key": "k", "max_points": 1 << 31}, "max_points"),
+        (HISTORY, {"run_id": "r", "key": "k", "start_step": 1 << 63}, "start_step"),
+        (HISTORY, {"run_id": "r", "key": "k", "end_step": "10"}, "end_step"),
+        (registry_service_pb2.SetAliasRequest, {"model": "m", "alias": "a", "version": 1 << 64}, "version"),
+        (registry_service_pb2.RecordGateResultRequest, {"model": "m", "gate_id": "g", "score": "high"}, "score"),
+        (tracking_service_pb2.SearchRunsRequest, {"filter": "", "page_size": -(1 << 40)}, "page_size"),
+    ],
+)
+def test_a_value_protobuf_refuses_is_invalid_argument_naming_its_field(
+    cls: type, fields: dict[str, object], field: str
+) -> None:
+    with pytest.raises(errors.InvalidArgument) as info:
+        request(cls, **fields)
+    assert info.value.metadata["field"] == field and field in info.value.message
+
+
+def test_request_keeps_unset_optional_fields_unset() -> None:
+    built = request(tracking_service_pb2.GetMetricHistoryRequest, run_id="r", key="k", start_step=None, end_step=5)
+    assert not built.HasField("start_step") and built.end_step == 5 and built.run_id == "r"

@@ -6,7 +6,9 @@ import json
 import logging
 import operator
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
+
+from google.protobuf.message import Message
 
 from runledger import errors
 from runledger.v1 import common_pb2, tracking_pb2
@@ -15,9 +17,27 @@ _LOGGER = logging.getLogger(__name__)
 
 LINEAGE_FIELDS = ("data_version", "code_commit", "config", "base_model", "seed")
 
+M = TypeVar("M", bound=Message)
+
 
 def _invalid(message: str, field: str) -> errors.InvalidArgument:
     return errors.InvalidArgument(message, reason="INVALID_ARGUMENT", metadata={"field": field})
+
+
+def request(cls: type[M], **fields: Any) -> M:
+    """Build a request message; a value protobuf refuses (an int beyond the field's range, a wrong type) is
+    InvalidArgument naming its field, instead of protobuf's bare ValueError or TypeError."""
+    try:
+        return cls(**fields)
+    except (TypeError, ValueError):
+        for name, value in fields.items():
+            try:
+                cls(**{name: value})
+            except (TypeError, ValueError) as exc:
+                shown = repr(value)
+                shown = shown if len(shown) <= 80 else shown[:77] + "..."
+                raise _invalid(f"{name} {shown} is not valid: {exc}", name) from None
+        raise
 
 
 def lineage_to_proto(lineage: Mapping[str, Any]) -> common_pb2.Lineage:

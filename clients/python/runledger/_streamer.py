@@ -256,11 +256,16 @@ class MetricStreamer:
         )
 
     def close(self, timeout: float | None = None) -> None:
-        """Flush, then end the stream and the sender thread. Raises what flush raises (the sender stays up)."""
-        self.flush(timeout)
+        """Stop taking points, flush every point taken, then end the stream and the sender thread.
+
+        Points are refused from the first moment, so a point another thread logs while this runs is either
+        refused (RUN_CLOSED) or waited for: never taken and then given up. Raises what flush raises; the
+        sender then goes on until `abandon()`.
+        """
         with self._cond:
             self._closing = self._unusable = True
             self._cond.notify_all()
+        self.flush(timeout)
         self._thread.join(self._config.close_timeout)
         if self._thread.is_alive():
             _LOGGER.warning("metric sender of run %s did not end in time; cancelling its stream", self.run_id)
@@ -300,6 +305,13 @@ class MetricStreamer:
     def _run(self) -> None:
         try:
             self._send_until_closed()
+        except BaseException as exc:
+            # Whatever ends the sender must reach the callers: flush() and finish() would otherwise wait forever
+            # on points nobody sends any more.
+            _LOGGER.exception("metric sender of run %s failed", self.run_id)
+            self._fail(errors.RunledgerError(f"metric sender failed: {exc!r}", reason="CLIENT_ERROR"))
+            if not isinstance(exc, Exception):
+                raise
         finally:
             _process.untrack_exit(self)
 

@@ -309,8 +309,13 @@ class Client:
         names = [e.name if isinstance(e, tracking_pb2.Experiment) else e for e in experiments]
         token = ""
         while True:
-            request = pb.SearchRunsRequest(
-                experiments=names, filter=filter, order_by=order_by, page_size=page_size, page_token=token
+            request = _convert.request(
+                pb.SearchRunsRequest,
+                experiments=names,
+                filter=filter,
+                order_by=order_by,
+                page_size=page_size,
+                page_token=token,
             )
             page = self._call(self._tracking.SearchRuns, request, idempotent=True)
             yield from page.runs
@@ -354,11 +359,14 @@ class Client:
         `start_step`/`end_step` bound the range (inclusive); `max_points` > 0 downsamples on the server,
         keeping the first, the last, the minimum and the maximum.
         """
-        request = pb.GetMetricHistoryRequest(run_id=run_id, key=key, max_points=max_points)
-        if start_step is not None:
-            request.start_step = start_step
-        if end_step is not None:
-            request.end_step = end_step
+        request = _convert.request(
+            pb.GetMetricHistoryRequest,
+            run_id=run_id,
+            key=key,
+            max_points=max_points,
+            start_step=start_step,
+            end_step=end_step,
+        )
 
         def attempt(remaining: float) -> MetricHistory:
             return from_chunks(self._history_call(request, timeout=remaining, metadata=self._metadata))

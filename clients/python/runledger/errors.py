@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -156,7 +157,7 @@ def from_rpc_error(err: grpc.RpcError) -> RunledgerError:
     reason, metadata, domain = "", {}, ""
     try:
         status = rpc_status.from_call(err)  # type: ignore[arg-type]
-    except ValueError:  # trailers disagree with the call's status: keep what the call says
+    except (ValueError, DecodeError):  # trailers disagree with the call's status, or are garbled (a proxy)
         status = None
     if status is not None:
         for detail in status.details:

@@ -228,7 +228,9 @@ class Registry:
         """Newest first, fetched page by page."""
         token = ""
         while True:
-            request = pb.ListModelVersionsRequest(model=_model(model), page_size=page_size, page_token=token)
+            request = _convert.request(
+                pb.ListModelVersionsRequest, model=_model(model), page_size=page_size, page_token=token
+            )
             page = self._call(self._stub.ListModelVersions, request, read=True)
             yield from page.model_versions
             token = page.next_page_token
@@ -237,8 +239,8 @@ class Registry:
 
     def verify_lineage(self, model: str, version: int, lineage: Mapping[str, Any]) -> pb.VerifyLineageResponse:
         """Does a claimed reproduction's lineage match the version's? `.match`, `.drifted_fields`."""
-        request = pb.VerifyLineageRequest(
-            model=_model(model), version=version, lineage=_convert.lineage_to_proto(lineage)
+        request = _convert.request(
+            pb.VerifyLineageRequest, model=_model(model), version=version, lineage=_convert.lineage_to_proto(lineage)
         )
         return self._call(self._stub.VerifyLineage, request, read=True)
 
@@ -266,7 +268,9 @@ class Registry:
 
     def record_gate_result(self, model: str, gate_id: str, version: int, score: float) -> registry_pb2.GateResult:
         """The gate's own score for a version; immutable (the same score again is a no-op)."""
-        request = pb.RecordGateResultRequest(model=_model(model), gate_id=gate_id, version=version, score=float(score))
+        request = _convert.request(
+            pb.RecordGateResultRequest, model=_model(model), gate_id=gate_id, version=version, score=score
+        )
         return self._call(self._stub.RecordGateResult, request)
 
     # ---- aliases -----------------------------------------------------------------------------
@@ -274,8 +278,13 @@ class Registry:
         self, model: str, alias: str, version: int, *, gate: str, expected_revision: int | None = None
     ) -> pb.SetAliasResponse:
         """Move the alias if the gate admits the version; raises PromotionRefused or StaleRevision otherwise."""
-        request = pb.SetAliasRequest(
-            model=_model(model), alias=alias, version=version, gate_id=gate, expected_revision=expected_revision
+        request = _convert.request(
+            pb.SetAliasRequest,
+            model=_model(model),
+            alias=alias,
+            version=version,
+            gate_id=gate,
+            expected_revision=expected_revision,
         )
         return self._call(self._stub.SetAlias, request)
 
@@ -283,8 +292,13 @@ class Registry:
         self, model: str, alias: str, version: int, *, gate: str, expected_revision: int | None = None
     ) -> registry_pb2.PromotionDecision:
         """The decision set_alias would take now, without moving anything."""
-        request = pb.EvaluatePromotionRequest(
-            model=_model(model), alias=alias, version=version, gate_id=gate, expected_revision=expected_revision
+        request = _convert.request(
+            pb.EvaluatePromotionRequest,
+            model=_model(model),
+            alias=alias,
+            version=version,
+            gate_id=gate,
+            expected_revision=expected_revision,
         )
         return self._call(self._stub.EvaluatePromotion, request, read=True).decision
 
@@ -293,7 +307,9 @@ class Registry:
         return self._call(self._stub.RollbackAlias, pb.RollbackAliasRequest(model=_model(model), alias=alias)).alias
 
     def delete_alias(self, model: str, alias: str, *, expected_revision: int | None = None) -> None:
-        request = pb.DeleteAliasRequest(model=_model(model), alias=alias, expected_revision=expected_revision)
+        request = _convert.request(
+            pb.DeleteAliasRequest, model=_model(model), alias=alias, expected_revision=expected_revision
+        )
         self._call(self._stub.DeleteAlias, request)
 
     def resolve(self, ref: str) -> registry_pb2.ModelVersion:
@@ -320,8 +336,8 @@ class Registry:
         """Every decision and change of the alias, oldest first."""
         token = ""
         while True:
-            request = pb.ListAliasHistoryRequest(
-                model=_model(model), alias=alias, page_size=page_size, page_token=token
+            request = _convert.request(
+                pb.ListAliasHistoryRequest, model=_model(model), alias=alias, page_size=page_size, page_token=token
             )
             page = self._call(self._stub.ListAliasHistory, request, read=True)
             yield from page.entries

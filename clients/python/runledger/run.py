@@ -305,4 +305,5 @@ def _int64_array(data: Any, field: str) -> np.ndarray:
         raise errors.InvalidArgument(f"{field} do not fit in int64", reason="INVALID_ARGUMENT")
     if array.dtype.kind not in "iu" and array.size:
         raise errors.InvalidArgument(f"{field} must be integers, got {array.dtype}", reason="INVALID_ARGUMENT")
-    return np.ascontiguousarray(array, dtype=np.int64)
+    # Always a copy: the points are queued, and a caller may refill its array for the next call meanwhile.
+    return np.array(array, dtype=np.int64, order="C", copy=True)
