@@ -24,6 +24,7 @@ from runledger.v1 import (
     tracking_service_pb2,
     tracking_service_pb2_grpc,
 )
+from runledger_server.domain import paging
 from runledger_server.embedded import EmbeddedServer
 from tests.support import refusal
 
@@ -318,7 +319,9 @@ def test_gates_are_frozen(reg: Registry) -> None:
     assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "threshold"
     assert reg.stub.GetGate(pb.GetGateRequest(name=first.name)) == first
     r = refusal(lambda: reg.stub.GetGate(pb.GetGateRequest(name=f"models/{MODEL}/gates/other")))
-    assert r.code == grpc.StatusCode.NOT_FOUND
+    assert (r.code, r.metadata["field"]) == (grpc.StatusCode.NOT_FOUND, "name")  # the request's one field
+    r = refusal(lambda: reg.stub.GetGate(pb.GetGateRequest(name="models/no-such-model/gates/other")))
+    assert (r.code, r.metadata["field"]) == (grpc.StatusCode.NOT_FOUND, "name")
 
 
 def test_gate_results_are_immutable(reg: Registry) -> None:
@@ -573,6 +576,24 @@ def test_history_pages_oldest_first(reg: Registry, seeded: Champion) -> None:
     assert (r.code, r.metadata["field"]) == (grpc.StatusCode.NOT_FOUND, "alias")
 
 
+@pytest.mark.parametrize("value", [1 << 70, True])
+def test_a_forged_page_cursor_is_a_malformed_token_not_an_internal_error(
+    reg: Registry, seeded: Champion, value: object
+) -> None:
+    """Page tokens are opaque but not signed: a hand-made one whose cursor no database takes (an integer beyond
+    int64, JSON true) is INVALID_ARGUMENT page_token, like any other malformed token."""
+    versions = paging.encode([value], {"list": "versions", "model": MODEL})
+    r = refusal(lambda: reg.stub.ListModelVersions(pb.ListModelVersionsRequest(model=MODEL, page_token=versions)))
+    assert (r.code, r.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "page_token")
+    history = paging.encode([value], {"list": "alias_history", "model": MODEL, "alias": "production"})
+    r = refusal(
+        lambda: reg.stub.ListAliasHistory(
+            pb.ListAliasHistoryRequest(model=MODEL, alias="production", page_token=history)
+        )
+    )
+    assert (r.code, r.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "page_token")
+
+
 def test_versions_list_the_aliases_pointing_at_them(reg: Registry, seeded: Champion) -> None:
     reg.set_alias(seeded.champion, alias="canary")
     v = reg.stub.GetModelVersion(pb.GetModelVersionRequest(name=f"models/{MODEL}/versions/{seeded.champion}"))
@@ -583,6 +604,33 @@ def test_versions_list_the_aliases_pointing_at_them(reg: Registry, seeded: Champ
         for mv in reg.stub.ListModelVersions(pb.ListModelVersionsRequest(model=MODEL)).model_versions
     }
     assert listed[seeded.champion] == ["canary"] and listed[seeded.b] == ["production"] and listed[seeded.a] == []
+
+
+def test_every_call_lists_a_versions_aliases_in_one_order_under_any_collation(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """On a database whose collation ignores punctuation (ICU en-US sorts `ab` before `a-c`), the version read by
+    name, listed, and served by alias names its aliases in the same (code point) order."""
+    from runledger_server.config import Settings
+    from tests.integration.test_postgres_tracking import _database
+
+    with (
+        _database(postgres_url, "C", icu_locale="en-US") as url,
+        EmbeddedServer(Settings(host="127.0.0.1", port=0, data_dir=tmp_path / "data", db_url=url)) as srv,
+        grpc.insecure_channel(srv.address) as ch,
+    ):
+        reg = Registry(ch)
+        reg.model()
+        reg.gate()
+        v = reg.version().version
+        reg.score(v, 0.9)
+        for alias in ("ab", "a-c", "production"):
+            reg.set_alias(v, alias=alias)
+        expected = sorted(["ab", "a-c", "production"])  # ["a-c", "ab", "production"]
+        by_name = reg.stub.GetModelVersion(pb.GetModelVersionRequest(name=f"models/{MODEL}/versions/{v}"))
+        listed = reg.stub.ListModelVersions(pb.ListModelVersionsRequest(model=f"models/{MODEL}")).model_versions
+        served = reg.serving("ab").model_version
+        assert list(by_name.aliases) == list(listed[0].aliases) == list(served.aliases) == expected
 
 
 # ---- lineage ---------------------------------------------------------------------------------

@@ -97,7 +97,22 @@ def test_parse_order_by_refusals(text: str) -> None:
     assert info.value.field == "order_by"
 
 
-@pytest.mark.parametrize("cursor", [[], [1], ["x", "y"], [1.5, "r"], [None, "r"], [1, 2], [{"a": 1}, "r"]])
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        [],
+        [1],
+        ["x", "y"],
+        [1.5, "r"],
+        [None, "r"],
+        [1, 2],
+        [{"a": 1}, "r"],
+        [True, "r"],  # JSON true is an int to Python, and a different statement to SQLAlchemy
+        [1 << 63, "r"],  # beyond int64: the driver's OverflowError
+        [-(1 << 63) - 1, "r"],
+        [7, "r\x00"],  # NUL: PostgreSQL refuses it in text
+    ],
+)
 def test_a_page_cursor_of_another_shape_is_a_malformed_token(cursor: list[object]) -> None:
     with pytest.raises(InvalidArgument) as info:
         paging.fields(cursor, int, str)

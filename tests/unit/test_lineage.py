@@ -144,7 +144,7 @@ def test_random_lineages_agree_with_the_reference() -> None:
         assert as_lineage(d).fingerprint() == reference_fingerprint(d)
 
 
-@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity", "1e400", "-1E999"])
 def test_a_config_with_non_json_numbers_is_refused(constant: str) -> None:
     from runledger_server.domain.lineage import parse_config
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -47,7 +48,7 @@ class Lineage:
 def parse_config(text: str) -> dict[str, Any]:
     """Parse config JSON text, keeping ints as ints and floats as floats; it must be an object."""
     try:
-        value = json.loads(text, parse_constant=_refuse_constant)
+        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except ValueError as exc:
         raise InvalidArgument(f"lineage.config is not valid JSON: {exc}", field="lineage.config") from exc
     except RecursionError:
@@ -60,6 +61,14 @@ def parse_config(text: str) -> dict[str, Any]:
 def _refuse_constant(name: str) -> Any:
     """NaN and Infinity are not JSON: a fingerprint over them could not be reproduced by a strict parser."""
     raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    """A number too large for a double (1e400) would be read as infinity and written back as `Infinity`."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is beyond the range of a double")
+    return value
 
 
 def fingerprint_of(lineage: dict[str, Any]) -> str:

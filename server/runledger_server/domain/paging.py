@@ -50,6 +50,19 @@ def decode(token: str, query: Any) -> list[Any] | None:
 def fields(cursor: list[Any], *kinds: type | tuple[type, ...]) -> list[Any]:
     """The cursor's values when they have the expected number and types: a token is opaque to its holder, but
     one edited by hand must be refused as malformed, not reach the database as a wrong-typed value."""
-    if len(cursor) != len(kinds) or not all(isinstance(v, k) for v, k in zip(cursor, kinds, strict=True)):
+    if len(cursor) != len(kinds) or not all(_fits(v, k) for v, k in zip(cursor, kinds, strict=True)):
         raise InvalidArgument("page_token is malformed", field="page_token")
     return cursor
+
+
+def _fits(value: Any, kind: type | tuple[type, ...]) -> bool:
+    """Of the kind, and storable: JSON's true/false are not integers here, integers stay within int64 and
+    text has no NUL (which the databases refuse with errors of their own)."""
+    if isinstance(value, bool) or not isinstance(value, kind):
+        return False
+    if isinstance(value, int):
+        return _INT64_MIN <= value <= _INT64_MAX
+    return not (isinstance(value, str) and "\x00" in value)
+
+
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1

@@ -169,7 +169,10 @@ class RegistryService:
 
     def get_gate(self, name: str) -> Gate:
         model_id, gate_id = names.gate_ref(name)
-        return self.store.get_gate(model_id, gate_id)
+        try:
+            return self.store.get_gate(model_id, gate_id)
+        except NotFound as exc:
+            raise _naming(exc, "name") from None
 
     def record_gate_result(self, model: str, gate_id: str, version: int, score: float, actor: str) -> GateResult:
         model_id = names.model_id(model)

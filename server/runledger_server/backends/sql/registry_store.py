@@ -614,10 +614,10 @@ def _aliases_of(s: Session, model_id: str, versions: list[int]) -> dict[int, tup
         for version, alias in s.execute(
             select(AliasRow.version, AliasRow.alias)
             .where(AliasRow.model_id == model_id, AliasRow.version.in_(versions))
-            .order_by(AliasRow.alias)
         ):
             out[version].append(alias)
-    return defaultdict(tuple, {v: tuple(a) for v, a in out.items()})
+    # Sorted here by code point, as the serving lookup sorts them: the database's collation could differ.
+    return defaultdict(tuple, {v: tuple(sorted(a)) for v, a in out.items()})
 
 
 def _model(row: RegisteredModelRow, tags: dict[str, str]) -> RegisteredModel:
