@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from runledger import Client, FailedPrecondition, PromotionRefused
+from runledger import Client, FailedPrecondition, PromotionRefused, StaleRevision
 from runledger_server.embedded import EmbeddedServer
 
 SUITE = "mmlu-pro@9f3c2e1"
@@ -83,7 +83,9 @@ def test_register_gate_promote_resolve_watch(server: EmbeddedServer, tmp_path: P
         assert resolved.version == 2 and resolved.artifact_sha256 == versions["b"].artifact_sha256
         history = list(client.alias_history("qwen3-8b-sft", "production"))
         assert [e.reason for e in history] == ["PROMOTED", "PROMOTED", "NOT_BETTER_THAN_INCUMBENT"]
-        assert client.rollback_alias("qwen3-8b-sft", "production").version == 1
+        with pytest.raises(StaleRevision):  # someone has moved it since revision 1
+            client.rollback_alias("qwen3-8b-sft", "production", expected_revision=1)
+        assert client.rollback_alias("qwen3-8b-sft", "production", expected_revision=2).version == 1
 
         dest = client.download_artifacts(resolved.run_id, "adapter", tmp_path / "served")
         assert (dest / "adapter_model.safetensors").read_bytes() == b"b" * 70_000

@@ -547,6 +547,28 @@ def test_delete_alias(reg: Registry, seeded: Champion) -> None:
     assert r.code == grpc.StatusCode.FAILED_PRECONDITION and r.reason == "NO_PREVIOUS_VERSION"
 
 
+def test_rollback_with_the_revision_last_seen_undoes_one_change_only(reg: Registry) -> None:
+    """Two operators press rollback after a bad release, both having seen revision 3: the first goes back one
+    version, the second is ABORTED STALE_REVISION instead of going back another."""
+    reg.model()
+    reg.gate()
+    v = [reg.version(seed=s).version for s in range(3)]
+    for version, score in zip(v, (0.7, 0.8, 0.9), strict=True):
+        reg.score(version, score)
+        reg.set_alias(version)
+    seen = reg.state()[1]
+    first = pb.RollbackAliasRequest(model=MODEL, alias="production", expected_revision=seen)
+    assert reg.stub.RollbackAlias(first).alias.version == v[1]
+    r = refusal(lambda: reg.stub.RollbackAlias(first))
+    assert (r.code, r.reason, r.metadata["field"]) == (grpc.StatusCode.ABORTED, "STALE_REVISION", "expected_revision")
+    assert r.metadata["revision"] == str(seen + 1)
+    assert reg.state() == (v[1], seen + 1)  # nothing moved
+    r = refusal(
+        lambda: reg.stub.RollbackAlias(pb.RollbackAliasRequest(model=MODEL, alias="production", expected_revision=-1))
+    )
+    assert (r.code, r.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "expected_revision")
+
+
 def test_rollback_restores_a_deleted_alias(reg: Registry, seeded: Champion) -> None:
     reg.stub.DeleteAlias(pb.DeleteAliasRequest(model=MODEL, alias="production"))
     back = reg.stub.RollbackAlias(pb.RollbackAliasRequest(model=MODEL, alias="production")).alias

@@ -504,8 +504,8 @@ class Client:
         Raises `PromotionRefused` (reason, candidate and incumbent scores) or `StaleRevision`."""
         return self.registry.set_alias(model, alias, version, gate=gate, expected_revision=expected_revision)
 
-    def rollback_alias(self, model: str, alias: str) -> registry_pb2.Alias:
-        return self.registry.rollback(model, alias)
+    def rollback_alias(self, model: str, alias: str, *, expected_revision: int | None = None) -> registry_pb2.Alias:
+        return self.registry.rollback(model, alias, expected_revision=expected_revision)
 
     def resolve(self, ref: str) -> registry_pb2.ModelVersion:
         """The version `"model@alias"` points at (e.g. `client.resolve("qwen3-8b-sft@production")`)."""

@@ -302,9 +302,15 @@ class Registry:
         )
         return self._call(self._stub.EvaluatePromotion, request, read=True).decision
 
-    def rollback(self, model: str, alias: str) -> registry_pb2.Alias:
-        """Back to the version the alias held before its last change (repeat to go further back)."""
-        return self._call(self._stub.RollbackAlias, pb.RollbackAliasRequest(model=_model(model), alias=alias)).alias
+    def rollback(self, model: str, alias: str, *, expected_revision: int | None = None) -> registry_pb2.Alias:
+        """Back to the version the alias held before its last change (repeat to go further back).
+
+        With `expected_revision` (the revision last seen), a rollback someone else already made is not undone a
+        second time: StaleRevision instead, and nothing moves."""
+        request = _convert.request(
+            pb.RollbackAliasRequest, model=_model(model), alias=alias, expected_revision=expected_revision
+        )
+        return self._call(self._stub.RollbackAlias, request).alias
 
     def delete_alias(self, model: str, alias: str, *, expected_revision: int | None = None) -> None:
         request = _convert.request(

@@ -212,10 +212,11 @@ class RegistryService:
         self._changed(model_id, alias)
         return outcome
 
-    def rollback_alias(self, model: str, alias: str, actor: str) -> AliasOutcome:
+    def rollback_alias(self, model: str, alias: str, actor: str, expected_revision: int | None = None) -> AliasOutcome:
         model_id = names.model_id(model)
         alias = names.slug(alias, "alias")
-        outcome = self.store.rollback_alias(model_id, alias, actor)
+        _check_expected_revision(expected_revision)
+        outcome = self.store.rollback_alias(model_id, alias, actor, expected_revision)
         _LOGGER.info(
             "models/%s/aliases/%s rolled back to version %d by %s", model_id, alias, outcome.alias.version, actor
         )

@@ -172,7 +172,8 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
 
     @handle_errors
     async def RollbackAlias(self, request: pb.RollbackAliasRequest, context: Any) -> pb.RollbackAliasResponse:
-        outcome = await self._call(self._svc.rollback_alias, request.model, request.alias, actor_of(context))
+        expected = request.expected_revision if request.HasField("expected_revision") else None
+        outcome = await self._call(self._svc.rollback_alias, request.model, request.alias, actor_of(context), expected)
         return pb.RollbackAliasResponse(alias=alias_to_proto(outcome.alias))
 
     @handle_errors

@@ -508,21 +508,31 @@ class RollbackAliasRequest(_message.Message):
 
     MODEL_FIELD_NUMBER: _builtins.int
     ALIAS_FIELD_NUMBER: _builtins.int
+    EXPECTED_REVISION_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Required. Format: `models/{model}`."""
     alias: _builtins.str
     """Required. The alias."""
+    expected_revision: _builtins.int
+    """Optional. The alias revision the caller last saw: when the alias has
+    changed since (say, another operator rolled it back already), the call is
+    ABORTED `STALE_REVISION` and nothing moves, instead of undoing one more
+    change.
+    """
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
         alias: _builtins.str = ...,
+        expected_revision: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_revision", b"_expected_revision", "expected_revision", b"expected_revision"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_revision", b"_expected_revision", "alias", b"alias", "expected_revision", b"expected_revision", "model", b"model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__expected_revision: _TypeAlias = _typing.Literal["expected_revision"]  # noqa: Y015
+    _WhichOneofArgType__expected_revision: _TypeAlias = _typing.Literal["_expected_revision", b"_expected_revision"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expected_revision) -> _WhichOneofReturnType__expected_revision | None: ...
 
 Global___RollbackAliasRequest: _TypeAlias = RollbackAliasRequest  # noqa: Y015
 

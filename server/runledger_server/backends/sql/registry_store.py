@@ -288,11 +288,15 @@ class SqlRegistryStore:
             )
             return AliasOutcome(state.alias(), entry, decision)
 
-    def rollback_alias(self, model_id: str, alias: str, actor: str) -> AliasOutcome:
+    def rollback_alias(
+        self, model_id: str, alias: str, actor: str, expected_revision: int | None = None
+    ) -> AliasOutcome:
         with self.db.statements(write=True) as q:
             state = self._lock_alias(q, model_id, alias, create=False)
             if state is None or state.revision == 0:
                 raise NotFound(f"models/{model_id}/aliases/{alias} has never been set", field="alias")
+            if not gates.revision_matches(expected_revision, state.revision, state.version != 0):
+                raise _stale(expected_revision, state.revision)
             changes = [
                 AliasChange(*r)
                 for r in q.all(
@@ -331,12 +335,7 @@ class SqlRegistryStore:
             if state is None or state.version == 0:
                 raise NotFound(f"models/{model_id}/aliases/{alias} is not set", field="alias")
             if not gates.revision_matches(expected_revision, state.revision, True):
-                raise Aborted(
-                    f"expected_revision {expected_revision} is stale: the alias is at revision {state.revision}",
-                    reason=gates.STALE_REVISION,
-                    field="expected_revision",
-                    metadata={"revision": str(state.revision)},
-                )
+                raise _stale(expected_revision, state.revision)
             previous = state.version
             state.move(0, "")
             entry = _record(q, state, Action.DELETED, previous, 0, "", None, None, gates.DELETED, actor)
@@ -608,12 +607,22 @@ def _model_tags(s: Session, model_ids: list[str]) -> dict[str, dict[str, str]]:
     return out
 
 
+def _stale(expected_revision: int | None, revision: int) -> Aborted:
+    return Aborted(
+        f"expected_revision {expected_revision} is stale: the alias is at revision {revision}",
+        reason=gates.STALE_REVISION,
+        field="expected_revision",
+        metadata={"revision": str(revision)},
+    )
+
+
 def _aliases_of(s: Session, model_id: str, versions: list[int]) -> dict[int, tuple[str, ...]]:
     out: dict[int, list[str]] = defaultdict(list)
     if versions:
         for version, alias in s.execute(
-            select(AliasRow.version, AliasRow.alias)
-            .where(AliasRow.model_id == model_id, AliasRow.version.in_(versions))
+            select(AliasRow.version, AliasRow.alias).where(
+                AliasRow.model_id == model_id, AliasRow.version.in_(versions)
+            )
         ):
             out[version].append(alias)
     # Sorted here by code point, as the serving lookup sorts them: the database's collation could differ.
