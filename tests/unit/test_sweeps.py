@@ -84,7 +84,14 @@ def test_unscored_runs_are_excluded_not_ranked() -> None:
 def test_no_scored_run_is_refused() -> None:
     with pytest.raises(FailedPrecondition) as info:
         select_winner([Candidate("none", {})], "m", Direction.MAXIMIZE)
-    assert info.value.reason == "NO_SCORED_RUNS"
+    assert (info.value.reason, info.value.field) == ("NO_SCORED_RUNS", "metric")
+
+
+def test_a_named_suite_nothing_was_scored_on_names_the_suite() -> None:
+    with pytest.raises(FailedPrecondition) as info:
+        select_winner(cands(("r0", 0.1, FP)), "m", Direction.MAXIMIZE, suite_fingerprint="other-suite@1")
+    assert (info.value.reason, info.value.field) == ("NO_SCORED_RUNS", "suite_fingerprint")
+    assert info.value.metadata["suiteFingerprint"] == "other-suite@1"
 
 
 def test_random_sweeps_agree_with_the_reference() -> None:

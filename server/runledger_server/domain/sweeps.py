@@ -104,12 +104,13 @@ def select_winner(
 
 
 def _no_scored(metric: str, suite: str | None) -> FailedPrecondition:
+    """Without a suite no run has the metric at all; with the caller's suite, none was scored on that suite."""
     where = f" on suite {suite}" if suite else ""
     return FailedPrecondition(
         f"no candidate run has an eval result for metric {metric!r}{where}",
         reason="NO_SCORED_RUNS",
-        field="metric",
-        metadata={"metric": metric},
+        field="suite_fingerprint" if suite else "metric",
+        metadata={"metric": metric, **({"suiteFingerprint": suite} if suite else {})},
     )
 
 
