@@ -336,16 +336,39 @@ def test_two_writers_into_one_run_concurrently_store_every_point_once(client: ru
         assert np.all(np.diff(history.steps) >= 0)
 
 
-def test_reusing_a_writer_id_is_refused_not_silently_dropped(client: runledger.Client) -> None:
+def test_a_restarted_writer_keeping_its_writer_id_continues_where_it_stopped(server: EmbeddedServer) -> None:
+    """A preempted job restarts and attaches its ranks with the same writer IDs: their batches are numbered on
+    from what the server stored, so the resumed points are stored, not refused as another writer's."""
+    with runledger.Client(server.address) as before:
+        run = before.start_run(experiment="resume", writer_id="rank0")
+        for step in range(1_000):
+            run.log_metrics({"loss": step * 0.5}, step=step)
+        run.flush()
+        run_id = run.run_id  # the process dies here: no finish()
+    with runledger.Client(server.address) as after:
+        resumed = after.attach_run(run_id, writer_id="rank0")
+        for step in range(1_000, 2_000):
+            resumed.log_metrics({"loss": step * 0.5}, step=step)
+        resumed.finish()
+        assert resumed.acked_points == resumed.logged_points == 1_000
+        history = after.metric_history(run_id, "loss")
+        assert history.steps.tolist() == list(range(2_000))
+        assert history.values.tolist() == [step * 0.5 for step in range(2_000)]
+
+
+def test_a_writer_id_another_live_writer_uses_is_refused_not_silently_dropped(client: runledger.Client) -> None:
     first = client.start_run(experiment="reuse", writer_id="rank0")
     first.log_metrics({"loss": 1.0}, step=0)
     first.flush()
-    second = client.attach_run(first.run_id, writer_id="rank0")  # same writer, seq starts at 0 again
+    second = client.attach_run(first.run_id, writer_id="rank0")  # resumes after the first one's batch ...
     second.log_metrics({"loss": 2.0}, step=1)
+    second.flush()
+    first.log_metrics({"loss": 3.0}, step=2)  # ... which the first one, still running, numbers alike
     with pytest.raises(errors.AlreadyExists) as info:
-        second.flush(timeout=30)
+        first.flush(timeout=30)
     assert info.value.reason == "WRITER_ID_REUSED" and info.value.metadata["writerId"] == "rank0"
-    assert second.logged_points == 1 and second.acked_points == 0  # logged, not stored: counted as logged
+    assert first.logged_points == 2 and first.acked_points == 1  # logged, not stored: counted as logged
+    assert client.metric_history(first.run_id, "loss").values.tolist() == [1.0, 2.0]
 
 
 # ---- batching, backpressure and reconnection --------------------------------------------------------
@@ -487,3 +510,30 @@ def test_batches_of_calls_that_went_away_count_against_the_ingest_budget_until_c
         assert duplicates == [True] * entered + [False] * (8 - entered)
         history = runledger.Client(srv.address).metric_history(run_id, "loss")
         assert history.steps.tolist() == list(range(9 * per_batch))
+
+
+def test_a_named_writer_learns_where_it_resumes_once_the_server_is_back(tmp_path: Path) -> None:
+    """Asking where a named writer resumes waits for the server like any send: points logged meanwhile are kept,
+    and stored once it answers."""
+    settings = Settings(host="127.0.0.1", port=free_port(), data_dir=tmp_path / "data")
+    first = EmbeddedServer(settings).start()
+    client = runledger.Client(first.address, retry=FAST_RETRY, timeout=2.0)
+    try:
+        run = client.start_run(experiment="resume-later")
+        resumed = client.attach_run(run.run_id, writer_id="rank3")
+        first.stop()
+        for step in range(100):
+            resumed.log_metrics({"loss": float(step)}, step=step)
+        with pytest.raises(errors.DeadlineExceeded):
+            resumed.flush(timeout=0.5)
+        assert resumed.acked_points == 0
+        second = EmbeddedServer(settings).start()
+        try:
+            resumed.flush(timeout=60)
+            resumed.finish()
+            run.finish()
+            assert client.metric_history(run.run_id, "loss").steps.tolist() == list(range(100))
+        finally:
+            second.stop()
+    finally:
+        client.close()

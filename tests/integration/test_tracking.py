@@ -247,6 +247,27 @@ def test_stream_metrics_acks_and_dedup(tracking) -> None:
     assert steps == list(range(200)) and values == [1.0 / (1 + s) for s in steps]
 
 
+def test_get_metric_writer_says_where_a_writer_resumes(tracking) -> None:
+    run = _run(tracking, _experiment(tracking))
+
+    def next_seq(writer: str) -> int:
+        return tracking.GetMetricWriter(pb.GetMetricWriterRequest(run_id=run.run_id, writer_id=writer)).next_seq
+
+    assert next_seq("rank0") == 0  # has stored nothing
+    batches = [
+        pb.StreamMetricsRequest(run_id=run.run_id, writer_id="rank0", seq=seq, series=[_series("loss", [seq], [0.5])])
+        for seq in (0, 1, 2, 7)  # numbering with a gap (a batch refused, say): resume after the highest
+    ]
+    assert len(list(tracking.StreamMetrics(iter(batches)))) == 4
+    assert next_seq("rank0") == 8 and next_seq("rank1") == 0
+    written = tracking.GetMetricWriter(pb.GetMetricWriterRequest(run_id=run.run_id, writer_id="rank0"))
+    assert (written.run_id, written.writer_id) == (run.run_id, "rank0")
+    r = refusal(lambda: tracking.GetMetricWriter(pb.GetMetricWriterRequest(run_id="0" * 32, writer_id="rank0")))
+    assert (r.code, r.metadata["field"]) == (grpc.StatusCode.NOT_FOUND, "run_id")
+    r = refusal(lambda: tracking.GetMetricWriter(pb.GetMetricWriterRequest(run_id=run.run_id, writer_id="")))
+    assert (r.code, r.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "writer_id")
+
+
 def test_many_writers_into_one_run(tracking) -> None:
     run = _run(tracking, _experiment(tracking))
 

@@ -97,12 +97,18 @@ class MetricStreamer:
         open_stream: OpenStream,
         config: StreamerConfig | None = None,
         *,
+        first_seq: Callable[[], int] | None = None,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
     ) -> None:
+        """`first_seq`, for a writer_id that may have written to the run before (a resumed job): asks the server
+        where the writer's numbering continues. The sender asks before it cuts the first batch; until then
+        points are buffered as usual."""
         self.run_id = run_id
         self.writer_id = writer_id
         self._open_stream = open_stream
+        self._first_seq = first_seq
+        self._numbered = first_seq is None  # the outbox knows the seq of the first batch
         self._config = config or StreamerConfig()
         self._policy = self._config.batch
         self._cap = self._config.max_buffered_points
@@ -228,21 +234,26 @@ class MetricStreamer:
         with self._cond:
             if self._error is not None:
                 raise self._error
+            self._cond.notify_all()
+            while not self._numbered and self._buffer.points:  # the sender is asking where numbering starts
+                self._wait_until(deadline, timeout)
             while self._buffer.points:
                 self._cut()
             target = self._outbox.next_seq
             self._cond.notify_all()
             while self._outbox.first_unacked() < target or self._error is not None:
-                if self._error is not None:
-                    raise self._error
-                if self._stop_now:
-                    raise errors.FailedPrecondition(
-                        f"the metric sender of run {self.run_id} was stopped", reason="RUN_CLOSED"
-                    )
-                remaining = None if deadline is None else deadline - self._clock()
-                if remaining is not None and remaining <= 0:
-                    raise self._timeout_error(timeout)
-                self._cond.wait(remaining)
+                self._wait_until(deadline, timeout)
+
+    def _wait_until(self, deadline: float | None, timeout: float | None) -> None:
+        """Under the lock: one wait for news from the sender, within the caller's deadline."""
+        if self._error is not None:
+            raise self._error
+        if self._stop_now:
+            raise errors.FailedPrecondition(f"the metric sender of run {self.run_id} was stopped", reason="RUN_CLOSED")
+        remaining = None if deadline is None else deadline - self._clock()
+        if remaining is not None and remaining <= 0:
+            raise self._timeout_error(timeout)
+        self._cond.wait(remaining)
 
     def _timeout_error(self, timeout: float | None) -> errors.DeadlineExceeded:
         pending = self._outbox.points + self._buffer.points
@@ -325,6 +336,9 @@ class MetricStreamer:
                     self._cond.wait(self._policy.max_delay)  # nothing to send: poll for new points
                 if self._stop_now:
                     return
+            if not self._numbered and not self._learn_first_seq():
+                return
+            with self._cond:
                 conn = self._conn = _Connection(self._outbox.first_unacked())
                 self._connections += 1
             error: errors.RunledgerError | None = None
@@ -382,6 +396,39 @@ class MetricStreamer:
                 resume = self._clock() + delay
                 while not self._stop_now and (left := resume - self._clock()) > 0:
                     self._cond.wait(left)
+
+    def _learn_first_seq(self) -> bool:
+        """Ask the server where this writer's numbering continues (retrying while it is unreachable), before
+        any batch is cut; False when the sender must stop (stopped, or refused for good)."""
+        assert self._first_seq is not None
+        failures = 0
+        while True:
+            try:
+                first = self._first_seq()
+            except errors.RunledgerError as exc:
+                if not errors.is_transient(exc):
+                    self._fail(exc)
+                    return False
+                failures += 1
+                delay = self._config.retry.delay(failures, self._rand())
+                _LOGGER.info(
+                    "run %s: cannot ask where writer %s resumes (%s); retrying", self.run_id, self.writer_id, exc
+                )
+                with self._cond:
+                    self._last_transient = exc
+                    resume = self._clock() + delay
+                    while not self._stop_now and (left := resume - self._clock()) > 0:
+                        self._cond.wait(left)
+                    if self._stop_now:
+                        return False
+                continue
+            with self._cond:
+                if first:
+                    _LOGGER.info("run %s: writer %s resumes at batch %d", self.run_id, self.writer_id, first)
+                self._outbox.next_seq = first  # nothing is cut before this: no batch holds a seq yet
+                self._numbered = True
+                self._cond.notify_all()
+            return True
 
     def _fail(self, error: errors.RunledgerError) -> None:
         with self._cond:

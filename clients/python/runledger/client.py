@@ -79,7 +79,8 @@ class Client:
         metadata: Sequence[tuple[str, str]] = (),
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        """`writer_id`: the default writer ID of this client's runs (e.g. f"rank{rank}"); a random one when unset.
+        """`writer_id`: the default writer ID of this client's runs (e.g. f"rank{rank}"), kept by a restarted job
+        so that each writer continues its numbering; a random one when unset.
         `finish_timeout`: how long a run's context exit waits for its metrics to be stored (None: as long as it
         takes on success, 60 s when an exception is already escaping). `batch_points`: points per batch sent,
         at most 1,000,000 (the server's limit; ValueError above it)."""
@@ -275,13 +276,13 @@ class Client:
             info = self.get_run(chosen)
             if run_id is not None and not _is_created_by(info, request):
                 raise
-        return Run(self, info, writer_id=writer_id or self.writer_id or _ids.new_writer_id(), owns_status=True)
+        return Run(self, info, writer_id=writer_id or self.writer_id, owns_status=True)
 
     def attach_run(self, run_id: str, *, writer_id: str | None = None) -> Run:
         """Another writer of an existing run (e.g. one rank of a distributed job). Its context exit flushes
         but leaves the run's status to the `Run` that started it. Each writer needs its own writer_id."""
         info = self.get_run(run_id)
-        return Run(self, info, writer_id=writer_id or self.writer_id or _ids.new_writer_id(), owns_status=False)
+        return Run(self, info, writer_id=writer_id or self.writer_id, owns_status=False)
 
     def get_run(self, run_id: str) -> tracking_pb2.Run:
         return self._call(self._tracking.GetRun, pb.GetRunRequest(run_id=run_id), idempotent=True)
@@ -338,11 +339,20 @@ class Client:
         return self._call(self._tracking.SetLineage, request, idempotent=True)
 
     # ---- metrics ------------------------------------------------------------------------------------
-    def _metric_streamer(self, run_id: str, writer_id: str) -> MetricStreamer:
+    def _metric_streamer(self, run_id: str, writer_id: str, *, resumable: bool) -> MetricStreamer:
+        """`resumable`: the writer_id was chosen by the caller, so it may have written to the run before (a
+        restarted job): its numbering continues where the server has it, instead of colliding at seq 0."""
+
         def open_stream(requests: Iterator[bytes]) -> Any:
             return self._stream_metrics_call(requests, metadata=self._metadata)
 
-        return MetricStreamer(run_id, writer_id, open_stream, self.streamer_config)
+        def first_seq() -> int:
+            request = pb.GetMetricWriterRequest(run_id=run_id, writer_id=writer_id)
+            return int(self._call(self._tracking.GetMetricWriter, request, idempotent=True).next_seq)
+
+        return MetricStreamer(
+            run_id, writer_id, open_stream, self.streamer_config, first_seq=first_seq if resumable else None
+        )
 
     def metric_history(
         self,

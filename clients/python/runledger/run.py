@@ -36,11 +36,14 @@ class Run:
     flushes and sets FINISHED, or FAILED (KILLED on KeyboardInterrupt) when an exception escapes.
     """
 
-    def __init__(self, client: Client, info: tracking_pb2.Run, *, writer_id: str, owns_status: bool) -> None:
+    def __init__(self, client: Client, info: tracking_pb2.Run, *, writer_id: str | None, owns_status: bool) -> None:
+        """`writer_id` None: a fresh random one. A writer_id the caller chose may have written to this run
+        before (a restarted job keeps its rank's ID): its batches are then numbered on from where it stopped."""
         self._client = client
         self.info = info
         self.run_id = info.run_id
-        self.writer_id = writer_id
+        self.writer_id = writer_id or _ids.new_writer_id()
+        self._resumable = writer_id is not None
         self.owns_status = owns_status
         self._stream: MetricStreamer | None = None
         self._lock = threading.Lock()
@@ -114,7 +117,7 @@ class Run:
                         reason="RUN_CLOSED",
                         metadata={"runId": self.run_id},
                     )
-                self._stream = self._client._metric_streamer(self.run_id, self.writer_id)
+                self._stream = self._client._metric_streamer(self.run_id, self.writer_id, resumable=self._resumable)
             return self._stream
 
     def flush(self, timeout: float | None = None) -> None:
@@ -242,6 +245,7 @@ class Run:
         self._stream = None
         self._lock = threading.Lock()
         self.writer_id = _ids.forked_writer_id(self.writer_id)
+        self._resumable = False  # a new writer: nothing to continue from
         self.owns_status = False
 
 

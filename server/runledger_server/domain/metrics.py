@@ -41,10 +41,15 @@ class Batch:
         return sum(len(s) for s in self.series)
 
 
-def validate_batch(run_id: str, writer_id: str, seq: int, series: tuple[Series, ...]) -> Batch:
-    names.run_id(run_id)
+def check_writer_id(writer_id: str) -> str:
     if not writer_id or len(writer_id) > 128 or "\x00" in writer_id:
         raise InvalidArgument("writer_id is required (1-128 characters, no NUL)", field="writer_id")
+    return writer_id
+
+
+def validate_batch(run_id: str, writer_id: str, seq: int, series: tuple[Series, ...]) -> Batch:
+    names.run_id(run_id)
+    check_writer_id(writer_id)
     if not 0 <= seq < 1 << 63:
         raise InvalidArgument(f"seq must be in [0, 2^63), got {seq}", field="seq")
     if len(series) > MAX_SERIES_PER_BATCH:

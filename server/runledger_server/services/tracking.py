@@ -9,7 +9,7 @@ from concurrent.futures import Future
 from runledger_server.domain import filters, ids, names, paging, sweeps
 from runledger_server.domain.errors import InvalidArgument, NotFound
 from runledger_server.domain.lineage import Lineage
-from runledger_server.domain.metrics import Batch, Series, downsample, in_step_order, joined
+from runledger_server.domain.metrics import Batch, Series, check_writer_id, downsample, in_step_order, joined
 from runledger_server.domain.run_status import STATUSES
 from runledger_server.services.metric_ingest import MetricIngest
 from runledger_server.store.entities import EvalResult, Experiment, Page, Run
@@ -108,6 +108,10 @@ class TrackingService:
         """Queue a validated batch for group commit; resolves after the commit (True = duplicate). `settled` is
         called once the batch is no longer held, committed or not, even if the future was cancelled."""
         return self.ingest.submit(batch, settled)
+
+    def next_metric_seq(self, run_id: str, writer_id: str) -> int:
+        """Where a writer that keeps its writer_id across a restart continues its batch numbering."""
+        return self.store.next_metric_seq(names.run_id(run_id), check_writer_id(writer_id))
 
     def metric_history(
         self, run_id: str, key: str, start_step: int | None, end_step: int | None, max_points: int

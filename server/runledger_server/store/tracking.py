@@ -59,6 +59,10 @@ class TrackingStore(Protocol):
         duplicate (already stored), False when newly stored, or the refusal for that batch alone."""
         ...
 
+    def next_metric_seq(self, run_id: str, writer_id: str) -> int:
+        """One past the highest seq the writer has stored in the run (0 for none); NotFound for a missing run."""
+        ...
+
     def metric_chunks(self, run_id: str, key: str, start_step: int | None, end_step: int | None) -> list[Series]:
         """The stored chunks of one key in logging order, at least those holding steps in [start_step, end_step]
         (the caller cuts and orders them: domain.metrics.in_step_order)."""

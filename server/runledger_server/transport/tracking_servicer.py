@@ -261,6 +261,11 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
         return pb.LogMetricsResponse(writer_id=request.writer_id, seq=request.seq, duplicate=duplicate)
 
     @handle_errors
+    async def GetMetricWriter(self, request: pb.GetMetricWriterRequest, context: Any) -> tracking_pb2.MetricWriter:
+        next_seq = await self._call(self._svc.next_metric_seq, request.run_id, request.writer_id)
+        return tracking_pb2.MetricWriter(run_id=request.run_id, writer_id=request.writer_id, next_seq=next_seq)
+
+    @handle_errors
     async def GetMetricHistory(
         self, request: pb.GetMetricHistoryRequest, context: Any
     ) -> AsyncIterator[tracking_pb2.MetricSeries]:

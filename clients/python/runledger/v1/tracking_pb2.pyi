@@ -412,3 +412,35 @@ class EvalResult(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EvalResult: _TypeAlias = EvalResult  # noqa: Y015
+
+@_typing.final
+class MetricWriter(_message.Message):
+    """One writer of a run's metrics, as far as the server has stored it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    WRITER_ID_FIELD_NUMBER: _builtins.int
+    NEXT_SEQ_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """The run ID."""
+    writer_id: _builtins.str
+    """The writer ID."""
+    next_seq: _builtins.int
+    """The seq the writer's next batch takes: one past the highest it has
+    stored, 0 for a writer that has stored nothing in this run.
+    """
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        writer_id: _builtins.str = ...,
+        next_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_seq", b"next_seq", "run_id", b"run_id", "writer_id", b"writer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetricWriter: _TypeAlias = MetricWriter  # noqa: Y015

@@ -789,6 +789,32 @@ class LogMetricsResponse(_message.Message):
 Global___LogMetricsResponse: _TypeAlias = LogMetricsResponse  # noqa: Y015
 
 @_typing.final
+class GetMetricWriterRequest(_message.Message):
+    """Request for GetMetricWriter."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    WRITER_ID_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """Required. The run ID."""
+    writer_id: _builtins.str
+    """Required. The writer ID (1-128 characters, no NUL)."""
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        writer_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id", "writer_id", b"writer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMetricWriterRequest: _TypeAlias = GetMetricWriterRequest  # noqa: Y015
+
+@_typing.final
 class GetMetricHistoryRequest(_message.Message):
     """Request for GetMetricHistory."""
 

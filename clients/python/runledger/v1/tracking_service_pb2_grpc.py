@@ -101,6 +101,11 @@ class TrackingServiceStub:
                 request_serializer=runledger_dot_v1_dot_tracking__service__pb2.GetMetricHistoryRequest.SerializeToString,
                 response_deserializer=runledger_dot_v1_dot_tracking__pb2.MetricSeries.FromString,
                 _registered_method=True)
+        self.GetMetricWriter = channel.unary_unary(
+                '/runledger.v1.TrackingService/GetMetricWriter',
+                request_serializer=runledger_dot_v1_dot_tracking__service__pb2.GetMetricWriterRequest.SerializeToString,
+                response_deserializer=runledger_dot_v1_dot_tracking__pb2.MetricWriter.FromString,
+                _registered_method=True)
         self.LogEvalResult = channel.unary_unary(
                 '/runledger.v1.TrackingService/LogEvalResult',
                 request_serializer=runledger_dot_v1_dot_tracking__service__pb2.LogEvalResultRequest.SerializeToString,
@@ -211,6 +216,14 @@ class TrackingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetMetricWriter(self, request, context):
+        """Where one writer of a run stands: the seq its next batch takes. A writer
+        that keeps its writer_id across a restart (a resumed job) continues there.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def LogEvalResult(self, request, context):
         """Records the scores of a run on an eval suite. Scores are immutable.
         """
@@ -292,6 +305,11 @@ def add_TrackingServiceServicer_to_server(servicer, server):
                     servicer.GetMetricHistory,
                     request_deserializer=runledger_dot_v1_dot_tracking__service__pb2.GetMetricHistoryRequest.FromString,
                     response_serializer=runledger_dot_v1_dot_tracking__pb2.MetricSeries.SerializeToString,
+            ),
+            'GetMetricWriter': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMetricWriter,
+                    request_deserializer=runledger_dot_v1_dot_tracking__service__pb2.GetMetricWriterRequest.FromString,
+                    response_serializer=runledger_dot_v1_dot_tracking__pb2.MetricWriter.SerializeToString,
             ),
             'LogEvalResult': grpc.unary_unary_rpc_method_handler(
                     servicer.LogEvalResult,
@@ -656,6 +674,33 @@ class TrackingService:
             '/runledger.v1.TrackingService/GetMetricHistory',
             runledger_dot_v1_dot_tracking__service__pb2.GetMetricHistoryRequest.SerializeToString,
             runledger_dot_v1_dot_tracking__pb2.MetricSeries.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMetricWriter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runledger.v1.TrackingService/GetMetricWriter',
+            runledger_dot_v1_dot_tracking__service__pb2.GetMetricWriterRequest.SerializeToString,
+            runledger_dot_v1_dot_tracking__pb2.MetricWriter.FromString,
             options,
             channel_credentials,
             insecure,

@@ -65,6 +65,10 @@ class TrackingServiceStub:
     """Logs one metric batch (the unary form of StreamMetrics)."""
     GetMetricHistory: _grpc.UnaryStreamMultiCallable[_tracking_service_pb2.GetMetricHistoryRequest, _tracking_pb2.MetricSeries]
     """Streams all points of one metric key in step order."""
+    GetMetricWriter: _grpc.UnaryUnaryMultiCallable[_tracking_service_pb2.GetMetricWriterRequest, _tracking_pb2.MetricWriter]
+    """Where one writer of a run stands: the seq its next batch takes. A writer
+    that keeps its writer_id across a restart (a resumed job) continues there.
+    """
     LogEvalResult: _grpc.UnaryUnaryMultiCallable[_tracking_service_pb2.LogEvalResultRequest, _tracking_pb2.EvalResult]
     """Records the scores of a run on an eval suite. Scores are immutable."""
     SelectWinner: _grpc.UnaryUnaryMultiCallable[_tracking_service_pb2.SelectWinnerRequest, _tracking_service_pb2.SelectWinnerResponse]
@@ -106,6 +110,10 @@ class TrackingServiceAsyncStub(TrackingServiceStub):
     """Logs one metric batch (the unary form of StreamMetrics)."""
     GetMetricHistory: _aio.UnaryStreamMultiCallable[_tracking_service_pb2.GetMetricHistoryRequest, _tracking_pb2.MetricSeries]  # type: ignore[assignment]
     """Streams all points of one metric key in step order."""
+    GetMetricWriter: _aio.UnaryUnaryMultiCallable[_tracking_service_pb2.GetMetricWriterRequest, _tracking_pb2.MetricWriter]  # type: ignore[assignment]
+    """Where one writer of a run stands: the seq its next batch takes. A writer
+    that keeps its writer_id across a restart (a resumed job) continues there.
+    """
     LogEvalResult: _aio.UnaryUnaryMultiCallable[_tracking_service_pb2.LogEvalResultRequest, _tracking_pb2.EvalResult]  # type: ignore[assignment]
     """Records the scores of a run on an eval suite. Scores are immutable."""
     SelectWinner: _aio.UnaryUnaryMultiCallable[_tracking_service_pb2.SelectWinnerRequest, _tracking_service_pb2.SelectWinnerResponse]  # type: ignore[assignment]
@@ -222,6 +230,16 @@ class TrackingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_tracking_pb2.MetricSeries], _abc.AsyncIterator[_tracking_pb2.MetricSeries]]:
         """Streams all points of one metric key in step order."""
+
+    @_abc_1.abstractmethod
+    def GetMetricWriter(
+        self,
+        request: _tracking_service_pb2.GetMetricWriterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tracking_pb2.MetricWriter, _abc.Awaitable[_tracking_pb2.MetricWriter]]:
+        """Where one writer of a run stands: the seq its next batch takes. A writer
+        that keeps its writer_id across a restart (a resumed job) continues there.
+        """
 
     @_abc_1.abstractmethod
     def LogEvalResult(

@@ -377,6 +377,18 @@ class SqlTrackingStore:
             self._chunks.put(chunk_key, chunk)
         return results
 
+    def next_metric_seq(self, run_id: str, writer_id: str) -> int:
+        # The primary key (run_id, writer_id, seq) answers this from its index.
+        rows = self.db.query(
+            "SELECT MAX(seq) FROM metric_batches WHERE run_id = ? AND writer_id = ?", (run_id, writer_id)
+        )
+        highest = rows[0][0] if rows else None
+        if highest is None:
+            with self.db.read() as s:
+                _require_run(s, run_id)
+            return 0
+        return int(highest) + 1
+
     def metric_chunks(self, run_id: str, key: str, start_step: int | None, end_step: int | None) -> list[Series]:
         where = 'WHERE run_id = ? AND "key" = ?'
         params: list[Any] = [run_id, key]
