@@ -125,6 +125,24 @@ def test_client_chosen_run_id_is_retry_safe(tracking) -> None:
     assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "run_id"
 
 
+@pytest.mark.parametrize("long", ["x" * 5_000, "é" * 5_000, "\U0001f600" * 3_000])
+def test_a_refusal_echoing_a_long_value_keeps_its_code_reason_and_field(tracking, long: str) -> None:
+    """The echoed value is clipped: the whole status must fit gRPC's 8 KiB trailer limit, else the client sees
+    RESOURCE_EXHAUSTED from its own transport instead of the refusal."""
+    exp = _experiment(tracking)
+    run = _run(tracking, exp)
+    calls = [
+        (lambda: tracking.GetRun(pb.GetRunRequest(run_id=long)), "run_id"),
+        (lambda: tracking.LogParams(pb.LogParamsRequest(run_id=run.run_id, params={" " + long: "v"})), "params"),
+        (lambda: tracking.SearchRuns(pb.SearchRunsRequest(filter=f"nope.{long} = 1")), "filter"),
+        (lambda: tracking.CreateRun(pb.CreateRunRequest(experiment=long)), "experiment"),
+    ]
+    for call, field in calls:
+        r = refusal(call)
+        assert (r.code, r.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, field), r.message[:200]
+        assert r.message.endswith("characters in all)") or len(r.message.encode()) <= 480
+
+
 def test_run_refusals_change_nothing(tracking) -> None:
     exp = _experiment(tracking)
     r = refusal(lambda: tracking.CreateRun(pb.CreateRunRequest(experiment="experiments/missing")))

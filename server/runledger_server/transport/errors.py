@@ -22,12 +22,29 @@ DOMAIN = "runledger"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+# A status travels in the trailers, which gRPC caps at 8 KiB by default: a refusal that echoed a long input (a
+# 5,000-character ID) would reach the client as RESOURCE_EXHAUSTED without its reason or field. The message goes
+# there twice (percent-encoded, and inside the details), so it is clipped by its UTF-8 size.
+MAX_MESSAGE_BYTES = 480
+MAX_METADATA_VALUE_BYTES = 200
+
+
+def clip(text: str, limit: int) -> str:
+    """`text` within `limit` UTF-8 bytes, cut at a character boundary and marked as cut."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[: limit - 40].decode(errors="ignore") + f"... ({len(text)} characters in all)"
+
+
 def to_status(err: DomainError) -> grpc.Status:
-    details = [error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata)]
+    message = clip(err.message, MAX_MESSAGE_BYTES)
+    metadata = {k: clip(v, MAX_METADATA_VALUE_BYTES) for k, v in err.metadata.items()}
+    details = [error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=metadata)]
     if err.code is Code.INVALID_ARGUMENT and err.field:
         details.append(
             error_details_pb2.BadRequest(
-                field_violations=[error_details_pb2.BadRequest.FieldViolation(field=err.field, description=err.message)]
+                field_violations=[error_details_pb2.BadRequest.FieldViolation(field=err.field, description=message)]
             )
         )
     if err.code is Code.FAILED_PRECONDITION:
@@ -35,7 +52,7 @@ def to_status(err: DomainError) -> grpc.Status:
             error_details_pb2.PreconditionFailure(
                 violations=[
                     error_details_pb2.PreconditionFailure.Violation(
-                        type=err.reason, subject=err.field or "", description=err.message
+                        type=err.reason, subject=err.field or "", description=message
                     )
                 ]
             )
@@ -45,7 +62,7 @@ def to_status(err: DomainError) -> grpc.Status:
         a = any_pb2.Any()
         a.Pack(d)
         packed.append(a)
-    status = status_pb2.Status(code=getattr(code_pb2, err.code.value), message=err.message, details=packed)
+    status = status_pb2.Status(code=getattr(code_pb2, err.code.value), message=message, details=packed)
     return rpc_status.to_status(status)
 
 
