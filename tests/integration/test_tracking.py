@@ -482,11 +482,25 @@ def test_a_run_matches_its_own_create_time_in_milliseconds(tracking) -> None:
         "params.x LIKE '" + "a%" * 6_000 + "'",  # a pattern SQLite would refuse as too complex
         "create_time > 1e30",  # beyond a 64-bit count of microseconds
         "params.x = 'a\x00b'",
+        # 21 clauses, one beyond the limit (1,100 overflowed SQLite's expression depth; PostgreSQL planned 200
+        # for 28 s)
+        " AND ".join(f"params.p{i} = '1'" for i in range(21)),
     ],
 )
 def test_filters_beyond_the_databases_limits_are_invalid_argument(tracking, filter_text: str) -> None:
     r = refusal(lambda: tracking.SearchRuns(pb.SearchRunsRequest(filter=filter_text)))
     assert (r.code, r.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "filter"), r.message
+
+
+def test_a_filter_of_twenty_clauses_and_a_thousand_experiments_are_taken(tracking) -> None:
+    exp = _experiment(tracking)
+    run = _run(tracking, exp, params={f"p{i}": "1" for i in range(20)})
+    twenty = " AND ".join(f"params.p{i} = '1'" for i in range(20))
+    assert [r.run_id for r in tracking.SearchRuns(pb.SearchRunsRequest(filter=twenty)).runs] == [run.run_id]
+    many = [exp.name] + [f"experiments/{i:032x}" for i in range(999)]
+    assert len(tracking.SearchRuns(pb.SearchRunsRequest(experiments=many)).runs) == 1
+    r = refusal(lambda: tracking.SearchRuns(pb.SearchRunsRequest(experiments=[*many, exp.name])))
+    assert (r.code, r.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "experiments")
 
 
 def test_search_order_and_paging(tracking) -> None:

@@ -72,6 +72,11 @@ class TrackingService:
     def search_runs(
         self, experiments: Sequence[str], filter_text: str, order_by: str, page_size: int, page_token: str
     ) -> Page[Run]:
+        if len(experiments) > filters.MAX_EXPERIMENTS:
+            raise InvalidArgument(
+                f"experiments names {len(experiments)} experiments; at most {filters.MAX_EXPERIMENTS} per search",
+                field="experiments",
+            )
         experiment_ids = [names.experiment_id(e, "experiments") for e in experiments]
         return self.store.search_runs(
             experiment_ids,

@@ -328,11 +328,12 @@ class SearchRunsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     filter: _builtins.str
-    """Optional. Clauses joined by AND, each `<field> <op> <value>` where field
-    is `params.<key>`, `tags.<key>`, `metrics.<key>` (latest value),
-    `status`, `display_name`, `run_id`, or `create_time`, `start_time`,
-    `end_time` (milliseconds since the epoch); op is one of `= != < <= > >=`,
-    `IN (...)`, `LIKE` or `ILIKE`. Keys with special characters go in
+    """Optional. At most 20 clauses joined by AND, each `<field> <op> <value>`
+    where field is `params.<key>`, `tags.<key>`, `metrics.<key>` (latest
+    value), `status`, `display_name`, `run_id`, `experiment`, or
+    `create_time`, `start_time`, `end_time` (milliseconds since the epoch);
+    op is one of `= != < <= > >=`, `IN (...)` or `NOT IN (...)` (at most 1000
+    values), `LIKE` or `ILIKE`. Keys with special characters go in
     backticks: metrics.`train/loss` < 0.5. `LIKE` is case-sensitive and
     `ILIKE` ignores the case of ASCII letters, on every database: in their
     patterns `%` matches any characters, `_` one character, and a backslash
@@ -343,7 +344,11 @@ class SearchRunsRequest(_message.Message):
     order_by: _builtins.str
     """Optional. One sort key, e.g. `metrics.eval/mmlu DESC`, `params.lr`,
     `start_time DESC`. Default `create_time ASC`. Runs without the key (a
-    running run's `end_time`) sort last.
+    running run's `end_time`) sort last. Params and tags sort as text
+    (bytewise: `1e-05` before `2e-06`). Pages continue after the last run
+    of the previous page by its sort value, so a run whose sort value
+    changes between pages (renamed, a new metric) may be seen twice or not
+    at all.
     """
     page_size: _builtins.int
     """Optional. At most this many runs (default 100, max 1000)."""
@@ -353,7 +358,9 @@ class SearchRunsRequest(_message.Message):
     """
     @_builtins.property
     def experiments(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Optional. Restrict to these experiments. Format: `experiments/{experiment}`."""
+        """Optional. Restrict to these experiments (at most 1000). Format:
+        `experiments/{experiment}`.
+        """
 
     def __init__(
         self,
