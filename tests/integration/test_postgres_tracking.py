@@ -385,3 +385,24 @@ def test_lineage_and_params_raced_on_two_replicas_stay_immutable_and_consistent(
             partial(b.CreateExperiment, pb.CreateExperimentRequest(display_name=name)),
         )
         assert got == ["ALREADY_EXISTS ALREADY_EXISTS", "OK"], (i, got)
+
+
+@pytest.mark.parametrize(
+    ("order", "value"),
+    [
+        ({"kind": "metrics", "key": "m", "descending": False}, "text"),
+        ({"kind": "params", "key": "a", "descending": False}, 1.5),
+        ({"kind": "attribute", "key": "create_time", "descending": False}, "text"),
+    ],
+)
+def test_a_page_cursor_of_the_wrong_type_for_its_order_is_a_malformed_token(
+    pg_tracking: Stub, order: dict[str, object], value: object
+) -> None:
+    """PostgreSQL refuses to compare a number with text (SQLite compares anything): a hand-made cursor whose sort
+    value does not have the order's type is INVALID_ARGUMENT page_token, not INTERNAL."""
+    from runledger_server.domain import paging
+
+    order_by = f"{order['kind']}.{order['key']}" if order["kind"] != "attribute" else str(order["key"])
+    token = paging.encode([value, 0, "r"], {"experiments": [], "filter": [], "order": order})
+    r = refusal(lambda: pg_tracking.SearchRuns(pb.SearchRunsRequest(order_by=order_by, page_token=token)))
+    assert (r.code, r.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "page_token"), r.message

@@ -193,7 +193,7 @@ class SqlTrackingStore:
         for c in clauses:
             stmt = stmt.where(_run_clause(c))
         if cursor is not None:
-            stmt = stmt.where(_after(sort, order_by.descending, cursor))
+            stmt = stmt.where(_after(sort, order_by, cursor))
         stmt = stmt.order_by(
             sort.is_(None),
             sort.desc() if order_by.descending else sort.asc(),
@@ -725,12 +725,19 @@ def _sort_expr(order: OrderBy) -> Any:
     )
 
 
-def _after(sort: Any, descending: bool, cursor: list[Any]) -> ColumnElement[bool]:
-    value, ct, rid = paging.fields(cursor, (int, float, str, type(None)), int, str)
+def _after(sort: Any, order_by: OrderBy, cursor: list[Any]) -> ColumnElement[bool]:
+    # The sort value must have the type of the sort key: PostgreSQL refuses to compare a number with text.
+    if order_by.kind == "metrics":
+        kind: tuple[type, ...] = (int, float, type(None))
+    elif order_by.kind == "attribute" and order_by.key in TIME_ATTRIBUTES:
+        kind = (int, type(None))
+    else:
+        kind = (str, type(None))
+    value, ct, rid = paging.fields(cursor, kind, int, str)
     tie = or_(RunRow.create_time_us > ct, and_(RunRow.create_time_us == ct, RunRow.id > rid))
     if value is None:
         return and_(sort.is_(None), tie)
-    beyond = sort < value if descending else sort > value
+    beyond = sort < value if order_by.descending else sort > value
     return or_(beyond, and_(sort == value, tie), sort.is_(None))
 
 
