@@ -114,6 +114,14 @@ def test_drift_ignores_config_key_order_and_spacing() -> None:
     assert drifted_fields(as_lineage(BASE), same) == []
 
 
+def test_the_same_config_spelt_otherwise_keeps_the_stored_text() -> None:
+    """Setting a complete lineage again with an equivalent config (other key order, 2e-5 as 0.00002) is a no-op:
+    the text the run recorded stays, byte for byte, and so does the fingerprint."""
+    stored = as_lineage(BASE, config_text='{"lr": 2e-5, "lora_r": 16}')
+    again = merge(stored, Lineage(config='{"lora_r":16,"lr":0.00002}'))
+    assert again.config == '{"lr": 2e-5, "lora_r": 16}' and again.fingerprint() == stored.fingerprint()
+
+
 def test_complete_lineage_is_immutable_but_a_partial_one_merges() -> None:
     partial = merge(Lineage(), Lineage(data_version="v1"))
     complete = merge(partial, as_lineage({**BASE, "data_version": "v1"}))

@@ -96,7 +96,9 @@ def merge(current: Lineage, update: Lineage) -> Lineage:
         if new is None:
             continue
         old = getattr(current, f.name)
-        if old is not None and not _same(f.name, old, new) and current.is_complete():
+        if old is not None and _same(f.name, old, new):
+            continue  # the same value (a config spelt otherwise): the stored text stays as it was
+        if old is not None and current.is_complete():
             raise AlreadyExists(
                 f"lineage is complete and immutable: lineage.{f.name} is already set to a different value",
                 reason="LINEAGE_IMMUTABLE",
