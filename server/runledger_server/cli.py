@@ -15,6 +15,8 @@ from runledger_server.backends.artifacts.allocator import keep_transfer_buffers
 
 _LOGGER = logging.getLogger(__name__)
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 
 async def serve(settings: config.Settings) -> None:
     # Process-wide malloc tuning is the process owner's call: `serve` owns its process, an embedded server does not.
@@ -32,17 +34,27 @@ async def serve(settings: config.Settings) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="runledger", description=__doc__)
+    # --log-level is taken before and after the command (`runledger serve --log-level DEBUG`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default=argparse.SUPPRESS,
+        help="INFO for serve, WARNING for demo by default",
+    )
+    parser = argparse.ArgumentParser(prog="runledger", description=__doc__, parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
-    p_serve = sub.add_parser("serve", help="run the gRPC server")
+    p_serve = sub.add_parser("serve", help="run the gRPC server", parents=[common])
     config.add_arguments(p_serve)
-    p_demo = sub.add_parser("demo", help="start an embedded server and run a simulated post-training sweep")
+    p_demo = sub.add_parser(
+        "demo", help="start an embedded server and run a simulated post-training sweep", parents=[common]
+    )
     p_demo.add_argument("--data-dir", default=None, help="data directory (default: a fresh temporary one)")
     p_demo.add_argument("--server", default=None, help="use a running server at HOST:PORT instead")
-    parser.add_argument("--log-level", default=None, help="INFO for serve, WARNING for demo by default")
     args = parser.parse_args(argv)
-    level = args.log_level or ("INFO" if args.command == "serve" else "WARNING")
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = getattr(args, "log_level", None) or ("INFO" if args.command == "serve" else "WARNING")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
         try:
             settings = config.from_args(args)

@@ -6,7 +6,7 @@ import argparse
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 DEFAULT_HOST = "127.0.0.1"
@@ -120,10 +120,10 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
     def pick(flag: object, name: str, default: str) -> str:
         if flag is not None:
             return str(flag)
-        return env.get(name, default)
+        return env.get(name) or default  # an empty variable counts as unset (RUNLEDGER_HOST= is no address)
 
     secure_flag = getattr(args, "s3_secure", None)
-    return Settings(
+    settings = Settings(
         host=pick(getattr(args, "host", None), "RUNLEDGER_HOST", DEFAULT_HOST),
         port=_int_setting(
             pick(getattr(args, "port", None), "RUNLEDGER_PORT", str(DEFAULT_PORT)), "--port", "RUNLEDGER_PORT", 0, 65535
@@ -161,6 +161,53 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
             1 << 20,
         ),
     )
+    s3_named = bool(settings.s3.endpoint) or settings.s3.secure
+    return replace(
+        settings,
+        db_url=_database_url(settings.db_url),
+        artifacts=_artifact_location(settings.artifacts, s3_named),
+    )
+
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def _artifact_location(location: str, s3_named: bool) -> str:
+    """A directory or `s3://bucket/prefix`; a location that looks like another store is refused, not made a
+    directory of that name, and so are S3 settings without an S3 location (each replica would keep its own
+    artifacts on its own disk)."""
+    scheme = _SCHEME.match(location)
+    if scheme and scheme.group(1) != "s3":
+        hint = " (write s3:// in lower case)" if scheme.group(1).lower() == "s3" else ""
+        raise ConfigError(
+            f"--artifacts (env RUNLEDGER_ARTIFACTS) must be a directory or s3://bucket/prefix, got {location!r}{hint}"
+        )
+    if scheme and not location[len("s3://") :].split("/", 1)[0]:
+        raise ConfigError(f"--artifacts (env RUNLEDGER_ARTIFACTS) {location!r} names no bucket: s3://bucket/prefix")
+    if s3_named and not scheme:
+        raise ConfigError(
+            "--s3-endpoint / --s3-secure (env RUNLEDGER_S3_ENDPOINT / RUNLEDGER_S3_SECURE) are set, but the "
+            "artifacts go to a directory: give --artifacts s3://bucket/prefix (env RUNLEDGER_ARTIFACTS)"
+        )
+    return location
+
+
+def _database_url(url: str) -> str:
+    """SQLite or PostgreSQL through psycopg 3 (the driver installed); `postgres://` and `postgresql://` as PostgreSQL
+    tools write them are taken for psycopg 3, not SQLAlchemy's default psycopg2 (which is not installed)."""
+    if not url:
+        return url
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ConfigError(f"--db (env RUNLEDGER_DB) must be a URL such as postgresql+psycopg://..., got {url!r}")
+    if scheme in ("postgres", "postgresql"):
+        return f"postgresql+psycopg://{rest}"
+    if scheme not in ("postgresql+psycopg", "sqlite", "sqlite+pysqlite"):
+        raise ConfigError(
+            f"--db (env RUNLEDGER_DB) must be a PostgreSQL (postgresql+psycopg://...) or SQLite (sqlite:///...) URL, "
+            f"got one for {scheme!r}"
+        )
+    return url
 
 
 def from_argv(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Settings:

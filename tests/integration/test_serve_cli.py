@@ -130,6 +130,15 @@ def test_bad_settings_are_refused_naming_the_flag_and_variable(tmp_path: Path) -
         ([], {"RUNLEDGER_S3_SECURE": "enable"}, "--s3-secure (env RUNLEDGER_S3_SECURE)"),  # was read as false
         ([], {"AWS_REGION": "eu west 1"}, "env AWS_REGION"),  # the SDK would refuse it only at startup
         ([], {"AWS_REGION": "", "AWS_DEFAULT_REGION": "-x"}, "env AWS_DEFAULT_REGION"),
+        # a location that looks like a store is not made a directory of that name
+        (["--artifacts", "S3://models/runs"], {}, "write s3:// in lower case"),
+        (["--artifacts", "gs://models/runs"], {}, "--artifacts (env RUNLEDGER_ARTIFACTS)"),
+        (["--artifacts", "s3:///runs"], {}, "names no bucket"),
+        # S3 settings with local artifacts: each replica would keep its artifacts on its own disk
+        (["--s3-endpoint", "minio:9000"], {}, "give --artifacts s3://bucket/prefix"),
+        ([], {"RUNLEDGER_S3_SECURE": "true"}, "give --artifacts s3://bucket/prefix"),
+        (["--db", "mysql://db/runs"], {}, "--db (env RUNLEDGER_DB)"),
+        (["--log-level", "LOUD"], {}, "--log-level"),
     ]
     for args, env, named in cases:
         proc = subprocess.run(
@@ -161,3 +170,21 @@ def test_s3_session_token_is_read_for_temporary_credentials() -> None:
     s3 = config.from_argv([], env).s3
     assert (s3.access_key, s3.secret_key, s3.session_token) == ("ASIAEXAMPLE", "secret", "token")
     assert config.from_argv([], {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE"}).s3.session_token == ""
+
+
+def test_settings_take_postgres_urls_as_tools_write_them_and_empty_variables_as_unset() -> None:
+    assert config.from_argv(["--db", "postgres://u@db:5432/runs"], {}).db_url == "postgresql+psycopg://u@db:5432/runs"
+    assert config.from_argv([], {"RUNLEDGER_DB": "postgresql://db/runs"}).db_url == "postgresql+psycopg://db/runs"
+    settings = config.from_argv([], {"RUNLEDGER_HOST": "", "RUNLEDGER_DATA_DIR": "", "RUNLEDGER_PORT": ""})
+    assert (settings.host, settings.data_dir, settings.port) == (
+        config.DEFAULT_HOST,
+        Path(config.DEFAULT_DATA_DIR),
+        config.DEFAULT_PORT,
+    )
+
+
+def test_log_level_is_taken_after_the_command_too(tmp_path: Path) -> None:
+    proc, _ = _start(["--port", "0", "--data-dir", str(tmp_path / "a"), "--log-level", "debug"], env={})
+    proc.terminate()
+    _, err = proc.communicate(timeout=30)
+    assert " DEBUG " in err
