@@ -385,6 +385,14 @@ def test_lineage_and_params_raced_on_two_replicas_stay_immutable_and_consistent(
             partial(b.CreateExperiment, pb.CreateExperimentRequest(display_name=name)),
         )
         assert got == ["ALREADY_EXISTS ALREADY_EXISTS", "OK"], (i, got)
+        # Two callers creating one run ID (a retried start_run racing its original): one creates it, the other is
+        # told that run exists (the client then reads it back), never a generic conflict.
+        run_id = f"raced-run-{i}-{uuid.uuid4().hex[:8]}"
+        got = race(
+            partial(a.CreateRun, pb.CreateRunRequest(experiment=exp, run_id=run_id)),
+            partial(b.CreateRun, pb.CreateRunRequest(experiment=exp, run_id=run_id)),
+        )
+        assert got == ["ALREADY_EXISTS ALREADY_EXISTS", "OK"], (i, got)
 
 
 @pytest.mark.parametrize(

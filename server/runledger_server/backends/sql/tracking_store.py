@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 from sqlalchemy import ColumnElement, String, and_, exists, not_, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -133,7 +134,10 @@ class SqlTrackingStore:
             )
             _apply_lineage(row, merged)
             s.add(row)
-            s.flush()
+            try:
+                s.flush()
+            except IntegrityError as exc:  # created since the check above, on another replica (a retry racing)
+                raise AlreadyExists(f"runs/{run_id} already exists", field="run_id") from exc
             s.add_all(_param_row(run_id, k, v) for k, v in params.items())
             s.add_all(RunTagRow(run_id=run_id, key=k, value=v) for k, v in tags.items())
             s.flush()
