@@ -29,10 +29,11 @@ def test_a_final_status_ends_the_run_now_or_when_asked(final: str) -> None:
     assert end("RUNNING", None, final, START) == START  # ending at the start itself is allowed
 
 
-def test_the_same_final_status_again_keeps_the_recorded_end() -> None:
+def test_a_final_status_on_an_ended_run_keeps_the_recorded_end() -> None:
     assert end("FINISHED", 3_000, "FINISHED", None) == 3_000  # a retried call does not move it
     assert end("FINISHED", 3_000, "FINISHED", 4_000) == 4_000  # an explicit end time is a correction
-    assert end("FINISHED", 3_000, "FAILED", None) == NOW  # another final status ends it anew
+    assert end("FINISHED", 3_000, "FAILED", None) == 3_000  # relabelled later: it still stopped at 3,000
+    assert end("FAILED", 3_000, "KILLED", 4_500) == 4_500
 
 
 def test_running_clears_the_end_and_refuses_one() -> None:

@@ -19,8 +19,10 @@ def end_time_after_update(
 ) -> int | None:
     """The run's end time once an update (`new_status`, `requested_end_us`, either may be absent) is applied.
 
-    A final status ends the run at the requested time or now; the same final status again (a client retrying
-    after a lost reply) keeps the recorded end, so a retry never moves it. RUNNING (a resumed run) clears it.
+    A final status ends the run at the requested time or now. An ended run keeps its recorded end when a final
+    status is set again: the same one (a client retrying after a lost reply) or another (a finished run marked
+    FAILED later, when its eval shows it diverged) relabels the outcome, not when the run stopped; an explicit
+    end time corrects it. RUNNING (a resumed run) clears it.
     An end time alone corrects the end of an ended run; a running run has no end to correct, so that is
     refused rather than leaving a RUNNING run with an end time. An end before the start is refused.
     """
@@ -47,6 +49,6 @@ def end_time_after_update(
         return None
     if requested_end_us is not None:
         return requested_end_us
-    if new_status == status and end_time_us is not None:
+    if status in FINAL_STATUSES and end_time_us is not None:
         return end_time_us
     return max(now_us, start_time_us)

@@ -293,7 +293,8 @@ class UpdateRunRequest(_message.Message):
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """Optional. The end time; the server's clock when a final status is set
-        without it (the same final status again keeps the recorded one). Alone,
+        without it (a final status set on an ended run, the same or another,
+        keeps the recorded end: it relabels the outcome). Alone,
         it corrects the end of an ended run (FAILED_PRECONDITION RUN_NOT_ENDED on
         a running run); never with RUNNING, never before the run's start.
         """
