@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
-from sqlalchemy import ColumnElement, String, and_, exists, not_, or_, select, update
+from sqlalchemy import ColumnElement, String, and_, exists, not_, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
@@ -56,7 +56,7 @@ class SqlTrackingStore:
     # ---- experiments -------------------------------------------------------------------------
     def create_experiment(self, display_name: str, description: str, tags: dict[str, str]) -> Experiment:
         with self.db.write() as s:
-            experiment_id, now = ids.new_id(), now_us()
+            experiment_id, now = ids.new_id(), self._creation_time(s)
             # Inserted unless the name is taken, in one statement: of two callers racing on one name (two
             # replicas, or sweep trials calling get-or-create at once) one creates it and the other is told
             # which experiment holds the name, which is what get-or-create needs.
@@ -121,7 +121,7 @@ class SqlTrackingStore:
                 raise NotFound(f"experiments/{experiment_id} not found", field="experiment")
             if s.get(RunRow, run_id) is not None:
                 raise AlreadyExists(f"runs/{run_id} already exists", field="run_id")
-            now = now_us()
+            now = self._creation_time(s)
             row = RunRow(
                 id=run_id,
                 experiment_id=experiment_id,
@@ -144,6 +144,23 @@ class SqlTrackingStore:
             run = self._load(s, [row])[0]
         self._known_runs.add(run_id)
         return run
+
+    def _creation_time(self, s: Session) -> int:
+        """Now, or just after the last creation time handed out: creation times follow commit order.
+
+        The clock row stays locked until this transaction commits, so a creation that takes a later time also
+        commits later, whichever replica or thread it runs on, and a clock stepping back cannot reorder them.
+        Paging by creation time (and polling for runs created since a time) then never skips one.
+        """
+        greatest = "max" if self.db.is_sqlite else "GREATEST"
+        return int(
+            s.execute(
+                text(
+                    f"UPDATE creation_clock SET last_us = {greatest}(last_us + 1, :now) WHERE id = 1 RETURNING last_us"
+                ),
+                {"now": now_us()},
+            ).scalar_one()
+        )
 
     def get_run(self, run_id: str) -> Run:
         with self.db.read() as s:
