@@ -490,13 +490,19 @@ def test_compare_and_swap(reg: Registry, seeded: Champion) -> None:
     assert first.alias.revision == 1
 
 
-def test_rollback_walks_back_through_promotions(reg: Registry) -> None:
+def _three_promotions(reg: Registry) -> list[int]:
+    """Versions scored 0.7, 0.8 and 0.9, each promoted to production in turn (revisions 1, 2, 3)."""
     reg.model()
     reg.gate()
     v = [reg.version(seed=s).version for s in range(3)]
     for version, score in zip(v, (0.7, 0.8, 0.9), strict=True):
         reg.score(version, score)
         reg.set_alias(version)
+    return v
+
+
+def test_rollback_walks_back_through_promotions(reg: Registry) -> None:
+    v = _three_promotions(reg)
     assert reg.state() == (v[2], 3)
     back = reg.stub.RollbackAlias(pb.RollbackAliasRequest(model=MODEL, alias="production"), metadata=ACTOR).alias
     assert (back.version, back.revision, back.gate_id) == (v[1], 4, GATE)
@@ -550,12 +556,7 @@ def test_delete_alias(reg: Registry, seeded: Champion) -> None:
 def test_rollback_with_the_revision_last_seen_undoes_one_change_only(reg: Registry) -> None:
     """Two operators press rollback after a bad release, both having seen revision 3: the first goes back one
     version, the second is ABORTED STALE_REVISION instead of going back another."""
-    reg.model()
-    reg.gate()
-    v = [reg.version(seed=s).version for s in range(3)]
-    for version, score in zip(v, (0.7, 0.8, 0.9), strict=True):
-        reg.score(version, score)
-        reg.set_alias(version)
+    v = _three_promotions(reg)
     seen = reg.state()[1]
     first = pb.RollbackAliasRequest(model=MODEL, alias="production", expected_revision=seen)
     assert reg.stub.RollbackAlias(first).alias.version == v[1]
