@@ -227,3 +227,44 @@ def test_paths_differing_in_case_are_refused_only_where_the_file_system_ignores_
 def test_the_case_probe_sees_a_case_sensitive_file_system_and_leaves_nothing(tmp_path: Path) -> None:
     assert client_paths.ignores_case(tmp_path / "not" / "yet") is False
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- downloads racing into one destination ------------------------------------------------------------
+@pytest.mark.parametrize("resume", [True, False])
+def test_downloads_of_one_file_racing_into_one_destination_both_leave_it_whole(
+    channel: grpc.Channel, run_id: str, tmp_path: Path, resume: bool
+) -> None:
+    """Ranks of one node fetching the same checkpoint into a shared cache: they share its partial file, and one
+    renamed the other's unfinished bytes into place and returned success. They take turns now."""
+    import threading
+
+    data = hashlib.shake_256(b"racing").digest(8 << 20)
+    Stub(channel).UploadArtifact(_chunked(run_id, "ckpt.bin", data))
+
+    def fetch(dest: Path, start: threading.Barrier, outcomes: list[str]) -> None:
+        start.wait(timeout=30)
+        try:
+            client_artifacts.download(channel, run_id, "ckpt.bin", dest, resume=resume, presigned=False)
+            outcomes.append("ok")
+        except RunledgerError as exc:
+            outcomes.append(f"{type(exc).__name__}: {exc}")
+
+    for trial in range(6):
+        dest = tmp_path / f"cache-{trial}" / "ckpt.bin"
+        start = threading.Barrier(2)
+        outcomes: list[str] = []
+        threads = [threading.Thread(target=fetch, args=(dest, start, outcomes)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert outcomes == ["ok", "ok"], (trial, outcomes)
+        assert dest.read_bytes() == data, trial
+        assert sorted(p.name for p in dest.parent.iterdir()) == ["ckpt.bin"]  # no partial file left
+
+
+def _chunked(run_id: str, path: str, data: bytes, chunk: int = 1 << 20) -> Iterator[pb.UploadArtifactRequest]:
+    header = pb.UploadArtifactHeader(run_id=run_id, path=path, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    yield pb.UploadArtifactRequest(header=header)
+    for lo in range(0, len(data), chunk):
+        yield pb.UploadArtifactRequest(chunk=data[lo : lo + chunk])

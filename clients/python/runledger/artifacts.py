@@ -10,6 +10,7 @@ any of it is uploaded, and a path the server lists is checked before anything is
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -200,10 +201,41 @@ def _download(
     meter: _Meter,
     direct: _Direct,
 ) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _one_download_at_a_time(target.parent):
+        _download_here(stub, artifact, target, resume, meter, direct)
+
+
+@contextlib.contextmanager
+def _one_download_at_a_time(directory: Path) -> Iterator[None]:
+    """Downloads into one directory take turns, across threads and processes (the ranks of a node fetching one
+    adapter into a shared cache): two downloads of one file share its partial file, and one would rename the
+    other's unfinished bytes into place. Taking turns, the next one finds the file complete and keeps it."""
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks (Windows): downloads there do not coordinate
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _download_here(
+    stub: artifact_service_pb2_grpc.ArtifactServiceStub,
+    artifact: artifact_pb2.Artifact,
+    target: Path,
+    resume: bool,
+    meter: _Meter,
+    direct: _Direct,
+) -> None:
+    """`_download` once its turn in the target's directory has come."""
     if target.is_file() and target.stat().st_size == artifact.size and file_digest(target)[1] == artifact.sha256:
         meter.advance(artifact.size)
         return
-    target.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_path(target)
     digest = hashlib.sha256()
     offset = 0
@@ -231,7 +263,7 @@ def _download(
         partial.unlink(missing_ok=True)
         if resumed:  # the partial file was not (all) this artifact's: another download's, or damaged
             _LOGGER.info("%s: the partial file did not match; downloading it again from the start", artifact.path)
-            return _download(stub, artifact, target, False, meter, direct)
+            return _download_here(stub, artifact, target, False, meter, direct)
         raise DataLoss(
             f"downloaded {artifact.path} ({offset} bytes, sha256 {digest.hexdigest()}) does not match "
             f"its recorded sha256 {artifact.sha256} ({artifact.size} bytes); the partial file was removed",
