@@ -218,7 +218,10 @@ def _one_download_at_a_time(directory: Path) -> Iterator[None]:
         return
     fd = os.open(directory, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:  # a file system without locks (some network mounts): no coordination there
+            _LOGGER.debug("cannot lock %s for downloading (%s); going ahead without", directory, exc)
         yield
     finally:
         os.close(fd)  # releases the lock
