@@ -290,7 +290,21 @@ def test_a_declared_size_beyond_what_the_store_takes_is_invalid_argument(
     assert _paths(artifacts, run_id) == [] and stored() == 0
 
 
-@pytest.mark.parametrize("path", ["../escape", "/abs/path", "a//b", "a/./b", "dir/", "a\\b", "nul\x00", "", "x" * 1025])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "../escape",
+        "/abs/path",
+        "a//b",
+        "a/./b",
+        "dir/",
+        "a\\b",
+        "nul\x00",
+        "",
+        "x" * 1025,
+        "/".join(["模" * 63] * 11),  # 703 characters, 2,089 bytes: beyond what PostgreSQL indexes with the run
+    ],
+)
 def test_bad_paths_are_refused_naming_path(artifacts: Stub, run_id: str, stored: Callable[[], int], path: str) -> None:
     r = refusal(lambda: _upload(artifacts, run_id, path, b"data"))
     assert (r.code, r.reason, r.metadata["field"]) == (

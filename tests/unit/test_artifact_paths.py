@@ -47,7 +47,8 @@ INVALID = [
     ("a\x00b", "NUL"),
     ("a\nb", "control character"),
     ("a\tb", "control character"),
-    ("x" * 1025, "longer than 1024"),
+    ("x" * 1025, "longer than 1024 bytes"),
+    ("/".join(["模" * 63] * 6), "longer than 1024 bytes"),  # 383 characters, 1,139 bytes: too long an index key
     ("a/" + "y" * 256, "segment longer than 255 bytes"),
     ("é" * 128, "segment longer than 255 bytes"),  # 256 bytes in UTF-8
     (NFD, "not in Unicode NFC form"),
@@ -173,8 +174,8 @@ def test_the_client_and_server_rules_agree_on_random_paths() -> None:
 
 
 def test_the_clients_limits_are_the_servers() -> None:
-    assert (client_paths.MAX_PATH_CHARS, client_paths.MAX_SEGMENT_BYTES, client_paths.INVALID_PATH) == (
-        artifact_paths.MAX_PATH_CHARS,
+    assert (client_paths.MAX_PATH_BYTES, client_paths.MAX_SEGMENT_BYTES, client_paths.INVALID_PATH) == (
+        artifact_paths.MAX_PATH_BYTES,
         artifact_paths.MAX_SEGMENT_BYTES,
         artifact_paths.INVALID_PATH,
     )

@@ -21,7 +21,8 @@ from runledger.errors import FailedPrecondition, InvalidArgument
 
 PARTIAL_SUFFIX = ".part"
 NAME_MAX = 255  # bytes in one file name on common file systems (UTF-16 units on Windows: never more)
-MAX_PATH_CHARS = 1024
+# In UTF-8 bytes: the database indexes (run, path), and PostgreSQL refuses an index row over 2704 bytes.
+MAX_PATH_BYTES = 1024
 MAX_SEGMENT_BYTES = 255
 INVALID_PATH = "INVALID_ARTIFACT_PATH"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -33,8 +34,8 @@ def path_problem(path: str) -> str | None:
         return "is empty"
     if not _is_unicode(path):
         return "is not valid Unicode (a lone surrogate: a file name in another encoding?)"
-    if len(path) > MAX_PATH_CHARS:
-        return f"is longer than {MAX_PATH_CHARS} characters"
+    if len(path.encode()) > MAX_PATH_BYTES:
+        return f"is longer than {MAX_PATH_BYTES} bytes in UTF-8"
     if "\x00" in path:
         return "contains NUL"
     if _CONTROL.search(path):

@@ -11,7 +11,8 @@ import unicodedata
 
 from runledger_server.domain.errors import InvalidArgument
 
-MAX_PATH_CHARS = 1024
+# In UTF-8 bytes: the database indexes (run, path), and PostgreSQL refuses an index row over 2704 bytes.
+MAX_PATH_BYTES = 1024
 MAX_SEGMENT_BYTES = 255  # what a filesystem accepts as one name when the artifact is downloaded
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -40,8 +41,8 @@ def _problem(path: str) -> str | None:
         return "is empty"
     if not _is_unicode(path):
         return "is not valid Unicode (a lone surrogate: a file name in another encoding?)"
-    if len(path) > MAX_PATH_CHARS:
-        return f"is longer than {MAX_PATH_CHARS} characters"
+    if len(path.encode()) > MAX_PATH_BYTES:
+        return f"is longer than {MAX_PATH_BYTES} bytes in UTF-8"
     if "\x00" in path:
         return "contains NUL"
     if _CONTROL.search(path):
@@ -79,10 +80,15 @@ def directory_path(path: str, field: str = "path") -> str:
 
 def prefix(value: str, field: str = "prefix") -> str:
     """A listing prefix: any leading part of a path, possibly ending inside a segment."""
-    if len(value) > MAX_PATH_CHARS or _CONTROL.search(value) or value.startswith("/") or "\\" in value:
+    if (
+        len(value.encode(errors="replace")) > MAX_PATH_BYTES
+        or _CONTROL.search(value)
+        or value.startswith("/")
+        or "\\" in value
+    ):
         raise InvalidArgument(
-            f"{field} {value[:200]!r} must be a relative '/'-separated prefix of at most {MAX_PATH_CHARS} "
-            "characters without control characters",
+            f"{field} {value[:200]!r} must be a relative '/'-separated prefix of at most {MAX_PATH_BYTES} "
+            "bytes in UTF-8 without control characters",
             field=field,
             reason=INVALID_PATH,
         )
