@@ -302,7 +302,7 @@ def test_a_declared_size_beyond_what_the_store_takes_is_invalid_argument(
         "nul\x00",
         "",
         "x" * 1025,
-        "/".join(["模" * 63] * 11),  # 703 characters, 2,089 bytes: beyond what PostgreSQL indexes with the run
+        "/".join(["\U0001f600" * 63] * 11),  # 703 characters, 2,782 bytes: beyond PostgreSQL's index row limit
     ],
 )
 def test_bad_paths_are_refused_naming_path(artifacts: Stub, run_id: str, stored: Callable[[], int], path: str) -> None:
