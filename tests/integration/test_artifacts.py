@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -832,3 +833,36 @@ def test_without_a_region_a_dead_store_is_unavailable_promptly(tmp_path: Path) -
             store.presigned_get(hashlib.sha256(b"x").hexdigest())
         assert info.value.reason == "ARTIFACT_STORE_UNAVAILABLE" and dead.endpoint in info.value.message
         assert time.monotonic() - started < 20
+
+
+def test_empty_chunks_do_not_grow_a_write_batch_without_end(
+    artifacts: Stub, run_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client sending many empty (or tiny) chunks: each message counts toward the batch the server hands its
+    pool, so the batch (and the memory it holds) stays bounded instead of growing until 2 MiB of content."""
+    from runledger_server.services.artifacts import Upload
+    from runledger_server.transport import artifact_servicer
+
+    batches: list[int] = []
+    write = Upload.write
+
+    def counted(self: Upload, chunks: Any) -> None:
+        batches.append(len(chunks))
+        write(self, chunks)
+
+    monkeypatch.setattr(Upload, "write", counted)
+    data = _blob(1000, seed=3)
+
+    def requests() -> Iterator[pb.UploadArtifactRequest]:
+        header = pb.UploadArtifactHeader(
+            run_id=run_id, path="sparse.bin", size=len(data), sha256=hashlib.sha256(data).hexdigest()
+        )
+        yield pb.UploadArtifactRequest(header=header)
+        for _ in range(40_000):  # more than one bounded batch holds
+            yield pb.UploadArtifactRequest(chunk=b"")
+        yield pb.UploadArtifactRequest(chunk=data)
+
+    art = artifacts.UploadArtifact(requests())
+    assert (art.size, art.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    limit = artifact_servicer.WRITE_BATCH_BYTES // artifact_servicer.CHUNK_OVERHEAD_BYTES + 1
+    assert sum(batches) == 40_001 and max(batches) <= limit, max(batches)

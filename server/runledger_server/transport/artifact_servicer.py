@@ -23,6 +23,9 @@ _LOGGER = logging.getLogger(__name__)
 
 T = TypeVar("T")
 WRITE_BATCH_BYTES = 2 << 20  # chunks handed to the worker pool at once; one batch in flight per upload
+# What one chunk message counts toward a batch besides its bytes: empty or tiny chunks must not grow a batch
+# (and the memory it holds) without end before 2 MiB of content arrive.
+CHUNK_OVERHEAD_BYTES = 64
 
 
 class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
@@ -70,7 +73,7 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
                 if req.WhichOneof("payload") != "chunk":
                     raise InvalidArgument("only the first message of an upload may be a header", field="header")
                 batch.append(req.chunk)
-                batched += len(req.chunk)
+                batched += len(req.chunk) + CHUNK_OVERHEAD_BYTES
                 if batched >= WRITE_BATCH_BYTES:
                     if inflight is not None:
                         await asyncio.shield(inflight)

@@ -142,8 +142,9 @@ class DownloadArtifactResponse(_message.Message):
     chunk: _builtins.bytes
     """A piece of the content."""
     presigned_url: _builtins.str
-    """A short-lived URL serving the content from `offset`, set on the first
-    message only when the request accepted one and the store offers it.
+    """A short-lived URL serving the whole content, set on the first message
+    only when the request accepted one and the store offers it. To resume
+    from `offset`, GET it with the header `Range: bytes=<offset>-`.
     """
     @_builtins.property
     def artifact(self) -> _artifact_pb2.Artifact:
