@@ -38,6 +38,17 @@ _LOGGER = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # the server's limit per upload message
 
+# How a unary call is made: (method, request) -> response, raising typed errors.
+Unary = Callable[[Callable[..., Any], Any], Any]
+
+
+def _plain(method: Callable[..., Any], request: Any) -> Any:
+    try:
+        return method(request)
+    except grpc.RpcError as err:
+        raise from_rpc_error(err) from None
+
+
 # None: a progress bar when tqdm is installed and stderr is a terminal; False: none; True: tqdm if installed;
 # a callable: called with (bytes done, bytes total) as the transfer advances.
 Progress = bool | Callable[[int, int], None] | None
@@ -101,6 +112,7 @@ def download(
     resume: bool = True,
     presigned: bool = True,
     progress: Progress = None,
+    unary: Unary | None = None,
 ) -> Path:
     """Download a file or a whole directory (every artifact below `path`; "" is the whole run) to `dest`.
 
@@ -119,7 +131,7 @@ def download(
     """
     stub = artifact_service_pb2_grpc.ArtifactServiceStub(channel)
     path = path.strip("/") if path not in ("", "/") else ""
-    found = [a for a in list_artifacts(channel, run_id, prefix=path) if _is_below(a.path, path)]
+    found = [a for a in list_artifacts(channel, run_id, prefix=path, unary=unary) if _is_below(a.path, path)]
     if not found:
         raise NotFound(f"runs/{run_id} has no artifact at {path!r}", reason="ARTIFACT_NOT_FOUND", metadata={})
     destination = Path(dest)
@@ -144,15 +156,16 @@ def download(
     return plan[0][1] if single else destination
 
 
-def list_artifacts(channel: grpc.Channel, run_id: str, *, prefix: str = "") -> Iterator[artifact_pb2.Artifact]:
-    """Every artifact of the run whose path starts with `prefix`, in path order (all pages)."""
+def list_artifacts(
+    channel: grpc.Channel, run_id: str, *, prefix: str = "", unary: Unary | None = None
+) -> Iterator[artifact_pb2.Artifact]:
+    """Every artifact of the run whose path starts with `prefix`, in path order (all pages). `unary(method,
+    request)` makes each page's call (the Client's, with its deadline and retries); a plain call by default."""
     stub = artifact_service_pb2_grpc.ArtifactServiceStub(channel)
+    call = unary or _plain
     token = ""
     while True:
-        try:
-            page = stub.ListArtifacts(pb.ListArtifactsRequest(run_id=run_id, prefix=prefix, page_token=token))
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
+        page = call(stub.ListArtifacts, pb.ListArtifactsRequest(run_id=run_id, prefix=prefix, page_token=token))
         yield from page.artifacts
         token = page.next_page_token
         if not token:

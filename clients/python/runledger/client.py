@@ -14,6 +14,7 @@ import grpc
 
 from runledger import _convert, _ids, _process, artifacts, errors, wire
 from runledger._buffer import BatchPolicy
+from runledger._call_metadata import with_metadata
 from runledger._retry import RetryPolicy, call_with_retry
 from runledger._streamer import MetricStreamer, StreamerConfig
 from runledger.history import MetricHistory, from_chunks
@@ -448,9 +449,10 @@ class Client:
         Bytes stream in 1 MiB chunks, are stored once by sha256, and are recorded only after the server has
         verified the digest. `artifact_path` defaults to the file or directory name.
         """
+        channel = self._artifact_channel
         if Path(local_path).is_dir():
-            return artifacts.upload_dir(self.channel, run_id, local_path, artifact_path, progress=progress)
-        return [artifacts.upload_file(self.channel, run_id, local_path, artifact_path, progress=progress)]
+            return artifacts.upload_dir(channel, run_id, local_path, artifact_path, progress=progress)
+        return [artifacts.upload_file(channel, run_id, local_path, artifact_path, progress=progress)]
 
     def download_artifacts(
         self,
@@ -463,10 +465,25 @@ class Client:
     ) -> Path:
         """Download a file or a directory of a run to `dest`, checking every file's sha256 (DataLoss on
         mismatch) and resuming an interrupted download."""
-        return artifacts.download(self.channel, run_id, path, dest, resume=resume, progress=progress)
+        return artifacts.download(
+            self._artifact_channel, run_id, path, dest, resume=resume, progress=progress, unary=self._read_call
+        )
 
     def list_artifacts(self, run_id: str, *, prefix: str = "") -> Iterator[artifact_pb2.Artifact]:
-        return artifacts.list_artifacts(self.channel, run_id, prefix=prefix)
+        return artifacts.list_artifacts(self._artifact_channel, run_id, prefix=prefix, unary=self._read_call)
+
+    @property
+    def _artifact_channel(self) -> grpc.Channel:
+        """The channel with this client's metadata on every call: the transfers build their own calls."""
+        channel = self._stubs.get("artifact-channel")
+        if channel is None:
+            channel = self._stubs["artifact-channel"] = with_metadata(self.channel, self._metadata)
+        return channel
+
+    def _read_call(self, method: Callable[..., Any], request: Any) -> Any:
+        """A side-effect-free unary call with this client's deadline and retries (metadata comes from the channel
+        it was made on)."""
+        return self._retrying(lambda remaining: method(request, timeout=remaining), True, None)
 
     # ---- registry -----------------------------------------------------------------------------------
     @property
