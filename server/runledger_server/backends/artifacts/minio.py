@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import logging
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Iterator
@@ -53,6 +54,17 @@ _DENIED_CODES = frozenset(
 )
 # MinIO out of drive space, or over the bucket's quota: no room until an operator makes some.
 _FULL_CODES = frozenset({"XMinioStorageFull", "XMinioAdminBucketQuotaExceeded", "QuotaExceeded"})
+PROBE_INTERVAL = 2.0  # seconds a failed probe of the store answers for, before the next one
+
+
+def _again(exc: DomainError) -> DomainError:
+    """A fresh copy of a refusal, for another caller (one exception object raised in many threads would share
+    its traceback)."""
+    copy = type(exc)(exc.message, reason=exc.reason, metadata=exc.metadata)
+    copy.field = exc.field
+    return copy
+
+
 _MISSING_CODES = frozenset({"NoSuchKey", "NoSuchObject", "NotFound", "ResourceNotFound"})
 
 
@@ -116,6 +128,7 @@ class S3BlobStore:
         )
         self._ready = False
         self._ready_lock = threading.Lock()
+        self._failed_probe: tuple[float, DomainError] | None = None  # (when, why) the last probe failed
 
     @property
     def location(self) -> str:
@@ -123,21 +136,38 @@ class S3BlobStore:
 
     # ---- bucket ------------------------------------------------------------------------------
     def ensure_bucket(self) -> None:
-        """Create the bucket if missing and clear stale temporary uploads; raises a DomainError."""
+        """Create the bucket if missing and clear stale temporary uploads; raises a DomainError.
+
+        While the store is unreachable one thread probes it at a time, and calls within PROBE_INTERVAL of a
+        failed probe get its answer at once: each probe may wait out its timeouts, and calls queued behind one
+        another's probes would hold the artifact pool for their sum.
+        """
         with self._ready_lock:
             if self._ready:
                 return
-            with self.errors("creating the bucket"):
-                if not self.client.bucket_exists(self.bucket):
-                    try:
-                        self.client.make_bucket(self.bucket)
-                        _LOGGER.info("created bucket %s at %s", self.bucket, self.endpoint)
-                        self._abort_incomplete_uploads()
-                    except S3Error as exc:
-                        if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-                            raise
-                self._sweep_stale_temp()
+            failed = self._failed_probe
+            if failed is not None and time.monotonic() - failed[0] < PROBE_INTERVAL:
+                raise _again(failed[1])
+            try:
+                self._probe()
+            except DomainError as exc:
+                self._failed_probe = (time.monotonic(), exc)
+                raise
+            self._failed_probe = None
             self._ready = True
+
+    def _probe(self) -> None:
+        """Under the lock: the bucket exists (created if missing), and stale temporary uploads are gone."""
+        with self.errors("creating the bucket"):
+            if not self.client.bucket_exists(self.bucket):
+                try:
+                    self.client.make_bucket(self.bucket)
+                    _LOGGER.info("created bucket %s at %s", self.bucket, self.endpoint)
+                    self._abort_incomplete_uploads()
+                except S3Error as exc:
+                    if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                        raise
+            self._sweep_stale_temp()
 
     def _abort_incomplete_uploads(self) -> None:
         """On a bucket this server created: S3 itself aborts multipart uploads left unfinished for a day
