@@ -386,3 +386,153 @@ def test_every_point_taken_while_finish_runs_is_stored(tmp_path: Path) -> None:
             assert run.acked_points == run.logged_points == len(taken)
             history = client.metric_history(run.run_id, "gpu/util")
             assert history.steps.tolist() == taken, attempt
+
+
+TRAINER_INTERRUPTED_WHILE_FINISHING = """
+import os, signal, sys, threading, time
+from pathlib import Path
+import runledger
+address, go_down, back_up = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+client = runledger.Client(address, retry=runledger.RetryPolicy(initial_backoff=0.05, max_backoff=0.2))
+run = client.start_run(experiment="interrupted")
+print(run.run_id, flush=True)
+try:
+    with run:
+        for step in range(1000):
+            run.log_metrics({"loss": float(step)}, step=step)
+        run.flush()
+        go_down.touch()  # the server is stopped now; the rest waits in the client
+        while go_down.exists():
+            time.sleep(0.02)
+        for step in range(1000, 2000):
+            run.log_metrics({"loss": float(step)}, step=step)
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()  # Ctrl-C while finishing
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+while not back_up.exists():
+    time.sleep(0.02)
+# the interpreter exits: the exit flush delivers what the interrupted finish still held
+"""
+
+
+@pytest.mark.slow
+def test_points_still_queued_when_ctrl_c_interrupts_finish_are_flushed_at_exit(tmp_path: Path) -> None:
+    port = free_port()
+    server = ServerProcess(port, tmp_path / "data", tmp_path / "server.log")
+    address = server.start()
+    script, go_down, back_up = tmp_path / "trainer.py", tmp_path / "go-down", tmp_path / "back-up"
+    script.write_text(TRAINER_INTERRUPTED_WHILE_FINISHING)
+    child = subprocess.Popen(
+        [sys.executable, str(script), address, str(go_down), str(back_up)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None
+        run_id = child.stdout.readline().strip()
+        wait_until(go_down.exists)
+        server.stop()
+        go_down.unlink()
+        assert child.stdout.readline().strip() == "interrupted"
+        server.start()
+        back_up.touch()
+        assert child.wait(timeout=60) == 0
+        with runledger.Client(address) as client:
+            assert client.metric_history(run_id, "loss").steps.tolist() == list(range(2000))
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait(timeout=30)
+        if child.stdout is not None:
+            child.stdout.close()
+        server.stop()
+
+
+TRAINER_WITH_THREE_UNFINISHED_RUNS = """
+import sys, time
+import runledger
+from runledger import _process
+_process.EXIT_FLUSH_TIMEOUT = 1.0
+client = runledger.Client(sys.argv[1])
+runs = [client.start_run(experiment="exit-deadline") for _ in range(3)]
+for run in runs:
+    run.log_metrics({"loss": 1.0}, step=0)
+print("logged", flush=True)
+sys.stdin.readline()  # the server is gone now
+print(time.monotonic(), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_the_exit_flush_waits_once_for_all_unfinished_runs_not_once_each(tmp_path: Path) -> None:
+    server = ServerProcess(free_port(), tmp_path / "data", tmp_path / "server.log")
+    address = server.start()
+    script = tmp_path / "trainer.py"
+    script.write_text(TRAINER_WITH_THREE_UNFINISHED_RUNS)
+    child = subprocess.Popen(
+        [sys.executable, str(script), address], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline().strip() == "logged"
+        server.stop()
+        child.stdin.write("\n")
+        child.stdin.flush()
+        exiting = float(child.stdout.readline())
+        assert child.wait(timeout=60) == 0
+        took = time.monotonic() - exiting
+        assert took < 2.5, f"the exit flush took {took:.1f} s for three runs at 1 s"  # was 3 x 1 s in turn
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait(timeout=30)
+        for pipe in (child.stdin, child.stdout):
+            if pipe is not None:
+                pipe.close()
+        server.stop()
+
+
+CTRL_C_WHILE_LOGGING = """
+import collections, os, random, signal, sys, threading
+import runledger
+from runledger.v1 import tracking_pb2
+random.seed(1)
+client = runledger.Client("127.0.0.1:1", batch_interval=30.0, batch_points=1_000_000)  # nothing listens there
+main = threading.main_thread().ident
+outcomes = collections.Counter()
+for trial in range(int(sys.argv[1])):
+    run = runledger.Run(client, tracking_pb2.Run(run_id=f"r{trial}"), writer_id=None, owns_status=False)
+    step = 0
+    timer = threading.Timer(random.uniform(0.002, 0.02), signal.pthread_kill, (main, signal.SIGINT))
+    try:
+        timer.start()
+        while True:
+            run.log_metrics({"loss": 0.5, "lr": 1.0}, step=step)
+            step += 1
+    except KeyboardInterrupt:
+        pass
+    timer.join()
+    stream = run._stream
+    if not stream._lock.acquire(timeout=1.0):
+        outcomes["lock left held"] += 1
+        continue
+    try:
+        rows = sum(len(g.steps) * len(g.keys) for g in stream._buffer._groups)
+        ragged = any(len(g.values) != len(g.steps) * len(g.keys) or len(g.stamps) != len(g.steps)
+                     for g in stream._buffer._groups)
+        outcomes["ragged" if ragged else "miscounted" if rows != stream._buffer.points else "consistent"] += 1
+    finally:
+        stream._lock.release()
+    stream.abandon()
+print(dict(outcomes), flush=True)
+os._exit(0)  # a writer left locked would hang the exit flush: report rather than hang
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_logging_never_leaves_the_writer_locked_or_inconsistent(tmp_path: Path) -> None:
+    """A real SIGINT at a random moment of a log_metrics loop, 300 times: the lock taken right before an interrupt
+    was left held in 3% of trials (finish and the exit flush then waited forever)."""
+    script = tmp_path / "interrupted.py"
+    script.write_text(CTRL_C_WHILE_LOGGING)
+    done = subprocess.run([sys.executable, str(script), "300"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "{'consistent': 300}", done.stdout

@@ -83,3 +83,27 @@ def test_deadline_exceeded_is_a_timeout() -> None:
 def test_is_transient(code: grpc.StatusCode, domain: str, transient: bool) -> None:
     err = errors.error_class(code)("x", code=code, domain=domain)
     assert errors.is_transient(err) is transient
+
+
+def test_again_is_a_fresh_copy_with_the_same_fields_and_cause() -> None:
+    cause = ValueError("transport")
+    err = errors.Unavailable("down", reason="R", metadata={"k": "v"}, domain="runledger")
+    err.__cause__ = cause
+    copy = err.again()
+    assert copy is not err and type(copy) is errors.Unavailable and copy.__cause__ is cause
+    assert (copy.message, copy.code, copy.reason, copy.metadata, copy.domain) == (
+        err.message,
+        err.code,
+        err.reason,
+        err.metadata,
+        err.domain,
+    )
+    assert copy.__traceback__ is None  # raising it does not extend the original's traceback
+
+
+def test_a_pickled_local_file_error_is_still_the_os_error_it_stands_for() -> None:
+    err = errors.LocalFileError.wrap(FileNotFoundError(2, "No such file or directory", "/no/dir/x"), "ckpt.bin", "/x")
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is errors.LocalFileError and isinstance(back, OSError)
+    assert (back.errno, back.strerror, back.filename) == (2, "No such file or directory", "/no/dir/x")
+    assert (back.reason, back.metadata, back.message) == (err.reason, err.metadata, err.message)

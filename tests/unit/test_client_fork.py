@@ -26,12 +26,15 @@ def test_child_gets_a_fresh_writer_and_no_inherited_points() -> None:
             and run.writer_id.startswith("rank0-fork-")
             and not run.owns_status
             and client._channel is None
+            # runs the child starts or attaches through the inherited client are new writers too
+            and client.writer_id is not None
+            and client.writer_id.startswith("rank0-fork-")
         )
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     # the parent is untouched
-    assert run.writer_id == "rank0" and run.logged_points == 1 and run.owns_status
+    assert run.writer_id == "rank0" and run.logged_points == 1 and run.owns_status and client.writer_id == "rank0"
     stream = run._stream
     assert stream is not None
     stream.abandon()

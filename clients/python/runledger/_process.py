@@ -7,6 +7,7 @@ import logging
 import multiprocessing.util
 import os
 import threading
+import time
 import weakref
 from typing import Any, Protocol
 
@@ -64,9 +65,11 @@ def _after_fork_in_child() -> None:
 def _at_exit() -> None:
     with _lock:
         pending = list(_flush_at_exit)
+    # One deadline for all: with the server gone, each unfinished run would otherwise wait its own timeout in turn.
+    deadline = time.monotonic() + EXIT_FLUSH_TIMEOUT
     for obj in pending:
         try:
-            obj._flush_at_exit(EXIT_FLUSH_TIMEOUT)
+            obj._flush_at_exit(max(deadline - time.monotonic(), 0.0))
         except Exception as exc:
             _LOGGER.warning("metrics not flushed at exit: %s", exc)
 

@@ -115,7 +115,9 @@ class MetricStreamer:
         self._clock = clock
         self._rand = rand
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)  # the hot path enters the bare lock: no Python-level frame
+        # Entered as `with self._lock` everywhere (the condition's own lock): Condition.__enter__ is Python code,
+        # and an interrupt between its acquire and its return would leave the lock held.
+        self._cond = threading.Condition(self._lock)
         self._buffer = MetricBuffer()
         self._outbox = Outbox()
         self._acked = 0
@@ -168,19 +170,16 @@ class MetricStreamer:
         return self._error
 
     def append(self, metrics: Mapping[str, Any], step: int, timestamp_ms: int) -> None:
-        # The training thread's hot path: the bare lock's acquire/release (cheaper than `with`), one flag for
-        # "closed or failed", and one threshold standing for "a batch is due" and "the buffer is full".
-        lock = self._lock
-        lock.acquire()
-        try:
+        # The training thread's hot path: one flag for "closed or failed", and one threshold standing for "a batch
+        # is due" and "the buffer is full". `with` on the lock, not acquire()/try: a Ctrl-C arriving right after
+        # acquire() would skip the release and leave every later call (finish, the exit flush) waiting forever.
+        with self._lock:
             if self._unusable:
                 self._raise_unusable()
             buffer = self._buffer
             buffer.append(metrics, step, timestamp_ms)
             if buffer.points >= self._slow_at:
                 self._after_append()
-        finally:
-            lock.release()
 
     def _after_append(self) -> None:
         """Under the lock, once the buffer reached `_slow_at`: wake the sender for a full batch, wait for room."""
@@ -221,7 +220,7 @@ class MetricStreamer:
 
     def _raise_unusable(self) -> None:
         if self._error is not None:
-            raise self._error
+            raise self._error.again()
         raise errors.FailedPrecondition(
             f"metrics of run {self.run_id} (writer {self.writer_id}) can no longer be logged: the run was finished",
             reason="RUN_CLOSED",
@@ -231,9 +230,9 @@ class MetricStreamer:
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every point appended before this call is acknowledged (stored) by the server."""
         deadline = None if timeout is None else self._clock() + timeout
-        with self._cond:
+        with self._lock:
             if self._error is not None:
-                raise self._error
+                raise self._error.again()
             self._cond.notify_all()
             while not self._numbered and self._buffer.points:  # the sender is asking where numbering starts
                 self._wait_until(deadline, timeout)
@@ -247,7 +246,7 @@ class MetricStreamer:
     def _wait_until(self, deadline: float | None, timeout: float | None) -> None:
         """Under the lock: one wait for news from the sender, within the caller's deadline."""
         if self._error is not None:
-            raise self._error
+            raise self._error.again()
         if self._stop_now:
             raise errors.FailedPrecondition(f"the metric sender of run {self.run_id} was stopped", reason="RUN_CLOSED")
         remaining = None if deadline is None else deadline - self._clock()
@@ -273,7 +272,7 @@ class MetricStreamer:
         refused (RUN_CLOSED) or waited for: never taken and then given up. Raises what flush raises; the
         sender then goes on until `abandon()`.
         """
-        with self._cond:
+        with self._lock:
             self._closing = self._unusable = True
             self._cond.notify_all()
         self.flush(timeout)
@@ -283,15 +282,16 @@ class MetricStreamer:
             self.abandon()
 
     def _flush_at_exit(self, timeout: float) -> None:
+        # A stream closing when its close was interrupted (Ctrl-C in finish) still holds points: flushed too.
         with self._lock:
-            if self._closing or (not self._buffer.points and not len(self._outbox)):
+            if self._stop_now or (not self._buffer.points and not len(self._outbox)):
                 return
         _LOGGER.info("run %s was not finished: flushing its metrics before the process exits", self.run_id)
         self.flush(timeout)
 
     def abandon(self) -> None:
         """Stop at once, dropping whatever is not acknowledged (used after a failed or timed-out close)."""
-        with self._cond:
+        with self._lock:
             self._closing = self._unusable = True
             self._stop_now = True
             call = self._call
@@ -329,7 +329,7 @@ class MetricStreamer:
     def _send_until_closed(self) -> None:
         failures = 0
         while True:
-            with self._cond:
+            with self._lock:
                 while not self._stop_now and not self._has_work():
                     if self._closing:
                         return
@@ -338,7 +338,7 @@ class MetricStreamer:
                     return
             if not self._numbered and not self._learn_first_seq():
                 return
-            with self._cond:
+            with self._lock:
                 conn = self._conn = _Connection(self._outbox.first_unacked())
                 self._connections += 1
             error: errors.RunledgerError | None = None
@@ -346,7 +346,7 @@ class MetricStreamer:
             call: Any = None
             try:
                 call = self._open_stream(self._requests(conn))
-                with self._cond:
+                with self._lock:
                     self._call = call
                     stop_now = self._stop_now
                 if stop_now:
@@ -366,11 +366,11 @@ class MetricStreamer:
                 self._fail(errors.RunledgerError(f"metric stream failed: {exc!r}", reason="CLIENT_ERROR"))
                 return
             finally:
-                with self._cond:
+                with self._lock:
                     conn.stopped = True
                     self._call = None
                     self._cond.notify_all()
-            with self._cond:
+            with self._lock:
                 if self._stop_now:
                     return
                 if error is None and len(self._outbox) and conn.cursor > self._outbox.first_unacked():
@@ -391,7 +391,7 @@ class MetricStreamer:
                 delay,
                 len(self._outbox),
             )
-            with self._cond:
+            with self._lock:
                 self._last_transient = error
                 resume = self._clock() + delay
                 while not self._stop_now and (left := resume - self._clock()) > 0:
@@ -414,7 +414,7 @@ class MetricStreamer:
                 _LOGGER.info(
                     "run %s: cannot ask where writer %s resumes (%s); retrying", self.run_id, self.writer_id, exc
                 )
-                with self._cond:
+                with self._lock:
                     self._last_transient = exc
                     resume = self._clock() + delay
                     while not self._stop_now and (left := resume - self._clock()) > 0:
@@ -422,7 +422,7 @@ class MetricStreamer:
                     if self._stop_now:
                         return False
                 continue
-            with self._cond:
+            with self._lock:
                 if first:
                     _LOGGER.info("run %s: writer %s resumes at batch %d", self.run_id, self.writer_id, first)
                 self._outbox.next_seq = first  # nothing is cut before this: no batch holds a seq yet
@@ -431,7 +431,7 @@ class MetricStreamer:
             return True
 
     def _fail(self, error: errors.RunledgerError) -> None:
-        with self._cond:
+        with self._lock:
             self._fail_locked(error)
 
     def _fail_locked(self, error: errors.RunledgerError, lost: int = 0) -> None:
@@ -444,7 +444,7 @@ class MetricStreamer:
         self._cond.notify_all()
 
     def _on_ack(self, conn: _Connection, ack: pb.StreamMetricsResponse) -> bool:
-        with self._cond:
+        with self._lock:
             batch = self._outbox.ack(ack.seq)
             if batch is None:
                 return False
@@ -491,7 +491,7 @@ class MetricStreamer:
     def _requests(self, conn: _Connection) -> Iterator[bytes]:
         """Runs on gRPC's request-consuming thread: waits for batches, builds their messages, yields them."""
         while True:
-            with self._cond:
+            with self._lock:
                 batch = self._next_to_send(conn)
                 if batch is None:
                     return

@@ -190,6 +190,9 @@ class Client:
         self._channel = None
         self._stubs = {}
         self._lock = threading.Lock()
+        if self.writer_id is not None:
+            # The parent keeps writing as this writer: a child's runs must not number their batches alike.
+            self.writer_id = _ids.forked_writer_id(self.writer_id)
 
     # ---- experiments --------------------------------------------------------------------------------
     def create_experiment(
@@ -289,7 +292,12 @@ class Client:
         return self._call(self._tracking.GetRun, pb.GetRunRequest(run_id=run_id), idempotent=True)
 
     def update_run(
-        self, run_id: str, *, status: str | int | None = None, display_name: str | None = None
+        self,
+        run_id: str,
+        *,
+        status: str | int | None = None,
+        display_name: str | None = None,
+        timeout: float | None = None,
     ) -> tracking_pb2.Run:
         """Set the status (RUNNING, FINISHED, FAILED, KILLED; a final one records the end time) or the name."""
         request = pb.UpdateRunRequest(run_id=run_id)
@@ -297,7 +305,7 @@ class Client:
             request.status = _convert.run_status(status)
         if display_name is not None:
             request.display_name = display_name
-        return self._call(self._tracking.UpdateRun, request, idempotent=True)
+        return self._call(self._tracking.UpdateRun, request, idempotent=True, timeout=timeout)
 
     def search_runs(
         self,

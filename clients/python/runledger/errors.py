@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
@@ -47,6 +47,25 @@ class RunledgerError(Exception):
     def __reduce__(self) -> tuple[Any, ...]:
         # Keyword-only fields survive pickling (errors crossing process boundaries, e.g. DataLoader workers).
         return (_rebuild, (type(self), self.message, self.code, self.reason, self.metadata, self.domain))
+
+    def again(self) -> RunledgerError:
+        """A fresh copy to raise once more (a failure reported on every later call): raising one object again
+        and again would grow its traceback, and with it the caller frames it keeps alive, without end."""
+        copy = _rebuild(type(self), self.message, self.code, self.reason, dict(self.metadata), self.domain)
+        copy.__cause__ = self.__cause__
+        return copy
+
+
+def _rebuild_os_error(
+    rebuild: Callable[..., RunledgerError],
+    args: tuple[Any, ...],
+    errno_: int | None,
+    strerror: str | None,
+    filename: Any,
+) -> RunledgerError:
+    err = rebuild(*args)
+    err.errno, err.strerror, err.filename = errno_, strerror, filename  # type: ignore[attr-defined]
+    return err
 
 
 def _rebuild(
@@ -94,6 +113,10 @@ class LocalFileError(FailedPrecondition, OSError):
         )
         err.errno, err.strerror, err.filename = exc.errno, exc.strerror, exc.filename
         return err
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        rebuild, args = super().__reduce__()[:2]
+        return (_rebuild_os_error, (rebuild, args, self.errno, self.strerror, self.filename))
 
 
 class Aborted(RunledgerError):

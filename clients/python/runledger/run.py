@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 _LOGGER = logging.getLogger(__name__)
 
 _DEFAULT_FAILED_EXIT_TIMEOUT = 60.0
+_INTERRUPTED_STATUS_TIMEOUT = 2.0  # marking a run KILLED after Ctrl-C: the person waiting should not wait long
 _time_ns = time.time_ns
 
 
@@ -210,12 +211,18 @@ class Run:
                 if status is not None:
                     self._set_status_quietly("FAILED")
                 raise
+            except BaseException:
+                # Interrupted (Ctrl-C) while the points were being flushed: they stay queued, for the flush at
+                # exit to deliver, and the run is marked KILLED, briefly trying, since someone is waiting.
+                if status is not None:
+                    self._set_status_quietly("KILLED", timeout=_INTERRUPTED_STATUS_TIMEOUT)
+                raise
         if status is not None:
             self.info = self._client.update_run(self.run_id, status=status)
 
-    def _set_status_quietly(self, status: str) -> None:
+    def _set_status_quietly(self, status: str, timeout: float | None = None) -> None:
         try:
-            self.info = self._client.update_run(self.run_id, status=status)
+            self.info = self._client.update_run(self.run_id, status=status, timeout=timeout)
         except errors.RunledgerError as exc:
             _LOGGER.warning("could not mark run %s %s: %s", self.run_id, status, exc)
 
