@@ -39,3 +39,15 @@ def test_child_gets_a_fresh_writer_and_no_inherited_points() -> None:
     assert stream is not None
     stream.abandon()
     client.close()
+
+
+def test_a_client_or_run_sent_to_a_spawned_worker_says_what_to_do_instead() -> None:
+    import pickle
+
+    client = runledger.Client("127.0.0.1:1")
+    run = runledger.Run(client, tracking_pb2.Run(run_id="r1", name="runs/r1"), writer_id=None, owns_status=False)
+    with pytest.raises(TypeError, match=r"attach_run\(run_id\)"):
+        pickle.dumps(client)
+    with pytest.raises(TypeError, match="'r1'"):
+        pickle.dumps(run)
+    client.close()

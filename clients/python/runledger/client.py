@@ -185,6 +185,12 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            f"a runledger Client cannot be pickled (it holds a channel and threads): in a spawn or forkserver "
+            f"worker, create Client({self.target!r}) there, and attach_run(run_id) to log into a run"
+        )
+
     def _after_fork_in_child(self) -> None:
         _process.keep_inherited(self._channel)
         self._channel = None

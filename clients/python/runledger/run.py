@@ -54,6 +54,12 @@ class Run:
     def __repr__(self) -> str:
         return f"Run(run_id={self.run_id!r}, writer_id={self.writer_id!r})"
 
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            f"a runledger Run cannot be pickled (its metrics stream belongs to this process): pass the run ID "
+            f"{self.run_id!r} to a spawn or forkserver worker, which logs through Client(address).attach_run(run_id)"
+        )
+
     # ---- identity ------------------------------------------------------------------------------------
     @property
     def name(self) -> str:
