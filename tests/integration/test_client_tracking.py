@@ -537,3 +537,26 @@ def test_a_named_writer_learns_where_it_resumes_once_the_server_is_back(tmp_path
             second.stop()
     finally:
         client.close()
+
+
+def test_runs_dropped_without_finish_end_their_senders_once_everything_is_stored(client: runledger.Client) -> None:
+    """An attached writer that goes out of scope unfinished (a helper that logged and returned): its sender sends
+    what it holds, then ends, instead of polling for the life of the process."""
+    import gc
+
+    def senders() -> int:
+        return sum(1 for t in threading.enumerate() if t.name.startswith("runledger-metrics-"))
+
+    owner = client.start_run(experiment="dropped")
+    before = senders()
+
+    def helper(step: int) -> None:
+        writer = client.attach_run(owner.run_id)
+        writer.log_metrics({"helper/x": float(step)}, step=step)  # no flush, no finish
+
+    for step in range(20):
+        helper(step)
+    gc.collect()
+    wait_until(lambda: senders() == before)
+    owner.finish()
+    assert client.metric_history(owner.run_id, "helper/x").steps.tolist() == list(range(20))

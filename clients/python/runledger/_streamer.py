@@ -281,6 +281,13 @@ class MetricStreamer:
             _LOGGER.warning("metric sender of run %s did not end in time; cancelling its stream", self.run_id)
             self.abandon()
 
+    def close_when_sent(self) -> None:
+        """Refuse further points and let the sender end once everything held is acknowledged, without waiting
+        for it (the exit flush still waits for what is left)."""
+        with self._lock:
+            self._closing = self._unusable = True
+            self._cond.notify_all()
+
     def _flush_at_exit(self, timeout: float) -> None:
         # A stream closing when its close was interrupted (Ctrl-C in finish) still holds points: flushed too.
         with self._lock:

@@ -7,6 +7,7 @@ import operator
 import os
 import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -47,6 +48,7 @@ class Run:
         self._resumable = writer_id is not None
         self.owns_status = owns_status
         self._stream: MetricStreamer | None = None
+        self._dropped: weakref.finalize | None = None  # ends the stream when this object is collected
         self._lock = threading.Lock()
         self._finished = False
         _process.track(self)
@@ -125,6 +127,10 @@ class Run:
                         metadata={"runId": self.run_id},
                     )
                 self._stream = self._client._metric_streamer(self.run_id, self.writer_id, resumable=self._resumable)
+                # A Run dropped without finish(): its sender sends what it holds, then ends, instead of polling
+                # for points nobody can log any more for the life of the process (at exit, the exit flush acts).
+                self._dropped = weakref.finalize(self, self._stream.close_when_sent)
+                self._dropped.atexit = False
             return self._stream
 
     def flush(self, timeout: float | None = None) -> None:
@@ -255,6 +261,9 @@ class Run:
         # The parent's sender thread does not exist here and its lock may be held forever: start afresh,
         # as a new writer, so the child's batches never collide with the parent's seqs.
         _process.keep_inherited(self._stream)
+        if self._dropped is not None:
+            self._dropped.detach()  # the parent's stream: its lock may be held by a thread the child does not have
+            self._dropped = None
         self._stream = None
         self._lock = threading.Lock()
         self.writer_id = _ids.forked_writer_id(self.writer_id)
