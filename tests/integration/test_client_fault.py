@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -391,6 +392,7 @@ def test_every_point_taken_while_finish_runs_is_stored(tmp_path: Path) -> None:
 TRAINER_INTERRUPTED_WHILE_FINISHING = """
 import os, signal, sys, threading, time
 from pathlib import Path
+from typing import Any
 import runledger
 address, go_down, back_up = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 client = runledger.Client(address, retry=runledger.RetryPolicy(initial_backoff=0.05, max_backoff=0.2))
@@ -536,3 +538,38 @@ def test_ctrl_c_while_logging_never_leaves_the_writer_locked_or_inconsistent(tmp
     done = subprocess.run([sys.executable, str(script), "300"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "{'consistent': 300}", done.stdout
+
+
+def test_a_named_writer_against_a_server_without_get_metric_writer_numbers_from_zero() -> None:
+    """A server from before GetMetricWriter answers it UNIMPLEMENTED: a named writer then numbers its batches from
+    0, as it did with such servers, instead of failing its metric stream for good."""
+    from runledger.v1 import tracking_service_pb2 as tpb
+
+    stored: list[tuple[str, int]] = []
+
+    def stream_metrics(requests: Any, context: grpc.ServicerContext) -> Any:
+        for raw in requests:
+            request = tpb.StreamMetricsRequest.FromString(raw)
+            stored.append((request.writer_id, request.seq))
+            yield tpb.StreamMetricsResponse(writer_id=request.writer_id, seq=request.seq).SerializeToString()
+
+    class OldServer(grpc.GenericRpcHandler):  # StreamMetrics only; every other method is UNIMPLEMENTED
+        def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+            if details.method.endswith("/StreamMetrics"):
+                return grpc.stream_stream_rpc_method_handler(stream_metrics)
+            return None
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=[OldServer()])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with runledger.Client(f"127.0.0.1:{port}", writer_id="rank0") as client:
+            run = runledger.Run(client, tracking_pb2.Run(run_id="r1"), writer_id="rank0", owns_status=False)
+            for step in range(10):
+                run.log_metrics({"loss": float(step)}, step=step)
+            run.flush(timeout=30)
+            assert run.acked_points == 10 and run._stream is not None and run._stream.error is None
+            run._stream.close(timeout=30)
+        assert stored and stored[0] == ("rank0", 0)
+    finally:
+        server.stop(None)

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from runledger import errors
-from runledger._convert import direction, lineage_to_proto, request, run_status, string_map
+from runledger._convert import direction, lineage_to_proto, number, request, run_status, string_map
 from runledger.v1 import common_pb2, registry_service_pb2, tracking_pb2, tracking_service_pb2
 
 HISTORY = tracking_service_pb2.GetMetricHistoryRequest
@@ -135,3 +135,12 @@ def test_a_value_protobuf_refuses_is_invalid_argument_naming_its_field(
 def test_request_keeps_unset_optional_fields_unset() -> None:
     built = request(tracking_service_pb2.GetMetricHistoryRequest, run_id="r", key="k", start_step=None, end_step=5)
     assert not built.HasField("start_step") and built.end_step == 5 and built.run_id == "r"
+
+
+def test_a_score_is_anything_float_takes() -> None:
+    import numpy as np
+
+    assert number(np.array(0.9), "score") == 0.9 and number(np.float32(0.5), "score") == 0.5 and number(1, "s") == 1.0
+    with pytest.raises(errors.InvalidArgument) as info:
+        number("high", "score")
+    assert info.value.metadata["field"] == "score"

@@ -40,6 +40,14 @@ def request(cls: type[M], **fields: Any) -> M:
         raise
 
 
+def number(value: Any, field: str) -> float:
+    """`float(value)` (numpy scalars, 0-d arrays and tensors included), else InvalidArgument naming the field."""
+    try:
+        return float(value)
+    except (TypeError, ValueError) as exc:
+        raise _invalid(f"{field} must be a number, got {type(value).__name__}: {exc}", field) from None
+
+
 def lineage_to_proto(lineage: Mapping[str, Any]) -> common_pb2.Lineage:
     """`{"data_version", "code_commit", "config": dict, "base_model", "seed": int}`; absent or None fields stay unset.
 

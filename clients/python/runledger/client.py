@@ -363,7 +363,12 @@ class Client:
 
         def first_seq() -> int:
             request = pb.GetMetricWriterRequest(run_id=run_id, writer_id=writer_id)
-            return int(self._call(self._tracking.GetMetricWriter, request, idempotent=True).next_seq)
+            try:
+                return int(self._call(self._tracking.GetMetricWriter, request, idempotent=True).next_seq)
+            except errors.RunledgerError as exc:
+                if exc.code is grpc.StatusCode.UNIMPLEMENTED:  # a server from before it: number from 0, as then
+                    return 0
+                raise
 
         return MetricStreamer(
             run_id, writer_id, open_stream, self.streamer_config, first_seq=first_seq if resumable else None

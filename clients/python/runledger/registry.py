@@ -269,7 +269,11 @@ class Registry:
     def record_gate_result(self, model: str, gate_id: str, version: int, score: float) -> registry_pb2.GateResult:
         """The gate's own score for a version; immutable (the same score again is a no-op)."""
         request = _convert.request(
-            pb.RecordGateResultRequest, model=_model(model), gate_id=gate_id, version=version, score=score
+            pb.RecordGateResultRequest,
+            model=_model(model),
+            gate_id=gate_id,
+            version=version,
+            score=_convert.number(score, "score"),
         )
         return self._call(self._stub.RecordGateResult, request)
 
