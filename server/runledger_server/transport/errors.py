@@ -26,7 +26,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 # 5,000-character ID) would reach the client as RESOURCE_EXHAUSTED without its reason or field. The message goes
 # there twice (percent-encoded, and inside the details), so it is clipped by its UTF-8 size.
 MAX_MESSAGE_BYTES = 480
-MAX_METADATA_VALUE_BYTES = 200
+# The metadata together (keys and values): left whole when they fit, else the longest values are clipped first.
+MAX_METADATA_BYTES = 3000
 
 
 def clip(text: str, limit: int) -> str:
@@ -37,9 +38,24 @@ def clip(text: str, limit: int) -> str:
     return data[: limit - 40].decode(errors="ignore") + f"... ({len(text)} characters in all)"
 
 
+def fit_metadata(metadata: dict[str, str], budget: int) -> dict[str, str]:
+    """The metadata within `budget` UTF-8 bytes: unchanged when it fits (lists such as suiteFingerprints stay
+    whole), else each value gets an equal share of what the shorter ones leave, shortest first."""
+    size = sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items())
+    if size <= budget:
+        return dict(metadata)
+    fitted: dict[str, str] = {}
+    left, pending = budget, sorted(metadata.items(), key=lambda kv: len(kv[1].encode()))
+    for i, (key, value) in enumerate(pending):
+        share = left // (len(pending) - i) - len(key.encode())
+        fitted[key] = clip(value, max(share, 80))
+        left -= len(key.encode()) + len(fitted[key].encode())
+    return {k: fitted[k] for k in metadata}
+
+
 def to_status(err: DomainError) -> grpc.Status:
     message = clip(err.message, MAX_MESSAGE_BYTES)
-    metadata = {k: clip(v, MAX_METADATA_VALUE_BYTES) for k, v in err.metadata.items()}
+    metadata = fit_metadata(err.metadata, MAX_METADATA_BYTES)
     details = [error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=metadata)]
     if err.code is Code.INVALID_ARGUMENT and err.field:
         details.append(
