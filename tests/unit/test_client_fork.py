@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +52,51 @@ def test_a_client_or_run_sent_to_a_spawned_worker_says_what_to_do_instead() -> N
     with pytest.raises(TypeError, match="'r1'"):
         pickle.dumps(run)
     client.close()
+
+
+def test_a_child_forked_during_a_download_does_not_keep_its_lock(tmp_path: Path) -> None:
+    """A DataLoader worker forked while another thread downloads: the child's copy of the lock must not keep
+    the next download of that file waiting until the child exits."""
+    import threading
+    import time
+
+    from runledger import artifacts as client_artifacts
+
+    target = tmp_path / "ckpt.bin"
+    with client_artifacts._one_download_at_a_time(target):
+        pid = os.fork()
+        if pid == 0:  # the child lives on for a while, as a worker does
+            time.sleep(5)
+            os._exit(0)
+    took: list[float] = []
+
+    def next_download() -> None:
+        start = time.monotonic()
+        with client_artifacts._one_download_at_a_time(target):
+            took.append(time.monotonic() - start)
+
+    follower = threading.Thread(target=next_download, daemon=True)
+    follower.start()
+    follower.join(3)
+    try:
+        assert took and took[0] < 1.0, "the next download waited for the forked child"
+        assert not list(tmp_path.iterdir())  # the lock file is gone with its holder
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+
+
+def test_downloads_of_different_files_into_one_directory_do_not_wait_for_each_other(tmp_path: Path) -> None:
+    import threading
+
+    from runledger import artifacts as client_artifacts
+
+    entered = threading.Event()
+    with client_artifacts._one_download_at_a_time(tmp_path / "a.bin"):  # a long download of a.bin under way
+
+        def other() -> None:
+            with client_artifacts._one_download_at_a_time(tmp_path / "b.bin"):
+                entered.set()
+
+        threading.Thread(target=other, daemon=True).start()
+        assert entered.wait(3), "b.bin waited for a.bin"

@@ -99,15 +99,16 @@ def colliding_paths(paths: Iterable[str]) -> list[tuple[str, str]]:
     return clashes
 
 
-def partial_path(target: Path) -> Path:
+def partial_path(target: Path, suffix: str = PARTIAL_SUFFIX) -> Path:
     """Where `target` is downloaded before its digest is checked: `<name>.part` next to it, or a short hidden
     name derived from the name's hash when that would exceed NAME_MAX (the server accepts names of up to 255
-    bytes). The same target always maps to the same file, so an interrupted download resumes."""
+    bytes). The same target always maps to the same file, so an interrupted download resumes. Another `suffix`
+    names another file that goes with the download (its lock)."""
     name = target.name
-    if len(os.fsencode(name + PARTIAL_SUFFIX)) <= NAME_MAX:
-        return target.with_name(name + PARTIAL_SUFFIX)
+    if len(os.fsencode(name + suffix)) <= NAME_MAX:
+        return target.with_name(name + suffix)
     digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:8]
-    return target.with_name(f".{name[:16]}.{digest}{PARTIAL_SUFFIX}")  # at most 79 bytes
+    return target.with_name(f".{name[:16]}.{digest}{suffix}")  # at most 79 bytes and the suffix
 
 
 def nfc(name: str) -> str:

@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 import grpc
 
 from runledger.artifact_paths import (
+    PARTIAL_SUFFIX,
     check_path,
     check_upload_plan,
     local_target,
@@ -215,29 +216,60 @@ def _download(
     direct: _Direct,
 ) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _one_download_at_a_time(target.parent):
+    with _one_download_at_a_time(target):
         _download_here(stub, artifact, target, resume, meter, direct)
 
 
+# Download locks this process holds: a forked child closes its copies, so that it does not keep holding them.
+_held_locks: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in list(_held_locks):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held_locks.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 @contextlib.contextmanager
-def _one_download_at_a_time(directory: Path) -> Iterator[None]:
-    """Downloads into one directory take turns, across threads and processes (the ranks of a node fetching one
-    adapter into a shared cache): two downloads of one file share its partial file, and one would rename the
-    other's unfinished bytes into place. Taking turns, the next one finds the file complete and keeps it."""
+def _one_download_at_a_time(target: Path) -> Iterator[None]:
+    """Downloads of one file take turns, across threads and processes (the ranks of a node fetching one
+    adapter into a shared cache): they share its partial file, and one would rename the other's unfinished
+    bytes into place. Taking turns, the next one finds the file complete and keeps it. The lock is a file next
+    to the partial one, removed by its holder; a waiter that then holds a removed file tries again."""
     try:
         import fcntl
     except ImportError:  # no advisory locks (Windows): downloads there do not coordinate
         yield
         return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
+    lock = partial_path(target, PARTIAL_SUFFIX + ".lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as exc:  # a file system without locks (some network mounts): no coordination there
-            _LOGGER.debug("cannot lock %s for downloading (%s); going ahead without", directory, exc)
+            os.close(fd)
+            _LOGGER.debug("cannot lock %s for downloading (%s); going ahead without", lock, exc)
+            yield
+            return
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break  # the lock file still in place: ours
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its holder removed it as we waited: lock the one in place now
+    _held_locks.add(fd)
+    try:
         yield
     finally:
-        os.close(fd)  # releases the lock
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+        _held_locks.discard(fd)
+        os.close(fd)
 
 
 def _download_here(
