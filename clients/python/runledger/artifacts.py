@@ -280,7 +280,7 @@ def _download_here(
     meter: _Meter,
     direct: _Direct,
 ) -> None:
-    """`_download` once its turn in the target's directory has come."""
+    """`_download` once its turn for the target has come."""
     if target.is_file() and target.stat().st_size == artifact.size and file_digest(target)[1] == artifact.sha256:
         meter.advance(artifact.size)
         return
