@@ -101,6 +101,7 @@ class Client:
         self._options = _CHANNEL_OPTIONS + tuple(options)
         self._lock = threading.Lock()
         self._channel: grpc.Channel | None = None
+        # Everything built on the channel (stubs by class, the artifact channel by name): dropped with the channel.
         self._stubs: dict[Any, Any] = {}
         self._closed = False
         _process.track(self)
