@@ -1,8 +1,10 @@
-"""`Database.statements()` and `Database.query()`, the plain SQL of the hot paths, on SQLite and PostgreSQL:
-commit on success, nothing kept on failure, driver errors turned into domain errors."""
+"""`Database.statements()`, `Database.query()` and `Database.own_query()`, the plain SQL of the hot paths, on
+SQLite and PostgreSQL: commit on success, nothing kept on failure, driver errors turned into domain errors."""
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,6 +70,34 @@ def test_an_exception_in_the_block_rolls_back(db: Database) -> None:
     with db.statements(write=True) as q:  # the pooled connection is usable afterwards
         q.run("INSERT INTO things (id, label) VALUES (?, ?)", (1, "after"))
     assert labels(db) == ["after"]
+
+
+def test_own_query_reads_the_last_commit_on_a_connection_of_the_threads_own(db: Database) -> None:
+    """Each thread keeps one connection (SQLite), every read sees what was committed before it, a failed statement
+    retires its connection, and dispose() closes them all."""
+    with db.statements(write=True) as q:
+        q.run("INSERT INTO things (id, label) VALUES (?, ?)", (1, "a"))
+    assert db.own_query("SELECT label FROM things WHERE id = ?", (1,)) == [("a",)]
+    with db.statements(write=True) as q:  # the kept connection holds no snapshot or lock: writes go ahead
+        q.run("UPDATE things SET label = ? WHERE id = ?", ("b", 1))
+    assert db.own_query("SELECT label FROM things WHERE id = ?", (1,)) == [("b",)]
+    if not db.is_sqlite:  # there it is query(), tested above
+        return
+    with pytest.raises(Unavailable):  # SQLite reports a missing table as an operational error
+        db.own_query("SELECT nothing FROM nowhere", ())
+    assert db.own_query("SELECT label FROM things", ()) == [("b",)]  # a fresh connection after the failure
+    mine = db.own_query("PRAGMA data_version", ())
+    other: list[object] = []
+    thread = threading.Thread(target=lambda: other.append(db.own_query("SELECT COUNT(*) FROM things", ())))
+    thread.start()
+    thread.join()
+    assert other == [[(1,)]]
+    assert len(db._own_conns) == 2 and mine == db.own_query("PRAGMA data_version", ())  # this thread's one again
+    kept = list(db._own_conns)
+    db.dispose()
+    for conn in kept:
+        with pytest.raises(sqlite3.ProgrammingError):
+            conn.execute("SELECT 1")
 
 
 def test_unreachable_database_is_unavailable(tmp_path: Path) -> None:

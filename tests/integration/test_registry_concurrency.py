@@ -245,3 +245,42 @@ def test_watch_sees_changes_made_through_another_replica(replicas: list[Embedded
             assert (gone.alias.version, gone.alias.revision) == (0, 2)
         finally:
             watcher.close()
+
+
+def test_the_serving_lookup_on_one_replica_answers_every_change_made_through_the_other(
+    replicas: list[EmbeddedServer],
+) -> None:
+    """Replica B has just answered the alias (whatever it keeps in memory is warm) when each change through
+    replica A returns: B's next answer is already the new one, including which aliases share the version."""
+    with grpc.insecure_channel(replicas[0].address) as a_ch, grpc.insecure_channel(replicas[1].address) as b_ch:
+        a, b = Registry(a_ch), Registry(b_ch)
+        a.model()
+        a.gate()
+        versions = [a.version(seed).version for seed in range(3)]
+        for i, v in enumerate(versions):
+            a.score(v, 0.7 + 0.1 * i)
+
+        def served(alias: str = "production") -> tuple[int, int, list[str]]:
+            r = b.serving(alias)
+            assert r.model_version.version == r.alias.version
+            return r.alias.version, r.alias.revision, list(r.model_version.aliases)
+
+        a.set_alias(versions[0])
+        assert served() == (versions[0], 1, ["production"])
+        a.set_alias(versions[0], alias="champion")  # another alias on the same version: only its row changed
+        assert served() == (versions[0], 1, ["champion", "production"])
+        a.set_alias(versions[1], alias="champion")
+        assert served() == (versions[0], 1, ["production"])
+        a.set_alias(versions[2])
+        assert served() == (versions[2], 2, ["production"])
+        a.stub.RollbackAlias(pb.RollbackAliasRequest(model=MODEL, alias="production"))
+        assert served() == (versions[0], 3, ["production"])
+        a.set_alias(versions[2], alias="champion")
+        a.stub.RollbackAlias(pb.RollbackAliasRequest(model=MODEL, alias="champion"))
+        assert served("champion") == (versions[1], 4, ["champion"])
+        a.stub.DeleteAlias(pb.DeleteAliasRequest(model=MODEL, alias="production"))
+        with pytest.raises(grpc.RpcError) as gone:
+            b.serving()
+        assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+        a.set_alias(versions[1])
+        assert served() == (versions[1], 5, ["champion", "production"])

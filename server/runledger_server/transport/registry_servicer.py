@@ -35,6 +35,7 @@ T = TypeVar("T")
 ACTOR_KEY = "x-runledger-actor"
 ANONYMOUS = "anonymous"
 MAX_ACTOR = 256
+SERVED_CACHE_SIZE = 4096  # aliases whose last response is kept; beyond that the cache starts over
 
 
 def actor_of(context: grpc.aio.ServicerContext) -> str:
@@ -51,6 +52,9 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         self._hub = watch_hub
         self._executor = executor
         self._inline_serving = service.serving_reads_are_local
+        # The last response per alias, with the answer it was built from: the store hands back the same answer
+        # object while the alias is unchanged, so the message is reused instead of built again.
+        self._served: dict[tuple[str, str], tuple[ServingTarget, pb.GetModelVersionByAliasResponse]] = {}
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -206,10 +210,18 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
             target = self._svc.serving_target(request.model, request.alias)
         else:
             target = await self._call(self._svc.serving_target, request.model, request.alias)
+        key = (request.model, request.alias)
+        last = self._served.get(key)
+        if last is not None and last[0] is target:
+            return last[1]
         assert target.version is not None
-        return pb.GetModelVersionByAliasResponse(
+        response = pb.GetModelVersionByAliasResponse(
             model_version=version_to_proto(target.version), alias=alias_to_proto(target.alias)
         )
+        if len(self._served) >= SERVED_CACHE_SIZE:
+            self._served.clear()
+        self._served[key] = (target, response)
+        return response
 
     @handle_errors
     async def WatchAlias(self, request: pb.WatchAliasRequest, context: Any) -> AsyncIterator[pb.WatchAliasResponse]:

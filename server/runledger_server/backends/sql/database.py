@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sqlite3
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,9 @@ class Database:
         else:
             self.engine = create_engine(self.url, pool_size=16, max_overflow=16, pool_pre_ping=True)
         self._write_engine = self.engine.execution_options(runledger_write=True)
+        self._own = threading.local()  # a thread's own SQLite connection, for own_query()
+        self._own_conns: list[Any] = []
+        self._own_lock = threading.Lock()
 
     @property
     def dialect(self) -> str:
@@ -101,6 +106,36 @@ class Database:
             raise database_error(exc) from exc
         finally:
             conn.close()  # back to the pool (a no-op after invalidate)
+
+    def own_query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """`query()` on a connection the calling thread keeps (SQLite; elsewhere it is `query()`).
+
+        For the serving lookup, which runs on the event loop: the pool's checkout and return cost three times
+        the indexed read itself. The connection is in autocommit mode, so every read sees the last commit.
+        """
+        if not self.is_sqlite:
+            return self.query(sql, params)
+        conn = getattr(self._own, "conn", None)
+        if conn is None:
+            conn = self._own_connection()
+        try:
+            return conn.execute(sql, params).fetchall()
+        except sqlite3.OperationalError as exc:
+            self._own.conn = None  # a broken connection is not used again
+            with self._own_lock, contextlib.suppress(sqlite3.Error):
+                self._own_conns.remove(conn)
+                conn.close()
+            raise database_error(exc) from exc
+
+    def _own_connection(self) -> Any:
+        """A connection set up like the pool's (the same pragmas), then taken out of it for good."""
+        proxied = self._checkout(sqlite3)
+        conn = proxied.driver_connection
+        proxied.detach()  # the pool forgets it: dispose() closes it
+        with self._own_lock:
+            self._own_conns.append(conn)
+        self._own.conn = conn
+        return conn
 
     def _checkout(self, dbapi: Any) -> Any:
         try:
@@ -153,6 +188,11 @@ class Database:
             return fn(session)
 
     def dispose(self) -> None:
+        with self._own_lock:
+            for conn in self._own_conns:
+                with contextlib.suppress(Exception):
+                    conn.close()
+            self._own_conns.clear()
         self.engine.dispose()
 
 

@@ -49,6 +49,7 @@ from runledger_server.store.registry_entities import (
 _LOGGER = logging.getLogger(__name__)
 
 VERSION_CACHE_SIZE = 4096
+SERVING_CACHE_SIZE = 4096  # aliases whose last answer is kept; beyond that the cache starts over
 REVISION_BATCH = 500
 # The alias and every alias on the same version (served by the primary key and ix_aliases_model_version).
 _SERVING_SQL = (
@@ -65,6 +66,8 @@ class SqlRegistryStore:
         self._for_update = "" if db.is_sqlite else " FOR UPDATE"
         self._versions: OrderedDict[tuple[str, int], ModelVersion] = OrderedDict()
         self._versions_lock = threading.Lock()
+        # The last answer per alias, with the rows it was built from: reused while the rows read are the same.
+        self._serving: dict[tuple[str, str], tuple[list[tuple[Any, ...]], ServingTarget]] = {}
 
     # ---- models ------------------------------------------------------------------------------
     def create_model(self, model_id: str, description: str, tags: dict[str, str]) -> RegisteredModel:
@@ -366,13 +369,18 @@ class SqlRegistryStore:
             return None if row is None else _alias(row)
 
     def serving_target(self, model_id: str, alias: str) -> ServingTarget:
-        """The serving lookup, on its fast path: one indexed statement on a pooled DB-API connection.
+        """The serving lookup, on its fast path: one indexed statement on a connection of this thread's own.
 
         The statement returns the alias row and every alias row pointing at the same version, so the answer
         (revision, version, the version's aliases) is always read from the database, which keeps replicas
-        correct. Only the version itself is cached in process, which is safe because versions never change.
+        correct. What is kept in process is derived from what was read: versions (they never change), and the
+        last answer per alias, reused only when the rows just read are the ones it was built from.
         """
         rows = self._alias_and_siblings(model_id, alias)
+        key = (model_id, alias)
+        last = self._serving.get(key)
+        if last is not None and last[0] == rows:
+            return last[1]
         own = next((r for r in rows if r[0] == alias), None)
         if own is None:
             with self.db.read() as s:
@@ -383,10 +391,14 @@ class SqlRegistryStore:
             return ServingTarget(current, None)
         version = self._cached_version(model_id, current.version)
         aliases = tuple(sorted(r[0] for r in rows if r[1] == current.version))
-        return ServingTarget(current, replace(version, aliases=aliases))
+        target = ServingTarget(current, replace(version, aliases=aliases))
+        if len(self._serving) >= SERVING_CACHE_SIZE:
+            self._serving.clear()
+        self._serving[key] = (rows, target)
+        return target
 
-    def _alias_and_siblings(self, model_id: str, alias: str) -> list[tuple[str, int, int, str, int]]:
-        return self.db.query(_SERVING_SQL, (model_id, alias, model_id, alias))
+    def _alias_and_siblings(self, model_id: str, alias: str) -> list[tuple[Any, ...]]:
+        return self.db.own_query(_SERVING_SQL, (model_id, alias, model_id, alias))
 
     def _cached_version(self, model_id: str, version: int) -> ModelVersion:
         key = (model_id, version)
