@@ -28,6 +28,7 @@ def _series(key: str, n: int, nv: int | None = None, nt: int | None = None) -> S
         ("r1", "w", 0, (_series("loss", 3, nt=4),), "series[loss]"),
         ("r1", "w", 0, (_series("", 1),), "series.key"),
         ("r1", "w", 1 << 63, (), "seq"),  # stored as int64
+        ("r1", "w", (1 << 63) - 1, (), "seq"),  # the writer's next seq would not fit in int64 (GetMetricWriter)
         ("r1", "w", 0, (_series("loss", 2), _series("kl", 1), _series("loss", 3)), "series.key"),  # one chunk per key
     ],
 )

@@ -12,6 +12,7 @@ from runledger_server.domain.errors import InvalidArgument
 
 MAX_SERIES_PER_BATCH = 10_000
 MAX_POINTS_PER_BATCH = 1_000_000
+MAX_SEQ = (1 << 63) - 1  # exclusive: a writer's next seq is MAX(seq) + 1, an int64 too
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,8 @@ def check_writer_id(writer_id: str) -> str:
 def validate_batch(run_id: str, writer_id: str, seq: int, series: tuple[Series, ...]) -> Batch:
     names.run_id(run_id)
     check_writer_id(writer_id)
-    if not 0 <= seq < 1 << 63:
-        raise InvalidArgument(f"seq must be in [0, 2^63), got {seq}", field="seq")
+    if not 0 <= seq < MAX_SEQ:  # below int64's top, so that the writer's next seq still fits in int64
+        raise InvalidArgument(f"seq must be in [0, {MAX_SEQ:,}), got {seq}", field="seq")
     if len(series) > MAX_SERIES_PER_BATCH:
         raise InvalidArgument(f"a batch holds at most {MAX_SERIES_PER_BATCH} series", field="series")
     total = 0

@@ -131,7 +131,9 @@ class LatestMetric(_message.Message):
     step: _builtins.int
     """The step of the point with the highest step."""
     value: _builtins.float
-    """Its value; NaN and infinities are kept exactly."""
+    """Its value; NaN and infinities are kept (the sign of a zero and a NaN's
+    sign and payload are kept exactly in the history only).
+    """
     timestamp_ms: _builtins.int
     """Its wall-clock time in milliseconds since the Unix epoch."""
     def __init__(

@@ -677,8 +677,9 @@ class StreamMetricsRequest(_message.Message):
     writer_id: _builtins.str
     """Required. Identifies the writer (e.g. one rank of a distributed job)."""
     seq: _builtins.int
-    """Required. The batch's sequence number within the writer; a re-sent batch
-    keeps its number and is stored once.
+    """Required. The batch's sequence number within the writer, 0 to 2^63 - 2
+    (the next one must fit); a re-sent batch keeps its number and is stored
+    once.
     """
     @_builtins.property
     def series(self) -> _containers.RepeatedCompositeFieldContainer[_tracking_pb2.MetricSeries]:
@@ -745,7 +746,7 @@ class LogMetricsRequest(_message.Message):
     writer_id: _builtins.str
     """Required. Identifies the writer."""
     seq: _builtins.int
-    """Required. The batch's sequence number within the writer."""
+    """Required. The batch's sequence number within the writer, 0 to 2^63 - 2."""
     @_builtins.property
     def series(self) -> _containers.RepeatedCompositeFieldContainer[_tracking_pb2.MetricSeries]:
         """Required. The points, per key."""
