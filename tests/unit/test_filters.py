@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 
 from runledger_server.domain import paging
@@ -61,6 +63,10 @@ def test_parse_filter(text: str, expected: tuple[Clause, ...]) -> None:
         "params.lr = 2e-5",  # params and tags are text: "2e-05" would never equal the logged "2e-5"
         "params.batch < 64",  # and "128" < "64" as text
         "tags.epochs IN (1, 2)",
+        "display_name = 2e-5",  # attributes held as text, too: a run named "2e-5" would not match
+        "run_id = 0123",  # nor run "0123" (the number reads as 123)
+        "run_id IN (0123, 1000)",
+        "experiment = 5",
     ],
 )
 def test_parse_filter_refusals_name_the_field(text: str) -> None:
@@ -90,11 +96,18 @@ def test_parse_order_by(text: str, expected: OrderBy) -> None:
     assert parse_order_by(text) == expected
 
 
-@pytest.mark.parametrize("text", ["a b c", "nope DESC", "params.lr = 1"])
+@pytest.mark.parametrize("text", ["a b c", "nope DESC", "params.lr = 1", "params.`a\x00b`", "metrics.`\x00` DESC"])
 def test_parse_order_by_refusals(text: str) -> None:
     with pytest.raises(InvalidArgument) as info:
         parse_order_by(text)
     assert info.value.field == "order_by"
+
+
+def test_a_token_nested_beyond_the_json_parsers_depth_is_malformed() -> None:
+    token = base64.urlsafe_b64encode(b"[" * 200_000).decode()
+    with pytest.raises(InvalidArgument) as info:
+        paging.decode(token, {"q": 1})
+    assert info.value.field == "page_token"
 
 
 @pytest.mark.parametrize(

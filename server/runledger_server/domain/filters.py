@@ -158,7 +158,9 @@ def parse_filter(text: str, field: str = "filter") -> tuple[Clause, ...]:
                     all(isinstance(v, float) and abs(v) <= MAX_TIME_MS for v in values),
                     f"milliseconds since the epoch for {key} (a number within +-{MAX_TIME_MS:.0f})",
                 )
-            values = [v if isinstance(v, str) else _num_text(v) for v in values]
+                values = [_num_text(v) for v in values]
+            else:  # text (a run named "2e-5", ID "0123"): a number would be some other text, as for params
+                need(all(isinstance(v, str) for v in values), f"a quoted value for {key} (it is text)")
         if kind == "attribute" and key == "status":
             values = [_status(str(v), field) for v in values]
         clauses.append(Clause(kind, key, op, tuple(values)))
@@ -199,4 +201,6 @@ def parse_order_by(text: str, field: str = "order_by") -> OrderBy:
     if len(toks) != 1 or toks[0][0] != "field":
         raise InvalidArgument(f"{field}: expected one field and an optional ASC/DESC, got {text[:300]!r}", field=field)
     kind, key = _field(toks[0][1], field)
+    if "\x00" in key:  # PostgreSQL takes no NUL in text; SQLite would sort by a key nobody can log
+        raise InvalidArgument(f"{field}: no NUL in a key", field=field)
     return OrderBy(kind, key, descending)

@@ -36,7 +36,7 @@ def decode(token: str, query: Any) -> list[Any] | None:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         data = json.loads(raw)
         cursor, qhash = data["c"], data["q"]
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:  # deep nesting: json's recursion limit
         raise InvalidArgument("page_token is malformed", field="page_token") from exc
     if qhash != _query_hash(query):
         raise InvalidArgument(

@@ -334,13 +334,15 @@ class SearchRunsRequest(_message.Message):
     value), `status`, `display_name`, `run_id`, `experiment`, or
     `create_time`, `start_time`, `end_time` (milliseconds since the epoch);
     op is one of `= != < <= > >=`, `IN (...)` or `NOT IN (...)` (at most 1000
-    values), `LIKE` or `ILIKE`. Keys with special characters go in
-    backticks: metrics.`train/loss` < 0.5. `LIKE` is case-sensitive and
-    `ILIKE` ignores the case of ASCII letters, on every database: in their
-    patterns `%` matches any characters, `_` one character, and a backslash
-    makes the next one literal (`\\%`, `\\_`, `\\\\`); inside the quotes a
-    backslash is itself escaped, so `params.opt LIKE 'a\\\\_b'` matches
-    `a_b` and not `axb`.
+    values), `LIKE` or `ILIKE`. Values are numbers for metrics and times,
+    and quoted text ('...' or "...") for everything else, even when the
+    text looks like a number: params.lr = '2e-5'. Keys with special
+    characters go in backticks: metrics.`train/loss` < 0.5. `LIKE` is
+    case-sensitive and `ILIKE` ignores the case of ASCII letters, on every
+    database: in their patterns `%` matches any characters, `_` one
+    character, and a backslash makes the next one literal (`\\%`, `\\_`,
+    `\\\\`); inside the quotes a backslash is itself escaped, so
+    `params.opt LIKE 'a\\\\_b'` matches `a_b` and not `axb`.
     """
     order_by: _builtins.str
     """Optional. One sort key, e.g. `metrics.eval/mmlu DESC`, `params.lr`,
