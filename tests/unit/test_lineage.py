@@ -10,7 +10,15 @@ from typing import Any
 import pytest
 
 from runledger_server.domain.errors import AlreadyExists, InvalidArgument
-from runledger_server.domain.lineage import REQUIRED_FIELDS, Lineage, drifted_fields, fingerprint_of, merge
+from runledger_server.domain.lineage import (
+    MAX_CONFIG_DEPTH,
+    REQUIRED_FIELDS,
+    Lineage,
+    drifted_fields,
+    fingerprint_of,
+    merge,
+    validate,
+)
 
 EXAMPLE_FINGERPRINT = "b06a681fb46bb8d9aceed5caf216654a5dcb3ccc55f3c5965abbaae565ab830d"
 BASE: dict[str, Any] = {
@@ -137,6 +145,23 @@ def test_config_must_be_a_json_object(text: str) -> None:
     with pytest.raises(InvalidArgument) as info:
         merge(Lineage(), Lineage(config=text))
     assert info.value.field == "lineage.config"
+
+
+def test_config_nesting_has_one_limit_whatever_the_stack() -> None:
+    """64 levels are taken, 65 refused, and so are depths the parser itself cannot reach; a config accepted on
+    one thread can be fingerprinted on any other (the answer of SetLineage is built after the write)."""
+
+    def nested(levels: int) -> str:
+        return '{"a": ' * (levels - 1) + '{"a": [1]' + "}" * levels if levels > 1 else '{"a": 1}'
+
+    assert nested(3) == '{"a": {"a": {"a": [1]}}}'
+    ok = Lineage(data_version="d", code_commit="c", config=nested(MAX_CONFIG_DEPTH - 1), base_model="b", seed=0)
+    validate(ok)
+    assert ok.fingerprint() is not None
+    for levels in (MAX_CONFIG_DEPTH, 985, 200_000):  # nested(n) holds n objects and an array: n + 1 levels
+        with pytest.raises(InvalidArgument) as info:
+            validate(Lineage(config=nested(levels)))
+        assert info.value.field == "lineage.config" and "nested too deeply" in str(info.value)
 
 
 def test_random_lineages_agree_with_the_reference() -> None:

@@ -11,6 +11,7 @@ from typing import Any
 from runledger_server.domain.errors import AlreadyExists, InvalidArgument
 
 REQUIRED_FIELDS: tuple[str, ...] = ("data_version", "code_commit", "config", "base_model", "seed")
+MAX_CONFIG_DEPTH = 64  # levels of nested objects and arrays in a config; real ones have a handful
 
 
 @dataclass(frozen=True)
@@ -51,11 +52,34 @@ def parse_config(text: str) -> dict[str, Any]:
         value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except ValueError as exc:
         raise InvalidArgument(f"lineage.config is not valid JSON: {exc}", field="lineage.config") from exc
-    except RecursionError:
-        raise InvalidArgument("lineage.config is nested too deeply", field="lineage.config") from None
+    except RecursionError:  # deeper than the parser goes on this thread's stack
+        raise _too_deep() from None
+    if _depth(value) > MAX_CONFIG_DEPTH:
+        # One limit, whatever the stack: a depth the parser took on a worker thread could fail when the answer
+        # is built on another thread, after the change was stored.
+        raise _too_deep()
     if not isinstance(value, dict):
         raise InvalidArgument("lineage.config must be a JSON object", field="lineage.config")
     return value
+
+
+def _too_deep() -> InvalidArgument:
+    return InvalidArgument(
+        f"lineage.config is nested too deeply (at most {MAX_CONFIG_DEPTH} levels)", field="lineage.config"
+    )
+
+
+def _depth(value: Any) -> int:
+    """How deeply objects and arrays nest (1 for a flat object), without recursion."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth)
+            todo.extend((v, depth + 1) for v in item if isinstance(v, (dict, list)))
+    return deepest
 
 
 def _refuse_constant(name: str) -> Any:

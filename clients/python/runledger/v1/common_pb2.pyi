@@ -61,7 +61,9 @@ class Lineage(_message.Message):
     config: _builtins.str
     """The resolved training config as JSON object text. Sent as text rather
     than a `google.protobuf.Struct` so that `16` stays an integer and `2e-5`
-    a float: the fingerprint is computed over the parsed JSON.
+    a float: the fingerprint is computed over the parsed JSON. Objects and
+    arrays nest at most 64 levels; NaN, Infinity and numbers beyond a double
+    are refused.
     """
     base_model: _builtins.str
     """The base model, e.g. `Qwen/Qwen3-8B`."""
