@@ -11,7 +11,8 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from runledger.v1 import common_pb2, tracking_pb2, tracking_service_pb2 as pb
+from runledger.v1 import common_pb2, tracking_pb2, tracking_service_pb2 as pb, tracking_service_pb2_grpc
+from runledger_server.embedded import EmbeddedServer
 from tests.support import refusal
 
 EXAMPLE_LINEAGE = common_pb2.Lineage(
@@ -473,6 +474,49 @@ def test_a_run_matches_its_own_create_time_in_milliseconds(tracking) -> None:
 
     assert names(f"create_time = {ms}") == ["me"] and names(f"create_time <= {ms}") == ["me"]
     assert names(f"create_time < {ms}") == [] and names(f"create_time > {ms}") == []
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+def test_time_filters_compare_the_milliseconds_the_api_shows_before_1970_too(
+    request: pytest.FixtureRequest, database: str
+) -> None:
+    """Every operator agrees with the times as GetRun shows them (rounded down to whole milliseconds), for
+    starts before and after the epoch and for filter values with fractions, on both databases."""
+    if database == "sqlite":
+        _time_filters_agree(request.getfixturevalue("tracking"))
+        return
+    with EmbeddedServer(request.getfixturevalue("pg_settings")) as srv, grpc.insecure_channel(srv.address) as ch:
+        _time_filters_agree(tracking_service_pb2_grpc.TrackingServiceStub(ch))
+
+
+def _time_filters_agree(tracking: tracking_service_pb2_grpc.TrackingServiceStub) -> None:
+    exp = _experiment(tracking)
+    starts_us = [-10_000_500, -1_000, -500, 0, 999, 1_000, 1_500]
+    shown: dict[str, int] = {}
+    for i, us in enumerate(starts_us):
+        start = Timestamp(seconds=us // 1_000_000, nanos=(us % 1_000_000) * 1_000)
+        run = _run(tracking, exp, display_name=f"r{i}", start_time=start)
+        shown[run.display_name] = run.start_time.ToMilliseconds()
+    assert shown["r2"] == -1 and shown["r0"] == -10_001  # what a user reads off these runs
+
+    def names(filter_text: str) -> list[str]:
+        found = tracking.SearchRuns(pb.SearchRunsRequest(experiments=[exp.name], filter=filter_text))
+        return sorted(r.display_name for r in found.runs)
+
+    checks = {
+        "=": lambda ms, v: ms == v,
+        "!=": lambda ms, v: ms != v,
+        "<": lambda ms, v: ms < v,
+        "<=": lambda ms, v: ms <= v,
+        ">": lambda ms, v: ms > v,
+        ">=": lambda ms, v: ms >= v,
+    }
+    for v in (-10_001, -10_000.5, -2, -1, -0.5, 0, 0.5, 1, 2):
+        for op, holds in checks.items():
+            expected = sorted(n for n, ms in shown.items() if holds(ms, v))
+            assert names(f"start_time {op} {v}") == expected, (op, v)
+    assert names("start_time IN (-1, 1, 0.5)") == ["r1", "r2", "r5", "r6"]
+    assert names("start_time NOT IN (-1, 1)") == ["r0", "r3", "r4"]
 
 
 @pytest.mark.parametrize(

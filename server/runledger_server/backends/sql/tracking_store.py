@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
-from sqlalchemy import ColumnElement, String, and_, exists, not_, or_, select, text, update
+from sqlalchemy import ColumnElement, String, and_, exists, false, not_, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
@@ -703,14 +703,38 @@ def _run_clause(c: Clause) -> ColumnElement[bool]:
     if c.key == "experiment":
         values = tuple(str(v).removeprefix("experiments/") for v in values)
     if c.key in TIME_ATTRIBUTES:
-        # The filter says milliseconds, the column holds microseconds: compare whole milliseconds, so that a
-        # run's own create_time (as the API shows it, in ms) matches `create_time = X` and `<= X`.
         try:
             values = tuple(float(v) for v in values)
         except ValueError as exc:
             raise InvalidArgument(f"filter: {c.key} takes milliseconds since the epoch", field="filter") from exc
-        return _compare(column // 1000, c.op, values)
+        return _time_compare(column, c.op, values)
     return _text_compare(column, c.op, values)
+
+
+def _time_compare(column: Any, op: str, values: tuple[float, ...]) -> ColumnElement[bool]:
+    """Compare a microsecond column with milliseconds as the API shows them, rounded down (a run started at
+    -0.5 ms shows -1 ms, and matches `start_time = -1` and `< 0`). Written as ranges of the column itself:
+    exact on both databases (SQL integer division rounds toward zero) and able to use an index."""
+
+    def within(ms: float) -> ColumnElement[bool]:  # the column shows exactly `ms`
+        if not ms.is_integer():
+            return false()
+        return and_(column >= int(ms) * 1000, column < (int(ms) + 1) * 1000)
+
+    v = values[0]
+    if op == "<":
+        return column < math.ceil(v) * 1000
+    if op == "<=":
+        return column < (math.floor(v) + 1) * 1000
+    if op == ">":
+        return column >= (math.floor(v) + 1) * 1000
+    if op == ">=":
+        return column >= math.ceil(v) * 1000
+    if op in ("=", "IN"):
+        return or_(*(within(ms) for ms in values))
+    if op in ("!=", "NOT IN"):  # a run without the time (not ended) matches neither form, as in SQL
+        return and_(column.is_not(None), not_(or_(*(within(ms) for ms in values))))
+    raise InvalidArgument(f"{op} does not compare times", field="filter")
 
 
 def _sort_expr(order: OrderBy) -> Any:
