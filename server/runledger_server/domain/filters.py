@@ -158,7 +158,7 @@ def parse_filter(text: str, field: str = "filter") -> tuple[Clause, ...]:
                     all(isinstance(v, float) and abs(v) <= MAX_TIME_MS for v in values),
                     f"milliseconds since the epoch for {key} (a number within +-{MAX_TIME_MS:.0f})",
                 )
-                values = [_num_text(v) for v in values]
+                values = [_num_text(float(v)) for v in values]
             else:  # text (a run named "2e-5", ID "0123"): a number would be some other text, as for params
                 need(all(isinstance(v, str) for v in values), f"a quoted value for {key} (it is text)")
         if kind == "attribute" and key == "status":

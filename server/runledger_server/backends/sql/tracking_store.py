@@ -704,10 +704,10 @@ def _run_clause(c: Clause) -> ColumnElement[bool]:
         values = tuple(str(v).removeprefix("experiments/") for v in values)
     if c.key in TIME_ATTRIBUTES:
         try:
-            values = tuple(float(v) for v in values)
+            times = tuple(float(v) for v in values)
         except ValueError as exc:
             raise InvalidArgument(f"filter: {c.key} takes milliseconds since the epoch", field="filter") from exc
-        return _time_compare(column, c.op, values)
+        return _time_compare(column, c.op, times)
     return _text_compare(column, c.op, values)
 
 
