@@ -3,11 +3,14 @@ SQLite and PostgreSQL: commit on success, nothing kept on failure, driver errors
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from runledger_server.backends.sql.database import Database
@@ -114,3 +117,74 @@ def test_unreachable_database_is_unavailable(tmp_path: Path) -> None:
         with pytest.raises(Unavailable) as err:  # the serving lookup's read, too (it was INTERNAL)
             db.query("SELECT 1", ())
         assert err.value.reason == "DATABASE_UNAVAILABLE"
+
+
+def test_no_free_connection_within_the_pool_timeout_is_unavailable(tmp_path: Path) -> None:
+    """Every pooled connection busy (a slow or unreachable database holds them): the next call is UNAVAILABLE after
+    the pool timeout on every path, not INTERNAL."""
+    db = Database(f"sqlite:///{tmp_path / 'meta.db'}", pool_timeout=0.2)
+    held = [db.engine.raw_connection() for _ in range(32)]  # pool_size + max_overflow
+    try:
+
+        def plain(write: bool) -> None:
+            with db.statements(write=write) as q:
+                q.all("SELECT 1")
+
+        def orm(write: bool) -> None:
+            with db.write() if write else db.read() as s:
+                s.connection().exec_driver_sql("SELECT 1")
+
+        for call in (lambda: db.query("SELECT 1", ()), lambda: plain(False), lambda: orm(False), lambda: orm(True)):
+            with pytest.raises(Unavailable) as err:
+                call()
+            assert err.value.reason == "DATABASE_UNAVAILABLE" and "no connection free within 0.2 s" in str(err.value)
+    finally:
+        for conn in held:
+            conn.close()
+    assert db.query("SELECT 1", ()) == [(1,)]
+    db.dispose()
+
+
+@pytest.mark.postgres
+def test_a_read_only_postgresql_is_unavailable_for_writes_and_the_pool_reconnects(pg_database_url: str) -> None:
+    """A failover in progress (the database a standby, or read-only): writes are UNAVAILABLE, not INTERNAL, on
+    both write paths, and the pooled connections are replaced, so writes succeed once it is writable again."""
+    db = Database(pg_database_url)
+    with db.statements(write=True) as q:
+        q.run("CREATE TABLE things (id INTEGER PRIMARY KEY, label TEXT NOT NULL)")
+    name = db.url.database
+    admin = psycopg.connect(db.url.set(drivername="postgresql").render_as_string(hide_password=False), autocommit=True)
+    try:
+        admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+        db.engine.dispose()  # new sessions take the setting (an existing session keeps its own)
+        assert db.query("SELECT COUNT(*) FROM things", ()) == [(0,)]  # reads go on
+        with pytest.raises(Unavailable) as err, db.statements(write=True) as q:
+            q.run("INSERT INTO things (id, label) VALUES (?, ?)", (1, "a"))
+        assert err.value.reason == "DATABASE_UNAVAILABLE" and "read-only" in str(err.value)
+        with pytest.raises(Unavailable), db.write() as s:
+            s.connection().exec_driver_sql("INSERT INTO things (id, label) VALUES (2, 'b')")
+    finally:
+        admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = off')
+        admin.close()
+    with db.write() as s:  # connections that met the read-only database were dropped: new ones are writable
+        s.connection().exec_driver_sql("INSERT INTO things (id, label) VALUES (3, 'c')")
+    with db.statements(write=True) as q:
+        q.run("INSERT INTO things (id, label) VALUES (?, ?)", (4, "d"))
+    assert db.query("SELECT id FROM things ORDER BY id", ()) == [(3,), (4,)]
+    db.dispose()
+
+
+def test_a_postgresql_host_that_never_answers_is_unavailable_within_the_connect_timeout() -> None:
+    """A host that accepts the TCP connection and then says nothing (a partition, a hung host): UNAVAILABLE after
+    libpq's connect timeout, which the server sets unless the URL does."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the handshake; nobody ever answers
+        port = silent.getsockname()[1]
+        db = Database(f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres", pg_connect={"connect_timeout": 2})
+        start = time.monotonic()
+        with pytest.raises(Unavailable) as err:
+            db.query("SELECT 1", ())
+        assert err.value.reason == "DATABASE_UNAVAILABLE"
+        assert time.monotonic() - start < 15
+        db.dispose()

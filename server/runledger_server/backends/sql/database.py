@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
 from runledger_server.domain.errors import AlreadyExists, ResourceExhausted, Unavailable
@@ -30,13 +30,28 @@ _LOGGER = logging.getLogger(__name__)
 SQLITE_CACHE_KIB = 4 * 1024  # per pooled connection, allocated as pages are used
 SQLITE_FULL = 13  # "database or disk is full": the disk, or the database's max_page_count
 PG_DISK_FULL = "53100"
+PG_READ_ONLY = "25006"  # a standby, or a primary being switched over: writes fail until the failover ends
+POOL_TIMEOUT_S = 10.0  # waiting for a free connection longer than this is UNAVAILABLE, not an endless queue
+# A PostgreSQL host that goes silent (a partition, a dead host) fails calls within about a minute instead of
+# TCP's quarter of an hour: libpq's connect timeout, keepalives and TCP user timeout, unless the URL sets them.
+PG_CONNECT_DEFAULTS: dict[str, int] = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 60_000,
+}
 
 
 class Database:
     """Owns the engine; hands out sessions for read and write transactions."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(
+        self, url: str, *, pool_timeout: float = POOL_TIMEOUT_S, pg_connect: dict[str, int] | None = None
+    ) -> None:
         self.url = make_url(url)
+        self.pool_timeout = pool_timeout
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
         if self.is_sqlite:
             if self.url.database and self.url.database != ":memory:":
@@ -46,13 +61,23 @@ class Database:
                 connect_args={"check_same_thread": False, "timeout": 60},
                 pool_size=16,
                 max_overflow=16,
+                pool_timeout=pool_timeout,
                 # The most recently used connection goes out first, so its page cache is warm.
                 pool_use_lifo=True,
             )
             event.listen(self.engine, "connect", _sqlite_on_connect)
             event.listen(self.engine, "begin", _sqlite_on_begin)
         else:
-            self.engine = create_engine(self.url, pool_size=16, max_overflow=16, pool_pre_ping=True)
+            given = {**PG_CONNECT_DEFAULTS, **(pg_connect or {})}
+            self.engine = create_engine(
+                self.url,
+                connect_args={k: v for k, v in given.items() if k not in self.url.query},
+                pool_size=16,
+                max_overflow=16,
+                pool_timeout=pool_timeout,
+                pool_pre_ping=True,
+            )
+            event.listen(self.engine, "handle_error", _pg_on_error)
         self._write_engine = self.engine.execution_options(runledger_write=True)
         self._own = threading.local()  # a thread's own SQLite connection, for own_query()
         self._own_conns: list[Any] = []
@@ -69,12 +94,16 @@ class Database:
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Session]:
-        with _translate(), Session(self.engine, expire_on_commit=False) as session, session.begin():
+        with _translate(self.pool_timeout), Session(self.engine, expire_on_commit=False) as session, session.begin():
             yield session
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Session]:
-        with _translate(), Session(self._write_engine, expire_on_commit=False) as session, session.begin():
+        with (
+            _translate(self.pool_timeout),
+            Session(self._write_engine, expire_on_commit=False) as session,
+            session.begin(),
+        ):
             yield session
 
     def query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
@@ -142,6 +171,8 @@ class Database:
             return self.engine.raw_connection()
         except (OperationalError, dbapi.OperationalError) as exc:  # the pool passes driver errors through
             raise database_error(exc.orig if isinstance(exc, OperationalError) else exc) from exc
+        except PoolTimeout as exc:
+            raise pool_exhausted(self.pool_timeout) from exc
 
     @contextlib.contextmanager
     def statements(self, *, write: bool) -> Iterator[Statements]:
@@ -165,8 +196,11 @@ class Database:
                 raise AlreadyExists(
                     "the resource was created concurrently or already exists", reason="CONFLICT"
                 ) from exc
-            except dbapi.OperationalError as exc:
-                conn.invalidate()  # a broken connection must not go back to the pool
+            except dbapi.Error as exc:
+                if not isinstance(exc, dbapi.OperationalError) and not _read_only(exc):
+                    _rollback_quietly(conn)
+                    raise
+                conn.invalidate()  # a broken (or read-only) connection must not go back to the pool
                 raise database_error(exc) from exc
             except BaseException:
                 _rollback_quietly(conn)
@@ -256,7 +290,7 @@ def _sqlite_on_begin(conn: Any) -> None:
 
 
 @contextlib.contextmanager
-def _translate() -> Iterator[None]:
+def _translate(pool_timeout: float) -> Iterator[None]:
     try:
         yield
     except IntegrityError as exc:
@@ -264,6 +298,33 @@ def _translate() -> Iterator[None]:
         raise AlreadyExists("the resource was created concurrently or already exists", reason="CONFLICT") from exc
     except OperationalError as exc:
         raise database_error(exc.orig) from exc
+    except DBAPIError as exc:
+        if not _read_only(exc.orig):
+            raise
+        raise database_error(exc.orig) from exc
+    except PoolTimeout as exc:
+        raise pool_exhausted(pool_timeout) from exc
+
+
+def _pg_on_error(context: Any) -> None:
+    """A read-only refusal means this connection (and the pool's others) reach a standby: they are replaced, so
+    that the next calls connect again and find the promoted primary."""
+    if _read_only(context.original_exception):
+        context.is_disconnect = True
+
+
+def _read_only(exc: BaseException | None) -> bool:
+    """PostgreSQL refusing a write because it is (for now) a standby: a failover in progress, not a wrong
+    statement (psycopg files it under InternalError)."""
+    return getattr(exc, "sqlstate", None) == PG_READ_ONLY
+
+
+def pool_exhausted(timeout: float) -> Unavailable:
+    _LOGGER.warning("no database connection free within %g s", timeout)
+    return Unavailable(
+        f"the metadata database is unavailable: no connection free within {timeout:g} s (it is slow or unreachable)",
+        reason="DATABASE_UNAVAILABLE",
+    )
 
 
 def database_error(cause: BaseException | None) -> Unavailable | ResourceExhausted:
