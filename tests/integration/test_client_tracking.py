@@ -122,6 +122,11 @@ def test_search_runs_pages_and_filters(client: runledger.Client) -> None:
     assert [r.run_id for r in hits] == [ids[2]]
     newest_first = [r.run_id for r in client.search_runs(experiments=[exp], order_by="create_time DESC")]
     assert newest_first == ids[::-1]
+    by_display_name = [r.run_id for r in client.search_runs(experiments=["search"])]  # as start_run takes it
+    assert by_display_name == ids
+    with pytest.raises(runledger.errors.NotFound):  # looked up, never created
+        list(client.search_runs(experiments=["no-such-experiment"]))
+    assert [e.display_name for e in client.list_experiments(filter='display_name = "no-such-experiment"')] == []
 
 
 def test_eval_results_and_winner_selection(client: runledger.Client) -> None:

@@ -322,8 +322,9 @@ class Client:
         experiments: Sequence[str | tracking_pb2.Experiment] = (),
         page_size: int = 0,
     ) -> Iterator[tracking_pb2.Run]:
-        """Runs matching `filter` (e.g. `params.lr = "2e-05" AND metrics.`train/loss` < 0.5`), page by page."""
-        names = [e.name if isinstance(e, tracking_pb2.Experiment) else e for e in experiments]
+        """Runs matching `filter` (e.g. `params.lr = "2e-05" AND metrics.`train/loss` < 0.5`), page by page.
+        `experiments` are resource names, display names (looked up, never created) or Experiment messages."""
+        names = [self._experiment_ref(e) for e in experiments]
         token = ""
         while True:
             request = _convert.request(
