@@ -502,7 +502,8 @@ main = threading.main_thread().ident
 outcomes = collections.Counter()
 for trial in range(int(sys.argv[1])):
     run = runledger.Run(client, tracking_pb2.Run(run_id=f"r{trial}"), writer_id=None, owns_status=False)
-    step = 0
+    run.log_metrics({"loss": 0.5, "lr": 1.0}, step=0)  # the stream is open before the interrupt can come
+    step = 1
     timer = threading.Timer(random.uniform(0.002, 0.02), signal.pthread_kill, (main, signal.SIGINT))
     try:
         timer.start()
