@@ -431,12 +431,25 @@ def _seed_runs(tracking):
         ('status = "FAILED"', ["r0"]),
         ("status IN ('RUNNING') and params.lr != '2e-5'", ["r2", "r3"]),
         ('display_name LIKE "r%"', ["r0", "r1", "r2", "r3"]),
+        ('status LIKE "RUN%"', ["r1", "r2", "r3"]),  # a pattern over the stored status names
+        ("status ILIKE '%ed'", ["r0"]),
+        ("status = 'run_status_failed'", ["r0"]),
     ],
 )
 def test_search_filters(tracking, filter_text, expected) -> None:
     exp, _ = _seed_runs(tracking)
     found = tracking.SearchRuns(pb.SearchRunsRequest(experiments=[exp.name], filter=filter_text))
     assert [r.display_name for r in found.runs] == expected
+
+
+def test_searching_an_experiment_that_does_not_exist_is_not_found(tracking) -> None:
+    """A typo in an experiment name must not read as "no runs", alone or next to real experiments."""
+    exp, _ = _seed_runs(tracking)
+    for experiments in (["experiments/nope"], [exp.name, "experiments/nope"]):
+        r = refusal(lambda e=experiments: tracking.SearchRuns(pb.SearchRunsRequest(experiments=e)))
+        assert r.code == grpc.StatusCode.NOT_FOUND and r.metadata["field"] == "experiments"
+        assert "experiments/nope" in r.message
+    assert len(tracking.SearchRuns(pb.SearchRunsRequest(experiments=[exp.name])).runs) == 4
 
 
 def test_search_by_start_and_end_time(tracking) -> None:

@@ -21,7 +21,8 @@ from runledger_server.domain.filters import Clause, OrderBy, parse_filter, parse
         ("tags.team LIKE 'r%'", (Clause("tags", "team", "LIKE", ("r%",)),)),
         ("params.optimizer ILIKE 'Adam%'", (Clause("params", "optimizer", "ILIKE", ("Adam%",)),)),
         ('display_name ilike "R_"', (Clause("attribute", "display_name", "ILIKE", ("R_",)),)),
-        ("status ILIKE 'finished'", (Clause("attribute", "status", "ILIKE", ("FINISHED",)),)),
+        ("status ILIKE 'finished'", (Clause("attribute", "status", "ILIKE", ("finished",)),)),
+        ("status LIKE 'RUN%'", (Clause("attribute", "status", "LIKE", ("RUN%",)),)),  # a pattern stays one
         # The quoted string's escapes are undone; the pattern's own (`\_`, `\%`, `\\`) are left for LIKE.
         (r"params.opt LIKE 'a\\_b\\\\'", (Clause("params", "opt", "LIKE", ("a\\_b\\\\",)),)),
         ("status = 'run_status_finished'", (Clause("attribute", "status", "=", ("FINISHED",)),)),

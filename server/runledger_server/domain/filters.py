@@ -161,7 +161,7 @@ def parse_filter(text: str, field: str = "filter") -> tuple[Clause, ...]:
                 values = [_num_text(float(v)) for v in values]
             else:  # text (a run named "2e-5", ID "0123"): a number would be some other text, as for params
                 need(all(isinstance(v, str) for v in values), f"a quoted value for {key} (it is text)")
-        if kind == "attribute" and key == "status":
+        if kind == "attribute" and key == "status" and op not in PATTERN_OPS:  # a pattern matches the stored names
             values = [_status(str(v), field) for v in values]
         clauses.append(Clause(kind, key, op, tuple(values)))
         need(len(clauses) <= MAX_CLAUSES, f"at most {MAX_CLAUSES} clauses joined by AND")

@@ -336,7 +336,9 @@ class SearchRunsRequest(_message.Message):
     op is one of `= != < <= > >=`, `IN (...)` or `NOT IN (...)` (at most 1000
     values), `LIKE` or `ILIKE`. Values are numbers for metrics and times,
     and quoted text ('...' or "...") for everything else, even when the
-    text looks like a number: params.lr = '2e-5'. Keys with special
+    text looks like a number: params.lr = '2e-5'. `status` holds RUNNING,
+    FINISHED, FAILED or KILLED (`=` and `IN` also take any case and the
+    `RUN_STATUS_` prefix; patterns match those names). Keys with special
     characters go in backticks: metrics.`train/loss` < 0.5. `LIKE` is
     case-sensitive and `ILIKE` ignores the case of ASCII letters, on every
     database: in their patterns `%` matches any characters, `_` one
@@ -361,8 +363,8 @@ class SearchRunsRequest(_message.Message):
     """
     @_builtins.property
     def experiments(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Optional. Restrict to these experiments (at most 1000). Format:
-        `experiments/{experiment}`.
+        """Optional. Restrict to these experiments (at most 1000; one that does not
+        exist is NOT_FOUND). Format: `experiments/{experiment}`.
         """
 
     def __init__(

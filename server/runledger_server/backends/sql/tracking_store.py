@@ -222,6 +222,7 @@ class SqlTrackingStore:
             RunRow.id,
         ).limit(page_size + 1)
         with self.db.read() as s:
+            _require_experiments(s, experiment_ids)
             result = list(s.execute(stmt))
             more = len(result) > page_size
             result = result[:page_size]
@@ -709,6 +710,20 @@ def _run_clause(c: Clause) -> ColumnElement[bool]:
             raise InvalidArgument(f"filter: {c.key} takes milliseconds since the epoch", field="filter") from exc
         return _time_compare(column, c.op, times)
     return _text_compare(column, c.op, values)
+
+
+def _require_experiments(s: Session, experiment_ids: Sequence[str]) -> None:
+    """A search of an experiment that does not exist is NOT_FOUND (a typo must not read as "no runs")."""
+    wanted = set(experiment_ids)
+    found: set[str] = set()
+    for some in _in_batches(sorted(wanted)):
+        found.update(s.scalars(select(ExperimentRow.id).where(ExperimentRow.id.in_(some))))
+    missing = sorted(wanted - found)
+    if missing:
+        named = ", ".join(f"experiments/{m}" for m in missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
+        raise NotFound(f"{named} not found", field="experiments")
 
 
 def _time_compare(column: Any, op: str, values: tuple[float, ...]) -> ColumnElement[bool]:
