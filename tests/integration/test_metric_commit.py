@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from runledger_server.domain import ids
 from runledger_server.domain.lineage import Lineage
 from runledger_server.domain.metrics import Batch, Series, joined
 from runledger_server.services.metric_ingest import MetricIngest
+from runledger_server.services.tracking import TrackingService
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -107,4 +110,37 @@ def test_batches_another_replica_is_storing_at_the_same_moment_settle_as_duplica
         ingest.close()
         for conn in other:
             conn.close()
+        db.dispose()
+
+
+def test_a_resuming_writer_continues_after_the_batches_still_waiting_for_their_commit(tmp_path: Path) -> None:
+    """A job restarted with its writer's ID asks where to continue while its previous incarnation's last batch
+    waits for its commit (here: another connection holds SQLite's write lock): the answer waits for that commit
+    and counts the batch, instead of handing out its seq again (the new batch would be taken for a duplicate)."""
+    path = tmp_path / "meta.db"
+    db = Database(f"sqlite:///{path}")
+    migrate.upgrade(db)
+    store = SqlTrackingStore(db)
+    ingest = MetricIngest(store)
+    svc = TrackingService(store, ingest)
+    exp = store.create_experiment("resumed", "", {})
+    run_id = ids.new_id()
+    store.create_run(run_id, exp.experiment_id, "", {}, {}, Lineage(), None)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        last = Batch(run_id, "rank0", 0, (Series("loss", np.array([0]), np.array([0.5]), np.array([7])),))
+        stored = svc.submit_metrics(last)
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(svc.next_metric_seq, run_id, "rank0")
+            time.sleep(0.5)
+            assert not stored.done() and not answer.done()  # both wait for the commit
+            blocker.execute("COMMIT")
+            assert stored.result(timeout=60) is False
+            assert answer.result(timeout=60) == 1
+    finally:
+        if blocker.in_transaction:
+            blocker.execute("ROLLBACK")
+        blocker.close()
+        ingest.close()
         db.dispose()

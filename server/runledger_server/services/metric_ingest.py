@@ -22,6 +22,14 @@ _LOGGER = logging.getLogger(__name__)
 _STOP = object()
 
 
+class _Barrier:
+    """A mark in the queue: its future resolves once every batch queued before it has been committed (or has
+    failed), so that a reader of the ledger sees them."""
+
+    def __init__(self) -> None:
+        self.future: Future[None] = Future()
+
+
 class MetricIngest:
     def __init__(
         self,
@@ -52,6 +60,16 @@ class MetricIngest:
         self._queue.put((batch, fut, settled))
         return fut
 
+    def barrier(self) -> Future[None]:
+        """Resolves once every batch submitted before this call has left the queue (committed or failed)."""
+        mark = _Barrier()
+        if self._closed:  # close() has committed (or is committing) everything queued
+            self._thread.join()
+            mark.future.set_result(None)
+        else:
+            self._queue.put(mark)
+        return mark.future
+
     def close(self) -> None:
         """Commit everything queued, then stop (graceful shutdown finishes acknowledged writes)."""
         if not self._closed:
@@ -67,8 +85,12 @@ class MetricIngest:
             item = self._queue.get()
             if item is _STOP:
                 break
+            if isinstance(item, _Barrier):  # everything before it is committed already
+                item.future.set_result(None)
+                continue
             group = [item]
             points = item[0].points  # type: ignore[index]
+            barrier: _Barrier | None = None
             while points < self._max_group_points:
                 try:
                     nxt = self._queue.get_nowait()
@@ -77,9 +99,14 @@ class MetricIngest:
                 if nxt is _STOP:
                     stopping = True
                     break
+                if isinstance(nxt, _Barrier):  # the group ends at the mark: batches after it are not awaited
+                    barrier = nxt
+                    break
                 group.append(nxt)
                 points += nxt[0].points  # type: ignore[index]
             self._commit(group)  # type: ignore[arg-type]
+            if barrier is not None:
+                barrier.future.set_result(None)
 
     def _commit(self, group: list[tuple[Batch, Future[bool], Callable[[], object] | None]]) -> None:
         # A caller that went away (its stream ended, its deadline passed) cancels its future while it waits

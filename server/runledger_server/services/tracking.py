@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
 from runledger_server.domain import filters, ids, names, paging, sweeps
-from runledger_server.domain.errors import InvalidArgument, NotFound
+from runledger_server.domain.errors import InvalidArgument, NotFound, Unavailable
 from runledger_server.domain.lineage import Lineage
 from runledger_server.domain.metrics import Batch, Series, check_writer_id, downsample, in_step_order, joined
 from runledger_server.domain.run_status import STATUSES
@@ -18,6 +18,7 @@ from runledger_server.store.tracking import TrackingStore
 _LOGGER = logging.getLogger(__name__)
 
 MAX_SELECT_CANDIDATES = 10_000
+INGEST_BARRIER_TIMEOUT_S = 30.0  # a writer resuming waits at most this long for queued batches to commit
 
 
 class TrackingService:
@@ -115,8 +116,19 @@ class TrackingService:
         return self.ingest.submit(batch, settled)
 
     def next_metric_seq(self, run_id: str, writer_id: str) -> int:
-        """Where a writer that keeps its writer_id across a restart continues its batch numbering."""
-        return self.store.next_metric_seq(names.run_id(run_id), check_writer_id(writer_id))
+        """Where a writer that keeps its writer_id across a restart continues its batch numbering.
+
+        Batches this server has received and not yet committed count too: a restarted writer asking while its
+        previous incarnation's last batches wait for their commit would otherwise reuse their numbers.
+        """
+        run_id, writer_id = names.run_id(run_id), check_writer_id(writer_id)
+        try:
+            self.ingest.barrier().result(timeout=INGEST_BARRIER_TIMEOUT_S)
+        except TimeoutError:
+            raise Unavailable(
+                "this server's metric commits are behind; ask again shortly", reason="INGEST_BEHIND"
+            ) from None
+        return self.store.next_metric_seq(run_id, writer_id)
 
     def metric_history(
         self, run_id: str, key: str, start_step: int | None, end_step: int | None, max_points: int

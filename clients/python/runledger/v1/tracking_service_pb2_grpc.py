@@ -219,6 +219,8 @@ class TrackingServiceServicer:
     def GetMetricWriter(self, request, context):
         """Where one writer of a run stands: the seq its next batch takes. A writer
         that keeps its writer_id across a restart (a resumed job) continues there.
+        Batches the answering server received and has not committed yet are
+        waited for (UNAVAILABLE, reason INGEST_BEHIND, after 30 s).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

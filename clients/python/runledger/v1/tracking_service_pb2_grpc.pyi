@@ -68,6 +68,8 @@ class TrackingServiceStub:
     GetMetricWriter: _grpc.UnaryUnaryMultiCallable[_tracking_service_pb2.GetMetricWriterRequest, _tracking_pb2.MetricWriter]
     """Where one writer of a run stands: the seq its next batch takes. A writer
     that keeps its writer_id across a restart (a resumed job) continues there.
+    Batches the answering server received and has not committed yet are
+    waited for (UNAVAILABLE, reason INGEST_BEHIND, after 30 s).
     """
     LogEvalResult: _grpc.UnaryUnaryMultiCallable[_tracking_service_pb2.LogEvalResultRequest, _tracking_pb2.EvalResult]
     """Records the scores of a run on an eval suite. Scores are immutable."""
@@ -113,6 +115,8 @@ class TrackingServiceAsyncStub(TrackingServiceStub):
     GetMetricWriter: _aio.UnaryUnaryMultiCallable[_tracking_service_pb2.GetMetricWriterRequest, _tracking_pb2.MetricWriter]  # type: ignore[assignment]
     """Where one writer of a run stands: the seq its next batch takes. A writer
     that keeps its writer_id across a restart (a resumed job) continues there.
+    Batches the answering server received and has not committed yet are
+    waited for (UNAVAILABLE, reason INGEST_BEHIND, after 30 s).
     """
     LogEvalResult: _aio.UnaryUnaryMultiCallable[_tracking_service_pb2.LogEvalResultRequest, _tracking_pb2.EvalResult]  # type: ignore[assignment]
     """Records the scores of a run on an eval suite. Scores are immutable."""
@@ -239,6 +243,8 @@ class TrackingServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_tracking_pb2.MetricWriter, _abc.Awaitable[_tracking_pb2.MetricWriter]]:
         """Where one writer of a run stands: the seq its next batch takes. A writer
         that keeps its writer_id across a restart (a resumed job) continues there.
+        Batches the answering server received and has not committed yet are
+        waited for (UNAVAILABLE, reason INGEST_BEHIND, after 30 s).
         """
 
     @_abc_1.abstractmethod
