@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runledger_server.backends.sql import migrate
+from runledger_server.backends.sql import migrate, tracking_store
 from runledger_server.backends.sql.database import Database
 from runledger_server.backends.sql.tracking_store import SqlTrackingStore
 from runledger_server.domain import ids
+from runledger_server.domain.errors import NotFound
 from runledger_server.domain.lineage import Lineage
 from runledger_server.domain.metrics import Batch, Series, joined
 from runledger_server.services.metric_ingest import MetricIngest
@@ -144,3 +145,24 @@ def test_a_resuming_writer_continues_after_the_batches_still_waiting_for_their_c
         blocker.close()
         ingest.close()
         db.dispose()
+
+
+def test_runs_the_store_forgot_are_looked_up_again(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The set of runs known to exist is bounded; past the bound it starts over, and commits stay correct: batches
+    of forgotten runs are stored (and re-sent ones are still duplicates), batches of unknown runs refused."""
+    monkeypatch.setattr(tracking_store, "KNOWN_RUNS_LIMIT", 2)
+    store = SqlTrackingStore(db)
+    exp = store.create_experiment("many-runs", "", {})
+    run_ids = [ids.new_id() for _ in range(5)]
+    for run_id in run_ids:
+        store.create_run(run_id, exp.experiment_id, "", {}, {}, Lineage(), None)
+    assert len(store._known_runs) <= 2
+
+    def batch(run_id: str) -> Batch:
+        return Batch(run_id, "w", 0, (Series("loss", np.array([1]), np.array([0.5]), np.array([7])),))
+
+    assert store.commit_metric_batches([batch(r) for r in run_ids]) == [False] * 5
+    assert store.commit_metric_batches([batch(r) for r in run_ids]) == [True] * 5
+    assert len(store._known_runs) <= 2
+    (refused,) = store.commit_metric_batches([batch("no-such-run")])
+    assert isinstance(refused, NotFound)

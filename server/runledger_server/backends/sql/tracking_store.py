@@ -42,6 +42,7 @@ _LOGGER = logging.getLogger(__name__)
 _VAL = np.dtype("<f8")
 T = TypeVar("T")
 _IN_BATCH = 500  # values per IN list: far below the databases' parameter limits
+KNOWN_RUNS_LIMIT = 100_000  # run IDs a server remembers as existing (metric commits skip looking them up)
 # LIKE and ILIKE patterns escape with a backslash on both databases (PostgreSQL's default; SQLite has none).
 _LIKE_ESCAPE = "\\"
 _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
@@ -142,8 +143,15 @@ class SqlTrackingStore:
             s.add_all(RunTagRow(run_id=run_id, key=k, value=v) for k, v in tags.items())
             s.flush()
             run = self._load(s, [row])[0]
-        self._known_runs.add(run_id)
+        self._know_runs({run_id})
         return run
+
+    def _know_runs(self, run_ids: set[str]) -> None:
+        """Remember runs that exist; bounded, so a server that sees millions of runs over its life does not
+        keep them all (a forgotten run is looked up again once)."""
+        if len(self._known_runs) + len(run_ids) > KNOWN_RUNS_LIMIT:
+            self._known_runs = set()
+        self._known_runs |= run_ids
 
     def _creation_time(self, s: Session) -> int:
         """Now, or just after the last creation time handed out: creation times follow commit order.
@@ -315,16 +323,19 @@ class SqlTrackingStore:
         """One transaction for a whole group, in plain SQL: the per-commit cost is what small batches pay."""
         results: list[bool | Exception] = [False] * len(batches)
         with self.db.statements(write=True) as q:
-            unknown = list({b.run_id for b in batches} - self._known_runs)
-            for run_ids in _in_batches(unknown):
+            named = {b.run_id for b in batches}
+            known = self._known_runs
+            present = named & known  # the runs of this group that exist, whatever the cache forgets meanwhile
+            for run_ids in _in_batches(list(named - known)):
                 found = q.all(f"SELECT id FROM runs WHERE id IN ({_marks(len(run_ids))})", run_ids)
-                self._known_runs |= {r[0] for r in found}
+                present.update(r[0] for r in found)
+            self._know_runs(present - known)
             seen: dict[tuple[str, str], set[int]] = defaultdict(set)
             wanted: dict[tuple[str, str], list[int]] = defaultdict(list)
             for b in batches:
                 wanted[(b.run_id, b.writer_id)].append(b.seq)
             for (run_id, writer_id), seqs in wanted.items():
-                if run_id in self._known_runs:
+                if run_id in present:
                     for some in _in_batches(seqs):  # a group of tiny batches can hold many thousands
                         rows = q.all(
                             "SELECT seq FROM metric_batches WHERE run_id = ? AND writer_id = ? "
@@ -338,7 +349,7 @@ class SqlTrackingStore:
             committed: list[tuple[ChunkKey, Series]] = []
             latest: dict[tuple[str, str], tuple[int, float, int]] = {}
             for i, b in enumerate(batches):
-                if b.run_id not in self._known_runs:
+                if b.run_id not in present:
                     results[i] = NotFound(f"runs/{b.run_id} not found", field="run_id")
                     continue
                 done = seen[(b.run_id, b.writer_id)]
