@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from runledger import Client, FailedPrecondition, PromotionRefused, StaleRevision
+from runledger import Client, FailedPrecondition, InvalidArgument, PromotionRefused, StaleRevision, Unavailable
 from runledger_server.embedded import EmbeddedServer
 
 SUITE = "mmlu-pro@9f3c2e1"
@@ -103,3 +105,40 @@ def test_register_refuses_broken_lineage_naming_the_fields(server: EmbeddedServe
         assert info.value.reason == "BROKEN_LINEAGE"
         assert "config" in info.value.message and "seed" in info.value.message
         assert not list(client.registry.list_versions("broken"))
+
+
+def test_bad_arguments_and_a_closed_client_are_typed_errors(server: EmbeddedServer) -> None:
+    """Every method raises RunledgerError subclasses: a threshold that is no number, a reference that is no
+    string, and a Registry kept past its client's close() (was ValueError or AttributeError)."""
+    client = Client(server.address)
+    registry = client.registry
+    for model_id in ("zeta", "alpha", "mid"):
+        registry.create_model(model_id)
+    assert [m.name for m in registry.list_models(page_size=2)] == ["models/alpha", "models/mid", "models/zeta"]
+    with pytest.raises(InvalidArgument) as bad_threshold:
+        client.create_gate("alpha", "g", suite_fingerprint=SUITE, metric="mmlu", threshold="high")  # type: ignore[arg-type]
+    assert bad_threshold.value.metadata["field"] == "threshold"
+    for ref in (None, 5, "", "   "):
+        with pytest.raises(InvalidArgument) as bad_ref:
+            client.resolve(ref)  # type: ignore[arg-type]
+        assert bad_ref.value.metadata["field"] == "name"
+    client.timeout = 3.0
+    assert client.registry.timeout == 3.0  # the client's timeout as it is now
+    client.close()
+    with pytest.raises(FailedPrecondition) as closed:
+        registry.get_model("alpha")
+    assert closed.value.reason == "CLIENT_CLOSED"
+
+
+def test_calls_to_a_server_that_never_answers_are_unavailable_after_the_timeout() -> None:
+    """Calls wait up to the client's timeout for the server (a write is sent only once it is reachable); when it
+    never is, reads and writes alike are Unavailable, not DeadlineExceeded."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once the socket is closed
+    with Client(f"127.0.0.1:{port}", timeout=1.0) as client:
+        for call in (lambda: client.registry.create_model("m"), lambda: client.resolve("m@production")):
+            started = time.monotonic()
+            with pytest.raises(Unavailable) as err:
+                call()
+            assert err.value.reason == "SERVER_UNREACHABLE" and 0.9 <= time.monotonic() - started < 10

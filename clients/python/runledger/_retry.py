@@ -55,9 +55,14 @@ def call_with_retry(
     budget: float,
     target: str,
     typed: Callable[[grpc.RpcError], errors.RunledgerError] = errors.from_rpc_error,
+    channel: grpc.Channel | None = None,
 ) -> T:
     """`attempt(remaining seconds)` until it succeeds; UNAVAILABLE is retried with backoff, for idempotent
-    calls only, until `budget` seconds have passed. Failures are raised as `typed` makes them."""
+    calls only, until `budget` seconds have passed. Failures are raised as `typed` makes them.
+
+    Attempts wait for the server (gRPC's wait_for_ready): one that runs out of time on a `channel` that is
+    still not connected never reached the server, and is raised as Unavailable rather than DeadlineExceeded.
+    """
     deadline = time.monotonic() + budget
     failures = 0
     while True:
@@ -66,9 +71,35 @@ def call_with_retry(
             return attempt(remaining)
         except grpc.RpcError as exc:
             err = typed(exc)
+            if err.code is grpc.StatusCode.DEADLINE_EXCEEDED and channel is not None and not _connected(channel):
+                raise errors.Unavailable(
+                    f"{target}: the server could not be reached within {budget:g} s ({err.message})",
+                    reason="SERVER_UNREACHABLE",
+                ) from None
+        except ValueError as exc:  # grpc's word for a closed channel
+            if "closed" not in str(exc).lower():
+                raise
+            raise client_closed(exc) from None
         failures += 1
         delay = policy.delay(failures, random.random())
         if not (idempotent and err.code is grpc.StatusCode.UNAVAILABLE) or time.monotonic() + delay >= deadline:
             raise err from None
         _LOGGER.info("%s: %s; retrying in %.2f s", target, err, delay)
         time.sleep(delay)
+
+
+def client_closed(cause: BaseException) -> errors.FailedPrecondition:
+    """A call on a channel that was closed (the Client's close(), with a Registry or watch still held)."""
+    return errors.FailedPrecondition(f"the client is closed ({cause})", reason="CLIENT_CLOSED")
+
+
+def _connected(channel: grpc.Channel) -> bool:
+    """Whether the channel is connected now (asked without waiting)."""
+    ready = grpc.channel_ready_future(channel)
+    try:
+        ready.result(timeout=0.05)
+        return True
+    except grpc.FutureTimeoutError:
+        return False
+    finally:
+        ready.cancel()

@@ -47,8 +47,11 @@ _CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     # network partition then fails the metric stream (which reconnects and re-sends) instead of hanging it.
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.ping_timeout_ms", 10_000),  # what grpcio's keepalive waits for a ping's answer (60 s otherwise)
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    # Connections of its own: a channel made in a forked child must not pick up the parent's from the shared pool.
+    ("grpc.use_local_subchannel_pool", 1),
 )
 
 
@@ -164,12 +167,16 @@ class Client:
     ) -> T:
         """Invoke a unary RPC; UNAVAILABLE is retried with backoff for idempotent calls until the deadline."""
         return self._retrying(
-            lambda remaining: method(request, timeout=remaining, metadata=self._metadata), idempotent, timeout
+            lambda remaining: method(request, timeout=remaining, metadata=self._metadata, wait_for_ready=True),
+            idempotent,
+            timeout,
         )
 
     def _retrying(self, attempt: Callable[[float], T], idempotent: bool, timeout: float | None) -> T:
         budget = self.timeout if timeout is None else timeout
-        return call_with_retry(attempt, self.retry, idempotent=idempotent, budget=budget, target=self.target)
+        return call_with_retry(
+            attempt, self.retry, idempotent=idempotent, budget=budget, target=self.target, channel=self._channel
+        )
 
     def close(self) -> None:
         """Close the channel. Finish or flush runs first: their unsent points are lost with it."""
@@ -504,7 +511,7 @@ class Client:
     def _read_call(self, method: Callable[..., Any], request: Any) -> Any:
         """A side-effect-free unary call with this client's deadline and retries (metadata comes from the channel
         it was made on)."""
-        return self._retrying(lambda remaining: method(request, timeout=remaining), True, None)
+        return self._retrying(lambda remaining: method(request, timeout=remaining, wait_for_ready=True), True, None)
 
     # ---- registry -----------------------------------------------------------------------------------
     @property
@@ -515,6 +522,7 @@ class Client:
             registry = self._stubs[Registry] = Registry(
                 self.channel, timeout=self.timeout, metadata=self._metadata, retry=self.retry
             )
+        registry.timeout = self.timeout  # the client's, as it is now
         return registry
 
     def register(

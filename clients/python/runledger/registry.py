@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import grpc
 
 from runledger import _convert, errors
-from runledger._retry import RetryPolicy, call_with_retry
+from runledger._retry import RetryPolicy, call_with_retry, client_closed
 from runledger.v1 import registry_pb2, registry_service_pb2 as pb, registry_service_pb2_grpc
 
 _LOGGER = logging.getLogger(__name__)
@@ -139,7 +139,10 @@ class AliasWatch:
                 with self._lock:
                     if self._closed.is_set():
                         return
-                    self._call = self._open()
+                    try:
+                        self._call = self._open()
+                    except ValueError as exc:  # grpc's word for a closed channel
+                        raise client_closed(exc) from None
         finally:
             self.close()
 
@@ -173,22 +176,27 @@ class Registry:
     ):
         """`metadata` goes with every call, e.g. `(("x-runledger-actor", "release-bot"),)` to name who acts.
 
-        Reads (lookups, listings, evaluations) are retried on UNAVAILABLE until `timeout`, e.g. through a
-        server restart; writes are not (a lost reply must not promote or register twice).
+        Every call waits up to `timeout` for the server to be reachable before it is sent (a write made while a
+        server restarts goes through once it is back). Reads (lookups, listings, evaluations), and writes whose
+        repeat changes nothing (create_gate, record_gate_result), are also retried on UNAVAILABLE until
+        `timeout`; other writes are not (a reply lost on the way back must not promote or register twice).
         """
         self._stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
+        self._channel = channel
         self.timeout = timeout
         self._metadata = tuple(metadata)
         self._retry = retry or RetryPolicy()
 
-    def _call(self, method: Callable[..., T], request: Any, *, read: bool = False) -> T:
+    def _call(self, method: Callable[..., T], request: Any, *, repeatable: bool = False) -> T:
+        """`repeatable`: safe to repeat (a read, or a write whose repeat changes nothing), so retried on UNAVAILABLE."""
         return call_with_retry(
-            lambda remaining: method(request, timeout=remaining, metadata=self._metadata),
+            lambda remaining: method(request, timeout=remaining, metadata=self._metadata, wait_for_ready=True),
             self._retry,
-            idempotent=read,
+            idempotent=repeatable,
             budget=self.timeout,
             target="registry",
             typed=_typed,
+            channel=self._channel,
         )
 
     # ---- models and versions ----------------------------------------------------------------
@@ -206,7 +214,9 @@ class Registry:
             return self.get_model(model_id)
 
     def get_model(self, model: str) -> registry_pb2.RegisteredModel:
-        return self._call(self._stub.GetRegisteredModel, pb.GetRegisteredModelRequest(name=_model(model)), read=True)
+        return self._call(
+            self._stub.GetRegisteredModel, pb.GetRegisteredModelRequest(name=_model(model)), repeatable=True
+        )
 
     def register(
         self, run_id: str, *, model: str, artifact_path: str, description: str = "", create_model: bool = True
@@ -220,9 +230,20 @@ class Registry:
         )
         return self._call(self._stub.CreateModelVersion, request)
 
+    def list_models(self, *, page_size: int = 0) -> Iterator[registry_pb2.RegisteredModel]:
+        """Every registered model, in name order, fetched page by page."""
+        token = ""
+        while True:
+            request = _convert.request(pb.ListRegisteredModelsRequest, page_size=page_size, page_token=token)
+            page = self._call(self._stub.ListRegisteredModels, request, repeatable=True)
+            yield from page.registered_models
+            token = page.next_page_token
+            if not token:
+                return
+
     def get_version(self, model: str, version: int) -> registry_pb2.ModelVersion:
         name = f"{_model(model)}/versions/{version}"
-        return self._call(self._stub.GetModelVersion, pb.GetModelVersionRequest(name=name), read=True)
+        return self._call(self._stub.GetModelVersion, pb.GetModelVersionRequest(name=name), repeatable=True)
 
     def list_versions(self, model: str, *, page_size: int = 0) -> Iterator[registry_pb2.ModelVersion]:
         """Newest first, fetched page by page."""
@@ -231,7 +252,7 @@ class Registry:
             request = _convert.request(
                 pb.ListModelVersionsRequest, model=_model(model), page_size=page_size, page_token=token
             )
-            page = self._call(self._stub.ListModelVersions, request, read=True)
+            page = self._call(self._stub.ListModelVersions, request, repeatable=True)
             yield from page.model_versions
             token = page.next_page_token
             if not token:
@@ -242,7 +263,7 @@ class Registry:
         request = _convert.request(
             pb.VerifyLineageRequest, model=_model(model), version=version, lineage=_convert.lineage_to_proto(lineage)
         )
-        return self._call(self._stub.VerifyLineage, request, read=True)
+        return self._call(self._stub.VerifyLineage, request, repeatable=True)
 
     # ---- gates -------------------------------------------------------------------------------
     def create_gate(
@@ -262,9 +283,9 @@ class Registry:
             suite_fingerprint=suite_fingerprint,
             metric=metric,
             direction=_convert.direction(direction),
-            threshold=float(threshold),
+            threshold=_convert.number(threshold, "threshold"),
         )
-        return self._call(self._stub.CreateGate, request)
+        return self._call(self._stub.CreateGate, request, repeatable=True)  # the same gate again returns it
 
     def record_gate_result(self, model: str, gate_id: str, version: int, score: float) -> registry_pb2.GateResult:
         """The gate's own score for a version; immutable (the same score again is a no-op)."""
@@ -275,7 +296,7 @@ class Registry:
             version=version,
             score=_convert.number(score, "score"),
         )
-        return self._call(self._stub.RecordGateResult, request)
+        return self._call(self._stub.RecordGateResult, request, repeatable=True)  # the same score again is a no-op
 
     # ---- aliases -----------------------------------------------------------------------------
     def set_alias(
@@ -304,7 +325,7 @@ class Registry:
             gate_id=gate,
             expected_revision=expected_revision,
         )
-        return self._call(self._stub.EvaluatePromotion, request, read=True).decision
+        return self._call(self._stub.EvaluatePromotion, request, repeatable=True).decision
 
     def rollback(self, model: str, alias: str, *, expected_revision: int | None = None) -> registry_pb2.Alias:
         """Back to the version the alias held before its last change (repeat to go further back).
@@ -323,13 +344,20 @@ class Registry:
         self._call(self._stub.DeleteAlias, request)
 
     def resolve(self, ref: str) -> registry_pb2.ModelVersion:
-        """The version `"model@alias"` (or `models/model@alias`) points at; NotFound when the alias is unset."""
-        return self._call(self._stub.GetModelVersion, pb.GetModelVersionRequest(name=_model(ref)), read=True)
+        """The version `"model@alias"` (or `models/model@alias`, `model/versions/3`) points at; NotFound when the
+        alias is unset."""
+        if not isinstance(ref, str) or not ref.strip():
+            raise errors.InvalidArgument(
+                f"a model version reference like 'qwen3-8b-sft@production' is required, got {ref!r}",
+                reason="INVALID_ARGUMENT",
+                metadata={"field": "name"},
+            )
+        return self._call(self._stub.GetModelVersion, pb.GetModelVersionRequest(name=_model(ref)), repeatable=True)
 
     def lookup(self, model: str, alias: str) -> pb.GetModelVersionByAliasResponse:
         """The serving lookup: the version and the alias with its revision."""
         request = pb.GetModelVersionByAliasRequest(model=_model(model), alias=alias)
-        return self._call(self._stub.GetModelVersionByAlias, request, read=True)
+        return self._call(self._stub.GetModelVersionByAlias, request, repeatable=True)
 
     def watch_alias(self, model: str, alias: str) -> AliasWatch:
         """Iterate the alias's current state, then every change (no polling); `close()` ends it.
@@ -349,7 +377,7 @@ class Registry:
             request = _convert.request(
                 pb.ListAliasHistoryRequest, model=_model(model), alias=alias, page_size=page_size, page_token=token
             )
-            page = self._call(self._stub.ListAliasHistory, request, read=True)
+            page = self._call(self._stub.ListAliasHistory, request, repeatable=True)
             yield from page.entries
             token = page.next_page_token
             if not token:
