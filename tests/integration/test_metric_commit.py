@@ -8,18 +8,21 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
+from runledger.v1 import tracking_pb2, tracking_service_pb2 as tpb, tracking_service_pb2_grpc
 from runledger_server.backends.sql import migrate, tracking_store
 from runledger_server.backends.sql.database import Database
 from runledger_server.backends.sql.tracking_store import SqlTrackingStore
+from runledger_server.config import Settings
 from runledger_server.domain import ids
 from runledger_server.domain.errors import NotFound
 from runledger_server.domain.lineage import Lineage
 from runledger_server.domain.metrics import Batch, Series, joined
+from runledger_server.embedded import EmbeddedServer
 from runledger_server.services.metric_ingest import MetricIngest
-from runledger_server.services.tracking import TrackingService
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -114,37 +117,40 @@ def test_batches_another_replica_is_storing_at_the_same_moment_settle_as_duplica
         db.dispose()
 
 
-def test_a_resuming_writer_continues_after_the_batches_still_waiting_for_their_commit(tmp_path: Path) -> None:
+def test_a_resuming_writer_continues_after_the_batches_still_waiting_for_their_commit(settings: Settings) -> None:
     """A job restarted with its writer's ID asks where to continue while its previous incarnation's last batch
     waits for its commit (here: another connection holds SQLite's write lock): the answer waits for that commit
-    and counts the batch, instead of handing out its seq again (the new batch would be taken for a duplicate)."""
-    path = tmp_path / "meta.db"
-    db = Database(f"sqlite:///{path}")
-    migrate.upgrade(db)
-    store = SqlTrackingStore(db)
-    ingest = MetricIngest(store)
-    svc = TrackingService(store, ingest)
-    exp = store.create_experiment("resumed", "", {})
-    run_id = ids.new_id()
-    store.create_run(run_id, exp.experiment_id, "", {}, {}, Lineage(), None)
-    blocker = sqlite3.connect(path, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
-    try:
-        last = Batch(run_id, "rank0", 0, (Series("loss", np.array([0]), np.array([0.5]), np.array([7])),))
-        stored = svc.submit_metrics(last)
-        with ThreadPoolExecutor(1) as pool:
-            answer = pool.submit(svc.next_metric_seq, run_id, "rank0")
-            time.sleep(0.5)
-            assert not stored.done() and not answer.done()  # both wait for the commit
-            blocker.execute("COMMIT")
-            assert stored.result(timeout=60) is False
-            assert answer.result(timeout=60) == 1
-    finally:
-        if blocker.in_transaction:
-            blocker.execute("ROLLBACK")
-        blocker.close()
-        ingest.close()
-        db.dispose()
+    and counts the batch, instead of handing out its seq again (the new batch would be taken for a duplicate).
+    Twenty such questions wait on the event loop, not on the worker pool: other calls are answered meanwhile."""
+    with EmbeddedServer(settings) as srv, grpc.insecure_channel(srv.address) as ch:
+        stub = tracking_service_pb2_grpc.TrackingServiceStub(ch)
+        exp = stub.CreateExperiment(tpb.CreateExperimentRequest(display_name="resumed")).name
+        run_id = stub.CreateRun(tpb.CreateRunRequest(experiment=exp)).run_id
+        series = tracking_pb2.MetricSeries(key="loss", steps=[0], values=[0.5], timestamps_ms=[7])
+        blocker = sqlite3.connect(settings.data_dir / "runledger.db", isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            with ThreadPoolExecutor(24) as pool:
+                last = pool.submit(
+                    stub.LogMetrics,
+                    tpb.LogMetricsRequest(run_id=run_id, writer_id="rank0", seq=0, series=[series]),
+                    timeout=60,
+                )
+                time.sleep(0.3)  # the batch is queued behind the lock
+                where = tpb.GetMetricWriterRequest(run_id=run_id, writer_id="rank0")
+                answers = [pool.submit(stub.GetMetricWriter, where, timeout=60) for _ in range(20)]
+                time.sleep(0.5)
+                assert not last.done() and not any(a.done() for a in answers)  # they wait for the commit
+                started = time.monotonic()
+                assert stub.GetRun(tpb.GetRunRequest(run_id=run_id), timeout=5).run_id == run_id
+                assert time.monotonic() - started < 2
+                blocker.execute("COMMIT")
+                assert last.result(timeout=60).duplicate is False
+                assert {a.result(timeout=60).next_seq for a in answers} == {1}
+        finally:
+            if blocker.in_transaction:
+                blocker.execute("ROLLBACK")
+            blocker.close()
 
 
 def test_runs_the_store_forgot_are_looked_up_again(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -162,6 +168,7 @@ def test_runs_the_store_forgot_are_looked_up_again(db: Database, monkeypatch: py
         return Batch(run_id, "w", 0, (Series("loss", np.array([1]), np.array([0.5]), np.array([7])),))
 
     assert store.commit_metric_batches([batch(r) for r in run_ids]) == [False] * 5
+    assert len(store._known_runs) <= 2
     assert store.commit_metric_batches([batch(r) for r in run_ids]) == [True] * 5
     assert len(store._known_runs) <= 2
     (refused,) = store.commit_metric_batches([batch("no-such-run")])

@@ -554,7 +554,7 @@ def test_a_filter_of_twenty_clauses_and_a_thousand_experiments_are_taken(trackin
     run = _run(tracking, exp, params={f"p{i}": "1" for i in range(20)})
     twenty = " AND ".join(f"params.p{i} = '1'" for i in range(20))
     assert [r.run_id for r in tracking.SearchRuns(pb.SearchRunsRequest(filter=twenty)).runs] == [run.run_id]
-    many = [exp.name] + [f"experiments/{i:032x}" for i in range(999)]
+    many = [exp.name] + [_experiment(tracking).name for _ in range(999)]  # each must exist
     assert len(tracking.SearchRuns(pb.SearchRunsRequest(experiments=many)).runs) == 1
     r = refusal(lambda: tracking.SearchRuns(pb.SearchRunsRequest(experiments=[*many, exp.name])))
     assert (r.code, r.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "experiments")

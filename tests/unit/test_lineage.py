@@ -162,6 +162,10 @@ def test_config_nesting_has_one_limit_whatever_the_stack() -> None:
         with pytest.raises(InvalidArgument) as info:
             validate(Lineage(config=nested(levels)))
         assert info.value.field == "lineage.config" and "nested too deeply" in str(info.value)
+    # A config stored before the limit (100 levels) stays usable: the rest of its lineage can still be recorded.
+    stored = Lineage(config=nested(100))
+    completed = merge(stored, Lineage(data_version="d", code_commit="c", base_model="b", seed=0))
+    assert completed.config == stored.config and completed.fingerprint() is not None
 
 
 def test_random_lineages_agree_with_the_reference() -> None:

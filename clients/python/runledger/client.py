@@ -63,7 +63,9 @@ class Client:
     ...     run.log_metrics({"train/loss": 0.82}, step=0)
 
     Every method raises `runledger.errors.RunledgerError` subclasses, never a raw `grpc.RpcError`.
-    Calls that are safe to repeat are retried on UNAVAILABLE until `timeout` seconds have passed.
+    A call waits up to `timeout` seconds for the server to be reachable before it is sent (a server restarting
+    meanwhile is waited for; one never reached, e.g. a wrong address, is Unavailable `SERVER_UNREACHABLE` after
+    `timeout`). Calls that are safe to repeat are also retried on UNAVAILABLE until `timeout` has passed.
     Responses are the API's protobuf messages (`runledger.v1`), except `Run` and `MetricHistory`.
     """
 

@@ -46,15 +46,19 @@ class Lineage:
         return fingerprint_of(self.as_dict())
 
 
-def parse_config(text: str) -> dict[str, Any]:
-    """Parse config JSON text, keeping ints as ints and floats as floats; it must be an object."""
+def parse_config(text: str, *, incoming: bool = False) -> dict[str, Any]:
+    """Parse config JSON text, keeping ints as ints and floats as floats; it must be an object.
+
+    `incoming` text (a request's, before it is stored) must nest at most MAX_CONFIG_DEPTH levels; text already
+    stored is read whatever its depth, so configs stored before the limit stay usable.
+    """
     try:
         value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except ValueError as exc:
         raise InvalidArgument(f"lineage.config is not valid JSON: {exc}", field="lineage.config") from exc
     except RecursionError:  # deeper than the parser goes on this thread's stack
         raise _too_deep() from None
-    if _depth(value) > MAX_CONFIG_DEPTH:
+    if incoming and _depth(value) > MAX_CONFIG_DEPTH:
         # One limit, whatever the stack: a depth the parser took on a worker thread could fail when the answer
         # is built on another thread, after the change was stored.
         raise _too_deep()
@@ -108,7 +112,7 @@ def validate(lineage: Lineage) -> None:
         if value is not None and (not value or len(value) > 1024 or "\x00" in value):
             raise InvalidArgument(f"lineage.{name} must be 1-1024 characters without NUL", field=f"lineage.{name}")
     if lineage.config is not None:
-        parse_config(lineage.config)
+        parse_config(lineage.config, incoming=True)
 
 
 def merge(current: Lineage, update: Lineage) -> Lineage:

@@ -29,6 +29,10 @@ class _Barrier:
     def __init__(self) -> None:
         self.future: Future[None] = Future()
 
+    def resolve(self) -> None:
+        if self.future.set_running_or_notify_cancel():  # a waiter may have cancelled it
+            self.future.set_result(None)
+
 
 class MetricIngest:
     def __init__(
@@ -41,6 +45,7 @@ class MetricIngest:
         self._queue: queue.Queue[object] = queue.Queue()
         self._max_group_points = max_group_points
         self._closed = False
+        self._closing = threading.Lock()  # nothing is queued after the stop mark
         self._thread = threading.Thread(target=self._run, name="metric-group-commit", daemon=True)
         self._thread.start()
 
@@ -52,30 +57,38 @@ class MetricIngest:
         take its batch out of the queue, so whoever accounts for queued points must wait for this call.
         """
         fut: Future[bool] = Future()
-        if self._closed:
-            fut.set_exception(Unavailable("the server is shutting down", reason="SHUTTING_DOWN"))
-            if settled is not None:
-                settled()
-            return fut
-        self._queue.put((batch, fut, settled))
+        with self._closing:
+            if not self._closed:
+                self._queue.put((batch, fut, settled))
+                return fut
+        fut.set_exception(Unavailable("the server is shutting down", reason="SHUTTING_DOWN"))
+        if settled is not None:
+            settled()
         return fut
 
     def barrier(self) -> Future[None]:
         """Resolves once every batch submitted before this call has left the queue (committed or failed)."""
         mark = _Barrier()
-        if self._closed:  # close() has committed (or is committing) everything queued
+        with self._closing:
+            if not self._closed:
+                self._queue.put(mark)
+                return mark.future
+
+        def after_the_last_commit() -> None:  # close() commits everything queued before it stops
             self._thread.join()
-            mark.future.set_result(None)
-        else:
-            self._queue.put(mark)
+            mark.resolve()
+
+        threading.Thread(target=after_the_last_commit, name="metric-barrier", daemon=True).start()
         return mark.future
 
     def close(self) -> None:
         """Commit everything queued, then stop (graceful shutdown finishes acknowledged writes)."""
-        if not self._closed:
+        with self._closing:
+            if self._closed:
+                return
             self._closed = True
             self._queue.put(_STOP)
-            self._thread.join()
+        self._thread.join()
 
     def _run(self) -> None:
         # No waiting for company: whatever queued up during the previous commit forms the next
@@ -86,7 +99,7 @@ class MetricIngest:
             if item is _STOP:
                 break
             if isinstance(item, _Barrier):  # everything before it is committed already
-                item.future.set_result(None)
+                item.resolve()
                 continue
             group = [item]
             points = item[0].points  # type: ignore[index]
@@ -106,7 +119,7 @@ class MetricIngest:
                 points += nxt[0].points  # type: ignore[index]
             self._commit(group)  # type: ignore[arg-type]
             if barrier is not None:
-                barrier.future.set_result(None)
+                barrier.resolve()
 
     def _commit(self, group: list[tuple[Batch, Future[bool], Callable[[], object] | None]]) -> None:
         # A caller that went away (its stream ended, its deadline passed) cancels its future while it waits

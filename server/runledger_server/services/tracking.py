@@ -18,7 +18,7 @@ from runledger_server.store.tracking import TrackingStore
 _LOGGER = logging.getLogger(__name__)
 
 MAX_SELECT_CANDIDATES = 10_000
-INGEST_BARRIER_TIMEOUT_S = 30.0  # a writer resuming waits at most this long for queued batches to commit
+INGEST_BARRIER_TIMEOUT_S = 10.0  # a writer resuming waits this long for queued batches (clients allow 30 s)
 
 
 class TrackingService:
@@ -115,20 +115,21 @@ class TrackingService:
         called once the batch is no longer held, committed or not, even if the future was cancelled."""
         return self.ingest.submit(batch, settled)
 
-    def next_metric_seq(self, run_id: str, writer_id: str) -> int:
-        """Where a writer that keeps its writer_id across a restart continues its batch numbering.
+    def queued_metrics_committed(self) -> Future[None]:
+        """Resolves once the batches queued for commit so far are committed (or failed). Ask before
+        `next_metric_seq`: a restarted writer asking while its previous incarnation's last batches wait for their
+        commit would otherwise be told to reuse their numbers. Waited for off any worker thread (it can take a
+        while when commits are slow); past INGEST_BARRIER_TIMEOUT_S the answer is `ingest_behind()`."""
+        return self.ingest.barrier()
 
-        Batches this server has received and not yet committed count too: a restarted writer asking while its
-        previous incarnation's last batches wait for their commit would otherwise reuse their numbers.
-        """
-        run_id, writer_id = names.run_id(run_id), check_writer_id(writer_id)
-        try:
-            self.ingest.barrier().result(timeout=INGEST_BARRIER_TIMEOUT_S)
-        except TimeoutError:
-            raise Unavailable(
-                "this server's metric commits are behind; ask again shortly", reason="INGEST_BEHIND"
-            ) from None
-        return self.store.next_metric_seq(run_id, writer_id)
+    @staticmethod
+    def ingest_behind() -> Unavailable:
+        return Unavailable("this server's metric commits are behind; ask again shortly", reason="INGEST_BEHIND")
+
+    def next_metric_seq(self, run_id: str, writer_id: str) -> int:
+        """Where a writer that keeps its writer_id across a restart continues its batch numbering (committed
+        batches; see queued_metrics_committed)."""
+        return self.store.next_metric_seq(names.run_id(run_id), check_writer_id(writer_id))
 
     def metric_history(
         self, run_id: str, key: str, start_step: int | None, end_step: int | None, max_points: int

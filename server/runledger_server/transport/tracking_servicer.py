@@ -17,7 +17,7 @@ from runledger import wire
 from runledger.v1 import tracking_pb2, tracking_service_pb2 as pb, tracking_service_pb2_grpc
 from runledger_server.domain.errors import InvalidArgument
 from runledger_server.domain.metrics import Batch, Series, validate_batch
-from runledger_server.services.tracking import TrackingService
+from runledger_server.services.tracking import INGEST_BARRIER_TIMEOUT_S, TrackingService
 from runledger_server.transport import convert
 from runledger_server.transport.errors import abort, handle_errors, status_for
 from runledger_server.transport.ingest_budget import PointBudget
@@ -262,6 +262,11 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
 
     @handle_errors
     async def GetMetricWriter(self, request: pb.GetMetricWriterRequest, context: Any) -> tracking_pb2.MetricWriter:
+        committed = asyncio.wrap_future(self._svc.queued_metrics_committed())
+        try:  # on the loop, not a worker thread: slow commits must not take the pool from every other call
+            await asyncio.wait_for(asyncio.shield(committed), INGEST_BARRIER_TIMEOUT_S)
+        except TimeoutError:
+            raise self._svc.ingest_behind() from None
         next_seq = await self._call(self._svc.next_metric_seq, request.run_id, request.writer_id)
         return tracking_pb2.MetricWriter(run_id=request.run_id, writer_id=request.writer_id, next_seq=next_seq)
 

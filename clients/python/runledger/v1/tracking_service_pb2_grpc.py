@@ -219,8 +219,10 @@ class TrackingServiceServicer:
     def GetMetricWriter(self, request, context):
         """Where one writer of a run stands: the seq its next batch takes. A writer
         that keeps its writer_id across a restart (a resumed job) continues there.
-        Batches the answering server received and has not committed yet are
-        waited for (UNAVAILABLE, reason INGEST_BEHIND, after 30 s).
+        Batches the answering server has queued for commit are waited for
+        (UNAVAILABLE, reason INGEST_BEHIND, after 10 s); a batch still waiting
+        for room in its ingest buffer, from a writer that is still connected,
+        is not.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

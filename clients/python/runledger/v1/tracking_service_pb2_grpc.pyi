@@ -68,8 +68,10 @@ class TrackingServiceStub:
     GetMetricWriter: _grpc.UnaryUnaryMultiCallable[_tracking_service_pb2.GetMetricWriterRequest, _tracking_pb2.MetricWriter]
     """Where one writer of a run stands: the seq its next batch takes. A writer
     that keeps its writer_id across a restart (a resumed job) continues there.
-    Batches the answering server received and has not committed yet are
-    waited for (UNAVAILABLE, reason INGEST_BEHIND, after 30 s).
+    Batches the answering server has queued for commit are waited for
+    (UNAVAILABLE, reason INGEST_BEHIND, after 10 s); a batch still waiting
+    for room in its ingest buffer, from a writer that is still connected,
+    is not.
     """
     LogEvalResult: _grpc.UnaryUnaryMultiCallable[_tracking_service_pb2.LogEvalResultRequest, _tracking_pb2.EvalResult]
     """Records the scores of a run on an eval suite. Scores are immutable."""
@@ -115,8 +117,10 @@ class TrackingServiceAsyncStub(TrackingServiceStub):
     GetMetricWriter: _aio.UnaryUnaryMultiCallable[_tracking_service_pb2.GetMetricWriterRequest, _tracking_pb2.MetricWriter]  # type: ignore[assignment]
     """Where one writer of a run stands: the seq its next batch takes. A writer
     that keeps its writer_id across a restart (a resumed job) continues there.
-    Batches the answering server received and has not committed yet are
-    waited for (UNAVAILABLE, reason INGEST_BEHIND, after 30 s).
+    Batches the answering server has queued for commit are waited for
+    (UNAVAILABLE, reason INGEST_BEHIND, after 10 s); a batch still waiting
+    for room in its ingest buffer, from a writer that is still connected,
+    is not.
     """
     LogEvalResult: _aio.UnaryUnaryMultiCallable[_tracking_service_pb2.LogEvalResultRequest, _tracking_pb2.EvalResult]  # type: ignore[assignment]
     """Records the scores of a run on an eval suite. Scores are immutable."""
@@ -243,8 +247,10 @@ class TrackingServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_tracking_pb2.MetricWriter, _abc.Awaitable[_tracking_pb2.MetricWriter]]:
         """Where one writer of a run stands: the seq its next batch takes. A writer
         that keeps its writer_id across a restart (a resumed job) continues there.
-        Batches the answering server received and has not committed yet are
-        waited for (UNAVAILABLE, reason INGEST_BEHIND, after 30 s).
+        Batches the answering server has queued for commit are waited for
+        (UNAVAILABLE, reason INGEST_BEHIND, after 10 s); a batch still waiting
+        for room in its ingest buffer, from a writer that is still connected,
+        is not.
         """
 
     @_abc_1.abstractmethod

@@ -201,6 +201,8 @@ class Database:
                     _rollback_quietly(conn)
                     raise
                 conn.invalidate()  # a broken (or read-only) connection must not go back to the pool
+                if _read_only(exc):  # the others reach the same standby: connect afresh, as the ORM path does
+                    self.engine.dispose()
                 raise database_error(exc) from exc
             except BaseException:
                 _rollback_quietly(conn)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import string
@@ -151,7 +152,7 @@ class SqlTrackingStore:
         keep them all (a forgotten run is looked up again once)."""
         if len(self._known_runs) + len(run_ids) > KNOWN_RUNS_LIMIT:
             self._known_runs = set()
-        self._known_runs |= run_ids
+        self._known_runs |= set(itertools.islice(run_ids, KNOWN_RUNS_LIMIT))
 
     def _creation_time(self, s: Session) -> int:
         """Now, or just after the last creation time handed out: creation times follow commit order.
