@@ -263,6 +263,9 @@ def test_the_serving_lookup_on_one_replica_answers_every_change_made_through_the
         def served(alias: str = "production") -> tuple[int, int, list[str]]:
             r = b.serving(alias)
             assert r.model_version.version == r.alias.version
+            # The same lookup spelled as a version name (what the Python client's resolve sends) agrees.
+            named = b.stub.GetModelVersion(pb.GetModelVersionRequest(name=f"models/{MODEL}@{alias}"))
+            assert (named.version, list(named.aliases)) == (r.model_version.version, list(r.model_version.aliases))
             return r.alias.version, r.alias.revision, list(r.model_version.aliases)
 
         a.set_alias(versions[0])
@@ -281,6 +284,9 @@ def test_the_serving_lookup_on_one_replica_answers_every_change_made_through_the
         a.stub.DeleteAlias(pb.DeleteAliasRequest(model=MODEL, alias="production"))
         with pytest.raises(grpc.RpcError) as gone:
             b.serving()
+        assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as gone:
+            b.stub.GetModelVersion(pb.GetModelVersionRequest(name=f"models/{MODEL}@production"))
         assert gone.value.code() == grpc.StatusCode.NOT_FOUND
         a.set_alias(versions[1])
         assert served() == (versions[1], 5, ["champion", "production"])

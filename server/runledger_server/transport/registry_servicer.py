@@ -55,6 +55,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         # The last response per alias, with the answer it was built from: the store hands back the same answer
         # object while the alias is unchanged, so the message is reused instead of built again.
         self._served: dict[tuple[str, str], tuple[ServingTarget, pb.GetModelVersionByAliasResponse]] = {}
+        self._served_versions: dict[str, tuple[ModelVersion, registry_pb2.ModelVersion]] = {}
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -95,6 +96,17 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
 
     @handle_errors
     async def GetModelVersion(self, request: pb.GetModelVersionRequest, context: Any) -> registry_pb2.ModelVersion:
+        if self._inline_serving and "@" in request.name:
+            # `model@alias` is the serving lookup by another name (the Python client's `resolve`): same path.
+            version = self._svc.get_version(request.name)
+            last = self._served_versions.get(request.name)
+            if last is not None and last[0] is version:
+                return last[1]
+            message = version_to_proto(version)
+            if len(self._served_versions) >= SERVED_CACHE_SIZE:
+                self._served_versions.clear()
+            self._served_versions[request.name] = (version, message)
+            return message
         return version_to_proto(await self._call(self._svc.get_version, request.name))
 
     @handle_errors
