@@ -565,3 +565,45 @@ def test_runs_dropped_without_finish_end_their_senders_once_everything_is_stored
     wait_until(lambda: senders() == before)
     owner.finish()
     assert client.metric_history(owner.run_id, "helper/x").steps.tolist() == list(range(20))
+
+
+def test_closing_the_client_stores_what_its_runs_still_hold(server: EmbeddedServer) -> None:
+    """`with Client(...)` around a training loop that never calls finish: leaving the block sends every logged
+    point before the channel closes (they used to be dropped with it); the runs keep their status."""
+    with runledger.Client(server.address, batch_interval=30.0) as client:  # nothing goes out on a timer
+        run = client.start_run(experiment="closed-client")
+        helper = client.attach_run(run.run_id, writer_id="helper")
+        for step in range(1_000):
+            run.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+        helper.log_series({"reward": np.arange(500.0)}, steps=np.arange(500))
+        assert run.acked_points < 1_000
+    with pytest.raises(errors.FailedPrecondition) as refused:
+        run.log_metrics({"loss": 0.0}, step=1_000)
+    assert refused.value.reason == "RUN_CLOSED"
+    with pytest.raises(errors.FailedPrecondition) as closed:
+        client.start_run(experiment="closed-client")
+    assert closed.value.reason == "CLIENT_CLOSED"
+    client.close()  # again: nothing to do
+    with runledger.Client(server.address) as reader:
+        assert reader.metric_history(run.run_id, "loss").steps.tolist() == list(range(1_000))
+        assert reader.metric_history(run.run_id, "reward").values.tolist() == list(np.arange(500.0))
+        assert reader.get_run(run.run_id).status == tracking_pb2.RUN_STATUS_RUNNING
+
+
+def test_closing_the_client_while_the_server_is_down_raises_after_its_timeout(tmp_path: Path) -> None:
+    settings = Settings(host="127.0.0.1", port=free_port(), data_dir=tmp_path / "data")
+    srv = EmbeddedServer(settings).start()
+    client = runledger.Client(srv.address, retry=FAST_RETRY)
+    run = client.start_run(experiment="closed-while-down")
+    run.log_metrics({"loss": 1.0}, step=0)
+    run.flush()
+    srv.stop()
+    run.log_metrics({"loss": 0.5}, step=1)
+    started = time.monotonic()
+    with pytest.raises(errors.DeadlineExceeded) as info:
+        client.close(timeout=0.5)
+    assert info.value.reason == "FLUSH_TIMEOUT" and info.value.metadata["pendingPoints"] == "1"
+    assert time.monotonic() - started < 10
+    with pytest.raises(errors.FailedPrecondition) as closed:
+        client.get_run(run.run_id)
+    assert closed.value.reason == "CLIENT_CLOSED"

@@ -169,6 +169,11 @@ class MetricStreamer:
     def error(self) -> errors.RunledgerError | None:
         return self._error
 
+    @property
+    def sending(self) -> bool:
+        """The sender still runs and has not failed: points it holds may yet be stored."""
+        return self._thread.is_alive() and self._error is None and not self._stop_now
+
     def append(self, metrics: Mapping[str, Any], step: int, timestamp_ms: int) -> None:
         # The training thread's hot path: one flag for "closed or failed", and one threshold standing for "a batch
         # is due" and "the buffer is full". `with` on the lock, not acquire()/try: a Ctrl-C arriving right after
@@ -222,7 +227,8 @@ class MetricStreamer:
         if self._error is not None:
             raise self._error.again()
         raise errors.FailedPrecondition(
-            f"metrics of run {self.run_id} (writer {self.writer_id}) can no longer be logged: the run was finished",
+            f"metrics of run {self.run_id} (writer {self.writer_id}) can no longer be logged: "
+            "the run was finished or its client closed",
             reason="RUN_CLOSED",
             metadata={"runId": self.run_id, "writerId": self.writer_id},
         )

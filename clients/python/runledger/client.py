@@ -6,6 +6,8 @@ import logging
 import os
 import re
 import threading
+import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -108,7 +110,8 @@ class Client:
         self._channel: grpc.Channel | None = None
         # Everything built on the channel (stubs by class, the artifact channel by name): dropped with the channel.
         self._stubs: dict[Any, Any] = {}
-        self._closed = False
+        self._closing = self._closed = False
+        self._streamers: weakref.WeakSet[MetricStreamer] = weakref.WeakSet()  # what close() sends before it closes
         _process.track(self)
 
     def __repr__(self) -> str:
@@ -180,20 +183,48 @@ class Client:
             attempt, self.retry, idempotent=idempotent, budget=budget, target=self.target, channel=self._channel
         )
 
-    def close(self) -> None:
-        """Close the channel. Finish or flush runs first: their unsent points are lost with it."""
+    def close(self, timeout: float | None = None) -> None:
+        """Store what this client's runs still hold, then close the channel (calling it again does nothing).
+
+        Every point logged through a run of this client is sent first, for up to `timeout` seconds in all (the
+        client's timeout when None); runs keep their status (finish them for that). When a run's points cannot
+        be stored in time, the channel is closed anyway, those points are lost, and the first error is raised
+        (DeadlineExceeded FLUSH_TIMEOUT, or what stopped the run's sender).
+        """
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True  # no new metric senders; the channel stays open for the ones being flushed
+            streamers = list(self._streamers)
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        failure: errors.RunledgerError | None = None
+        for streamer in streamers:
+            if not streamer.sending:
+                continue  # finished, failed, or stopped: nothing left that could still be stored
+            try:
+                streamer.close(max(deadline - time.monotonic(), 0.0))
+            except errors.RunledgerError as exc:
+                streamer.abandon()
+                failure = failure or exc
         with self._lock:
             self._closed = True
             channel, self._channel = self._channel, None
             self._stubs = {}
         if channel is not None:
             channel.close()
+        if failure is not None:
+            raise failure
 
     def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        try:
+            self.close()
+        except errors.RunledgerError as err:
+            if exc_type is None:
+                raise
+            _LOGGER.warning("closing %r: %s (while handling %s)", self, err, exc_type.__name__)
 
     def __reduce__(self) -> Any:
         raise TypeError(
@@ -206,6 +237,7 @@ class Client:
         self._channel = None
         self._stubs = {}
         self._lock = threading.Lock()
+        self._streamers = weakref.WeakSet()  # the parent's senders, which the child neither has nor sends for
         if self.writer_id is not None:
             # The parent keeps writing as this writer: a child's runs must not number their batches alike.
             self.writer_id = _ids.forked_writer_id(self.writer_id)
@@ -381,9 +413,14 @@ class Client:
                     return 0
                 raise
 
-        return MetricStreamer(
-            run_id, writer_id, open_stream, self.streamer_config, first_seq=first_seq if resumable else None
-        )
+        with self._lock:  # registered before close() can take its list of senders to flush
+            if self._closing:
+                raise errors.FailedPrecondition("the client is closed", reason="CLIENT_CLOSED")
+            streamer = MetricStreamer(
+                run_id, writer_id, open_stream, self.streamer_config, first_seq=first_seq if resumable else None
+            )
+            self._streamers.add(streamer)
+        return streamer
 
     def metric_history(
         self,
