@@ -215,6 +215,10 @@ class Database:
         finally:
             conn.close()  # back to the pool
 
+    def driver_sql(self, sql: str) -> str:
+        """`?` placeholders in the driver's own style, for SQL passed to the driver as it is."""
+        return sql if self._placeholder == "?" else sql.replace("?", self._placeholder)
+
     @property
     def _placeholder(self) -> str:
         return "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
