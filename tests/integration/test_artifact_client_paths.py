@@ -85,7 +85,7 @@ def test_a_255_byte_name_inside_a_directory_round_trips_and_resumes(
     assert 100_000 in steps  # the partial file's bytes counted at once: resumed, not started over
     assert moved[-1] == sum(len(data) for data in files.values())  # and each file fetched once
     assert _files(out) == files and not partial.exists()
-    assert [p for p in out.iterdir() if p.name.endswith(".part")] == []
+    assert [p for p in out.iterdir() if p.name.endswith(client_paths.PARTIAL_SUFFIX)] == []
 
 
 def test_a_local_write_failure_is_a_runledger_error_naming_the_file(
@@ -169,6 +169,7 @@ def test_the_client_uploads_decomposed_local_names_under_their_nfc_paths(
         "/".join(["z" * 200] * 6),  # longer than 1024 characters
         os.fsdecode(b"z\xff.bin"),  # not UTF-8
         f"z/{NFC}",  # its decomposed twin below is the same artifact path
+        "z\x85bad.bin",  # a C1 control character (NEXT LINE)
     ],
 )
 def test_a_directory_with_one_name_the_server_would_refuse_uploads_nothing(
@@ -184,7 +185,53 @@ def test_a_directory_with_one_name_the_server_would_refuse_uploads_nothing(
     assert _paths(artifacts, run_id) == []
 
 
+def test_a_file_and_a_directory_that_are_one_name_once_normalised_upload_nothing(
+    channel: grpc.Channel, artifacts: Stub, run_id: str, tmp_path: Path
+) -> None:
+    root = _tree(tmp_path / "dir", {"a.bin": b"first", unicodedata.normalize("NFD", "café"): b"a file"})
+    _tree(root, {f"{unicodedata.normalize('NFC', 'café')}/x.bin": b"below a directory"})
+    with pytest.raises(InvalidArgument) as info:
+        client_artifacts.upload_dir(channel, run_id, root, progress=False)
+    assert info.value.metadata["field"] == "path" and "also a file" in info.value.message
+    assert _paths(artifacts, run_id) == []  # refused before the first file was sent
+
+
+def test_the_server_refuses_c1_control_characters_in_new_paths(artifacts: Stub, run_id: str) -> None:
+    r = refusal(lambda: artifacts.UploadArtifact(_requests(run_id, "a\x85b.bin", b"x")))
+    assert (r.code, r.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "path")
+    assert "control character" in r.message and _paths(artifacts, run_id) == []
+
+
 # ---- a download writes only below its destination, and never one of its files over another ------------
+def test_a_download_leaves_files_named_like_other_tools_partial_files_alone(
+    channel: grpc.Channel, artifacts: Stub, run_id: str, tmp_path: Path
+) -> None:
+    artifacts.UploadArtifact(_requests(run_id, "d/x.part", b"an artifact that happens to end in .part"))
+    artifacts.UploadArtifact(_requests(run_id, "d/x", b"the model"))
+    out = tmp_path / "out"
+    out.mkdir()
+    client_artifacts.download(channel, run_id, "d/x.part", out, progress=False)
+    client_artifacts.download(channel, run_id, "d/x", out, progress=False)
+    assert _files(out) == {"x.part": b"an artifact that happens to end in .part", "x": b"the model"}
+
+
+def test_a_set_holding_the_partial_name_of_another_of_its_files_is_refused(
+    channel: grpc.Channel, artifacts: Stub, run_id: str, tmp_path: Path
+) -> None:
+    artifacts.UploadArtifact(_requests(run_id, "d/x", b"the model"))
+    artifacts.UploadArtifact(_requests(run_id, f"d/.x{client_paths.PARTIAL_SUFFIX}", b"made on purpose"))
+    with pytest.raises(FailedPrecondition) as info:
+        client_artifacts.download(channel, run_id, "d", tmp_path / "out", progress=False)
+    assert info.value.reason == "ARTIFACT_PATHS_COLLIDE" and not (tmp_path / "out").exists()
+
+
+def test_a_download_path_is_checked_and_named_as_the_caller_gave_it(channel: grpc.Channel, run_id: str) -> None:
+    for bad in ("a\\b", f"d/{NFD}"):
+        with pytest.raises(InvalidArgument) as info:
+            client_artifacts.download(channel, run_id, bad, "unused", progress=False)
+        assert info.value.metadata["field"] == "path"
+
+
 def test_a_listed_path_outside_the_destination_is_refused_before_anything_is_written(
     channel: grpc.Channel, run_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

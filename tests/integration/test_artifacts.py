@@ -33,7 +33,7 @@ from runledger_server.domain import manifest as manifest_rule
 from runledger_server.domain.errors import NotFound
 from runledger_server.domain.lineage import Lineage
 from runledger_server.embedded import EmbeddedServer
-from runledger_server.services.artifacts import ArtifactService
+from runledger_server.services.artifacts import ArtifactService, canonical_manifest
 from tests.fixtures.s3 import S3Server, moto_process
 from tests.support import refusal
 
@@ -159,7 +159,7 @@ def test_round_trip_64_mib_through_the_client_helpers(
     assert seen[-1] == (64 * MiB, 64 * MiB)
     out = client_artifacts.download(channel, run_id, "final/model.safetensors", tmp_path / "out.bin", progress=False)
     assert out == tmp_path / "out.bin" and out.read_bytes() == src.read_bytes()
-    assert not (tmp_path / "out.bin.part").exists()
+    assert not (tmp_path / ".out.bin.runledger-part").exists()
     assert stored() == 1
 
 
@@ -217,6 +217,17 @@ def test_manifest_refusals(artifacts: Stub, run_id: str) -> None:
     assert (r.code, r.reason) == (grpc.StatusCode.NOT_FOUND, "ARTIFACT_NOT_FOUND") and "nothing" in r.message
     root = artifacts.GetArtifactManifest(pb.GetArtifactManifestRequest(run_id=run_id, path=""))
     assert [e.path for e in root.entries] == ["dir/file.bin"]
+
+
+def test_a_manifests_digest_downloads_the_manifest(artifacts: Stub, run_id: str) -> None:
+    _upload(artifacts, run_id, "adapter/a.bin", b"weights")
+    _upload(artifacts, run_id, "adapter/config.json", b"{}")
+    m = artifacts.GetArtifactManifest(pb.GetArtifactManifestRequest(run_id=run_id, path="adapter"))
+    listed, body = _download(artifacts, sha256=m.sha256)
+    assert listed.sha256 == m.sha256 == hashlib.sha256(body).hexdigest()
+    entries = manifest_rule.build(manifest_rule.ManifestEntry(e.path, e.sha256, e.size) for e in m.entries)
+    assert body == canonical_manifest(entries)
+    assert [e.path for e in m.entries] == ["a.bin", "config.json"]
 
 
 # ---- deduplication and immutability ------------------------------------------------------------------
@@ -362,6 +373,10 @@ def test_download_from_an_offset_and_by_digest(artifacts: Stub, run_id: str) -> 
     r = refusal(lambda: _download(artifacts, run_id=run_id, path="missing.bin"))
     assert (r.code, r.reason, r.metadata["field"]) == (grpc.StatusCode.NOT_FOUND, "ARTIFACT_NOT_FOUND", "path")
     assert "missing.bin" in r.message
+    other = _upload(artifacts, run_id, "other.bin", b"other content")
+    # Both forms at once: refused, rather than one silently chosen over the other.
+    r = refusal(lambda: _download(artifacts, run_id=run_id, path="resume.bin", sha256=other.sha256))
+    assert (r.code, r.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "sha256")
 
 
 def test_client_download_resumes_a_partial_file_and_verifies(
@@ -370,7 +385,7 @@ def test_client_download_resumes_a_partial_file_and_verifies(
     data = _blob(3 * MiB + 5, seed=7)
     _upload(artifacts, run_id, "big.bin", data)
     dest = tmp_path / "big.bin"
-    partial = tmp_path / "big.bin.part"
+    partial = tmp_path / ".big.bin.runledger-part"
     partial.write_bytes(data[: MiB + 3])  # an interrupted earlier download
     moved: list[int] = []
     client_artifacts.download(channel, run_id, "big.bin", dest, progress=lambda done, total: moved.append(done))
@@ -416,7 +431,7 @@ def test_client_download_refuses_bytes_that_do_not_match_the_record(
     with pytest.raises(DataLoss) as info:  # a fresh download: no partial file to blame, no second try
         client_artifacts.download(channel, run_id, "rot.bin", dest, progress=False)
     assert info.value.reason == "DIGEST_MISMATCH" and info.value.metadata["expectedSha256"] == art.sha256
-    assert not dest.exists() and not (tmp_path / "rot.bin.part").exists()
+    assert not dest.exists() and not (tmp_path / ".rot.bin.runledger-part").exists()
 
 
 def test_listing_pages_in_path_order(artifacts: Stub, run_id: str) -> None:
@@ -570,7 +585,7 @@ def test_client_download_fetches_straight_from_s3(
         client_artifacts.download(channel, run_id, "w.bin", tmp_path / "a.bin", progress=False)
         direct = "straight from the artifact store" in caplog.text
         caplog.clear()
-        (tmp_path / "b.bin.part").write_bytes(data[:MiB])  # resumed with a range request
+        (tmp_path / ".b.bin.runledger-part").write_bytes(data[:MiB])  # resumed with a range request
         client_artifacts.download(channel, run_id, "w.bin", tmp_path / "b.bin", progress=False)
         resumed_direct = "straight from the artifact store" in caplog.text
         caplog.clear()

@@ -218,16 +218,44 @@ def test_paths_that_collide_ignoring_case_or_normalisation(paths: list[str], cla
 
 
 # ---- partial files -------------------------------------------------------------------------------------
-def test_a_short_name_is_downloaded_next_to_itself_as_name_part(tmp_path: Path) -> None:
-    assert client_paths.partial_path(tmp_path / "big.bin") == tmp_path / "big.bin.part"
-    name = "n" * 250  # .part still fits in 255 bytes
-    assert client_paths.partial_path(tmp_path / name) == tmp_path / f"{name}.part"
+def test_a_short_name_is_downloaded_next_to_itself_as_a_hidden_partial_file(tmp_path: Path) -> None:
+    assert client_paths.partial_path(tmp_path / "big.bin") == tmp_path / ".big.bin.runledger-part"
+    name = "n" * 239  # "." + name + ".runledger-part" is 255 bytes
+    assert client_paths.partial_path(tmp_path / name) == tmp_path / f".{name}.runledger-part"
+    # A user's own `big.bin.part` is not the download's: nothing named like that is resumed or removed.
+    assert client_paths.partial_path(tmp_path / "big.bin") != tmp_path / "big.bin.part"
 
 
-@pytest.mark.parametrize("name", ["m" * 251, "m" * 255, "模" * 85, "é" * 127, "é" * 126 + "x"])
+@pytest.mark.parametrize("name", ["m" * 240, "m" * 255, "模" * 85, "é" * 127, "é" * 126 + "x"])
 def test_a_long_name_gets_a_short_stable_partial_name(tmp_path: Path, name: str) -> None:
     partial = client_paths.partial_path(tmp_path / name)
-    assert partial.parent == tmp_path and partial.name.endswith(".part") and partial.name.startswith(".")
+    assert partial.parent == tmp_path and partial.name.endswith(".runledger-part") and partial.name.startswith(".")
     assert len(os.fsencode(partial.name)) <= 80
     assert client_paths.partial_path(tmp_path / name) == partial  # the same target resumes the same file
     assert client_paths.partial_path(tmp_path / (name[:-1] + "z")) != partial
+
+
+def test_c1_control_characters_are_refused_in_new_paths_and_read_in_stored_ones() -> None:
+    assert artifact_paths.file_path("a\x85b") == "a\x85b"  # stored before the rule: still addressable
+    for path in ("a\x85b", "a\x80", "\x9fz"):
+        with pytest.raises(InvalidArgument, match="control character"):
+            artifact_paths.file_path(path, incoming=True)
+        with pytest.raises(client_errors.InvalidArgument, match="control character"):
+            client_paths.check_upload_plan(Path("root"), [(Path("root/x"), path)])
+
+
+def test_an_upload_plan_with_a_file_above_another_file_is_refused() -> None:
+    plan = [(Path("r/a"), "m/a"), (Path("r/b"), "m/a/b")]
+    with pytest.raises(client_errors.InvalidArgument, match="also a file") as info:
+        client_paths.check_upload_plan(Path("r"), plan)
+    assert info.value.metadata["field"] == "path"
+    client_paths.check_upload_plan(Path("r"), [(Path("r/a"), "m/ab"), (Path("r/b"), "m/a/b")])  # a prefix only
+
+
+def test_a_set_whose_file_is_another_ones_partial_download_is_refused(tmp_path: Path) -> None:
+    target = tmp_path / "x"
+    client_paths.refuse_own_names([target, tmp_path / "y"])
+    for own in (client_paths.partial_path(target), client_paths.partial_path(target, client_paths.LOCK_SUFFIX)):
+        with pytest.raises(client_errors.FailedPrecondition) as info:
+            client_paths.refuse_own_names([target, own])
+        assert info.value.reason == "ARTIFACT_PATHS_COLLIDE"

@@ -19,13 +19,17 @@ from pathlib import Path
 
 from runledger.errors import FailedPrecondition, InvalidArgument
 
-PARTIAL_SUFFIX = ".part"
+# Partial downloads and their locks are hidden files with this suffix: a download deletes and resumes only files
+# named like this, never a file the user keeps next to the target (`model.bin.part` of another artifact).
+PARTIAL_SUFFIX = ".runledger-part"
+LOCK_SUFFIX = PARTIAL_SUFFIX + ".lock"
 NAME_MAX = 255  # bytes in one file name on common file systems (UTF-16 units on Windows: never more)
 # In UTF-8 bytes: the database indexes (run, path), and PostgreSQL refuses an index row over 2704 bytes.
 MAX_PATH_BYTES = 1024
 MAX_SEGMENT_BYTES = 255
 INVALID_PATH = "INVALID_ARTIFACT_PATH"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_C1_CONTROL = re.compile(r"[\x80-\x9f]")  # refused in new uploads; paths stored before stay downloadable
 
 
 def path_problem(path: str) -> str | None:
@@ -100,15 +104,30 @@ def colliding_paths(paths: Iterable[str]) -> list[tuple[str, str]]:
 
 
 def partial_path(target: Path, suffix: str = PARTIAL_SUFFIX) -> Path:
-    """Where `target` is downloaded before its digest is checked: `<name>.part` next to it, or a short hidden
-    name derived from the name's hash when that would exceed NAME_MAX (the server accepts names of up to 255
-    bytes). The same target always maps to the same file, so an interrupted download resumes. Another `suffix`
-    names another file that goes with the download (its lock)."""
+    """Where `target` is downloaded before its digest is checked: the hidden `.<name>.runledger-part` next to
+    it, or a short hidden name derived from the name's hash when that would exceed NAME_MAX (the server accepts
+    names of up to 255 bytes). The same target always maps to the same file, so an interrupted download
+    resumes. Another `suffix` names another file that goes with the download (its lock)."""
     name = target.name
-    if len(os.fsencode(name + suffix)) <= NAME_MAX:
-        return target.with_name(name + suffix)
+    if len(os.fsencode(f".{name}{suffix}")) <= NAME_MAX:
+        return target.with_name(f".{name}{suffix}")
     digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:8]
     return target.with_name(f".{name[:16]}.{digest}{suffix}")  # at most 79 bytes and the suffix
+
+
+def refuse_own_names(targets: list[Path]) -> None:
+    """Refuse a download whose files include the partial or lock file of another of them: writing one would
+    destroy the other's (only a set made on purpose can do it, since those names are hidden and long)."""
+    wanted = set(targets)
+    for target in targets:
+        for own in (partial_path(target), partial_path(target, LOCK_SUFFIX)):
+            if own in wanted:
+                raise FailedPrecondition(
+                    f"the artifact written to {own} has the name of the partial download of {target}: download "
+                    "them one by one to other names (nothing was written)",
+                    reason="ARTIFACT_PATHS_COLLIDE",
+                    metadata={"field": "path", "path": str(own)[:200]},
+                )
 
 
 def nfc(name: str) -> str:
@@ -140,10 +159,17 @@ def check_upload_plan(root: Path, plan: list[tuple[Path, str]]) -> None:
     """Refuse the whole directory before anything is sent: a path the server would refuse, or two local
     names that are one artifact path once normalised."""
     claimed: dict[str, Path] = {}
+    files = {target for _, target in plan}
     for local, target in plan:
         problem = path_problem(target)
+        if problem is None and _C1_CONTROL.search(target):
+            problem = "contains a control character"
         if problem is None and claimed.setdefault(target, local) != local:
             problem = f"is also the NFC form of {claimed[target]}"
+        if problem is None:
+            parent = next((d for d in _ancestors(target) if d in files), None)
+            if parent is not None:  # `café` a file (NFD on disk) and `café/x` below a directory (NFC)
+                problem = f"is below {parent!r}, which is also a file of this directory once normalised"
         if problem is not None:
             raise InvalidArgument(
                 f"path {target[:200]!r} (for {local}) {problem}; nothing below {root} was uploaded",
@@ -165,6 +191,11 @@ def refuse_collisions(destination: Path, paths: list[str]) -> None:
         reason="ARTIFACT_PATHS_COLLIDE",
         metadata={"paths": "\n".join(f"{a}\t{b}" for a, b in clashes)[:2000]},
     )
+
+
+def _ancestors(path: str) -> list[str]:
+    parts = path.split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def ignores_case(directory: Path) -> bool:

@@ -24,13 +24,14 @@ from typing import Any, BinaryIO
 import grpc
 
 from runledger.artifact_paths import (
-    PARTIAL_SUFFIX,
+    LOCK_SUFFIX,
     check_path,
     check_upload_plan,
     local_target,
     nfc,
     partial_path,
     refuse_collisions,
+    refuse_own_names,
 )
 from runledger.errors import DataLoss, LocalFileError, NotFound, RunledgerError, from_rpc_error
 from runledger.v1 import artifact_pb2, artifact_service_pb2 as pb, artifact_service_pb2_grpc
@@ -132,6 +133,8 @@ def download(
     """
     stub = artifact_service_pb2_grpc.ArtifactServiceStub(channel)
     path = path.strip("/") if path not in ("", "/") else ""
+    if path:
+        check_path(path, "path")  # named as the caller passed it, before the listing would name its prefix
     found = [a for a in list_artifacts(channel, run_id, prefix=path, unary=unary) if _is_below(a.path, path)]
     if not found:
         raise NotFound(f"runs/{run_id} has no artifact at {path!r}", reason="ARTIFACT_NOT_FOUND", metadata={})
@@ -145,6 +148,7 @@ def download(
         below = [a.path[len(prefix) :] for a in found]
         plan = [(a, local_target(destination, rel)) for a, rel in zip(found, below, strict=True)]
         refuse_collisions(destination, below)
+        refuse_own_names([local for _, local in plan])
     direct = _Direct(presigned)
     with _Meter(progress, sum(a.size for a in found), path or run_id) as meter:
         for artifact, local in plan:
@@ -246,7 +250,7 @@ def _one_download_at_a_time(target: Path) -> Iterator[None]:
     except ImportError:  # no advisory locks (Windows): downloads there do not coordinate
         yield
         return
-    lock = partial_path(target, PARTIAL_SUFFIX + ".lock")
+    lock = partial_path(target, LOCK_SUFFIX)
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -350,7 +354,7 @@ def _receive(
             offset += len(chunk)
             meter.advance(len(chunk))
     except grpc.RpcError as err:
-        raise from_rpc_error(err) from None  # the .part file stays for a resumed attempt
+        raise from_rpc_error(err) from None  # the partial file stays for a resumed attempt
     if not isinstance(url, str):
         return offset
     try:

@@ -16,6 +16,7 @@ MAX_PATH_BYTES = 1024
 MAX_SEGMENT_BYTES = 255  # what a filesystem accepts as one name when the artifact is downloaded
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_C1_CONTROL = re.compile(r"[\x80-\x9f]")  # refused in new paths; stored ones stay readable (see file_path)
 INVALID_PATH = "INVALID_ARTIFACT_PATH"
 NOT_NFC = "is not in Unicode NFC form (normalise it first: unicodedata.normalize('NFC', ...))"
 
@@ -63,9 +64,14 @@ def _problem(path: str) -> str | None:
     return None
 
 
-def file_path(path: str, field: str = "path") -> str:
-    """A file's path within a run: relative, `/`-separated, NFC, no `.`/`..`/empty segments, no backslash or NUL."""
+def file_path(path: str, field: str = "path", *, incoming: bool = False) -> str:
+    """A file's path within a run: relative, `/`-separated, NFC, no `.`/`..`/empty segments, no backslash or NUL.
+
+    `incoming`: a path about to be stored, which may not hold C1 control characters either (U+0080-U+009F);
+    paths stored before that rule stay valid for reading them back."""
     problem = _problem(path)
+    if problem is None and incoming and _C1_CONTROL.search(path):
+        problem = "contains a control character"
     if problem is not None:
         raise InvalidArgument(f"{field} {path[:200]!r} {problem}", field=field, reason=INVALID_PATH)
     return path

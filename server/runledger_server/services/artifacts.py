@@ -95,7 +95,7 @@ class ArtifactService:
     def begin_upload(self, run_id: str, path: str, size: int | None, sha256: str) -> Upload:
         """Validate the header and refuse what would be refused at the end, before any byte is stored."""
         run_id = names.run_id(run_id)
-        path = artifact_paths.file_path(path)
+        path = artifact_paths.file_path(path, incoming=True)
         if size is not None and size < 0:
             raise InvalidArgument(f"size must be >= 0, got {size}", field="size")
         declared = artifact_paths.sha256_hex(sha256) if sha256 else None
@@ -139,6 +139,10 @@ class ArtifactService:
         return record, chunks, None
 
     def _locate(self, run_id: str, path: str, sha256: str) -> ArtifactRecord:
+        if sha256 and path:
+            raise InvalidArgument(
+                "sha256 and path both name an artifact: give run_id and path, or sha256 alone", field="sha256"
+            )
         if sha256:
             digest = artifact_paths.sha256_hex(sha256)
             found = self.index.by_digest(digest)
@@ -184,6 +188,19 @@ class ArtifactService:
         ]
         return directory, manifest_rule.build(entries)
 
+    def published_manifest(self, run_id: str, path: str) -> tuple[str, manifest_rule.Manifest]:
+        """`manifest()`, with the manifest stored under its digest, so that a download by that digest gives the
+        list of files it stands for (content-addressed: storing it again changes nothing)."""
+        directory, manifest = self.manifest(run_id, path)
+        self._publish(manifest)
+        return directory, manifest
+
+    def _publish(self, manifest: manifest_rule.Manifest) -> str:
+        body = canonical_manifest(manifest)
+        if self.blobs.size(manifest.sha256) == len(body):
+            return self.blobs.uri(manifest.sha256)
+        return self.blobs.put(manifest.sha256, io.BytesIO(body), len(body))
+
     def describe(
         self,
         run_id: str,
@@ -205,11 +222,9 @@ class ArtifactService:
             if record is not None:
                 return Description(record.sha256, record.size, record.uri, False)
         _, manifest = self.manifest(run_id, directory, field)
-        body = canonical_manifest(manifest)
         if before_publish is not None:
             before_publish()
-        uri = self.blobs.put(manifest.sha256, io.BytesIO(body), len(body))
-        return Description(manifest.sha256, manifest.size, uri, True)
+        return Description(manifest.sha256, manifest.size, self._publish(manifest), True)
 
 
 class Upload:

@@ -169,7 +169,7 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
     async def GetArtifactManifest(
         self, request: pb.GetArtifactManifestRequest, context: Any
     ) -> artifact_pb2.ArtifactManifest:
-        directory, manifest = await self._call(self._svc.manifest, request.run_id, request.path)
+        directory, manifest = await self._call(self._svc.published_manifest, request.run_id, request.path)
         return artifact_pb2.ArtifactManifest(
             run_id=request.run_id,
             path=directory,

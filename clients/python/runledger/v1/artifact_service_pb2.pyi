@@ -34,7 +34,7 @@ class UploadArtifactHeader(_message.Message):
     path: _builtins.str
     """Required. The relative path within the run: `/`-separated, Unicode NFC,
     no `.` or `..` segments, no leading `/`, no backslash or control
-    characters, at most 255 bytes per segment.
+    characters (C0, DEL and C1), at most 255 bytes per segment.
     """
     size: _builtins.int
     """Optional. The expected size; a mismatch is INVALID_ARGUMENT."""
@@ -104,7 +104,9 @@ class DownloadArtifactRequest(_message.Message):
     path: _builtins.str
     """The path within the run (with `run_id`)."""
     sha256: _builtins.str
-    """Or the sha256 hex of the content."""
+    """Or the sha256 hex of the content, alone: with `path` as well, the request
+    is INVALID_ARGUMENT.
+    """
     offset: _builtins.int
     """Optional. The byte offset to resume from."""
     accept_presigned_url: _builtins.bool

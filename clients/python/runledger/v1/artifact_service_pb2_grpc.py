@@ -86,7 +86,9 @@ class ArtifactServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetArtifactManifest(self, request, context):
-        """Returns the manifest (and its content address) of a directory.
+        """Returns the manifest (and its content address) of a directory. The
+        manifest is stored under its digest, so DownloadArtifact by that sha256
+        returns it (storing it again changes nothing: it is content-addressed).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

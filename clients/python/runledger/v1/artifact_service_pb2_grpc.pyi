@@ -45,7 +45,10 @@ class ArtifactServiceStub:
     ListArtifacts: _grpc.UnaryUnaryMultiCallable[_artifact_service_pb2.ListArtifactsRequest, _artifact_service_pb2.ListArtifactsResponse]
     """Lists a run's artifacts under a path prefix, in path order."""
     GetArtifactManifest: _grpc.UnaryUnaryMultiCallable[_artifact_service_pb2.GetArtifactManifestRequest, _artifact_pb2.ArtifactManifest]
-    """Returns the manifest (and its content address) of a directory."""
+    """Returns the manifest (and its content address) of a directory. The
+    manifest is stored under its digest, so DownloadArtifact by that sha256
+    returns it (storing it again changes nothing: it is content-addressed).
+    """
 
 @_typing.type_check_only
 class ArtifactServiceAsyncStub(ArtifactServiceStub):
@@ -63,7 +66,10 @@ class ArtifactServiceAsyncStub(ArtifactServiceStub):
     ListArtifacts: _aio.UnaryUnaryMultiCallable[_artifact_service_pb2.ListArtifactsRequest, _artifact_service_pb2.ListArtifactsResponse]  # type: ignore[assignment]
     """Lists a run's artifacts under a path prefix, in path order."""
     GetArtifactManifest: _aio.UnaryUnaryMultiCallable[_artifact_service_pb2.GetArtifactManifestRequest, _artifact_pb2.ArtifactManifest]  # type: ignore[assignment]
-    """Returns the manifest (and its content address) of a directory."""
+    """Returns the manifest (and its content address) of a directory. The
+    manifest is stored under its digest, so DownloadArtifact by that sha256
+    returns it (storing it again changes nothing: it is content-addressed).
+    """
 
 class ArtifactServiceServicer(metaclass=_abc_1.ABCMeta):
     """Content-addressed artifact storage for checkpoints and adapters."""
@@ -102,6 +108,9 @@ class ArtifactServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _artifact_service_pb2.GetArtifactManifestRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_artifact_pb2.ArtifactManifest, _abc.Awaitable[_artifact_pb2.ArtifactManifest]]:
-        """Returns the manifest (and its content address) of a directory."""
+        """Returns the manifest (and its content address) of a directory. The
+        manifest is stored under its digest, so DownloadArtifact by that sha256
+        returns it (storing it again changes nothing: it is content-addressed).
+        """
 
 def add_ArtifactServiceServicer_to_server(servicer: ArtifactServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
