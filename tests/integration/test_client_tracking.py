@@ -216,11 +216,93 @@ def test_bad_metric_input_is_refused_in_the_callers_hands(client: runledger.Clie
         run.log_metrics({"loss": 1.0}, step=1 << 63)
     with pytest.raises(errors.InvalidArgument):
         run.log_metrics({"kl": None}, step=2)  # keys never logged again: must not hold up the rest
+    with pytest.raises(errors.InvalidArgument) as named:
+        run.log_metrics({"loss": 1.0, "acc": "high"}, step=2)
+    assert named.value.metadata["field"] == "values[acc]" and "'acc'" in named.value.message
+    with pytest.raises(errors.InvalidArgument) as boolean:
+        run.log_metrics({"loss": 1.0}, step=True)
+    assert boolean.value.metadata["field"] == "step"
+    # Half an emoji (a JSON label's "\ud83d"): refused here; it used to be taken, then stop every later batch.
+    with pytest.raises(errors.InvalidArgument):
+        run.log_metrics({"acc/\ud83d": 0.9}, step=2)
     run.log_metrics({"loss": 1.0}, step=np.int64(3))  # numpy integers are integers
     run.log_metrics({"reward": 0.5}, step=4)
     run.finish(timeout=60)
     assert client.metric_history(run.run_id, "loss").steps.tolist() == [3]
     assert client.metric_history(run.run_id, "reward").steps.tolist() == [4]
+
+
+def test_invalid_writer_ids_are_refused_before_anything_is_logged(server: EmbeddedServer) -> None:
+    for bad in ("x" * 129, "a\x00b", "rank\ud800"):
+        with pytest.raises(errors.InvalidArgument) as info:
+            runledger.Client(server.address, writer_id=bad)
+        assert info.value.metadata["field"] == "writer_id"
+    with runledger.Client(server.address) as client:
+        with pytest.raises(errors.InvalidArgument):
+            client.start_run(experiment="writer-ids", writer_id="w" * 129)
+        with pytest.raises(errors.NotFound):  # refused before the experiment or the run was created
+            list(client.search_runs(experiments=["writer-ids"]))
+        run = client.start_run(experiment="writer-ids")
+        with pytest.raises(errors.InvalidArgument):
+            client.attach_run(run.run_id, writer_id="node-a/" + "x" * 130)
+        run.finish()
+
+
+def test_typed_errors_for_eval_scores_params_and_names(client: runledger.Client) -> None:
+    run = client.start_run(experiment="typed-inputs")
+    for metrics, field in (({"acc": "high"}, "metrics[acc]"), ({"acc": None}, "metrics[acc]"), ({1: 0.5}, "metrics")):
+        with pytest.raises(errors.InvalidArgument) as info:
+            run.log_eval_result(suite_fingerprint="suite@1", metrics=metrics)  # type: ignore[arg-type]
+        assert info.value.metadata["field"] == field
+    with pytest.raises(errors.InvalidArgument) as info:
+        run.log_params({"lr": "2e-5\udcff"})
+    assert info.value.metadata["field"] == "params[lr]"
+    with pytest.raises(errors.InvalidArgument) as info:
+        run.set_tags({"team\ud800": "x"})
+    assert info.value.metadata["field"] == "tags"
+    with pytest.raises(errors.InvalidArgument) as info:
+        client.start_run(experiment="typed-inputs", name=5)  # type: ignore[arg-type]
+    assert info.value.metadata["field"] == "display_name"
+    with pytest.raises(errors.InvalidArgument) as info:
+        client.update_run(run.run_id, display_name=5)  # type: ignore[arg-type]
+    assert info.value.metadata["field"] == "display_name"
+    run.finish()
+
+
+def test_finish_with_a_bad_status_closes_nothing_and_can_be_called_again(client: runledger.Client) -> None:
+    run = client.start_run(experiment="finish-again")
+    run.log_metrics({"loss": 1.0}, step=0)
+    with pytest.raises(errors.InvalidArgument):
+        run.finish("DONE")
+    run.log_metrics({"loss": 0.5}, step=1)  # still open
+    run.flush(timeout=math.inf)  # no limit, as None: infinity used to overflow the wait
+    run.finish("FINISHED", timeout=math.inf)
+    assert client.get_run(run.run_id).status == tracking_pb2.RUN_STATUS_FINISHED
+    assert client.metric_history(run.run_id, "loss").steps.tolist() == [0, 1]
+
+
+def test_finish_whose_status_update_failed_sets_it_when_called_again(tmp_path: Path) -> None:
+    settings = Settings(host="127.0.0.1", port=free_port(), data_dir=tmp_path / "data")
+    first = EmbeddedServer(settings).start()
+    client = runledger.Client(first.address, retry=FAST_RETRY, timeout=None)  # None: no limit
+    try:
+        run = client.start_run(experiment="status-later")
+        run.log_metrics({"loss": 1.0}, step=0)
+        run.flush()
+        first.stop()
+        client.timeout = 0.5
+        with pytest.raises(errors.Unavailable):
+            run.finish()  # the points were all stored; only the status could not be set
+        second = EmbeddedServer(settings).start()
+        try:
+            client.timeout = 30
+            run.finish()
+            assert client.get_run(run.run_id).status == tracking_pb2.RUN_STATUS_FINISHED
+            run.finish()  # done: nothing more
+        finally:
+            second.stop()
+    finally:
+        client.close()
 
 
 def test_log_series_stores_arrays_exactly_in_order_with_per_step_logging(client: runledger.Client) -> None:

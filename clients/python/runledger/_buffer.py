@@ -22,14 +22,38 @@ INT64_MAX = (1 << 63) - 1
 
 def check_key(key: object) -> str:
     """The server's rule for a metric key, checked once per key so a bad key fails in the caller's hands."""
-    if not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH or "\x00" in key or key.strip() != key:
+    if (
+        not isinstance(key, str)
+        or not key
+        or len(key) > MAX_KEY_LENGTH
+        or "\x00" in key
+        or key.strip() != key
+        or not _is_utf8(key)
+    ):
         raise errors.InvalidArgument(
             f"metric key {key!r} is not valid (a string of 1-{MAX_KEY_LENGTH} characters, no NUL, "
-            "no surrounding spaces)",
+            "no surrounding spaces, valid Unicode)",
             reason="INVALID_ARGUMENT",
             metadata={"field": "series.key"},
         )
     return key
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _is_utf8(text: str) -> bool:
+    """False for a string holding a lone surrogate (half of an emoji from a JSON escape): it cannot be sent."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_int64(value: int, field: str) -> int:
@@ -155,8 +179,12 @@ class MetricBuffer:
         except BaseException as exc:  # all or nothing, even when interrupted (KeyboardInterrupt)
             del values[before:]
             if isinstance(exc, (TypeError, ValueError)):
+                bad = next((k for k, v in metrics.items() if not _is_number(v)), None)
+                named = f" ({bad!r}: {metrics[bad]!r})" if bad is not None else ""
                 raise errors.InvalidArgument(
-                    f"metric values must be numbers: {exc}", reason="INVALID_ARGUMENT", metadata={"field": "values"}
+                    f"metric values must be numbers{named}: {exc}",
+                    reason="INVALID_ARGUMENT",
+                    metadata={"field": "values" if bad is None else f"values[{bad}]"},
                 ) from None
             raise
         added = len(values) - before

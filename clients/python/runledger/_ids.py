@@ -7,6 +7,8 @@ import os
 import time
 import uuid
 
+from runledger import errors
+
 _LOGGER = logging.getLogger(__name__)
 
 MAX_WRITER_ID = 128
@@ -22,6 +24,22 @@ def new_run_id() -> str:
     value |= 0b10 << 62
     value |= rand & ((1 << 62) - 1)
     return f"{value:032x}"
+
+
+def check_writer_id(writer_id: object, field: str = "writer_id") -> str:
+    """The server's rule for a writer ID, checked when it is chosen: once points are buffered under a writer
+    ID the server refuses, none of them could be stored."""
+    if isinstance(writer_id, str) and 0 < len(writer_id) <= MAX_WRITER_ID and "\x00" not in writer_id:
+        try:
+            writer_id.encode()  # a lone surrogate cannot be sent
+            return writer_id
+        except UnicodeEncodeError:
+            pass
+    raise errors.InvalidArgument(
+        f"{field} {writer_id!r} is not valid (1-{MAX_WRITER_ID} characters, no NUL, valid Unicode)",
+        reason="INVALID_ARGUMENT",
+        metadata={"field": field},
+    )
 
 
 def new_writer_id() -> str:

@@ -16,6 +16,8 @@ from runledger import errors
 _LOGGER = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# What "no limit" becomes for a gRPC deadline: infinity overflows it (the call fails at once), ~3 years does not.
+NO_LIMIT = 1e8
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ def call_with_retry(
     policy: RetryPolicy,
     *,
     idempotent: bool,
-    budget: float,
+    budget: float | None,
     target: str,
     typed: Callable[[grpc.RpcError], errors.RunledgerError] = errors.from_rpc_error,
     channel: grpc.Channel | None = None,
@@ -63,6 +65,7 @@ def call_with_retry(
     Attempts wait for the server (gRPC's wait_for_ready): one that runs out of time on a `channel` that is
     still not connected never reached the server, and is raised as Unavailable rather than DeadlineExceeded.
     """
+    budget = NO_LIMIT if budget is None or budget > NO_LIMIT else budget  # None or inf: as long as it takes
     deadline = time.monotonic() + budget
     failures = 0
     while True:

@@ -258,7 +258,7 @@ class MetricStreamer:
         remaining = None if deadline is None else deadline - self._clock()
         if remaining is not None and remaining <= 0:
             raise self._timeout_error(timeout)
-        self._cond.wait(remaining)
+        self._cond.wait(None if remaining is None or remaining > threading.TIMEOUT_MAX else remaining)
 
     def _timeout_error(self, timeout: float | None) -> errors.DeadlineExceeded:
         pending = self._outbox.points + self._buffer.points
@@ -519,7 +519,16 @@ class MetricStreamer:
                 if series is None:  # another connection built it meanwhile
                     message = batch.message
                 else:
-                    message = build_request(self.run_id, self.writer_id, batch.seq, series)
+                    try:
+                        message = build_request(self.run_id, self.writer_id, batch.seq, series)
+                    except Exception as exc:
+                        # A batch that cannot be built never will be: fail for good, or every reconnection
+                        # would stop at it again (gRPC reports it as an UNKNOWN status, which is retried).
+                        _LOGGER.exception("metric batch %d of run %s cannot be encoded", batch.seq, self.run_id)
+                        self._fail(
+                            errors.RunledgerError(f"metric batch cannot be encoded: {exc!r}", reason="CLIENT_ERROR")
+                        )
+                        return
                     batch.message = message
                     batch.series = None
             yield message

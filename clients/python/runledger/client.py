@@ -17,7 +17,7 @@ import grpc
 from runledger import _convert, _ids, _process, artifacts, errors, wire
 from runledger._buffer import BatchPolicy
 from runledger._call_metadata import with_metadata
-from runledger._retry import RetryPolicy, call_with_retry
+from runledger._retry import NO_LIMIT, RetryPolicy, call_with_retry
 from runledger._streamer import MetricStreamer, StreamerConfig
 from runledger.history import MetricHistory, from_chunks
 from runledger.registry import AliasWatch, Registry
@@ -67,7 +67,8 @@ class Client:
     Every method raises `runledger.errors.RunledgerError` subclasses, never a raw `grpc.RpcError`.
     A call waits up to `timeout` seconds for the server to be reachable before it is sent (a server restarting
     meanwhile is waited for; one never reached, e.g. a wrong address, is Unavailable `SERVER_UNREACHABLE` after
-    `timeout`). Calls that are safe to repeat are also retried on UNAVAILABLE until `timeout` has passed.
+    `timeout`). Calls that are safe to repeat are also retried on UNAVAILABLE until `timeout` has passed
+    (None or `math.inf`: as long as it takes).
     Responses are the API's protobuf messages (`runledger.v1`), except `Run` and `MetricHistory`.
     """
 
@@ -75,7 +76,7 @@ class Client:
         self,
         target: str,
         *,
-        timeout: float = 30.0,
+        timeout: float | None = 30.0,
         writer_id: str | None = None,
         max_buffered_points: int = 2_000_000,
         batch_points: int = 16_384,
@@ -94,7 +95,7 @@ class Client:
         at most 1,000,000 (the server's limit; ValueError above it)."""
         self.target = target
         self.timeout = timeout
-        self.writer_id = writer_id
+        self.writer_id = None if writer_id is None else _ids.check_writer_id(writer_id)
         self.finish_timeout = finish_timeout
         self.retry = retry or RetryPolicy()
         self.streamer_config = StreamerConfig(
@@ -196,7 +197,8 @@ class Client:
                 return
             self._closing = True  # no new metric senders; the channel stays open for the ones being flushed
             streamers = list(self._streamers)
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        budget = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + (NO_LIMIT if budget is None or budget > NO_LIMIT else budget)
         failure: errors.RunledgerError | None = None
         for streamer in streamers:
             if not streamer.sending:
@@ -309,8 +311,11 @@ class Client:
         makes a retried create safe; a given `run_id` whose run is exactly what this call asks for and still
         running returns that run (a retry, or a restarted script), any other run of that ID is AlreadyExists.
         """
+        if writer_id:
+            _ids.check_writer_id(writer_id)  # before the run is created, not when its first points are sent
         chosen = run_id or _ids.new_run_id()
-        request = pb.CreateRunRequest(
+        request = _convert.request(
+            pb.CreateRunRequest,
             experiment=self._experiment_name(experiment),
             display_name=name,
             params=_convert.string_map(params, "params"),
@@ -333,6 +338,8 @@ class Client:
     def attach_run(self, run_id: str, *, writer_id: str | None = None) -> Run:
         """Another writer of an existing run (e.g. one rank of a distributed job). Its context exit flushes
         but leaves the run's status to the `Run` that started it. Each writer needs its own writer_id."""
+        if writer_id:
+            _ids.check_writer_id(writer_id)
         info = self.get_run(run_id)
         return Run(self, info, writer_id=writer_id or self.writer_id, owns_status=False)
 
@@ -352,7 +359,7 @@ class Client:
         if status is not None:
             request.status = _convert.run_status(status)
         if display_name is not None:
-            request.display_name = display_name
+            request.MergeFrom(_convert.request(pb.UpdateRunRequest, display_name=display_name))
         return self._call(self._tracking.UpdateRun, request, idempotent=True, timeout=timeout)
 
     def search_runs(
@@ -456,8 +463,11 @@ class Client:
         self, run_id: str, *, suite_fingerprint: str, metrics: Mapping[str, float]
     ) -> tracking_pb2.EvalResult:
         """Record a run's scores on an eval suite (immutable: a changed score raises AlreadyExists)."""
-        request = pb.LogEvalResultRequest(
-            run_id=run_id, suite_fingerprint=suite_fingerprint, metrics={k: float(v) for k, v in metrics.items()}
+        request = _convert.request(
+            pb.LogEvalResultRequest,
+            run_id=run_id,
+            suite_fingerprint=suite_fingerprint,
+            metrics=_convert.number_map(metrics, "metrics"),
         )
         return self._call(self._tracking.LogEvalResult, request, idempotent=True)
 

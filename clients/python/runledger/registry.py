@@ -13,6 +13,7 @@ compare-and-swap raises `StaleRevision` (ABORTED). Every other refusal is a type
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
 import time
@@ -100,10 +101,10 @@ class AliasWatch:
     watch too, here and on the server.
     """
 
-    def __init__(self, open_call: Callable[[], Any], policy: RetryPolicy, budget: float) -> None:
+    def __init__(self, open_call: Callable[[], Any], policy: RetryPolicy, budget: float | None) -> None:
         self._open = open_call
         self._policy = policy
-        self._budget = budget
+        self._budget = math.inf if budget is None else budget
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._call = open_call()
@@ -170,7 +171,7 @@ class Registry:
         self,
         channel: grpc.Channel,
         *,
-        timeout: float = 30.0,
+        timeout: float | None = 30.0,
         metadata: Sequence[tuple[str, str]] = (),
         retry: RetryPolicy | None = None,
     ):

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from runledger import _ids, _process, errors
+from runledger import _convert, _ids, _process, errors
 from runledger._buffer import INT64_MAX, INT64_MIN
 from runledger._streamer import MetricStreamer
 from runledger.artifacts import Progress
@@ -50,7 +50,8 @@ class Run:
         self._stream: MetricStreamer | None = None
         self._dropped: weakref.finalize | None = None  # ends the stream when this object is collected
         self._lock = threading.Lock()
-        self._finished = False
+        self._closed = False  # finish() began: no new metric stream is opened
+        self._finished = False  # finish() completed: calling it again does nothing
         _process.track(self)
 
     def __repr__(self) -> str:
@@ -120,7 +121,7 @@ class Run:
     def _open_stream(self) -> MetricStreamer:
         with self._lock:
             if self._stream is None:
-                if self._finished:
+                if self._closed:
                     raise errors.FailedPrecondition(
                         f"run {self.run_id} is finished; no more metrics can be logged through this object",
                         reason="RUN_CLOSED",
@@ -206,12 +207,16 @@ class Run:
 
         `status` defaults to FINISHED for a run this object started and to "unchanged" for an attached one.
         When the flush fails or `timeout` expires, the points not yet stored are given up, the run is marked
-        FAILED (if this object owns its status) and the error is raised. Calling it again does nothing.
+        FAILED (if this object owns its status) and the error is raised. When only setting the status fails
+        (the server unreachable for a moment), the points are stored and calling it again sets the status.
+        Once it has succeeded, calling it again does nothing.
         """
+        if status is not None:
+            _convert.run_status(status)  # a status the server would refuse is refused before anything closes
         with self._lock:
             if self._finished:
                 return
-            self._finished = True
+            self._closed = True
             stream = self._stream
         if status is None and self.owns_status:
             status = "FINISHED"
@@ -220,10 +225,12 @@ class Run:
                 stream.close(timeout)
             except errors.RunledgerError:
                 stream.abandon()
+                with self._lock:
+                    self._finished = True  # the points are given up: nothing a second call could change
                 if status is not None:
                     self._set_status_quietly("FAILED")
                 raise
-            except BaseException:
+            except (KeyboardInterrupt, SystemExit):
                 # Interrupted (Ctrl-C) while the points were being flushed: they stay queued, for the flush at
                 # exit to deliver, and the run is marked KILLED, briefly trying, since someone is waiting.
                 if status is not None:
@@ -231,6 +238,8 @@ class Run:
                 raise
         if status is not None:
             self.info = self._client.update_run(self.run_id, status=status)
+        with self._lock:
+            self._finished = True
 
     def _set_status_quietly(self, status: str, timeout: float | None = None) -> None:
         try:
@@ -274,13 +283,19 @@ class Run:
 def _int64(value: Any, field: str) -> int:
     """An int64 argument (an int, or anything with __index__ such as numpy integers), else InvalidArgument."""
     try:
+        if isinstance(value, (bool, np.bool_)):  # True is an int to Python, but never a step someone meant
+            raise TypeError
         number = operator.index(value)
     except TypeError:
         raise errors.InvalidArgument(
-            f"{field} must be an integer, got {type(value).__name__}", reason="INVALID_ARGUMENT"
+            f"{field} must be an integer, got {type(value).__name__}",
+            reason="INVALID_ARGUMENT",
+            metadata={"field": field},
         ) from None
     if number > INT64_MAX or number < INT64_MIN:
-        raise errors.InvalidArgument(f"{field} {number} does not fit in int64", reason="INVALID_ARGUMENT")
+        raise errors.InvalidArgument(
+            f"{field} {number} does not fit in int64", reason="INVALID_ARGUMENT", metadata={"field": field}
+        )
     return number
 
 
