@@ -689,3 +689,27 @@ def test_closing_the_client_while_the_server_is_down_raises_after_its_timeout(tm
     with pytest.raises(errors.FailedPrecondition) as closed:
         client.get_run(run.run_id)
     assert closed.value.reason == "CLIENT_CLOSED"
+
+
+def test_finishing_from_inside_a_logging_call_is_refused_not_a_deadlock(client: runledger.Client) -> None:
+    """A signal handler (SIGTERM on a preempted job) runs in the thread it interrupts, possibly inside
+    log_metrics while it holds the run's lock: finish() there used to wait for that lock for ever. Simulated
+    deterministically: the metrics mapping calls back while it is read under the lock."""
+    run = client.start_run(experiment="reentrant")
+    run.log_metrics({"loss": 1.0}, step=0)
+    seen: list[errors.RunledgerError] = []
+
+    class Interrupting(dict):  # type: ignore[type-arg]
+        def values(self):  # type: ignore[no-untyped-def]
+            for call in (lambda: run.finish("KILLED", timeout=5), run.flush, client.close):
+                try:
+                    call()
+                except errors.FailedPrecondition as exc:
+                    seen.append(exc)
+            return super().values()
+
+    run.log_metrics(Interrupting(loss=0.5), step=1)
+    assert [e.reason for e in seen] == ["REENTRANT_CALL"] * 3
+    run.finish()  # once the interrupted call has returned, everything works, and nothing was lost
+    assert client.get_run(run.run_id).status == tracking_pb2.RUN_STATUS_FINISHED
+    assert client.metric_history(run.run_id, "loss").values.tolist() == [1.0, 0.5]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -233,8 +234,37 @@ class MetricStreamer:
             metadata={"runId": self.run_id, "writerId": self.writer_id},
         )
 
+    def check_not_reentered(self, what: str) -> None:
+        """Raise FailedPrecondition REENTRANT_CALL when this thread was interrupted inside a call holding the lock.
+
+        A signal handler (SIGTERM on a preempted job) runs in the thread it interrupts: called from inside
+        `append`, taking the lock would wait for ourselves for ever. Found by looking up this thread's own
+        stack, so the training thread's calls pay nothing for it. (A handler that itself logs metrics is not
+        covered: it would still wait.)
+        """
+        frame = sys._getframe(1)
+        while frame is not None:
+            code = frame.f_code
+            if code in _HOLDING_CODES and frame.f_locals.get("self") is self:
+                if code is _WAITING_CODE:
+                    return  # waiting for room: the condition released the lock meanwhile
+                self._refuse_reentry(what)
+            frame = frame.f_back  # type: ignore[assignment]
+
+    def _refuse_reentry(self, what: str) -> None:
+        """This thread holds the lock further up its stack: a signal handler (SIGTERM on a preempted job, say)
+        interrupted it inside a call of this run. Going on would corrupt the buffer or wait for ourselves."""
+        raise errors.FailedPrecondition(
+            f"{what} on run {self.run_id} was called while this thread is inside another call logging to it "
+            "(from a signal handler?): raise an exception in the handler instead (e.g. sys.exit()), and let the "
+            "run's with-block or a finally clause finish the run once the interrupted call has returned",
+            reason="REENTRANT_CALL",
+            metadata={"runId": self.run_id},
+        )
+
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every point appended before this call is acknowledged (stored) by the server."""
+        self.check_not_reentered("flush")
         deadline = None if timeout is None else self._clock() + timeout
         with self._lock:
             if self._error is not None:
@@ -278,6 +308,7 @@ class MetricStreamer:
         refused (RUN_CLOSED) or waited for: never taken and then given up. Raises what flush raises; the
         sender then goes on until `abandon()`.
         """
+        self.check_not_reentered("finish")
         with self._lock:
             self._closing = self._unusable = True
             self._cond.notify_all()
@@ -532,3 +563,8 @@ class MetricStreamer:
                     batch.message = message
                     batch.series = None
             yield message
+
+
+# Frames of these methods hold a streamer's lock (check_not_reentered), except while waiting for room.
+_WAITING_CODE = MetricStreamer._wait_for_room.__code__
+_HOLDING_CODES = frozenset({MetricStreamer.append.__code__, MetricStreamer.append_columns.__code__, _WAITING_CODE})

@@ -193,6 +193,10 @@ class Client:
         (DeadlineExceeded FLUSH_TIMEOUT, or what stopped the run's sender).
         """
         with self._lock:
+            streamers = list(self._streamers)
+        for streamer in streamers:  # from a signal handler inside log_metrics: refused before anything closes
+            streamer.check_not_reentered("close")
+        with self._lock:
             if self._closing:
                 return
             self._closing = True  # no new metric senders; the channel stays open for the ones being flushed

@@ -213,6 +213,9 @@ class Run:
         """
         if status is not None:
             _convert.run_status(status)  # a status the server would refuse is refused before anything closes
+        stream = self._stream
+        if stream is not None:
+            stream.check_not_reentered("finish")  # from a signal handler that interrupted log_metrics
         with self._lock:
             if self._finished:
                 return
