@@ -1,7 +1,10 @@
 """Artifact use cases: verified content-addressed uploads, resumable downloads, listings, directory manifests.
 
 An upload is recorded only after its bytes are stored under their sha256 and checked against what the
-header declared; a refused upload leaves neither a record nor an object behind.
+header declared; an upload refused for its content or header leaves neither a record nor an object behind.
+One refused at the very end, because another upload recorded the same path (or a clashing file or
+directory) after this one's last check, leaves its stored content without a record: deleting it could pull
+it from under a concurrent upload of the same bytes, so it waits for a collector of unreferenced blobs.
 """
 
 from __future__ import annotations
@@ -264,7 +267,8 @@ class Upload:
             self._writer.write(chunk)
 
     def finish(self) -> ArtifactRecord:
-        """Verify, publish the bytes under their digest, then record the path; on refusal nothing remains."""
+        """Verify, publish the bytes under their digest, then record the path (see the module's note on a
+        refusal at the record itself)."""
         try:
             if self._declared_size is not None and self.received != self._declared_size:
                 raise self._size_mismatch()
