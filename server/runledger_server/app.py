@@ -102,7 +102,7 @@ async def build_server(settings: Settings) -> tuple[Server, int]:
     executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="runledger-worker")
     tracking_store = SqlTrackingStore(db, settings.metric_cache_mib << 20)
     ingest = MetricIngest(tracking_store)
-    tracking = TrackingService(tracking_store, ingest)
+    tracking = TrackingService(tracking_store, ingest, settings.history_max_points)
 
     grpc_server = grpc.aio.server(
         options=[

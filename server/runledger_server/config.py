@@ -14,6 +14,7 @@ DEFAULT_PORT = 50051
 DEFAULT_DATA_DIR = "./runledger-data"
 DEFAULT_METRIC_CACHE_MIB = 128
 DEFAULT_INGEST_BUFFER_MIB = 256
+DEFAULT_HISTORY_MAX_POINTS = 10_000_000
 # What the minio SDK accepts as a region name; anything else would fail later, inside the artifact backend.
 _REGION = re.compile(r"[a-z0-9](?:[a-z0-9_-]{0,61}[a-z0-9])?", re.IGNORECASE)
 
@@ -48,6 +49,8 @@ class Settings:
     metric_cache_mib: int = DEFAULT_METRIC_CACHE_MIB
     # Metric points received and not yet committed, across all streams; readers wait beyond it.
     ingest_buffer_mib: int = DEFAULT_INGEST_BUFFER_MIB
+    # Points one GetMetricHistory call may read (~24 bytes each in memory); longer ranges are refused.
+    history_max_points: int = DEFAULT_HISTORY_MAX_POINTS
 
     @property
     def database_url(self) -> str:
@@ -100,6 +103,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--ingest-buffer-mib",
         help="memory for metric points received and not yet committed, across all streams; senders are slowed "
         f"beyond it (env RUNLEDGER_INGEST_BUFFER_MIB, default {DEFAULT_INGEST_BUFFER_MIB})",
+    )
+    parser.add_argument(
+        "--history-max-points",
+        help="points one metric history read may hold in memory (about 24 bytes each); a longer range is "
+        "refused, and read in parts by the Python client "
+        f"(env RUNLEDGER_HISTORY_MAX_POINTS, default {DEFAULT_HISTORY_MAX_POINTS})",
     )
 
 
@@ -159,6 +168,17 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
             "RUNLEDGER_INGEST_BUFFER_MIB",
             1,
             1 << 20,
+        ),
+        history_max_points=_int_setting(
+            pick(
+                getattr(args, "history_max_points", None),
+                "RUNLEDGER_HISTORY_MAX_POINTS",
+                str(DEFAULT_HISTORY_MAX_POINTS),
+            ),
+            "--history-max-points",
+            "RUNLEDGER_HISTORY_MAX_POINTS",
+            1_000_000,  # a stored chunk holds up to a batch, 1,000,000 points: any one must fit a read
+            1 << 40,
         ),
     )
     s3_named = bool(settings.s3.endpoint) or settings.s3.secure

@@ -78,3 +78,51 @@ def test_ranges_of_a_long_history(server, logged) -> None:
             same(h.steps, h.values, h.timestamps_ms, steps[keep], values[keep], stamps[keep])
         empty = client.metric_history(run_id, "no/such-key")
         assert empty.steps.shape == (0,) and empty.values.dtype == np.float64
+
+
+def test_a_range_longer_than_one_read_is_refused_and_the_client_reads_it_in_parts(tmp_path) -> None:
+    """The server bounds what one read holds in memory; the client splits a longer range by the steps the
+    refusal names, and the parts join into exactly the whole history (downsampled parts keep the extremes)."""
+    import grpc
+
+    from runledger.v1 import tracking_service_pb2_grpc
+    from runledger_server.config import Settings
+    from tests.support import refusal
+
+    settings = Settings(host="127.0.0.1", port=0, data_dir=tmp_path / "data", history_max_points=25_000)
+    with EmbeddedServer(settings) as srv, grpc.insecure_channel(srv.address) as channel:
+        tracking = tracking_service_pb2_grpc.TrackingServiceStub(channel)
+        exp = tracking.CreateExperiment(pb.CreateExperimentRequest(display_name="long"))
+        run_id = tracking.CreateRun(pb.CreateRunRequest(experiment=exp.name)).run_id
+        steps, values, stamps = [], [], []
+        for seq in range(10):  # 10 chunks of 10,000 steps, the last overlapping the others (a re-sort)
+            s = np.arange(seq * 10_000, (seq + 1) * 10_000, dtype=np.int64) if seq < 9 else np.arange(5, 100_000, 10)
+            t = np.full(s.shape[0], 1_700_000_000_000 + seq, dtype=np.int64)
+            s, v = log(tracking, run_id, seq, s, t)
+            steps.append(s)
+            values.append(v)
+            stamps.append(t)
+        all_steps, all_values, all_stamps = np.concatenate(steps), np.concatenate(values), np.concatenate(stamps)
+        order = np.argsort(all_steps, kind="stable")
+
+        r = refusal(lambda: list(tracking.GetMetricHistory(pb.GetMetricHistoryRequest(run_id=run_id, key=KEY))))
+        assert (r.code, r.reason, r.metadata["field"]) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "HISTORY_TOO_LARGE",
+            "end_step",
+        )
+        assert (r.metadata["minStep"], r.metadata["maxStep"], r.metadata["limit"]) == ("0", "99995", "25000")
+        part = pb.GetMetricHistoryRequest(run_id=run_id, key=KEY, start_step=10_000, end_step=19_999)
+        assert sum(len(m.steps) for m in tracking.GetMetricHistory(part)) == 11_000  # a part within the bound
+
+        with Client(srv.address) as client:
+            h = client.metric_history(run_id, KEY)
+            same(h.steps, h.values, h.timestamps_ms, all_steps[order], all_values[order], all_stamps[order])
+            small = client.metric_history(run_id, KEY, max_points=400)
+            assert 4 <= small.steps.shape[0] <= 1_000 and np.all(np.diff(small.steps) >= 0)
+            finite = all_values[~np.isnan(all_values)]
+            assert small.steps[0] == 0 and small.steps[-1] == 99_995
+            assert np.nanmax(small.values) == finite.max() and np.nanmin(small.values) == finite.min()
+
+
+KEY = "train/reward"

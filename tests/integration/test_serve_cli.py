@@ -126,6 +126,7 @@ def test_bad_settings_are_refused_naming_the_flag_and_variable(tmp_path: Path) -
         (["--metric-cache-mib", "-1"], {}, "--metric-cache-mib (env RUNLEDGER_METRIC_CACHE_MIB)"),
         ([], {"RUNLEDGER_METRIC_CACHE_MIB": "lots"}, "--metric-cache-mib (env RUNLEDGER_METRIC_CACHE_MIB)"),
         (["--port", "70000"], {}, "--port (env RUNLEDGER_PORT)"),
+        (["--history-max-points", "5000"], {}, "--history-max-points (env RUNLEDGER_HISTORY_MAX_POINTS)"),
         ([], {"RUNLEDGER_PORT": "http"}, "--port (env RUNLEDGER_PORT)"),
         ([], {"RUNLEDGER_S3_SECURE": "enable"}, "--s3-secure (env RUNLEDGER_S3_SECURE)"),  # was read as false
         ([], {"AWS_REGION": "eu west 1"}, "env AWS_REGION"),  # the SDK would refuse it only at startup

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 
 from runledger import _convert, _ids, _process, artifacts, errors, wire
 from runledger._buffer import BatchPolicy
@@ -446,7 +447,8 @@ class Client:
         """All points of one key in step order as numpy arrays (steps, values, timestamps_ms).
 
         `start_step`/`end_step` bound the range (inclusive); `max_points` > 0 downsamples on the server,
-        keeping the first, the last, the minimum and the maximum.
+        keeping the first, the last, the minimum and the maximum. A range holding more points than the server
+        reads at once (HISTORY_TOO_LARGE) is read in parts, each downsampled to its share of `max_points`.
         """
         request = _convert.request(
             pb.GetMetricHistoryRequest,
@@ -460,7 +462,21 @@ class Client:
         def attempt(remaining: float) -> MetricHistory:
             return from_chunks(self._history_call(request, timeout=remaining, metadata=self._metadata))
 
-        return self._retrying(attempt, True, timeout)
+        try:
+            return self._retrying(attempt, True, timeout)
+        except errors.ResourceExhausted as exc:
+            if exc.reason != "HISTORY_TOO_LARGE":
+                raise
+            low, high = int(exc.metadata["minStep"]), int(exc.metadata["maxStep"])
+            if low >= high:
+                raise  # one step holds more than a read: nothing smaller to ask for
+        middle = low + (high - low) // 2
+        share = -(-max_points // 2) if max_points else 0
+        parts = (
+            self.metric_history(run_id, key, start_step=low, end_step=middle, max_points=share, timeout=timeout),
+            self.metric_history(run_id, key, start_step=middle + 1, end_step=high, max_points=share, timeout=timeout),
+        )
+        return MetricHistory(*(np.concatenate(arrays) for arrays in zip(*parts, strict=True)))
 
     # ---- eval results and sweeps --------------------------------------------------------------------
     def log_eval_result(

@@ -22,9 +22,10 @@ INGEST_BARRIER_TIMEOUT_S = 10.0  # a writer resuming waits this long for queued 
 
 
 class TrackingService:
-    def __init__(self, store: TrackingStore, ingest: MetricIngest) -> None:
+    def __init__(self, store: TrackingStore, ingest: MetricIngest, history_max_points: int = 10_000_000) -> None:
         self.store = store
         self.ingest = ingest
+        self.history_max_points = history_max_points
 
     # experiments
     def create_experiment(self, display_name: str, description: str, tags: dict[str, str]) -> Experiment:
@@ -141,7 +142,8 @@ class TrackingService:
             raise InvalidArgument(f"max_points must be >= 0, got {max_points}", field="max_points")
         if start_step is not None and end_step is not None and end_step < start_step:
             raise InvalidArgument("end_step must be >= start_step", field="end_step")
-        pieces = in_step_order(self.store.metric_chunks(run_id, key, start_step, end_step), start_step, end_step)
+        chunks = self.store.metric_chunks(run_id, key, start_step, end_step, self.history_max_points)
+        pieces = in_step_order(chunks, start_step, end_step)
         if max_points and sum(len(p) for p in pieces) > max_points:
             whole = joined(pieces)
             keep = downsample(whole.steps, whole.values, max_points)

@@ -63,9 +63,12 @@ class TrackingStore(Protocol):
         """One past the highest seq the writer has stored in the run (0 for none); NotFound for a missing run."""
         ...
 
-    def metric_chunks(self, run_id: str, key: str, start_step: int | None, end_step: int | None) -> list[Series]:
+    def metric_chunks(
+        self, run_id: str, key: str, start_step: int | None, end_step: int | None, max_points: int | None = None
+    ) -> list[Series]:
         """The stored chunks of one key in logging order, at least those holding steps in [start_step, end_step]
-        (the caller cuts and orders them: domain.metrics.in_step_order)."""
+        (the caller cuts and orders them: domain.metrics.in_step_order). With `max_points`, chunks holding more
+        points than that in all raise ResourceExhausted HISTORY_TOO_LARGE before any is read."""
         ...
 
     def log_eval_result(self, run_id: str, suite_fingerprint: str, metrics: dict[str, float]) -> EvalResult: ...

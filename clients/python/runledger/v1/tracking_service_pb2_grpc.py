@@ -210,7 +210,10 @@ class TrackingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetMetricHistory(self, request, context):
-        """Streams all points of one metric key in step order.
+        """Streams all points of one metric key in step order. A step range holding
+        more points than the server reads at once (its --history-max-points,
+        10,000,000 by default) is RESOURCE_EXHAUSTED `HISTORY_TOO_LARGE`, whose
+        metadata (`minStep`, `maxStep`) gives the steps to read in smaller parts.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

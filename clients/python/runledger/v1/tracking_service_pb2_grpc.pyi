@@ -64,7 +64,11 @@ class TrackingServiceStub:
     LogMetrics: _grpc.UnaryUnaryMultiCallable[_tracking_service_pb2.LogMetricsRequest, _tracking_service_pb2.LogMetricsResponse]
     """Logs one metric batch (the unary form of StreamMetrics)."""
     GetMetricHistory: _grpc.UnaryStreamMultiCallable[_tracking_service_pb2.GetMetricHistoryRequest, _tracking_pb2.MetricSeries]
-    """Streams all points of one metric key in step order."""
+    """Streams all points of one metric key in step order. A step range holding
+    more points than the server reads at once (its --history-max-points,
+    10,000,000 by default) is RESOURCE_EXHAUSTED `HISTORY_TOO_LARGE`, whose
+    metadata (`minStep`, `maxStep`) gives the steps to read in smaller parts.
+    """
     GetMetricWriter: _grpc.UnaryUnaryMultiCallable[_tracking_service_pb2.GetMetricWriterRequest, _tracking_pb2.MetricWriter]
     """Where one writer of a run stands: the seq its next batch takes. A writer
     that keeps its writer_id across a restart (a resumed job) continues there.
@@ -113,7 +117,11 @@ class TrackingServiceAsyncStub(TrackingServiceStub):
     LogMetrics: _aio.UnaryUnaryMultiCallable[_tracking_service_pb2.LogMetricsRequest, _tracking_service_pb2.LogMetricsResponse]  # type: ignore[assignment]
     """Logs one metric batch (the unary form of StreamMetrics)."""
     GetMetricHistory: _aio.UnaryStreamMultiCallable[_tracking_service_pb2.GetMetricHistoryRequest, _tracking_pb2.MetricSeries]  # type: ignore[assignment]
-    """Streams all points of one metric key in step order."""
+    """Streams all points of one metric key in step order. A step range holding
+    more points than the server reads at once (its --history-max-points,
+    10,000,000 by default) is RESOURCE_EXHAUSTED `HISTORY_TOO_LARGE`, whose
+    metadata (`minStep`, `maxStep`) gives the steps to read in smaller parts.
+    """
     GetMetricWriter: _aio.UnaryUnaryMultiCallable[_tracking_service_pb2.GetMetricWriterRequest, _tracking_pb2.MetricWriter]  # type: ignore[assignment]
     """Where one writer of a run stands: the seq its next batch takes. A writer
     that keeps its writer_id across a restart (a resumed job) continues there.
@@ -237,7 +245,11 @@ class TrackingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _tracking_service_pb2.GetMetricHistoryRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_tracking_pb2.MetricSeries], _abc.AsyncIterator[_tracking_pb2.MetricSeries]]:
-        """Streams all points of one metric key in step order."""
+        """Streams all points of one metric key in step order. A step range holding
+        more points than the server reads at once (its --history-max-points,
+        10,000,000 by default) is RESOURCE_EXHAUSTED `HISTORY_TOO_LARGE`, whose
+        metadata (`minStep`, `maxStep`) gives the steps to read in smaller parts.
+        """
 
     @_abc_1.abstractmethod
     def GetMetricWriter(

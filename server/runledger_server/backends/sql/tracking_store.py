@@ -32,7 +32,7 @@ from runledger_server.backends.sql.tracking_tables import (
     RunTagRow,
 )
 from runledger_server.domain import ids, lineage as lineage_rules, paging, run_status
-from runledger_server.domain.errors import AlreadyExists, InvalidArgument, NotFound
+from runledger_server.domain.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from runledger_server.domain.filters import TIME_ATTRIBUTES, Clause, OrderBy
 from runledger_server.domain.lineage import Lineage
 from runledger_server.domain.metrics import Batch, Series
@@ -427,7 +427,9 @@ class SqlTrackingStore:
             return 0
         return int(highest) + 1
 
-    def metric_chunks(self, run_id: str, key: str, start_step: int | None, end_step: int | None) -> list[Series]:
+    def metric_chunks(
+        self, run_id: str, key: str, start_step: int | None, end_step: int | None, max_points: int | None = None
+    ) -> list[Series]:
         where = 'WHERE run_id = ? AND "key" = ?'
         params: list[Any] = [run_id, key]
         if start_step is not None:
@@ -440,10 +442,14 @@ class SqlTrackingStore:
             if q.one("SELECT 1 FROM runs WHERE id = ?", (run_id,)) is None:
                 raise NotFound(f"runs/{run_id} not found", field="run_id")
             # Which chunks, in logging order (no blob is read for this); then the blobs of those not in memory.
-            listed = q.all(f"SELECT id, writer_id, seq FROM metric_chunks {where} ORDER BY id", params)
+            listed = q.all(
+                f'SELECT id, writer_id, seq, "count", min_step, max_step FROM metric_chunks {where} ORDER BY id', params
+            )
+            if max_points is not None and sum(row[3] for row in listed) > max_points:
+                raise _history_too_large(run_id, key, listed, start_step, end_step, max_points)
             found: dict[int, Series] = {}
             missing: list[int] = []
-            for chunk_id, writer_id, seq in listed:
+            for chunk_id, writer_id, seq, *_ in listed:
                 chunk = self._chunks.get((run_id, key, writer_id, seq))
                 if chunk is None:
                     missing.append(chunk_id)
@@ -464,7 +470,7 @@ class SqlTrackingStore:
                     )
                     self._chunks.put((run_id, key, writer_id, seq), chunk)
                     found[chunk_id] = chunk
-        return [found[chunk_id] for chunk_id, _, _ in listed]
+        return [found[row[0]] for row in listed]
 
     # ---- eval results ------------------------------------------------------------------------
     def log_eval_result(self, run_id: str, suite_fingerprint: str, metrics: dict[str, float]) -> EvalResult:
@@ -555,6 +561,28 @@ _RUN_COLUMNS = (
 )
 _ID, _CREATE_TIME = 0, 4  # positions in _RUN_COLUMNS
 _RUN_SELECT = f"SELECT {', '.join(c.key for c in _RUN_COLUMNS)} FROM runs"
+
+
+def _history_too_large(
+    run_id: str,
+    key: str,
+    listed: Sequence[tuple[Any, ...]],
+    start_step: int | None,
+    end_step: int | None,
+    limit: int,
+) -> ResourceExhausted:
+    """A bound on what one history read holds in memory, checked on the chunks' counts before any is read
+    (boundary chunks count whole). The metadata gives the steps the range really spans, to split it by."""
+    points = sum(row[3] for row in listed)
+    low = max(min(row[4] for row in listed), start_step if start_step is not None else -(1 << 63))
+    high = min(max(row[5] for row in listed), end_step if end_step is not None else (1 << 63) - 1)
+    return ResourceExhausted(
+        f"metric {key!r} of runs/{run_id} holds up to {points:,} points in the requested steps; one read returns "
+        f"at most {limit:,}: ask for smaller ranges of steps (start_step, end_step) within {low}..{high}",
+        reason="HISTORY_TOO_LARGE",
+        field="end_step",
+        metadata={"points": str(points), "limit": str(limit), "minStep": str(low), "maxStep": str(high)},
+    )
 
 
 def _runs_with_details(fetch: _Fetch, rows: Sequence[tuple[Any, ...]]) -> list[Run]:
