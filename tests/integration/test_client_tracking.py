@@ -194,6 +194,18 @@ def test_exception_in_the_with_block_marks_failed_and_propagates(client: runledg
     assert len(client.metric_history(run.run_id, "loss").steps) == 100  # flushed before marking
 
 
+@pytest.mark.parametrize(("code", "status"), [(0, "FINISHED"), (None, "FINISHED"), (3, "FAILED"), ("bad", "FAILED")])
+def test_sys_exit_in_the_with_block_sets_the_status_by_its_code(
+    client: runledger.Client, code: object, status: str
+) -> None:
+    with pytest.raises(SystemExit), client.start_run(experiment="exits") as run:
+        run.log_metrics({"loss": 1.0}, step=0)
+        raise SystemExit(code)
+    info = client.get_run(run.run_id)
+    assert info.status == tracking_pb2.RunStatus.Value(f"RUN_STATUS_{status}")
+    assert client.metric_history(run.run_id, "loss").steps.tolist() == [0]
+
+
 def test_finished_run_refuses_more_metrics(client: runledger.Client) -> None:
     run = client.start_run(experiment="closed")
     run.log_metrics({"loss": 1.0}, step=0)

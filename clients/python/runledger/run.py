@@ -35,7 +35,8 @@ class Run:
 
     `log_metrics` appends to a buffer and returns; a background sender streams the points and re-sends
     what the server has not acknowledged, across reconnections. Use it as a context manager: on exit it
-    flushes and sets FINISHED, or FAILED (KILLED on KeyboardInterrupt) when an exception escapes.
+    flushes and sets FINISHED (also on sys.exit(0)), or FAILED (KILLED on KeyboardInterrupt) when an
+    exception escapes.
     """
 
     def __init__(self, client: Client, info: tracking_pb2.Run, *, writer_id: str | None, owns_status: bool) -> None:
@@ -256,7 +257,8 @@ class Run:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if exc_type is None:
+        if exc_type is None or (isinstance(exc, SystemExit) and exc.code in (0, None)):
+            # sys.exit(0) inside the block (a script ending early, a handler stopping cleanly) is a success
             self.finish(timeout=self._client.finish_timeout)
             return
         status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
