@@ -33,7 +33,7 @@ from runledger_server.services.artifacts import ArtifactService
 from runledger_server.services.metric_ingest import MetricIngest
 from runledger_server.services.registry import RegistryService
 from runledger_server.services.tracking import TrackingService
-from runledger_server.transport import tracking_servicer
+from runledger_server.transport import registration, tracking_servicer
 from runledger_server.transport.artifact_servicer import ArtifactServicer
 from runledger_server.transport.ingest_budget import POINT_BYTES, PointBudget
 from runledger_server.transport.registry_servicer import RegistryServicer
@@ -121,9 +121,13 @@ async def build_server(settings: Settings) -> tuple[Server, int]:
     alias_watch = AliasWatchHub(registry.alias_revisions, executor)
     registry.on_alias_change(alias_watch.notify)
     artifact_servicer = ArtifactServicer(artifacts, artifact_executor)
-    artifact_service_pb2_grpc.add_ArtifactServiceServicer_to_server(artifact_servicer, grpc_server)
-    registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(
-        RegistryServicer(registry, alias_watch, executor), grpc_server
+    registration.register(
+        artifact_service_pb2_grpc.add_ArtifactServiceServicer_to_server, artifact_servicer, grpc_server
+    )
+    registration.register(
+        registry_service_pb2_grpc.add_RegistryServiceServicer_to_server,
+        RegistryServicer(registry, alias_watch, executor),
+        grpc_server,
     )
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)

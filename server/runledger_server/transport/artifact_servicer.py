@@ -56,6 +56,8 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
     ) -> artifact_pb2.Artifact:
         requests = aiter(request_iterator)
         first = await anext(requests, None)
+        if isinstance(first, InvalidArgument):  # malformed bytes (see registration.py)
+            raise first
         if first is None or first.WhichOneof("payload") != "header":
             raise InvalidArgument("the first message of an upload must be its header", field="header")
         h = first.header
@@ -70,6 +72,8 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
             batch: list[bytes] = []
             batched = 0
             async for req in requests:
+                if isinstance(req, InvalidArgument):
+                    raise req
                 if req.WhichOneof("payload") != "chunk":
                     raise InvalidArgument("only the first message of an upload may be a header", field="header")
                 batch.append(req.chunk)

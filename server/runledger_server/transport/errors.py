@@ -110,6 +110,8 @@ def handle_errors(fn: F) -> F:
         @functools.wraps(fn)
         async def gen_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
+                if isinstance(request, DomainError):
+                    raise request
                 async for item in fn(self, request, context):
                     yield item
             except (grpc.aio.AbortError, GeneratorExit):
@@ -122,6 +124,8 @@ def handle_errors(fn: F) -> F:
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            if isinstance(request, DomainError):  # malformed bytes, refused by the decoder (registration.py)
+                raise request
             return await fn(self, request, context)
         except grpc.aio.AbortError:
             raise

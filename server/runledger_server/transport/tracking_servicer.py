@@ -18,7 +18,7 @@ from runledger.v1 import tracking_pb2, tracking_service_pb2 as pb, tracking_serv
 from runledger_server.domain.errors import InvalidArgument
 from runledger_server.domain.metrics import Batch, Series, validate_batch
 from runledger_server.services.tracking import INGEST_BARRIER_TIMEOUT_S, TrackingService
-from runledger_server.transport import convert
+from runledger_server.transport import convert, registration
 from runledger_server.transport.errors import abort, handle_errors, status_for
 from runledger_server.transport.ingest_budget import PointBudget
 
@@ -30,31 +30,17 @@ MAX_IN_FLIGHT_PER_STREAM = 64
 
 
 def add_to_server(servicer: TrackingServicer, server: Any) -> None:
-    """Register like the generated `add_TrackingServiceServicer_to_server`, except that GetMetricHistory
-    may yield already serialized MetricSeries bytes, which go to the wire as they are."""
-    captured = _HandlerCapture()
-    tracking_service_pb2_grpc.add_TrackingServiceServicer_to_server(servicer, captured)  # type: ignore[arg-type]
-    handlers = dict(captured.handlers)
-    handlers["GetMetricHistory"] = handlers["GetMetricHistory"]._replace(response_serializer=_bytes_or_message)
-    # Metric batches are decoded straight into numpy views (wire.decode_metrics_batch): building protobuf
-    # arrays and copying them out again cost ~0.7 ms of the event loop per 16,000-point batch.
-    for method in ("StreamMetrics", "LogMetrics"):
-        handlers[method] = handlers[method]._replace(request_deserializer=_decode_batch)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(captured.service, handlers),))
-    server.add_registered_method_handlers(captured.service, handlers)
+    """Register like the generated `add_TrackingServiceServicer_to_server` (with checked decoding), except that
+    GetMetricHistory may yield already serialized MetricSeries bytes, which go to the wire as they are."""
 
+    def adjust(handlers: registration.Handlers) -> None:
+        handlers["GetMetricHistory"] = handlers["GetMetricHistory"]._replace(response_serializer=_bytes_or_message)
+        # Metric batches are decoded straight into numpy views (wire.decode_metrics_batch): building protobuf
+        # arrays and copying them out again cost ~0.7 ms of the event loop per 16,000-point batch.
+        for method in ("StreamMetrics", "LogMetrics"):
+            handlers[method] = handlers[method]._replace(request_deserializer=_decode_batch)
 
-class _HandlerCapture:
-    """Stands in for a server to receive the generated method handlers."""
-
-    service = ""
-    handlers: dict[str, Any] = {}
-
-    def add_generic_rpc_handlers(self, _handlers: Any) -> None:
-        pass
-
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
-        self.service, self.handlers = service, handlers
+    registration.register(tracking_service_pb2_grpc.add_TrackingServiceServicer_to_server, servicer, server, adjust)
 
 
 def _decode_batch(data: bytes) -> wire.MetricsBatch | InvalidArgument:
