@@ -290,3 +290,35 @@ def test_the_serving_lookup_on_one_replica_answers_every_change_made_through_the
         assert gone.value.code() == grpc.StatusCode.NOT_FOUND
         a.set_alias(versions[1])
         assert served() == (versions[1], 5, ["champion", "production"])
+
+
+def test_the_serving_path_never_waits_for_a_pooled_connection(settings: Settings) -> None:
+    """The lookup runs on the event loop: every read it makes (the alias rows, whether the model exists, a
+    version not yet in memory) uses a connection of its own, so a pool with no free connection (writers
+    queued on another replica's lock) cannot stall the replica."""
+    from runledger_server.backends.sql.database import Database
+    from runledger_server.backends.sql.registry_store import SqlRegistryStore
+    from runledger_server.domain.errors import NotFound
+
+    with EmbeddedServer(settings) as srv, grpc.insecure_channel(srv.address) as ch:
+        reg = Registry(ch)
+        reg.model()
+        reg.gate()
+        v = reg.version().version
+        reg.score(v, 0.9)
+        reg.set_alias(v)
+    db = Database(settings.database_url, pool_timeout=0.3)
+    try:
+        store = SqlRegistryStore(db)  # nothing in memory yet: the version is read on first use
+        held = [db.engine.raw_connection() for _ in range(32)]  # the pool's every connection
+        try:
+            assert store.serving_target(MODEL, "production").alias.version == v
+            unset = store.serving_target(MODEL, "staging")
+            assert (unset.version, unset.alias.revision) == (None, 0)
+            with pytest.raises(NotFound):
+                store.serving_target("no-such-model", "production")
+        finally:
+            for conn in held:
+                conn.close()
+    finally:
+        db.dispose()

@@ -157,10 +157,15 @@ class Database:
             raise database_error(exc) from exc
 
     def _own_connection(self) -> Any:
-        """A connection set up like the pool's (the same pragmas), then taken out of it for good."""
-        proxied = self._checkout(sqlite3)
-        conn = proxied.driver_connection
-        proxied.detach()  # the pool forgets it: dispose() closes it
+        """A connection of its own, set up like the pool's (the same pragmas). Opened directly, not taken from
+        the pool: on the event loop, waiting for a free pooled connection would stall every call."""
+        cargs, cparams = self.engine.dialect.create_connect_args(self.engine.url)
+        connect: Any = sqlite3.connect
+        try:
+            conn = connect(*cargs, **{**cparams, "check_same_thread": False})
+            _sqlite_on_connect(conn, None)
+        except sqlite3.Error as exc:
+            raise database_error(exc) from exc
         with self._own_lock:
             self._own_conns.append(conn)
         self._own.conn = conn

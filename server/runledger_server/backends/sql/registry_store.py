@@ -58,6 +58,13 @@ _SERVING_SQL = (
 )
 
 
+_VERSION_SQL = (
+    "SELECT model_id, version, run_id, artifact_path, artifact_sha256, artifact_size, artifact_uri, "
+    "lineage_fingerprint, data_version, code_commit, config, base_model, seed, description, create_time_us "
+    "FROM model_versions WHERE model_id = ? AND version = ?"
+)
+
+
 class SqlRegistryStore:
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -383,8 +390,10 @@ class SqlRegistryStore:
             return last[1]
         own = next((r for r in rows if r[0] == alias), None)
         if own is None:
-            with self.db.read() as s:
-                _orm_require_model(s, model_id)
+            # Every read of this path uses the own connection: on the event loop, a pool checkout could wait
+            # up to the pool timeout and stall every call of the replica meanwhile.
+            if not self.db.own_query("SELECT 1 FROM registered_models WHERE id = ?", (model_id,)):
+                raise _model_not_found(model_id)
             return ServingTarget(Alias(model_id, alias, 0, 0, "", 0), None)
         current = Alias(model_id, alias, own[1], own[2], own[3], own[4])
         if current.version == 0:
@@ -407,11 +416,10 @@ class SqlRegistryStore:
             if found is not None:
                 self._versions.move_to_end(key)
                 return found
-        with self.db.read() as s:
-            row = s.get(ModelVersionRow, key)
-            if row is None:  # the alias row was read first; a version is never deleted, so this cannot happen
-                raise NotFound(f"models/{model_id}/versions/{version} not found", field="version")
-            loaded = _version(row, ())
+        found_rows = self.db.own_query(_VERSION_SQL, key)  # the own connection, as serving_target's reads
+        if not found_rows:  # the alias row was read first; a version is never deleted, so this cannot happen
+            raise NotFound(f"models/{model_id}/versions/{version} not found", field="version")
+        loaded = _version_from_values(found_rows[0])
         with self._versions_lock:
             self._versions[key] = loaded
             if len(self._versions) > VERSION_CACHE_SIZE:
@@ -656,6 +664,21 @@ def _version(row: ModelVersionRow, aliases: tuple[str, ...]) -> ModelVersion:
         description=row.description,
         aliases=aliases,
         create_time_us=row.create_time_us,
+    )
+
+
+def _version_from_values(v: Sequence[Any]) -> ModelVersion:
+    """A version from a row of `_VERSION_SQL`."""
+    return ModelVersion(
+        model_id=v[0],
+        version=int(v[1]),
+        run_id=v[2],
+        artifact=ArtifactRef(v[3], v[4], int(v[5]), v[6]),
+        lineage=Lineage(v[8], v[9], v[10], v[11], v[12]),
+        lineage_fingerprint=v[7],
+        description=v[13],
+        aliases=(),
+        create_time_us=int(v[14]),
     )
 
 
