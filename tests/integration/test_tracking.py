@@ -530,6 +530,10 @@ def _time_filters_agree(tracking: tracking_service_pb2_grpc.TrackingServiceStub)
             assert names(f"start_time {op} {v}") == expected, (op, v)
     assert names("start_time IN (-1, 1, 0.5)") == ["r1", "r2", "r5", "r6"]
     assert names("start_time NOT IN (-1, 1)") == ["r0", "r3", "r4"]
+    # The most values a list may hold (an OR of 1,000 ranges nested beyond SQLite's expression depth).
+    many = ", ".join(str(v) for v in [-10_001, 0, *range(2, 1_000)])
+    assert names(f"start_time IN ({many})") == ["r0", "r3", "r4"]
+    assert names(f"start_time NOT IN ({many})") == ["r1", "r2", "r5", "r6"]
 
 
 @pytest.mark.parametrize(

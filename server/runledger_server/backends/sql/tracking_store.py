@@ -826,10 +826,19 @@ def _time_compare(column: Any, op: str, values: tuple[float, ...]) -> ColumnElem
         return column >= (math.floor(v) + 1) * 1000
     if op == ">=":
         return column >= math.ceil(v) * 1000
-    if op in ("=", "IN"):
-        return or_(*(within(ms) for ms in values))
-    if op in ("!=", "NOT IN"):  # a run without the time (not ended) matches neither form, as in SQL
-        return and_(column.is_not(None), not_(or_(*(within(ms) for ms in values))))
+    if op in ("=", "IN", "!=", "NOT IN"):
+        if len(values) == 1:
+            matches = within(values[0])
+        else:
+            # One flat IN list on the column rounded down to its millisecond: an OR of ranges per value nests
+            # beyond SQLite's expression depth (1,000) and took seconds on PostgreSQL. `%` rounds toward zero
+            # on both databases, so ((c % 1000) + 1000) % 1000 is the microseconds above the millisecond.
+            floored = column - (((column % 1000) + 1000) % 1000)
+            wanted = sorted({int(ms) * 1000 for ms in values if ms.is_integer()})
+            matches = floored.in_(wanted) if wanted else false()
+        if op in ("=", "IN"):
+            return matches
+        return and_(column.is_not(None), not_(matches))  # a run without the time (not ended) matches neither
     raise InvalidArgument(f"{op} does not compare times", field="filter")
 
 
