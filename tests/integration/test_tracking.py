@@ -771,3 +771,44 @@ def test_select_winner_over_runs_read_in_several_batches(tracking) -> None:
     _, runs = _sweep(tracking, [(f"r{i}", 0.5 + (i % 97) / 1000) for i in range(1_200)])
     out = _select(tracking, run_ids=list(runs.values()))
     assert out.winner_run_id == runs["r96"] and len(out.cohort) == 1_200  # the first run with the top score
+
+
+def test_params_and_tags_of_a_run_are_bounded_together_and_pages_stay_within_the_message_limit(
+    server: EmbeddedServer,
+) -> None:
+    """Each value may hold 1 MiB, but not without end: past the per-run bound a write is refused and changes
+    nothing (the run stays readable), and SearchRuns shortens a page of large runs instead of failing."""
+    from runledger_server.domain import names
+
+    big = "x" * names.MAX_VALUE
+    options = [("grpc.max_receive_message_length", 64 << 20)]
+    with grpc.insecure_channel(server.address, options=options) as ch:
+        tracking = tracking_service_pb2_grpc.TrackingServiceStub(ch)
+        exp = _experiment(tracking)
+        run_id = _run(tracking, exp).run_id
+        tracking.LogParams(pb.LogParamsRequest(run_id=run_id, params={f"p{i}": big for i in range(3)}))
+        r = refusal(lambda: tracking.LogParams(pb.LogParamsRequest(run_id=run_id, params={"p3": big})))
+        assert (r.code, r.reason, r.metadata["field"]) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "RUN_METADATA_TOO_LARGE",
+            "params",
+        )
+        r = refusal(lambda: tracking.SetTags(pb.SetTagsRequest(run_id=run_id, tags={"t": big})))
+        assert (r.code, r.metadata["field"]) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "tags")
+        tracking.SetTags(pb.SetTagsRequest(run_id=run_id, tags={"small": "ok"}))
+        r = refusal(lambda: _run(tracking, exp, params={f"p{i}": big for i in range(5)}))
+        assert r.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        got = tracking.GetRun(pb.GetRunRequest(run_id=run_id))
+        assert sorted(got.params) == ["p0", "p1", "p2"] and dict(got.tags) == {"small": "ok"}
+
+        ids = {run_id} | {_run(tracking, exp, params={f"p{i}": big for i in range(3)}).run_id for _ in range(5)}
+        seen, token, sizes = [], "", []
+        while True:
+            page = tracking.SearchRuns(pb.SearchRunsRequest(experiments=[exp.name], page_size=100, page_token=token))
+            seen += [r.run_id for r in page.runs]
+            sizes.append(page.ByteSize())
+            token = page.next_page_token
+            if not token:
+                break
+        assert sorted(seen) == sorted(ids) and len(sizes) > 1  # every run once, over shortened pages
+        assert max(sizes) < 32 << 20

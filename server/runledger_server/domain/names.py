@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from runledger_server.domain.errors import InvalidArgument
+from runledger_server.domain.errors import InvalidArgument, ResourceExhausted
 
 _SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _RUN_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
@@ -15,6 +15,9 @@ _GATE = re.compile(r"^models/([^/@]+)/gates/([^/@]+)$")
 
 MAX_KEY = 250
 MAX_VALUE = 1 << 20  # 1 MiB per param/tag value: refused above, never truncated
+# Params and tags of one run together (keys and values, in characters): a run must stay readable, and GetRun's
+# answer, or a page of SearchRuns, fit gRPC's 64 MiB message limit.
+MAX_RUN_METADATA = 4 << 20
 
 
 def slug(value: str, field: str) -> str:
@@ -105,3 +108,20 @@ def text_value(value: str, field: str) -> str:
     if len(value) > MAX_VALUE or "\x00" in value:
         raise InvalidArgument(f"{field} is longer than {MAX_VALUE} characters or contains NUL", field=field)
     return value
+
+
+def metadata_size(values: dict[str, str]) -> int:
+    """Characters of a params or tags map, keys and values, as MAX_RUN_METADATA counts them."""
+    return sum(len(k) + len(v) for k, v in values.items())
+
+
+def check_run_metadata(total: int, field: str) -> None:
+    """Refuse params and tags that would take a run beyond MAX_RUN_METADATA characters together."""
+    if total > MAX_RUN_METADATA:
+        raise ResourceExhausted(
+            f"{field} would take the run's params and tags to {total:,} characters; together they may hold at "
+            f"most {MAX_RUN_METADATA:,} (store large values as artifacts)",
+            reason="RUN_METADATA_TOO_LARGE",
+            field=field,
+            metadata={"characters": str(total), "limit": str(MAX_RUN_METADATA)},
+        )

@@ -165,7 +165,9 @@ class TrackingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SearchRuns(self, request, context):
-        """Finds runs by params, tags, status and latest metric values.
+        """Finds runs by params, tags, status and latest metric values. A page
+        holds fewer runs than page_size when its runs carry large params or tags
+        (the page stays far below the message limit); follow next_page_token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -174,6 +176,10 @@ class TrackingServiceServicer:
     def LogParams(self, request, context):
         """Logs immutable params. The same value again is a no-op; a different
         value is ALREADY_EXISTS naming the key, and nothing of the call is stored.
+        A run's params and tags hold at most 4,194,304 characters together (keys
+        and values): beyond, RESOURCE_EXHAUSTED `RUN_METADATA_TOO_LARGE`, and
+        nothing of the call is stored (the same bound applies to CreateRun and
+        SetTags). Store large values as artifacts.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -47,10 +47,17 @@ class TrackingServiceStub:
     UpdateRun: _grpc.UnaryUnaryMultiCallable[_tracking_service_pb2.UpdateRunRequest, _tracking_pb2.Run]
     """Updates a run's status, end time or display name."""
     SearchRuns: _grpc.UnaryUnaryMultiCallable[_tracking_service_pb2.SearchRunsRequest, _tracking_service_pb2.SearchRunsResponse]
-    """Finds runs by params, tags, status and latest metric values."""
+    """Finds runs by params, tags, status and latest metric values. A page
+    holds fewer runs than page_size when its runs carry large params or tags
+    (the page stays far below the message limit); follow next_page_token.
+    """
     LogParams: _grpc.UnaryUnaryMultiCallable[_tracking_service_pb2.LogParamsRequest, _tracking_service_pb2.LogParamsResponse]
     """Logs immutable params. The same value again is a no-op; a different
     value is ALREADY_EXISTS naming the key, and nothing of the call is stored.
+    A run's params and tags hold at most 4,194,304 characters together (keys
+    and values): beyond, RESOURCE_EXHAUSTED `RUN_METADATA_TOO_LARGE`, and
+    nothing of the call is stored (the same bound applies to CreateRun and
+    SetTags). Store large values as artifacts.
     """
     SetTags: _grpc.UnaryUnaryMultiCallable[_tracking_service_pb2.SetTagsRequest, _tracking_service_pb2.SetTagsResponse]
     """Sets or removes mutable tags."""
@@ -100,10 +107,17 @@ class TrackingServiceAsyncStub(TrackingServiceStub):
     UpdateRun: _aio.UnaryUnaryMultiCallable[_tracking_service_pb2.UpdateRunRequest, _tracking_pb2.Run]  # type: ignore[assignment]
     """Updates a run's status, end time or display name."""
     SearchRuns: _aio.UnaryUnaryMultiCallable[_tracking_service_pb2.SearchRunsRequest, _tracking_service_pb2.SearchRunsResponse]  # type: ignore[assignment]
-    """Finds runs by params, tags, status and latest metric values."""
+    """Finds runs by params, tags, status and latest metric values. A page
+    holds fewer runs than page_size when its runs carry large params or tags
+    (the page stays far below the message limit); follow next_page_token.
+    """
     LogParams: _aio.UnaryUnaryMultiCallable[_tracking_service_pb2.LogParamsRequest, _tracking_service_pb2.LogParamsResponse]  # type: ignore[assignment]
     """Logs immutable params. The same value again is a no-op; a different
     value is ALREADY_EXISTS naming the key, and nothing of the call is stored.
+    A run's params and tags hold at most 4,194,304 characters together (keys
+    and values): beyond, RESOURCE_EXHAUSTED `RUN_METADATA_TOO_LARGE`, and
+    nothing of the call is stored (the same bound applies to CreateRun and
+    SetTags). Store large values as artifacts.
     """
     SetTags: _aio.UnaryUnaryMultiCallable[_tracking_service_pb2.SetTagsRequest, _tracking_service_pb2.SetTagsResponse]  # type: ignore[assignment]
     """Sets or removes mutable tags."""
@@ -192,7 +206,10 @@ class TrackingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _tracking_service_pb2.SearchRunsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_tracking_service_pb2.SearchRunsResponse, _abc.Awaitable[_tracking_service_pb2.SearchRunsResponse]]:
-        """Finds runs by params, tags, status and latest metric values."""
+        """Finds runs by params, tags, status and latest metric values. A page
+        holds fewer runs than page_size when its runs carry large params or tags
+        (the page stays far below the message limit); follow next_page_token.
+        """
 
     @_abc_1.abstractmethod
     def LogParams(
@@ -202,6 +219,10 @@ class TrackingServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_tracking_service_pb2.LogParamsResponse, _abc.Awaitable[_tracking_service_pb2.LogParamsResponse]]:
         """Logs immutable params. The same value again is a no-op; a different
         value is ALREADY_EXISTS naming the key, and nothing of the call is stored.
+        A run's params and tags hold at most 4,194,304 characters together (keys
+        and values): beyond, RESOURCE_EXHAUSTED `RUN_METADATA_TOO_LARGE`, and
+        nothing of the call is stored (the same bound applies to CreateRun and
+        SetTags). Store large values as artifacts.
         """
 
     @_abc_1.abstractmethod

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
-from sqlalchemy import ColumnElement, String, and_, exists, false, not_, or_, select, text, update
+from sqlalchemy import ColumnElement, String, and_, exists, false, func, not_, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
@@ -31,7 +31,7 @@ from runledger_server.backends.sql.tracking_tables import (
     RunRow,
     RunTagRow,
 )
-from runledger_server.domain import ids, lineage as lineage_rules, paging, run_status
+from runledger_server.domain import ids, lineage as lineage_rules, names, paging, run_status
 from runledger_server.domain.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from runledger_server.domain.filters import TIME_ATTRIBUTES, Clause, OrderBy
 from runledger_server.domain.lineage import Lineage
@@ -42,6 +42,8 @@ _LOGGER = logging.getLogger(__name__)
 
 _VAL = np.dtype("<f8")
 T = TypeVar("T")
+# Characters of params, tags and configs in one SearchRuns page: at most 32 MiB in UTF-8, under gRPC's 64 MiB.
+PAGE_METADATA = 2 * names.MAX_RUN_METADATA
 _IN_BATCH = 500  # values per IN list: far below the databases' parameter limits
 KNOWN_RUNS_LIMIT = 100_000  # run IDs a server remembers as existing (metric commits skip looking them up)
 # LIKE and ILIKE patterns escape with a backslash on both databases (PostgreSQL's default; SQLite has none).
@@ -118,6 +120,7 @@ class SqlTrackingStore:
         start_time_us: int | None,
     ) -> Run:
         merged = lineage_rules.merge(Lineage(), lineage)
+        names.check_run_metadata(names.metadata_size(params) + names.metadata_size(tags), "params")
         with self.db.write() as s:
             if s.get(ExperimentRow, experiment_id) is None:
                 raise NotFound(f"experiments/{experiment_id} not found", field="experiment")
@@ -240,6 +243,9 @@ class SqlTrackingStore:
             more = len(result) > page_size
             result = result[:page_size]
             runs = _runs_with_details(self._fetcher(s), [r[:-1] for r in result])
+        kept = _fitting_a_page(runs)
+        if kept < len(runs):  # runs with large params or tags: a shorter page (AIP-158 allows it), never too big
+            runs, result, more = runs[:kept], result[:kept], True
         token = ""
         if more:
             last = result[-1]
@@ -277,6 +283,9 @@ class SqlTrackingStore:
                         metadata={"key": key},
                     )
             new = {k: v for k, v in params.items() if k not in existing}
+            if new:
+                size = names.metadata_size(existing) + names.metadata_size(new) + _stored_size(s, RunTagRow, run_id)
+                names.check_run_metadata(size, "params")
             s.add_all(_param_row(run_id, k, v) for k, v in new.items())
             if new:
                 s.execute(update(RunRow).where(RunRow.id == run_id).values(update_time_us=now_us()))
@@ -286,6 +295,9 @@ class SqlTrackingStore:
         with self.db.write() as s:
             _require_run(s, run_id, lock=True)  # two callers adding one new key: one inserts, the other updates
             rows = {r.key: r for r in s.scalars(select(RunTagRow).where(RunTagRow.run_id == run_id))}
+            after = {k: r.value for k, r in rows.items() if k not in set(remove_keys)} | tags
+            if names.metadata_size(after) > names.metadata_size({k: r.value for k, r in rows.items()}):
+                names.check_run_metadata(names.metadata_size(after) + _stored_size(s, RunParamRow, run_id), "tags")
             for key in remove_keys:
                 if key in rows:
                     s.delete(rows.pop(key))
@@ -561,6 +573,26 @@ _RUN_COLUMNS = (
 )
 _ID, _CREATE_TIME = 0, 4  # positions in _RUN_COLUMNS
 _RUN_SELECT = f"SELECT {', '.join(c.key for c in _RUN_COLUMNS)} FROM runs"
+
+
+def _fitting_a_page(runs: Sequence[Run]) -> int:
+    """How many of `runs` (at least one) a SearchRuns answer takes, within PAGE_METADATA characters."""
+    size = 0
+    for kept, run in enumerate(runs):
+        size += names.metadata_size(run.params) + names.metadata_size(run.tags) + len(run.lineage.config or "")
+        if kept and size > PAGE_METADATA:
+            return kept
+    return len(runs)
+
+
+def _stored_size(s: Session, table: type[RunParamRow] | type[RunTagRow], run_id: str) -> int:
+    """Characters of a run's stored params or tags (keys and values), as names.MAX_RUN_METADATA counts them."""
+    total = s.scalar(
+        select(func.coalesce(func.sum(func.length(table.key) + func.length(table.value)), 0)).where(
+            table.run_id == run_id
+        )
+    )
+    return int(total or 0)
 
 
 def _history_too_large(
