@@ -673,6 +673,8 @@ def test_verify_lineage(reg: Registry, seeded: Champion) -> None:
     assert not partial.match and partial.actual_fingerprint == "" and list(partial.drifted_fields) == ["base_model"]
     r = refusal(lambda: verify(**{**LINEAGE, "config": "not json"}))
     assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "lineage.config"
+    r = refusal(lambda: reg.stub.VerifyLineage(pb.VerifyLineageRequest(model=MODEL, version=seeded.champion)))
+    assert (r.code, r.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "lineage")
 
 
 # ---- watch -----------------------------------------------------------------------------------

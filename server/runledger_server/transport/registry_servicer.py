@@ -14,6 +14,7 @@ from google.protobuf import empty_pb2
 
 from runledger.v1 import registry_pb2, registry_service_pb2 as pb, registry_service_pb2_grpc
 from runledger_server.domain import names
+from runledger_server.domain.errors import InvalidArgument
 from runledger_server.domain.gates import Action, Decision
 from runledger_server.services.alias_watch import AliasWatchHub
 from runledger_server.services.registry import RegistryService
@@ -120,6 +121,8 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
 
     @handle_errors
     async def VerifyLineage(self, request: pb.VerifyLineageRequest, context: Any) -> pb.VerifyLineageResponse:
+        if not request.HasField("lineage"):  # absent, not empty: an empty one is a claim with every field missing
+            raise InvalidArgument("lineage is required: the lineage of the claimed reproduction", field="lineage")
         match, expected, actual, drifted = await self._call(
             self._svc.verify_lineage, request.model, request.version, convert.lineage_from_proto(request.lineage)
         )
