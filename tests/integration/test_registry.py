@@ -518,6 +518,8 @@ def test_rollback_walks_back_through_promotions(reg: Registry) -> None:
         (v[1], v[0], 5, "ROLLED_BACK"),
     ]
     assert rolled[0].actor == "release-bot" and rolled[1].actor == "anonymous"
+    # The audit trail keeps both versions' gate scores: the restored one's, and the one it replaced.
+    assert [(e.candidate_score, e.incumbent_score, e.gate_id) for e in rolled] == [(0.8, 0.9, GATE), (0.7, 0.8, GATE)]
     # After a rollback the champion is v0 at 0.7: v1 (0.8) beats it again on the gate.
     assert reg.set_alias(v[1]).alias.revision == 6
     r = refusal(lambda: reg.stub.RollbackAlias(pb.RollbackAliasRequest(model=MODEL, alias="never-set")))

@@ -427,9 +427,13 @@ class AliasHistoryEntry(_message.Message):
     gate_id: _builtins.str
     """The gate used."""
     candidate_score: _builtins.float
-    """The candidate's gate score, when recorded."""
+    """The candidate's gate score, when recorded (for a rollback, the restored
+    version's score on the gate it was admitted by).
+    """
     incumbent_score: _builtins.float
-    """The incumbent's gate score, when recorded."""
+    """The incumbent's gate score, when recorded (for a rollback, the replaced
+    version's score on that gate).
+    """
     reason: _builtins.str
     """`PROMOTED`, `ROLLED_BACK`, `DELETED` or the refusal reason."""
     actor: _builtins.str

@@ -324,6 +324,14 @@ class SqlRegistryStore:
                     metadata={"currentVersion": str(state.version), "revision": str(state.revision)},
                 )
             previous = state.version
+            # Both versions' scores on the gate the restored version was admitted by, for the audit trail (the
+            # move itself is not a gate decision: it restores what a decision admitted before).
+            scores: dict[int, float] = dict(
+                q.all(
+                    "SELECT version, score FROM gate_results WHERE model_id = ? AND gate_id = ? AND version IN (?, ?)",
+                    (model_id, target.gate_id, target.version, previous),
+                )
+            )
             state.move(target.version, target.gate_id)
             entry = _record(
                 q,
@@ -332,8 +340,8 @@ class SqlRegistryStore:
                 previous,
                 target.version,
                 target.gate_id,
-                None,
-                None,
+                scores.get(target.version),
+                scores.get(previous) if previous else None,
                 gates.ROLLED_BACK,
                 actor,
             )
