@@ -543,12 +543,16 @@ class SqlTrackingStore:
 
     def _fetcher(self, s: Session) -> _Fetch:
         """Plain SQL (`?` placeholders) on the session's connection, inside its transaction."""
-        cursor = s.connection().connection.cursor()  # the driver's own: SQLAlchemy's results cost per row
+        driver = s.connection().connection  # the driver's own cursors: SQLAlchemy's results cost per row
         adapt = self.db.driver_sql
 
         def fetch(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-            cursor.execute(adapt(sql), tuple(params))
-            return [tuple(r) for r in cursor.fetchall()]
+            cursor = driver.cursor()
+            try:
+                cursor.execute(adapt(sql), tuple(params))
+                return [tuple(r) for r in cursor.fetchall()]
+            finally:
+                cursor.close()
 
         return fetch
 
