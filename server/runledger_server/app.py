@@ -22,6 +22,7 @@ from runledger.v1 import (
     tracking_service_pb2,
 )
 from runledger_server.backends import artifacts as artifact_backends
+from runledger_server.backends.artifacts.allocator import keep_transfer_buffers
 from runledger_server.backends.sql import migrate
 from runledger_server.backends.sql.artifact_index_store import SqlArtifactIndex
 from runledger_server.backends.sql.database import Database
@@ -57,6 +58,12 @@ SERVICE_NAMES = (
     artifact_service_pb2.DESCRIPTOR.services_by_name["ArtifactService"].full_name,
     registry_service_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name,
 )
+
+
+def own_process() -> None:
+    """Process-wide tuning for a process that is the server (`runledger serve`); an embedded server, a guest
+    in someone else's process, does not do it. Today: keep the allocator's transfer buffers (see allocator)."""
+    keep_transfer_buffers()
 
 
 @dataclass

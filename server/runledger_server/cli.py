@@ -10,8 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from runledger_server import config
-from runledger_server.app import build_server
-from runledger_server.backends.artifacts.allocator import keep_transfer_buffers
+from runledger_server.app import build_server, own_process
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -19,8 +18,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 async def serve(settings: config.Settings) -> None:
-    # Process-wide malloc tuning is the process owner's call: `serve` owns its process, an embedded server does not.
-    keep_transfer_buffers()
+    own_process()  # process-wide tuning is the process owner's call: `serve` owns its process
     server, port = await build_server(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
