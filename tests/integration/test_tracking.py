@@ -287,6 +287,26 @@ def test_get_metric_writer_says_where_a_writer_resumes(tracking) -> None:
     assert (r.code, r.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "writer_id")
 
 
+def test_get_metric_writer_refuses_bad_input_without_waiting_for_queued_commits(settings, tracking) -> None:
+    """It waits (up to 10 s) for batches queued for commit; arguments that can never be right are refused first."""
+    import sqlite3
+
+    run = _run(tracking, _experiment(tracking))
+    holder = sqlite3.connect(settings.data_dir / "runledger.db", timeout=60)
+    holder.execute("BEGIN IMMEDIATE")  # commits wait for this lock: a batch stays queued
+    try:
+        batch = pb.LogMetricsRequest(run_id=run.run_id, writer_id="w", seq=0, series=[_series("loss", [0], [0.5])])
+        with pytest.raises(grpc.RpcError):
+            tracking.LogMetrics(batch, timeout=0.3)
+        for run_id, writer_id, field in ((run.run_id, "", "writer_id"), ("Bad Id", "w", "run_id")):
+            req = pb.GetMetricWriterRequest(run_id=run_id, writer_id=writer_id)
+            r = refusal(lambda req=req: tracking.GetMetricWriter(req, timeout=5))  # not after the 10 s wait
+            assert (r.code, r.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, field)
+    finally:
+        holder.rollback()
+        holder.close()
+
+
 def test_many_writers_into_one_run(tracking) -> None:
     run = _run(tracking, _experiment(tracking))
 

@@ -184,3 +184,26 @@ def test_metrics_batch_keeps_unequal_arrays_for_the_receiver_and_refuses_truncat
             wire.decode_metrics_batch(data[:cut])
     with pytest.raises(ValueError):  # strings are UTF-8, as protobuf requires
         wire.decode_metrics_batch(wire.length_delimited(1, b"\xff\xfe"))
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        b"\x00\x05",  # field number 0
+        b"\x80\x80\x80\x80\x80\x08\x01",  # a tag in six bytes
+        b"\x80\x80\x80\x80\x10\x01",  # a field number beyond 2^29 (the tag beyond 32 bits)
+    ],
+    ids=["field-zero", "six-byte-tag", "field-beyond-2^29"],
+)
+def test_the_batch_decoder_refuses_tags_protobuf_refuses(tail: bytes) -> None:
+    """It parses like protobuf: what protobuf calls corrupt is refused here too, not skipped as unknown."""
+    from google.protobuf.message import DecodeError
+
+    from runledger.v1 import tracking_service_pb2
+
+    good = tracking_service_pb2.StreamMetricsRequest(run_id="r", writer_id="w", seq=1).SerializeToString()
+    wire.decode_metrics_batch(good)
+    with pytest.raises(DecodeError):
+        tracking_service_pb2.StreamMetricsRequest.FromString(good + tail)
+    with pytest.raises(ValueError, match=r"invalid field tag|bad varint"):
+        wire.decode_metrics_batch(good + tail)

@@ -171,8 +171,11 @@ def _fields(view: memoryview, what: str) -> Iterator[tuple[int, int, int, int]]:
     end = len(view)
     pos = 0
     while pos < end:
+        start = pos
         tag, pos = _read_varint(view, pos, what)
         field, kind = tag >> 3, tag & 7
+        if field == 0 or tag >> 32 or pos - start > 5:  # as protobuf: no field 0, a tag fits 32 bits in 5 bytes
+            raise ValueError(f"malformed {what}: invalid field tag {tag}")
         if kind == 0:
             value, pos = _read_varint(view, pos, what)
             yield field, kind, pos, value

@@ -127,6 +127,11 @@ class TrackingService:
     def ingest_behind() -> Unavailable:
         return Unavailable("this server's metric commits are behind; ask again shortly", reason="INGEST_BEHIND")
 
+    def check_metric_writer(self, run_id: str, writer_id: str) -> None:
+        """GetMetricWriter's arguments, checked before it waits for queued commits (no database access)."""
+        names.run_id(run_id)
+        check_writer_id(writer_id)
+
     def next_metric_seq(self, run_id: str, writer_id: str) -> int:
         """Where a writer that keeps its writer_id across a restart continues its batch numbering (committed
         batches; see queued_metrics_committed)."""

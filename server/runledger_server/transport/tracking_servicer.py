@@ -248,6 +248,7 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
 
     @handle_errors
     async def GetMetricWriter(self, request: pb.GetMetricWriterRequest, context: Any) -> tracking_pb2.MetricWriter:
+        self._svc.check_metric_writer(request.run_id, request.writer_id)  # bad input: refused now, not after 10 s
         committed = asyncio.wrap_future(self._svc.queued_metrics_committed())
         try:  # on the loop, not a worker thread: slow commits must not take the pool from every other call
             await asyncio.wait_for(asyncio.shield(committed), INGEST_BARRIER_TIMEOUT_S)
