@@ -120,7 +120,8 @@ async def build_server(settings: Settings) -> tuple[Server, int]:
         ]
     )
     budget = PointBudget(max(1, (settings.ingest_buffer_mib << 20) // POINT_BYTES))
-    tracking_servicer.add_to_server(TrackingServicer(tracking, executor, budget), grpc_server)
+    tracking_grpc = TrackingServicer(tracking, executor, budget)
+    tracking_servicer.add_to_server(tracking_grpc, grpc_server)
     # Transfers get their own pool: a long upload waiting on the artifact store must not starve tracking calls.
     artifact_executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="runledger-artifacts")
     artifacts = ArtifactService(SqlArtifactIndex(db), artifact_backends.from_settings(settings))
@@ -148,6 +149,7 @@ async def build_server(settings: Settings) -> tuple[Server, int]:
     server._closers.append(lambda: artifact_executor.shutdown(wait=True))
     server._drainers.append(artifact_servicer.drain)
     server._stream_enders.append(alias_watch.shut_down)
+    server._stream_enders.append(tracking_grpc.shut_down)
     _LOGGER.info(
         "runledger serving on %s:%d (metadata: %s, artifacts: %s, metric cache: %d MiB)",
         settings.host,

@@ -832,3 +832,45 @@ def test_params_and_tags_of_a_run_are_bounded_together_and_pages_stay_within_the
                 break
         assert sorted(seen) == sorted(ids) and len(sizes) > 1  # every run once, over shortened pages
         assert max(sizes) < 32 << 20
+
+
+def test_stopping_the_server_ends_open_metric_streams_at_once_with_shutting_down(settings) -> None:
+    """A trainer's stream stays open between batches: a stop acknowledges what the stream took, then ends it
+    with UNAVAILABLE SHUTTING_DOWN (the writer re-sends the rest elsewhere) instead of holding the whole grace
+    period and being cancelled without a reason."""
+    import queue
+    import threading
+
+    from tests.support import refusal
+
+    srv = EmbeddedServer(settings).start()
+    stopped = False
+    try:
+        with grpc.insecure_channel(srv.address) as ch:
+            tracking = tracking_service_pb2_grpc.TrackingServiceStub(ch)
+            run = _run(tracking, _experiment(tracking))
+            outbox: queue.Queue[pb.StreamMetricsRequest | None] = queue.Queue()
+
+            def requests():  # a trainer between steps: the stream stays open
+                while (req := outbox.get()) is not None:
+                    yield req
+
+            call = tracking.StreamMetrics(requests())
+            outbox.put(
+                pb.StreamMetricsRequest(run_id=run.run_id, writer_id="w", seq=0, series=[_series("x", [0], [1.0])])
+            )
+            assert next(call).seq == 0
+            stopper = threading.Thread(target=srv.stop, kwargs={"grace": 60})
+            stopper.start()
+            r = refusal(lambda: next(call))
+            assert (r.code, r.reason) == (grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN")
+            outbox.put(None)
+            stopper.join(timeout=30)
+            assert not stopper.is_alive()  # not held for the 60 s grace by the open stream
+            stopped = True
+    finally:
+        if not stopped:
+            srv.stop()
+    with EmbeddedServer(settings) as again, grpc.insecure_channel(again.address) as ch:
+        steps, _, _ = _history(tracking_service_pb2_grpc.TrackingServiceStub(ch), run.run_id, "x")
+        assert steps == [0]

@@ -15,7 +15,7 @@ import numpy as np
 
 from runledger import wire
 from runledger.v1 import tracking_pb2, tracking_service_pb2 as pb, tracking_service_pb2_grpc
-from runledger_server.domain.errors import InvalidArgument
+from runledger_server.domain.errors import InvalidArgument, Unavailable
 from runledger_server.domain.metrics import Batch, Series, validate_batch
 from runledger_server.services.tracking import INGEST_BARRIER_TIMEOUT_S, TrackingService
 from runledger_server.transport import convert, registration
@@ -41,6 +41,14 @@ def add_to_server(servicer: TrackingServicer, server: Any) -> None:
             handlers[method] = handlers[method]._replace(request_deserializer=_decode_batch)
 
     registration.register(tracking_service_pb2_grpc.add_TrackingServiceServicer_to_server, servicer, server, adjust)
+
+
+def _shutting_down() -> Unavailable:
+    return Unavailable(
+        "the server is shutting down; the batches acknowledged are stored: send the others again (to another "
+        "replica, or this one restarted)",
+        reason="SHUTTING_DOWN",
+    )
 
 
 def _decode_batch(data: bytes) -> wire.MetricsBatch | InvalidArgument:
@@ -83,6 +91,15 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
         self._svc = service
         self._executor = executor
         self._budget = ingest_budget
+        self._stopping = False
+        self._readers: set[asyncio.Task[None]] = set()  # each open StreamMetrics call's request reader
+
+    def shut_down(self) -> None:
+        """Server stop (on the loop): every metric stream stops reading, acknowledges the batches it took once
+        they are committed, and ends with UNAVAILABLE SHUTTING_DOWN; the writer re-sends the rest elsewhere."""
+        self._stopping = True
+        for reader in self._readers:
+            reader.cancel()
 
     async def _submit(self, batch: Batch) -> asyncio.Future[bool]:
         """Queue a batch for the group commit once the server-wide ingest budget has room for its points."""
@@ -216,9 +233,15 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
             else:
                 await pending.put(None)
 
+        if self._stopping:
+            await abort(context, status_for(_shutting_down(), "StreamMetrics"))
+            return
         task = asyncio.create_task(reader())
+        self._readers.add(task)
         try:
             while True:
+                if self._stopping and task.done() and pending.empty():
+                    break  # stopped with a full queue, so without the end mark: everything taken is acknowledged
                 item = await pending.get()
                 if item is None:
                     break
@@ -229,9 +252,12 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
                     await abort(context, status_for(exc, "StreamMetrics"))
                     return
                 yield pb.StreamMetricsResponse(writer_id=writer_id, seq=seq, duplicate=duplicate)
-            if failure and not isinstance(failure[0], asyncio.CancelledError):
+            if self._stopping:
+                await abort(context, status_for(_shutting_down(), "StreamMetrics"))
+            elif failure and not isinstance(failure[0], asyncio.CancelledError):
                 await abort(context, status_for(failure[0], "StreamMetrics"))
         finally:
+            self._readers.discard(task)
             task.cancel()
 
     @handle_errors

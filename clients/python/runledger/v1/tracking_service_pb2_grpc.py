@@ -202,7 +202,9 @@ class TrackingServiceServicer:
     def StreamMetrics(self, request_iterator, context):
         """Streams metric batches; each batch is acknowledged after it is durably
         committed. A batch re-sent with the same (run, writer, seq) is
-        acknowledged again and stored once.
+        acknowledged again and stored once. A stopping server acknowledges the
+        batches it took, then ends the stream with UNAVAILABLE (reason
+        SHUTTING_DOWN): send the unacknowledged ones again, e.g. to another replica.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -66,7 +66,9 @@ class TrackingServiceStub:
     StreamMetrics: _grpc.StreamStreamMultiCallable[_tracking_service_pb2.StreamMetricsRequest, _tracking_service_pb2.StreamMetricsResponse]
     """Streams metric batches; each batch is acknowledged after it is durably
     committed. A batch re-sent with the same (run, writer, seq) is
-    acknowledged again and stored once.
+    acknowledged again and stored once. A stopping server acknowledges the
+    batches it took, then ends the stream with UNAVAILABLE (reason
+    SHUTTING_DOWN): send the unacknowledged ones again, e.g. to another replica.
     """
     LogMetrics: _grpc.UnaryUnaryMultiCallable[_tracking_service_pb2.LogMetricsRequest, _tracking_service_pb2.LogMetricsResponse]
     """Logs one metric batch (the unary form of StreamMetrics)."""
@@ -126,7 +128,9 @@ class TrackingServiceAsyncStub(TrackingServiceStub):
     StreamMetrics: _aio.StreamStreamMultiCallable[_tracking_service_pb2.StreamMetricsRequest, _tracking_service_pb2.StreamMetricsResponse]  # type: ignore[assignment]
     """Streams metric batches; each batch is acknowledged after it is durably
     committed. A batch re-sent with the same (run, writer, seq) is
-    acknowledged again and stored once.
+    acknowledged again and stored once. A stopping server acknowledges the
+    batches it took, then ends the stream with UNAVAILABLE (reason
+    SHUTTING_DOWN): send the unacknowledged ones again, e.g. to another replica.
     """
     LogMetrics: _aio.UnaryUnaryMultiCallable[_tracking_service_pb2.LogMetricsRequest, _tracking_service_pb2.LogMetricsResponse]  # type: ignore[assignment]
     """Logs one metric batch (the unary form of StreamMetrics)."""
@@ -249,7 +253,9 @@ class TrackingServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_tracking_service_pb2.StreamMetricsResponse], _abc.AsyncIterator[_tracking_service_pb2.StreamMetricsResponse]]:
         """Streams metric batches; each batch is acknowledged after it is durably
         committed. A batch re-sent with the same (run, writer, seq) is
-        acknowledged again and stored once.
+        acknowledged again and stored once. A stopping server acknowledges the
+        batches it took, then ends the stream with UNAVAILABLE (reason
+        SHUTTING_DOWN): send the unacknowledged ones again, e.g. to another replica.
         """
 
     @_abc_1.abstractmethod
