@@ -190,8 +190,6 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
 
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-_IPV4 = re.compile(r"\d+\.\d+\.\d+\.\d+")
 
 
 def _artifact_location(location: str, s3_named: bool) -> str:
@@ -207,12 +205,15 @@ def _artifact_location(location: str, s3_named: bool) -> str:
     bucket = location[len("s3://") :].split("/", 1)[0] if scheme else ""
     if scheme and not bucket:
         raise ConfigError(f"--artifacts (env RUNLEDGER_ARTIFACTS) {location!r} names no bucket: s3://bucket/prefix")
-    if scheme and (not _BUCKET.fullmatch(bucket) or ".." in bucket or _IPV4.fullmatch(bucket)):
-        raise ConfigError(
-            f"--artifacts (env RUNLEDGER_ARTIFACTS) {location!r}: {bucket!r} is not a valid S3 bucket name "
-            "(3-63 characters: lower-case letters, digits, '.' and '-', starting and ending with a letter or digit, "
-            "not an IP address)"
-        )
+    if scheme:
+        from minio.helpers import check_bucket_name  # the SDK's own rule, which the store applies at startup
+
+        try:
+            check_bucket_name(bucket)
+        except ValueError as exc:
+            raise ConfigError(
+                f"--artifacts (env RUNLEDGER_ARTIFACTS) {location!r}: {bucket!r} is not a valid S3 bucket name ({exc})"
+            ) from None
     if s3_named and not scheme:
         raise ConfigError(
             "--s3-endpoint / --s3-secure (env RUNLEDGER_S3_ENDPOINT / RUNLEDGER_S3_SECURE) are set, but the "

@@ -530,6 +530,10 @@ def test_s3_outage_mid_upload_fails_cleanly_and_the_retry_succeeds(tmp_path: Pat
             assert moto.server.endpoint in r.message  # type: ignore[attr-defined]
             assert _paths(stub, run) == ["before.bin"]
 
+            # A directory's manifest is still answered from the index, though it cannot be stored meanwhile.
+            listing = stub.GetArtifactManifest(pb.GetArtifactManifestRequest(run_id=run, path=""))
+            assert [e.path for e in listing.entries] == ["before.bin"]
+
             moto.start()  # back; moto keeps its state in memory, so put back the bucket a real server would keep
             moto.server.client().make_bucket(moto.server.bucket)
             assert _upload(stub, run, "ckpt.bin", data).sha256 == hashlib.sha256(data).hexdigest()

@@ -725,3 +725,87 @@ def test_finishing_from_inside_a_logging_call_is_refused_not_a_deadlock(client: 
     run.finish()  # once the interrupted call has returned, everything works, and nothing was lost
     assert client.get_run(run.run_id).status == tracking_pb2.RUN_STATUS_FINISHED
     assert client.metric_history(run.run_id, "loss").values.tolist() == [1.0, 0.5]
+
+
+def test_closing_the_client_reports_points_a_stopped_sender_lost_unless_already_reported(
+    server: EmbeddedServer,
+) -> None:
+    client = runledger.Client(server.address)
+    first = client.start_run(experiment="lost-on-close", writer_id="rank0")
+    first.log_metrics({"loss": 1.0}, step=0)
+    first.flush()
+    second = client.attach_run(first.run_id, writer_id="rank0")
+    second.log_metrics({"loss": 2.0}, step=1)
+    second.flush()
+    first.log_metrics({"loss": 3.0}, step=2)  # refused in the background: nobody asks the first writer again
+    stream = first._stream
+    assert stream is not None
+    wait_until(lambda: stream.error is not None)
+    with pytest.raises(errors.AlreadyExists) as info:
+        client.close()
+    assert info.value.reason == "WRITER_ID_REUSED"
+    client.close()  # closed: nothing more to say
+
+    again = runledger.Client(server.address)
+    one = again.attach_run(first.run_id, writer_id="rank1")
+    one.log_metrics({"loss": 4.0}, step=3)
+    one.flush()
+    other = again.attach_run(first.run_id, writer_id="rank1")
+    other.log_metrics({"loss": 5.0}, step=4)
+    other.flush()
+    one.log_metrics({"loss": 6.0}, step=5)  # refused ...
+    with pytest.raises(errors.AlreadyExists):
+        one.flush(timeout=30)  # ... and told here
+    again.close()  # so closing does not raise it a second time
+
+
+def test_a_second_close_waits_for_the_first(server: EmbeddedServer) -> None:
+    import threading
+
+    client = runledger.Client(server.address, batch_interval=30.0)
+    run = client.start_run(experiment="close-twice")
+    for step in range(1_000):
+        run.log_metrics({"loss": float(step)}, step=step)
+    first = threading.Thread(target=client.close)
+    first.start()
+    wait_until(lambda: client._closing)
+    client.close()  # returns once the first close has stored everything
+    assert run.acked_points == 1_000
+    first.join(timeout=30)
+    assert not first.is_alive()
+
+
+def test_finish_refuses_an_unknown_numeric_status_before_closing(client: runledger.Client) -> None:
+    run = client.start_run(experiment="numeric-status")
+    with pytest.raises(errors.InvalidArgument):
+        run.finish(99)  # type: ignore[arg-type]
+    run.log_metrics({"loss": 1.0}, step=0)  # still open
+    run.finish(tracking_pb2.RUN_STATUS_FINISHED)  # type: ignore[arg-type]
+    assert client.get_run(run.run_id).status == tracking_pb2.RUN_STATUS_FINISHED
+
+
+def test_a_batch_that_cannot_be_encoded_stops_the_sender_for_good(
+    client: runledger.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runledger import _streamer
+
+    real = _streamer.build_request
+
+    def build(run_id: str, writer_id: str, seq: int, blocks):  # type: ignore[no-untyped-def]
+        if seq == 1:
+            raise RuntimeError("simulated encoding failure")
+        return real(run_id, writer_id, seq, blocks)
+
+    monkeypatch.setattr(_streamer, "build_request", build)
+    run = client.start_run(experiment="not-encodable")
+    run.log_metrics({"loss": 1.0}, step=0)
+    run.flush()
+    run.log_metrics({"loss": 2.0}, step=1)
+    with pytest.raises(errors.RunledgerError) as info:
+        run.flush(timeout=30)
+    assert info.value.reason == "CLIENT_ERROR"
+    stream = run._stream
+    assert stream is not None
+    connections = stream.connections
+    time.sleep(1.0)
+    assert stream.connections == connections and not stream.sending  # no reconnecting to the same failure

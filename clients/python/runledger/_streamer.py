@@ -129,6 +129,8 @@ class MetricStreamer:
         self._unusable = False  # closing or failed: the caller's append goes the slow way and raises
         self._last_cut = clock()
         self._error: errors.RunledgerError | None = None  # fatal: raised to the caller, nothing more is sent
+        self._error_reported = False
+        self._lost_at_failure = 0  # points the failure left unstored, counted when it happened
         self._last_transient: errors.RunledgerError | None = None
         self._closing = False
         self._stop_now = False
@@ -169,6 +171,24 @@ class MetricStreamer:
     @property
     def error(self) -> errors.RunledgerError | None:
         return self._error
+
+    def _reported_error(self) -> errors.RunledgerError:
+        """The sender's fatal error, to raise to a caller (who has then been told)."""
+        assert self._error is not None
+        self._error_reported = True
+        return self._error.again()
+
+    @property
+    def unreported_error(self) -> errors.RunledgerError | None:
+        """The error that stopped the sender with points unstored, if no caller has been told of it yet."""
+        if self._error is None or self._error_reported or not (self._lost_at_failure or self.unstored_points):
+            return None
+        return self._error.again()
+
+    @property
+    def unstored_points(self) -> int:
+        """Points logged and neither acknowledged nor dropped as another writer's: lost if the sender has stopped."""
+        return self._buffer.points + self._outbox.points
 
     @property
     def sending(self) -> bool:
@@ -226,7 +246,7 @@ class MetricStreamer:
 
     def _raise_unusable(self) -> None:
         if self._error is not None:
-            raise self._error.again()
+            raise self._reported_error()
         raise errors.FailedPrecondition(
             f"metrics of run {self.run_id} (writer {self.writer_id}) can no longer be logged: "
             "the run was finished or its client closed",
@@ -268,7 +288,7 @@ class MetricStreamer:
         deadline = None if timeout is None else self._clock() + timeout
         with self._lock:
             if self._error is not None:
-                raise self._error.again()
+                raise self._reported_error()
             self._cond.notify_all()
             while not self._numbered and self._buffer.points:  # the sender is asking where numbering starts
                 self._wait_until(deadline, timeout)
@@ -282,7 +302,7 @@ class MetricStreamer:
     def _wait_until(self, deadline: float | None, timeout: float | None) -> None:
         """Under the lock: one wait for news from the sender, within the caller's deadline."""
         if self._error is not None:
-            raise self._error.again()
+            raise self._reported_error()
         if self._stop_now:
             raise errors.FailedPrecondition(f"the metric sender of run {self.run_id} was stopped", reason="RUN_CLOSED")
         remaining = None if deadline is None else deadline - self._clock()
@@ -415,7 +435,7 @@ class MetricStreamer:
                     self._call = None
                     self._cond.notify_all()
             with self._lock:
-                if self._stop_now:
+                if self._stop_now or self._error is not None:  # stopped, or failed for good (a batch not encodable)
                     return
                 if error is None and len(self._outbox) and conn.cursor > self._outbox.first_unacked():
                     error = errors.Unavailable("the server ended the metric stream before acknowledging every batch")
@@ -481,6 +501,7 @@ class MetricStreamer:
     def _fail_locked(self, error: errors.RunledgerError, lost: int = 0) -> None:
         if self._error is None:
             unstored = self._outbox.points + self._buffer.points + lost
+            self._lost_at_failure = unstored
             error.metadata.setdefault("unstoredPoints", str(unstored))
             self._error = error
             self._unusable = True

@@ -113,6 +113,7 @@ class Client:
         # Everything built on the channel (stubs by class, the artifact channel by name): dropped with the channel.
         self._stubs: dict[Any, Any] = {}
         self._closing = self._closed = False
+        self._closed_event = threading.Event()  # set once close() has finished
         self._streamers: weakref.WeakSet[MetricStreamer] = weakref.WeakSet()  # what close() sends before it closes
         _process.track(self)
 
@@ -198,27 +199,35 @@ class Client:
         for streamer in streamers:  # from a signal handler inside log_metrics: refused before anything closes
             streamer.check_not_reentered("close")
         with self._lock:
-            if self._closing:
-                return
+            first = not self._closing
             self._closing = True  # no new metric senders; the channel stays open for the ones being flushed
             streamers = list(self._streamers)
-        budget = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + (NO_LIMIT if budget is None or budget > NO_LIMIT else budget)
-        failure: errors.RunledgerError | None = None
-        for streamer in streamers:
-            if not streamer.sending:
-                continue  # finished, failed, or stopped: nothing left that could still be stored
-            try:
-                streamer.close(max(deadline - time.monotonic(), 0.0))
-            except errors.RunledgerError as exc:
-                streamer.abandon()
-                failure = failure or exc
-        with self._lock:
-            self._closed = True
-            channel, self._channel = self._channel, None
-            self._stubs = {}
-        if channel is not None:
-            channel.close()
+        if not first:
+            self._closed_event.wait()  # another close is storing the points: return when it is done
+            return
+        try:
+            budget = self.timeout if timeout is None else timeout
+            deadline = time.monotonic() + (NO_LIMIT if budget is None or budget > NO_LIMIT else budget)
+            failure: errors.RunledgerError | None = None
+            for streamer in streamers:
+                if not streamer.sending:
+                    # Finished, or stopped: its points are stored, or were lost when it stopped (say so, unless
+                    # a call of the run has already raised that error).
+                    failure = failure or streamer.unreported_error
+                    continue
+                try:
+                    streamer.close(max(deadline - time.monotonic(), 0.0))
+                except errors.RunledgerError as exc:
+                    streamer.abandon()
+                    failure = failure or exc
+            with self._lock:
+                self._closed = True
+                channel, self._channel = self._channel, None
+                self._stubs = {}
+            if channel is not None:
+                channel.close()
+        finally:
+            self._closed_event.set()
         if failure is not None:
             raise failure
 
@@ -245,6 +254,7 @@ class Client:
         self._stubs = {}
         self._lock = threading.Lock()
         self._streamers = weakref.WeakSet()  # the parent's senders, which the child neither has nor sends for
+        self._closed_event = threading.Event()
         if self.writer_id is not None:
             # The parent keeps writing as this writer: a child's runs must not number their batches alike.
             self.writer_id = _ids.forked_writer_id(self.writer_id)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple, Protocol
 
 from runledger_server.domain import artifact_paths, manifest as manifest_rule, names, paging
-from runledger_server.domain.errors import DataLoss, InvalidArgument, NotFound
+from runledger_server.domain.errors import DataLoss, DomainError, InvalidArgument, NotFound
 from runledger_server.store.artifacts import ArtifactIndex, ArtifactRecord, BlobStore
 from runledger_server.store.entities import Page
 
@@ -193,9 +193,13 @@ class ArtifactService:
 
     def published_manifest(self, run_id: str, path: str) -> tuple[str, manifest_rule.Manifest]:
         """`manifest()`, with the manifest stored under its digest, so that a download by that digest gives the
-        list of files it stands for (content-addressed: storing it again changes nothing)."""
+        list of files it stands for (content-addressed: storing it again changes nothing). Storing is best
+        effort: a read must not fail because the store is full or read-only."""
         directory, manifest = self.manifest(run_id, path)
-        self._publish(manifest)
+        try:
+            self._publish(manifest)
+        except DomainError as exc:
+            _LOGGER.warning("manifest %s of runs/%s/%s not stored: %s", manifest.sha256, run_id, directory, exc)
         return directory, manifest
 
     def _publish(self, manifest: manifest_rule.Manifest) -> str:

@@ -237,6 +237,13 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
             await abort(context, status_for(_shutting_down(), "StreamMetrics"))
             return
         task = asyncio.create_task(reader())
+
+        def ended(t: asyncio.Task[None]) -> None:  # cancelled before its first step, it queued no end mark
+            if t.cancelled():
+                with contextlib.suppress(asyncio.QueueFull):  # a full queue: the loop's done() check ends it
+                    pending.put_nowait(None)
+
+        task.add_done_callback(ended)
         self._readers.add(task)
         try:
             while True:
