@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from runledger import Client, wire
-from runledger.v1 import tracking_service_pb2 as pb
+from runledger.v1 import tracking_service_pb2 as pb, tracking_service_pb2_grpc
 from runledger_server.embedded import EmbeddedServer
 from runledger_server.transport.tracking_servicer import HISTORY_CHUNK_POINTS
 
@@ -85,7 +85,6 @@ def test_a_range_longer_than_one_read_is_refused_and_the_client_reads_it_in_part
     refusal names, and the parts join into exactly the whole history (downsampled parts keep the extremes)."""
     import grpc
 
-    from runledger.v1 import tracking_service_pb2_grpc
     from runledger_server.config import Settings
     from tests.support import refusal
 
@@ -126,3 +125,27 @@ def test_a_range_longer_than_one_read_is_refused_and_the_client_reads_it_in_part
 
 
 KEY = "train/reward"
+
+
+def test_chunks_that_overlap_every_part_of_a_range_count_only_their_points_in_it(tmp_path) -> None:
+    """Two writers logging the same steps: each chunk spans the whole range, so counting chunks whole would
+    refuse every part however small; the bound counts the points each part actually holds."""
+    import grpc
+
+    from runledger_server.config import Settings
+
+    settings = Settings(host="127.0.0.1", port=0, data_dir=tmp_path / "data", history_max_points=100)
+    with EmbeddedServer(settings) as srv, Client(srv.address) as client:
+        run = client.start_run(experiment="overlap")
+        writers = [client.attach_run(run.run_id, writer_id=f"rank{r}") for r in range(2)]
+        for rank, writer in enumerate(writers):
+            writer.log_series({"loss": np.arange(60.0) + rank / 10}, steps=np.arange(60))
+            writer.flush()
+        h = client.metric_history(run.run_id, "loss")  # 120 points, 2 per step
+        assert h.steps.tolist() == [s for s in range(60) for _ in range(2)]
+        assert sorted(h.values.tolist()) == sorted([s + r / 10 for s in range(60) for r in range(2)])
+        with grpc.insecure_channel(srv.address) as ch:
+            stub = tracking_service_pb2_grpc.TrackingServiceStub(ch)
+            one = pb.GetMetricHistoryRequest(run_id=run.run_id, key="loss", start_step=5, end_step=5)
+            assert [len(m.steps) for m in stub.GetMetricHistory(one)] == [2]  # a part this small always fits
+        run.finish()

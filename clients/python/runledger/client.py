@@ -458,8 +458,11 @@ class Client:
 
         `start_step`/`end_step` bound the range (inclusive); `max_points` > 0 downsamples on the server,
         keeping the first, the last, the minimum and the maximum. A range holding more points than the server
-        reads at once (HISTORY_TOO_LARGE) is read in parts, each downsampled to its share of `max_points`.
+        reads at once (HISTORY_TOO_LARGE) is read in parts, within the one `timeout`; each part is downsampled to
+        its share of `max_points` (and keeps at least its own first, last, minimum and maximum).
         """
+        budget = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + (NO_LIMIT if budget is None or budget > NO_LIMIT else budget)
         request = _convert.request(
             pb.GetMetricHistoryRequest,
             run_id=run_id,
@@ -482,10 +485,17 @@ class Client:
                 raise  # one step holds more than a read: nothing smaller to ask for
         middle = low + (high - low) // 2
         share = -(-max_points // 2) if max_points else 0
-        parts = (
-            self.metric_history(run_id, key, start_step=low, end_step=middle, max_points=share, timeout=timeout),
-            self.metric_history(run_id, key, start_step=middle + 1, end_step=high, max_points=share, timeout=timeout),
-        )
+        parts = [
+            self.metric_history(
+                run_id,
+                key,
+                start_step=lo,
+                end_step=hi,
+                max_points=share,
+                timeout=max(deadline - time.monotonic(), 0.001),
+            )
+            for lo, hi in ((low, middle), (middle + 1, high))
+        ]
         return MetricHistory(*(np.concatenate(arrays) for arrays in zip(*parts, strict=True)))
 
     # ---- eval results and sweeps --------------------------------------------------------------------

@@ -118,7 +118,7 @@ def in_step_order(chunks: list[Series], start_step: int | None, end_step: int | 
     history is then never copied here, and the transport sends it chunk by chunk.
     """
     if start_step is not None or end_step is not None:
-        chunks = [c for c in (_cut(c, start_step, end_step) for c in chunks) if len(c)]
+        chunks = [c for c in (cut(c, start_step, end_step) for c in chunks) if len(c)]
     if _ordered(chunks):
         return chunks
     whole = joined(chunks)
@@ -140,7 +140,8 @@ def joined(chunks: list[Series]) -> Series:
     )
 
 
-def _cut(chunk: Series, start_step: int | None, end_step: int | None) -> Series:
+def cut(chunk: Series, start_step: int | None, end_step: int | None) -> Series:
+    """The chunk's points within [start_step, end_step] (the chunk itself when all are)."""
     mask = np.ones(len(chunk), bool)
     if start_step is not None:
         mask &= chunk.steps >= start_step

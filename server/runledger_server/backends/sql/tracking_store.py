@@ -21,7 +21,7 @@ from sqlalchemy.sql.functions import FunctionElement
 from runledger_server.backends.sql import chunk_format
 from runledger_server.backends.sql.base import now_us
 from runledger_server.backends.sql.chunk_cache import DEFAULT_MAX_BYTES, ChunkCache, ChunkKey
-from runledger_server.backends.sql.database import Database
+from runledger_server.backends.sql.database import Database, Statements
 from runledger_server.backends.sql.tracking_tables import (
     EvalScoreRow,
     ExperimentRow,
@@ -31,7 +31,7 @@ from runledger_server.backends.sql.tracking_tables import (
     RunRow,
     RunTagRow,
 )
-from runledger_server.domain import ids, lineage as lineage_rules, names, paging, run_status
+from runledger_server.domain import ids, lineage as lineage_rules, metrics as metrics_rules, names, paging, run_status
 from runledger_server.domain.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from runledger_server.domain.filters import TIME_ATTRIBUTES, Clause, OrderBy
 from runledger_server.domain.lineage import Lineage
@@ -44,6 +44,7 @@ _VAL = np.dtype("<f8")
 T = TypeVar("T")
 # Characters of params, tags and configs in one SearchRuns page: at most 32 MiB in UTF-8, under gRPC's 64 MiB.
 PAGE_METADATA = 2 * names.MAX_RUN_METADATA
+HISTORY_READ_GROUP = 1_000_000  # points of chunks decoded at once when a history read is cut chunk by chunk
 _IN_BATCH = 500  # values per IN list: far below the databases' parameter limits
 KNOWN_RUNS_LIMIT = 100_000  # run IDs a server remembers as existing (metric commits skip looking them up)
 # LIKE and ILIKE patterns escape with a backslash on both databases (PostgreSQL's default; SQLite has none).
@@ -458,31 +459,70 @@ class SqlTrackingStore:
                 f'SELECT id, writer_id, seq, "count", min_step, max_step FROM metric_chunks {where} ORDER BY id', params
             )
             if max_points is not None and sum(row[3] for row in listed) > max_points:
-                raise _history_too_large(run_id, key, listed, start_step, end_step, max_points)
-            found: dict[int, Series] = {}
-            missing: list[int] = []
-            for chunk_id, writer_id, seq, *_ in listed:
-                chunk = self._chunks.get((run_id, key, writer_id, seq))
-                if chunk is None:
-                    missing.append(chunk_id)
-                else:
-                    found[chunk_id] = chunk
-            for ids in _in_batches(missing):
-                rows = q.all(
-                    'SELECT id, writer_id, seq, "count", min_step, max_step, steps, "values", timestamps_ms '
-                    f"FROM metric_chunks WHERE id IN ({_marks(len(ids))})",
-                    ids,
-                )
-                for chunk_id, writer_id, seq, n, low, high, steps, values, stamps in rows:
-                    chunk = Series(
-                        key,
-                        chunk_format.decode_steps(steps, n, low, high),
-                        np.frombuffer(values, _VAL),  # a view of the fetched bytes
-                        chunk_format.decode_timestamps(stamps, n),
-                    )
-                    self._chunks.put((run_id, key, writer_id, seq), chunk)
-                    found[chunk_id] = chunk
+                # More than a read may hold if the chunks are kept whole: keep only the points in the range, chunk
+                # by chunk, so that chunks overlapping the range (other writers, sparse steps) count what they add.
+                return self._points_in_range(q, run_id, key, listed, start_step, end_step, max_points)
+            found = self._load_chunks(q, run_id, key, listed)
         return [found[row[0]] for row in listed]
+
+    def _load_chunks(
+        self, q: Statements, run_id: str, key: str, listed: Sequence[tuple[Any, ...]]
+    ) -> dict[int, Series]:
+        """The listed chunks by id, from the cache or decoded from their rows (and then cached)."""
+        found: dict[int, Series] = {}
+        missing: list[int] = []
+        for chunk_id, writer_id, seq, *_ in listed:
+            chunk = self._chunks.get((run_id, key, writer_id, seq))
+            if chunk is None:
+                missing.append(chunk_id)
+            else:
+                found[chunk_id] = chunk
+        for some in _in_batches(missing):
+            rows = q.all(
+                'SELECT id, writer_id, seq, "count", min_step, max_step, steps, "values", timestamps_ms '
+                f"FROM metric_chunks WHERE id IN ({_marks(len(some))})",
+                some,
+            )
+            for chunk_id, writer_id, seq, n, low, high, steps, values, stamps in rows:
+                chunk = Series(
+                    key,
+                    chunk_format.decode_steps(steps, n, low, high),
+                    np.frombuffer(values, _VAL),  # a view of the fetched bytes
+                    chunk_format.decode_timestamps(stamps, n),
+                )
+                self._chunks.put((run_id, key, writer_id, seq), chunk)
+                found[chunk_id] = chunk
+        return found
+
+    def _points_in_range(
+        self,
+        q: Statements,
+        run_id: str,
+        key: str,
+        listed: Sequence[tuple[Any, ...]],
+        start_step: int | None,
+        end_step: int | None,
+        limit: int,
+    ) -> list[Series]:
+        """The listed chunks cut to the range, read a group at a time (each group of at most one batch's size,
+        1,000,000 points): what is held is what the answer keeps, and more than `limit` of it is refused."""
+        pieces: list[Series] = []
+        kept = grouped = 0
+        group: list[tuple[Any, ...]] = []
+        for i, row in enumerate(listed):
+            group.append(row)
+            grouped += row[3]
+            if i + 1 < len(listed) and grouped + listed[i + 1][3] <= HISTORY_READ_GROUP:
+                continue
+            found = self._load_chunks(q, run_id, key, group)
+            for r in group:
+                piece = metrics_rules.cut(found[r[0]], start_step, end_step)
+                kept += len(piece)
+                if kept > limit:
+                    raise _history_too_large(run_id, key, listed, start_step, end_step, limit)
+                pieces.append(piece)
+            group, grouped = [], 0
+        return pieces
 
     # ---- eval results ------------------------------------------------------------------------
     def log_eval_result(self, run_id: str, suite_fingerprint: str, metrics: dict[str, float]) -> EvalResult:
@@ -607,17 +647,16 @@ def _history_too_large(
     end_step: int | None,
     limit: int,
 ) -> ResourceExhausted:
-    """A bound on what one history read holds in memory, checked on the chunks' counts before any is read
-    (boundary chunks count whole). The metadata gives the steps the range really spans, to split it by."""
-    points = sum(row[3] for row in listed)
+    """A bound on what one history read holds in memory: more than `limit` points in the requested steps. The
+    metadata gives the steps the range really spans, to split it by."""
     low = max(min(row[4] for row in listed), start_step if start_step is not None else -(1 << 63))
     high = min(max(row[5] for row in listed), end_step if end_step is not None else (1 << 63) - 1)
     return ResourceExhausted(
-        f"metric {key!r} of runs/{run_id} holds up to {points:,} points in the requested steps; one read returns "
-        f"at most {limit:,}: ask for smaller ranges of steps (start_step, end_step) within {low}..{high}",
+        f"metric {key!r} of runs/{run_id} holds more than {limit:,} points in the requested steps, what one read "
+        f"returns at most: ask for smaller ranges of steps (start_step, end_step) within {low}..{high}",
         reason="HISTORY_TOO_LARGE",
         field="end_step",
-        metadata={"points": str(points), "limit": str(limit), "minStep": str(low), "maxStep": str(high)},
+        metadata={"limit": str(limit), "minStep": str(low), "maxStep": str(high)},
     )
 
 
