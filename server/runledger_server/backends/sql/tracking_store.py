@@ -243,10 +243,11 @@ class SqlTrackingStore:
             result = [tuple(r) for r in s.execute(stmt)]
             more = len(result) > page_size
             result = result[:page_size]
-            runs = _runs_with_details(self._fetcher(s), [r[:-1] for r in result])
-        kept = _fitting_a_page(runs)
-        if kept < len(runs):  # runs with large params or tags: a shorter page (AIP-158 allows it), never too big
-            runs, result, more = runs[:kept], result[:kept], True
+            fetch = self._fetcher(s)
+            kept = _fitting_a_page(fetch, result)
+            if kept < len(result):  # runs with large params or tags: a shorter page (AIP-158 allows it)
+                result, more = result[:kept], True
+            runs = _runs_with_details(fetch, [r[:-1] for r in result])
         token = ""
         if more:
             last = result[-1]
@@ -615,18 +616,29 @@ _RUN_COLUMNS = (
     RunRow.seed,
     RunRow.lineage_fingerprint,
 )
-_ID, _CREATE_TIME = 0, 4  # positions in _RUN_COLUMNS
+_ID, _CREATE_TIME, _CONFIG = 0, 4, 10  # positions in _RUN_COLUMNS
 _RUN_SELECT = f"SELECT {', '.join(c.key for c in _RUN_COLUMNS)} FROM runs"
 
 
-def _fitting_a_page(runs: Sequence[Run]) -> int:
-    """How many of `runs` (at least one) a SearchRuns answer takes, within PAGE_METADATA characters."""
-    size = 0
-    for kept, run in enumerate(runs):
-        size += names.metadata_size(run.params) + names.metadata_size(run.tags) + len(run.lineage.config or "")
-        if kept and size > PAGE_METADATA:
+def _fitting_a_page(fetch: _Fetch, rows: Sequence[tuple[Any, ...]]) -> int:
+    """How many of the runs found (at least one) a SearchRuns page takes, within PAGE_METADATA characters of
+    params, tags and configs: measured in SQL, before any of it is loaded."""
+    ids_ = [r[_ID] for r in rows]
+    size: dict[str, int] = defaultdict(int)
+    for some in _in_batches(ids_):
+        for table in ("run_params", "run_tags"):
+            for run_id, chars in fetch(
+                f'SELECT run_id, SUM(LENGTH("key") + LENGTH(value)) FROM {table} '
+                f"WHERE run_id IN ({_marks(len(some))}) GROUP BY run_id",
+                some,
+            ):
+                size[run_id] += int(chars or 0)
+    total = 0
+    for kept, r in enumerate(rows):
+        total += size[r[_ID]] + len(r[_CONFIG] or "")
+        if kept and total > PAGE_METADATA:
             return kept
-    return len(runs)
+    return len(rows)
 
 
 def _stored_size(s: Session, table: type[RunParamRow] | type[RunTagRow], run_id: str) -> int:
