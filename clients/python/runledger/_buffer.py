@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from runledger import errors
+from runledger._convert import sendable
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ def check_key(key: object) -> str:
         or len(key) > MAX_KEY_LENGTH
         or "\x00" in key
         or key.strip() != key
-        or not _is_utf8(key)
+        or not sendable(key)
     ):
         raise errors.InvalidArgument(
             f"metric key {key!r} is not valid (a string of 1-{MAX_KEY_LENGTH} characters, no NUL, "
@@ -43,15 +44,6 @@ def _is_number(value: Any) -> bool:
     try:
         float(value)
     except (TypeError, ValueError):
-        return False
-    return True
-
-
-def _is_utf8(text: str) -> bool:
-    """False for a string holding a lone surrogate (half of an emoji from a JSON escape): it cannot be sent."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
         return False
     return True
 

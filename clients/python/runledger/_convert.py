@@ -119,10 +119,10 @@ def string_map(values: Mapping[str, Any] | None, field: str) -> dict[str, str]:
         return {}
     out: dict[str, str] = {}
     for key, value in values.items():
-        if not isinstance(key, str) or not _sendable(key):
+        if not isinstance(key, str) or not sendable(key):
             raise _invalid(f"{field} keys must be strings of valid Unicode, got {key!r}", field)
         text = value if isinstance(value, str) else str(value)
-        if not _sendable(text):
+        if not sendable(text):
             raise _invalid(f"{field}[{key}] {text[:80]!r} is not valid Unicode (a lone surrogate)", f"{field}[{key}]")
         out[key] = text
     return out
@@ -132,13 +132,13 @@ def number_map(values: Mapping[str, Any], field: str) -> dict[str, float]:
     """Scores by name: string names, number values, else InvalidArgument naming the entry."""
     out: dict[str, float] = {}
     for key, value in values.items():
-        if not isinstance(key, str) or not _sendable(key):
+        if not isinstance(key, str) or not sendable(key):
             raise _invalid(f"{field} names must be strings of valid Unicode, got {key!r}", field)
         out[key] = number(value, f"{field}[{key}]")
     return out
 
 
-def _sendable(text: str) -> bool:
+def sendable(text: str) -> bool:
     """Protobuf strings are UTF-8: a lone surrogate (half an emoji from a JSON escape) cannot be sent."""
     try:
         text.encode()

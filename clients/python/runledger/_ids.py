@@ -8,6 +8,7 @@ import time
 import uuid
 
 from runledger import errors
+from runledger._convert import sendable
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -29,12 +30,13 @@ def new_run_id() -> str:
 def check_writer_id(writer_id: object, field: str = "writer_id") -> str:
     """The server's rule for a writer ID, checked when it is chosen: once points are buffered under a writer
     ID the server refuses, none of them could be stored."""
-    if isinstance(writer_id, str) and 0 < len(writer_id) <= MAX_WRITER_ID and "\x00" not in writer_id:
-        try:
-            writer_id.encode()  # a lone surrogate cannot be sent
-            return writer_id
-        except UnicodeEncodeError:
-            pass
+    if (
+        isinstance(writer_id, str)
+        and 0 < len(writer_id) <= MAX_WRITER_ID
+        and "\x00" not in writer_id
+        and sendable(writer_id)  # a lone surrogate cannot be sent
+    ):
+        return writer_id
     raise errors.InvalidArgument(
         f"{field} {writer_id!r} is not valid (1-{MAX_WRITER_ID} characters, no NUL, valid Unicode)",
         reason="INVALID_ARGUMENT",
