@@ -185,14 +185,14 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
     return replace(
         settings,
         db_url=_database_url(settings.db_url),
-        artifacts=_artifact_location(settings.artifacts, s3_named),
+        artifacts=_artifact_location(settings.artifacts, s3_named, settings.s3.endpoint),
     )
 
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
-def _artifact_location(location: str, s3_named: bool) -> str:
+def _artifact_location(location: str, s3_named: bool, endpoint: str = "") -> str:
     """A directory or `s3://bucket/prefix`; a location that looks like another store is refused, not made a
     directory of that name, and so are S3 settings without an S3 location (each replica would keep its own
     artifacts on its own disk)."""
@@ -208,8 +208,9 @@ def _artifact_location(location: str, s3_named: bool) -> str:
     if scheme:
         from minio.helpers import check_bucket_name  # the SDK's own rule, which the store applies at startup
 
+        host = endpoint.rsplit(":", 1)[0] if endpoint else "s3.amazonaws.com"
         try:
-            check_bucket_name(bucket)
+            check_bucket_name(bucket, s3_check=host.endswith("amazonaws.com"))  # AWS's stricter rule on AWS
         except ValueError as exc:
             raise ConfigError(
                 f"--artifacts (env RUNLEDGER_ARTIFACTS) {location!r}: {bucket!r} is not a valid S3 bucket name ({exc})"

@@ -885,3 +885,22 @@ def test_empty_chunks_do_not_grow_a_write_batch_without_end(
     assert (art.size, art.sha256) == (len(data), hashlib.sha256(data).hexdigest())
     limit = artifact_servicer.WRITE_BATCH_BYTES // artifact_servicer.CHUNK_OVERHEAD_BYTES + 1
     assert sum(batches) == 40_001 and max(batches) <= limit, max(batches)
+
+
+def test_a_local_store_that_cannot_take_new_files_refuses_uploads_and_still_answers_manifests(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(host="127.0.0.1", port=0, data_dir=tmp_path / "d")
+    with EmbeddedServer(settings) as srv, grpc.insecure_channel(srv.address) as channel:
+        stub = Stub(channel)
+        run = _new_run(_tracking(channel))
+        _upload(stub, run, "dir/a.txt", b"a")
+        staging = settings.artifact_location + "/tmp"
+        os.rmdir(staging)
+        Path(staging).write_bytes(b"")  # no new file can be made there (as on a read-only volume)
+        r = refusal(lambda: _upload(stub, run, "dir/b.txt", b"b"))
+        assert (r.code, r.reason) == (grpc.StatusCode.UNAVAILABLE, "ARTIFACT_STORE_UNAVAILABLE")
+        listing = stub.GetArtifactManifest(pb.GetArtifactManifestRequest(run_id=run, path="dir"))
+        assert [e.path for e in listing.entries] == ["a.txt"]
+        os.remove(staging)
+        os.mkdir(staging)

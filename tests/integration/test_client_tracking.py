@@ -809,3 +809,52 @@ def test_a_batch_that_cannot_be_encoded_stops_the_sender_for_good(
     connections = stream.connections
     time.sleep(1.0)
     assert stream.connections == connections and not stream.sending  # no reconnecting to the same failure
+
+
+def test_close_called_inside_close_is_refused_not_a_deadlock(tmp_path: Path) -> None:
+    """A SIGTERM handler calling close() while this thread's close() waits for the server: the nested call is
+    refused (REENTRANT_CALL) and the interrupted one goes on to its own end."""
+    import signal
+
+    settings = Settings(host="127.0.0.1", port=free_port(), data_dir=tmp_path / "data")
+    srv = EmbeddedServer(settings).start()
+    client = runledger.Client(srv.address, retry=FAST_RETRY)
+    run = client.start_run(experiment="nested-close")
+    run.log_metrics({"loss": 1.0}, step=0)
+    run.flush()
+    srv.stop()
+    run.log_metrics({"loss": 0.5}, step=1)  # cannot be stored while the server is down
+    nested: list[BaseException] = []
+
+    def handler(signum: int, frame: object) -> None:
+        try:
+            client.close()
+        except errors.RunledgerError as exc:
+            nested.append(exc)
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        with pytest.raises(errors.DeadlineExceeded):
+            client.close(timeout=3)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert [getattr(e, "reason", None) for e in nested] == ["REENTRANT_CALL"]
+    client.close()  # done: returns at once
+
+
+def test_a_forked_child_of_a_closed_client_can_close_it_too(server: EmbeddedServer) -> None:
+    import os
+
+    client = runledger.Client(server.address)
+    client.close()
+    pid = os.fork()
+    if pid == 0:  # the child: close() must not wait for a close that runs only in the parent
+        import signal
+
+        signal.alarm(10)
+        client.close()
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

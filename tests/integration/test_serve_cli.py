@@ -137,6 +137,7 @@ def test_bad_settings_are_refused_naming_the_flag_and_variable(tmp_path: Path) -
         (["--artifacts", "s3:///runs"], {}, "names no bucket"),
         (["--artifacts", "s3://ab/runs"], {}, "not a valid S3 bucket name"),  # the SDK raised ValueError
         (["--artifacts", "s3://ab-.cd/runs"], {}, "not a valid S3 bucket name"),
+        (["--artifacts", "s3://xn--models/runs"], {}, "not a valid S3 bucket name"),  # AWS's rule, on AWS
         (["--artifacts", "s3://10.0.0.1/runs"], {}, "not a valid S3 bucket name"),
         # S3 settings with local artifacts: each replica would keep its artifacts on its own disk
         (["--s3-endpoint", "minio:9000"], {}, "give --artifacts s3://bucket/prefix"),

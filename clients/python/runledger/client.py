@@ -114,6 +114,7 @@ class Client:
         self._stubs: dict[Any, Any] = {}
         self._closing = self._closed = False
         self._closed_event = threading.Event()  # set once close() has finished
+        self._closer: int | None = None  # the thread running close()
         self._streamers: weakref.WeakSet[MetricStreamer] = weakref.WeakSet()  # what close() sends before it closes
         _process.track(self)
 
@@ -202,7 +203,16 @@ class Client:
             first = not self._closing
             self._closing = True  # no new metric senders; the channel stays open for the ones being flushed
             streamers = list(self._streamers)
+            closer = self._closer
+            if first:
+                self._closer = threading.get_ident()
         if not first:
+            if closer == threading.get_ident() and not self._closed_event.is_set():
+                raise errors.FailedPrecondition(  # a signal handler that interrupted this thread's close
+                    "close() was called while this thread is inside close() (from a signal handler?): the "
+                    "interrupted close goes on when the handler returns",
+                    reason="REENTRANT_CALL",
+                )
             self._closed_event.wait()  # another close is storing the points: return when it is done
             return
         try:
@@ -255,6 +265,9 @@ class Client:
         self._lock = threading.Lock()
         self._streamers = weakref.WeakSet()  # the parent's senders, which the child neither has nor sends for
         self._closed_event = threading.Event()
+        if self._closing:  # closed, or closing, in the parent: closed here (no close of the parent's runs here)
+            self._closed = True
+            self._closed_event.set()
         if self.writer_id is not None:
             # The parent keeps writing as this writer: a child's runs must not number their batches alike.
             self.writer_id = _ids.forked_writer_id(self.writer_id)

@@ -68,7 +68,10 @@ class LocalBlobStore:
 
     def writer(self, sha256: str | None = None, size: int | None = None) -> LocalBlobWriter:
         del sha256, size  # the final name is decided at commit time either way
-        fd, name = tempfile.mkstemp(dir=self._tmp, prefix="upload-")
+        try:
+            fd, name = tempfile.mkstemp(dir=self._tmp, prefix="upload-")
+        except OSError as exc:  # a full, read-only or unreachable volume: a refusal naming the store
+            raise _store_error(self.root, exc) from exc
         return LocalBlobWriter(self, os.fdopen(fd, "wb", buffering=0), Path(name))
 
     def put(self, sha256: str, stream: BinaryIO, size: int) -> str:
