@@ -17,6 +17,7 @@ import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 
+from runledger._convert import sendable
 from runledger.errors import FailedPrecondition, InvalidArgument
 
 # Partial downloads and their locks are hidden files with this suffix: a download deletes and resumes only files
@@ -36,7 +37,7 @@ def path_problem(path: str) -> str | None:
     """Why the server would refuse `path` as an artifact's path, or None when it accepts it."""
     if not path:
         return "is empty"
-    if not _is_unicode(path):
+    if not sendable(path):
         return "is not valid Unicode (a lone surrogate: a file name in another encoding?)"
     if len(path.encode()) > MAX_PATH_BYTES:
         return f"is longer than {MAX_PATH_BYTES} bytes in UTF-8"
@@ -133,15 +134,6 @@ def refuse_own_names(targets: list[Path]) -> None:
 def nfc(name: str) -> str:
     """A local name as the server wants it: macOS file systems hand out decomposed (NFD) names."""
     return unicodedata.normalize("NFC", name)
-
-
-def _is_unicode(text: str) -> bool:
-    """A local file name that is not UTF-8 decodes to lone surrogates, which cannot be sent."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _fold(name: str) -> str:
