@@ -777,8 +777,9 @@ def test_a_second_close_waits_for_the_first(server: EmbeddedServer) -> None:
 
 def test_finish_refuses_an_unknown_numeric_status_before_closing(client: runledger.Client) -> None:
     run = client.start_run(experiment="numeric-status")
-    with pytest.raises(errors.InvalidArgument):
-        run.finish(99)  # type: ignore[arg-type]
+    for bad in (99, True):  # True is 1 to Python, but never a status someone meant
+        with pytest.raises(errors.InvalidArgument):
+            run.finish(bad)  # type: ignore[arg-type]
     run.log_metrics({"loss": 1.0}, step=0)  # still open
     run.finish(tracking_pb2.RUN_STATUS_FINISHED)  # type: ignore[arg-type]
     assert client.get_run(run.run_id).status == tracking_pb2.RUN_STATUS_FINISHED

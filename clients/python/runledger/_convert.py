@@ -89,7 +89,7 @@ def lineage_to_proto(lineage: Mapping[str, Any]) -> common_pb2.Lineage:
 def run_status(status: str | int) -> tracking_pb2.RunStatus.ValueType:
     """ "FINISHED", "run_status_finished" or the enum value."""
     if isinstance(status, int):
-        if status not in tracking_pb2.RunStatus.values():
+        if isinstance(status, bool) or status not in tracking_pb2.RunStatus.values():
             raise _invalid(f"unknown run status {status!r}", "status")
         return tracking_pb2.RunStatus.ValueType(status)
     name = status.strip().upper()
