@@ -684,15 +684,21 @@ def test_closing_the_client_stores_what_its_runs_still_hold(server: EmbeddedServ
         assert reader.get_run(run.run_id).status == tracking_pb2.RUN_STATUS_RUNNING
 
 
-def test_closing_the_client_while_the_server_is_down_raises_after_its_timeout(tmp_path: Path) -> None:
+def _a_point_the_stopped_server_cannot_take(tmp_path: Path, experiment: str) -> tuple[runledger.Client, runledger.Run]:
+    """A client whose run holds one point logged after its server stopped (one stored before)."""
     settings = Settings(host="127.0.0.1", port=free_port(), data_dir=tmp_path / "data")
     srv = EmbeddedServer(settings).start()
     client = runledger.Client(srv.address, retry=FAST_RETRY)
-    run = client.start_run(experiment="closed-while-down")
+    run = client.start_run(experiment=experiment)
     run.log_metrics({"loss": 1.0}, step=0)
     run.flush()
     srv.stop()
     run.log_metrics({"loss": 0.5}, step=1)
+    return client, run
+
+
+def test_closing_the_client_while_the_server_is_down_raises_after_its_timeout(tmp_path: Path) -> None:
+    client, run = _a_point_the_stopped_server_cannot_take(tmp_path, "closed-while-down")
     started = time.monotonic()
     with pytest.raises(errors.DeadlineExceeded) as info:
         client.close(timeout=0.5)
@@ -817,14 +823,7 @@ def test_close_called_inside_close_is_refused_not_a_deadlock(tmp_path: Path) -> 
     refused (REENTRANT_CALL) and the interrupted one goes on to its own end."""
     import signal
 
-    settings = Settings(host="127.0.0.1", port=free_port(), data_dir=tmp_path / "data")
-    srv = EmbeddedServer(settings).start()
-    client = runledger.Client(srv.address, retry=FAST_RETRY)
-    run = client.start_run(experiment="nested-close")
-    run.log_metrics({"loss": 1.0}, step=0)
-    run.flush()
-    srv.stop()
-    run.log_metrics({"loss": 0.5}, step=1)  # cannot be stored while the server is down
+    client, _ = _a_point_the_stopped_server_cannot_take(tmp_path, "nested-close")
     nested: list[BaseException] = []
 
     def handler(signum: int, frame: object) -> None:

@@ -33,6 +33,11 @@ def logged(server: EmbeddedServer, tracking) -> tuple[str, np.ndarray, np.ndarra
         # stride 3, overlapping the first batch: forces a re-sort (ties keep logging order)
         (np.arange(99_000, 130_000, 3, dtype=np.int64), t0 + np.arange(0, 31_000, 3, dtype=np.int64)),
     ]
+    return (run_id, *log_all(tracking, run_id, batches))
+
+
+def log_all(tracking, run_id: str, batches) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Log (steps, timestamps) batches as seq 0, 1, ...; every point logged, in step order (ties in logging order)."""
     steps, values, stamps = [], [], []
     for seq, (s, t) in enumerate(batches):
         s, v = log(tracking, run_id, seq, s, t)
@@ -41,7 +46,7 @@ def logged(server: EmbeddedServer, tracking) -> tuple[str, np.ndarray, np.ndarra
         stamps.append(t)
     all_steps, all_values, all_stamps = np.concatenate(steps), np.concatenate(values), np.concatenate(stamps)
     order = np.argsort(all_steps, kind="stable")
-    return run_id, all_steps[order], all_values[order], all_stamps[order]
+    return all_steps[order], all_values[order], all_stamps[order]
 
 
 def same(got_steps, got_values, got_stamps, steps, values, stamps) -> None:
@@ -93,16 +98,11 @@ def test_a_range_longer_than_one_read_is_refused_and_the_client_reads_it_in_part
         tracking = tracking_service_pb2_grpc.TrackingServiceStub(channel)
         exp = tracking.CreateExperiment(pb.CreateExperimentRequest(display_name="long"))
         run_id = tracking.CreateRun(pb.CreateRunRequest(experiment=exp.name)).run_id
-        steps, values, stamps = [], [], []
-        for seq in range(10):  # 10 chunks of 10,000 steps, the last overlapping the others (a re-sort)
-            s = np.arange(seq * 10_000, (seq + 1) * 10_000, dtype=np.int64) if seq < 9 else np.arange(5, 100_000, 10)
-            t = np.full(s.shape[0], 1_700_000_000_000 + seq, dtype=np.int64)
-            s, v = log(tracking, run_id, seq, s, t)
-            steps.append(s)
-            values.append(v)
-            stamps.append(t)
-        all_steps, all_values, all_stamps = np.concatenate(steps), np.concatenate(values), np.concatenate(stamps)
-        order = np.argsort(all_steps, kind="stable")
+        # 10 chunks of 10,000 steps, the last overlapping the others (a re-sort)
+        chunks = [np.arange(seq * 10_000, (seq + 1) * 10_000, dtype=np.int64) for seq in range(9)]
+        chunks.append(np.arange(5, 100_000, 10, dtype=np.int64))
+        batches = [(s, np.full(s.shape[0], 1_700_000_000_000 + seq, dtype=np.int64)) for seq, s in enumerate(chunks)]
+        all_steps, all_values, all_stamps = log_all(tracking, run_id, batches)
 
         r = refusal(lambda: list(tracking.GetMetricHistory(pb.GetMetricHistoryRequest(run_id=run_id, key=KEY))))
         assert (r.code, r.reason, r.metadata["field"]) == (
@@ -116,7 +116,7 @@ def test_a_range_longer_than_one_read_is_refused_and_the_client_reads_it_in_part
 
         with Client(srv.address) as client:
             h = client.metric_history(run_id, KEY)
-            same(h.steps, h.values, h.timestamps_ms, all_steps[order], all_values[order], all_stamps[order])
+            same(h.steps, h.values, h.timestamps_ms, all_steps, all_values, all_stamps)
             small = client.metric_history(run_id, KEY, max_points=400)
             assert 4 <= small.steps.shape[0] <= 1_000 and np.all(np.diff(small.steps) >= 0)
             finite = all_values[~np.isnan(all_values)]
