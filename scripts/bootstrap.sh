@@ -54,9 +54,17 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 
-# 2. runledger (editable) and the dev tools, unless already installed from this pyproject.toml.
+# 2. runledger (editable) and the dev tools, unless already installed from this pyproject.toml and C source.
+# The install compiles log_metrics' fast path (clients/python/runledger/_rowbuffer.c): a C compiler and the
+# Python headers are needed for it (without them it installs pure Python, and a test says so).
+if ! command -v cc >/dev/null 2>&1; then
+  apt_install gcc
+fi
+if [ ! -f "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ]; then
+  apt_install python3-dev
+fi
 stamp=.venv/.runledger-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml clients/python/runledger/_rowbuffer.c | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "bootstrap: pip install -e '.[dev]'"
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'

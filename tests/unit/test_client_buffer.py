@@ -1,20 +1,48 @@
-"""The client's pure buffering: row groups, batch cutting, the cut policy and the outbox of unacked batches."""
+"""The client's pure buffering: row groups, batch cutting, the cut policy and the outbox of unacked batches.
+
+The buffer tests run twice: with the C row groups and log_metrics' fast path (`_rowbuffer.c`), logging as
+`Run.log_metrics` does (the fast path first, the Python path when it declines), and with the Python reference.
+"""
 
 from __future__ import annotations
 
 import math
 import random
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
 
 from runledger import errors
-from runledger._buffer import BatchPolicy, MetricBuffer, Outbox, RowBlock
+from runledger._buffer import BatchPolicy, MetricBuffer, Outbox, RowBlock, native
+
+NO_LIMIT = 1 << 62
+
+
+@pytest.fixture(params=["c", "python"])
+def new_buffer(request: pytest.FixtureRequest) -> Callable[..., MetricBuffer]:
+    def make(**kwargs: Any) -> MetricBuffer:
+        buffer = MetricBuffer(accelerated=request.param == "c", **kwargs)
+        buffer.lane.slow_at = NO_LIMIT  # the streamer's threshold: here the fast path never defers to it
+        return buffer
+
+    return make
+
+
+def _log(buffer: MetricBuffer, metrics: Any, step: Any, stamp: Any) -> None:
+    """As Run.log_metrics: the C fast path when it takes the call, else the Python path."""
+    fast = getattr(buffer.lane, "append", None)
+    if fast is None or not fast(metrics, step, stamp):
+        buffer.append(metrics, step, stamp)
 
 
 def _fill(buffer: MetricBuffer, rows: list[tuple[int, dict[str, float]]]) -> None:
     for step, metrics in rows:
-        buffer.append(metrics, step, 1_000 + step)
+        _log(buffer, metrics, step, 1_000 + step)
 
 
 Points = dict[str, list[tuple[int, float, int]]]
@@ -32,8 +60,8 @@ def _points(blocks: list[RowBlock], into: Points | None = None) -> Points:
     return out
 
 
-def test_append_keeps_points_per_key_in_logging_order() -> None:
-    buffer = MetricBuffer()
+def test_append_keeps_points_per_key_in_logging_order(new_buffer: Callable[..., MetricBuffer]) -> None:
+    buffer = new_buffer()
     _fill(buffer, [(0, {"loss": 1.0, "kl": 0.1}), (1, {"loss": 0.9}), (2, {"kl": 0.3, "loss": 0.8})])
     assert buffer.points == 5
     blocks, taken = buffer.cut(100)
@@ -45,9 +73,9 @@ def test_append_keeps_points_per_key_in_logging_order() -> None:
     assert buffer.cut(100) == ([], 0)
 
 
-def test_nan_and_infinities_and_numeric_types_go_through_as_floats() -> None:
-    buffer = MetricBuffer()
-    buffer.append({"a": math.nan, "b": math.inf, "c": -math.inf, "d": np.float32(0.5), "e": 3, "f": True}, 7, 0)
+def test_nan_and_infinities_and_numeric_types_go_through_as_floats(new_buffer: Callable[..., MetricBuffer]) -> None:
+    buffer = new_buffer()
+    _log(buffer, {"a": math.nan, "b": math.inf, "c": -math.inf, "d": np.float32(0.5), "e": 3, "f": True}, 7, 0)
     blocks, _ = buffer.cut(100)
     values = {key: pts[0][1] for key, pts in _points(blocks).items()}
     assert math.isnan(values["a"]) and values["b"] == math.inf and values["c"] == -math.inf
@@ -59,6 +87,7 @@ def test_nan_and_infinities_and_numeric_types_go_through_as_floats() -> None:
     [
         ({"ok": 1.0, "bad": "not a number"}, "must be numbers"),
         ({"ok": 1.0, "bad": None}, "must be numbers"),
+        ({"ok": 1.0, "bad": 10**400}, "must be numbers"),  # too large for a float (was a bare OverflowError)
         ({"ok": 1.0, "": 1.0}, "not valid"),
         ({"ok": 1.0, " padded": 1.0}, "not valid"),
         ({"ok": 1.0, "nul\x00": 1.0}, "not valid"),
@@ -66,27 +95,29 @@ def test_nan_and_infinities_and_numeric_types_go_through_as_floats() -> None:
         ({"ok": 1.0, 5: 1.0}, "not valid"),
     ],
 )
-def test_a_bad_key_or_value_adds_nothing(metrics: dict, reason_fragment: str) -> None:
-    buffer = MetricBuffer()
-    buffer.append({"ok": 0.5}, 0, 0)
+def test_a_bad_key_or_value_adds_nothing(
+    metrics: dict, reason_fragment: str, new_buffer: Callable[..., MetricBuffer]
+) -> None:
+    buffer = new_buffer()
+    _log(buffer, {"ok": 0.5}, 0, 0)
     with pytest.raises(errors.InvalidArgument, match=reason_fragment):
-        buffer.append(metrics, 1, 0)
-    buffer.append({"ok": 0.25}, 2, 0)  # the same keys as the group the refused call may have joined
+        _log(buffer, metrics, 1, 0)
+    _log(buffer, {"ok": 0.25}, 2, 0)  # the same keys as the group the refused call may have joined
     with pytest.raises(errors.InvalidArgument, match="must be numbers"):
-        buffer.append({"ok": "x"}, 3, 0)
+        _log(buffer, {"ok": "x"}, 3, 0)
     assert buffer.points == 2
     blocks, taken = buffer.cut(100)
     assert taken == 2 and _points(blocks) == {"ok": [(0, 0.5, 0), (2, 0.25, 0)]}
 
 
-def test_a_refused_call_with_new_keys_does_not_hold_up_later_points() -> None:
-    buffer = MetricBuffer()
+def test_a_refused_call_with_new_keys_does_not_hold_up_later_points(new_buffer: Callable[..., MetricBuffer]) -> None:
+    buffer = new_buffer()
     with pytest.raises(errors.InvalidArgument, match="must be numbers"):
-        buffer.append({"a": "bad"}, 0, 0)  # its keys got a group before the value was refused
-    buffer.append({"b": 1.0}, 1, 0)
+        _log(buffer, {"a": "bad"}, 0, 0)  # its keys got a group before the value was refused
+    _log(buffer, {"b": 1.0}, 1, 0)
     blocks, taken = buffer.cut(100)  # an empty group at the head used to end the cut with nothing taken
     assert taken == 1 and buffer.points == 0 and _points(blocks) == {"b": [(1, 1.0, 0)]}
-    buffer.append({"a": 2.0}, 2, 0)
+    _log(buffer, {"a": 2.0}, 2, 0)
     blocks, taken = buffer.cut(100)
     assert taken == 1 and _points(blocks) == {"a": [(2, 2.0, 0)]}
 
@@ -104,8 +135,10 @@ def test_a_refused_call_with_new_keys_does_not_hold_up_later_points() -> None:
         ([{"a": 1.0}, {"b": 2.0}, {"a": 1.0, "b": 2.0}, {"c": 0.0}], 100, 5),
     ],
 )
-def test_cut_takes_the_oldest_whole_rows(rows: list[dict[str, float]], max_points: int, first_cut: int) -> None:
-    buffer = MetricBuffer()
+def test_cut_takes_the_oldest_whole_rows(
+    rows: list[dict[str, float]], max_points: int, first_cut: int, new_buffer: Callable[..., MetricBuffer]
+) -> None:
+    buffer = new_buffer()
     _fill(buffer, list(enumerate(rows)))
     total = buffer.points
     blocks, taken = buffer.cut(max_points)
@@ -121,20 +154,20 @@ def test_cut_takes_the_oldest_whole_rows(rows: list[dict[str, float]], max_point
     assert seen == expected
 
 
-def test_alternating_key_sets_share_groups_and_keep_order() -> None:
-    buffer = MetricBuffer()
+def test_alternating_key_sets_share_groups_and_keep_order(new_buffer: Callable[..., MetricBuffer]) -> None:
+    buffer = new_buffer()
     for step in range(100):
-        buffer.append({"loss": float(step)}, step, 0)
-        buffer.append({"lr": 0.1}, step, 0)
+        _log(buffer, {"loss": float(step)}, step, 0)
+        _log(buffer, {"lr": 0.1}, step, 0)
     blocks, taken = buffer.cut(1_000)
     assert taken == 200 and len(blocks) == 2  # two groups, not 200
     pts = _points(blocks)
     assert [p[0] for p in pts["loss"]] == list(range(100)) and [p[0] for p in pts["lr"]] == list(range(100))
 
 
-def test_a_call_wider_than_a_batch_is_split_by_keys() -> None:
-    buffer = MetricBuffer(max_series=2)
-    buffer.append({f"k{i}": float(i) for i in range(5)}, 0, 0)
+def test_a_call_wider_than_a_batch_is_split_by_keys(new_buffer: Callable[..., MetricBuffer]) -> None:
+    buffer = new_buffer(max_series=2)
+    _log(buffer, {f"k{i}": float(i) for i in range(5)}, 0, 0)
     assert buffer.points == 5
     keys_per_cut = []
     while buffer.points:
@@ -142,17 +175,17 @@ def test_a_call_wider_than_a_batch_is_split_by_keys() -> None:
         keys_per_cut.append(sorted({k for b in blocks for k in b.keys}))
     assert keys_per_cut == [["k0", "k1"], ["k2", "k3"], ["k4"]]
     with pytest.raises(errors.InvalidArgument, match="must be numbers"):
-        buffer.append({"k0": 1.0, "k1": 1.0, "k2": "bad"}, 1, 0)
+        _log(buffer, {"k0": 1.0, "k1": 1.0, "k2": "bad"}, 1, 0)
     assert buffer.points == 0
 
 
-def test_random_logging_matches_the_reference_order() -> None:
+def test_random_logging_matches_the_reference_order(new_buffer: Callable[..., MetricBuffer]) -> None:
     """Rows with random key sets (reordered too), column blocks and refused calls, cut at random budgets:
     every accepted point comes out exactly once, in logging order, and no cut exceeds its limits."""
     rng = random.Random(5)
     pool = ["a", "b", "c", "d", "e"]
     for _ in range(200):
-        buffer = MetricBuffer(max_series=3)
+        buffer = new_buffer(max_series=3)
         expected: Points = {}
         seen: Points = {}
         step = 0
@@ -169,15 +202,18 @@ def test_random_logging_matches_the_reference_order() -> None:
             elif rng.random() < 0.1:
                 keys = tuple(rng.sample(pool, rng.randint(1, 5)))
                 bad: dict[str, object] = {key: float(j) for j, key in enumerate(keys)}
-                bad[rng.choice(keys)] = "not a number"
+                bad[rng.choice(keys)] = rng.choice(["not a number", None, 10**400, [1.0]])
                 with pytest.raises(errors.InvalidArgument):
-                    buffer.append(bad, step, 0)
+                    _log(buffer, bad, step, 0)
             else:
-                keys = tuple(rng.sample(pool, rng.randint(1, 5)))
-                row = {key: float(step * 10 + j) for j, key in enumerate(keys)}
-                buffer.append(row, step, step + 7)
+                # Keys equal to the group's but other str objects, and every kind of number the fast path
+                # takes or leaves to Python: all must come out as the same floats.
+                keys = tuple("".join(list(k)) if rng.random() < 0.3 else k for k in rng.sample(pool, rng.randint(1, 5)))
+                number = rng.choice([float, int, np.float64, np.float32, bool, str])
+                row = {key: number(step * 10 + j) for j, key in enumerate(keys)}
+                _log(buffer, row, step, step + 7)
                 for key, value in row.items():
-                    expected.setdefault(key, []).append((step, value, step + 7))
+                    expected.setdefault(key, []).append((step, float(value), step + 7))
                 step += 1
             if rng.random() < 0.3:
                 blocks, taken = buffer.cut(rng.randint(1, 12))
@@ -189,6 +225,157 @@ def test_random_logging_matches_the_reference_order() -> None:
                 break
             _points(buffer.cut(rng.randint(1, 12))[0], seen)
         assert buffer.points == 0 and seen == expected
+
+
+def test_the_c_fast_path_is_built() -> None:
+    """The install builds `_rowbuffer.c` (a C compiler is part of the setup): without it every log_metrics call
+    takes the Python path, several times slower, and the tests above would not exercise the fast path."""
+    assert native is not None, "runledger._rowbuffer is not built: reinstall with a C compiler (pip install -e .)"
+
+
+def _fast_buffer() -> tuple[MetricBuffer, threading.Lock]:
+    if native is None:
+        pytest.fail("runledger._rowbuffer is not built")
+    lock = threading.Lock()
+    buffer = MetricBuffer(lock=lock)
+    buffer.lane.slow_at = NO_LIMIT
+    buffer.append({"loss": 1.0, "kl": 0.5}, 0, 10)  # the Python path makes the group the fast path appends to
+    return buffer, lock
+
+
+def test_the_fast_path_takes_the_usual_call_and_stamps_it_now() -> None:
+    buffer, _ = _fast_buffer()
+    before = time.time_ns() // 1_000_000
+    assert buffer.lane.append({"loss": 0.5, "kl": 2}, 1, None) is True
+    after = time.time_ns() // 1_000_000
+    assert buffer.lane.append({"loss": 0.25, "kl": 0.0}, 2, 99) is True
+    assert buffer.points == 6
+    blocks, taken = buffer.cut(100)
+    assert taken == 6
+    pts = _points(blocks)
+    assert [p[:2] for p in pts["loss"]] == [(0, 1.0), (1, 0.5), (2, 0.25)] and pts["kl"][1][1] == 2.0
+    assert before <= pts["loss"][1][2] <= after and pts["loss"][2][2] == 99 and pts["loss"][0][2] == 10
+
+
+@pytest.mark.parametrize(
+    ("metrics", "step", "stamp"),
+    [
+        ({"kl": 0.5, "loss": 1.0}, 1, None),  # the same keys in another order: another group
+        ({"loss": 1.0}, 1, None),  # fewer keys
+        ({"loss": 1.0, "kl": 0.5, "x": 1.0}, 1, None),  # more keys
+        ({"loss": 1.0, "kl": True}, 1, None),  # a bool: float() semantics, in Python
+        ({"loss": 1.0, "kl": np.float64(0.5)}, 1, None),  # numpy scalars too
+        ({"loss": 1.0, "kl": 10**400}, 1, None),  # an int too large for a float: Python names the key
+        ({"loss": 1.0, "kl": "0.5"}, 1, None),
+        ({"loss": 1.0, "kl": 0.5}, True, None),  # a bool step
+        ({"loss": 1.0, "kl": 0.5}, 1 << 63, None),  # a step beyond int64
+        ({"loss": 1.0, "kl": 0.5}, np.int64(1), None),
+        ({"loss": 1.0, "kl": 0.5}, 1, 1.5),  # a timestamp that is not an int
+        ({"loss": 1.0, "kl": 0.5}, 1, 1 << 63),
+    ],
+)
+def test_the_fast_path_leaves_every_other_call_to_python_untouched(metrics: Any, step: Any, stamp: Any) -> None:
+    buffer, _ = _fast_buffer()
+    assert buffer.lane.append(metrics, step, stamp) is False
+    assert buffer.points == 2 and buffer.lane.group is not None and buffer.lane.group.rows == 1
+
+
+def test_the_fast_path_declines_while_the_lock_is_held_the_stream_is_unusable_or_the_threshold_is_reached() -> None:
+    buffer, lock = _fast_buffer()
+    row = {"loss": 0.5, "kl": 0.5}
+    with lock:  # a holder of the lock may be in the middle of changing the buffer
+        assert buffer.lane.append(row, 1, None) is False
+    buffer.lane.unusable = True  # closing or failed: the Python path raises RUN_CLOSED
+    assert buffer.lane.append(row, 1, None) is False
+    buffer.lane.unusable = False
+    buffer.lane.slow_at = 4  # 2 points buffered + 2 would reach it: Python wakes the sender or waits for room
+    assert buffer.lane.append(row, 1, None) is False
+    buffer.lane.slow_at = 5
+    assert buffer.lane.append(row, 1, None) is True
+    buffer.lane.group = None  # the newest group was cut away: Python picks the group
+    assert buffer.lane.append(row, 2, None) is False
+    assert buffer.points == 4
+    with pytest.raises(TypeError):
+        buffer.lane.group = "not a group"  # type: ignore[assignment]
+
+
+def test_threads_logging_through_both_paths_while_batches_are_cut_lose_and_repeat_nothing() -> None:
+    """The fast path runs without the lock, relying on the GIL and on finding the lock free: four threads log
+    the same keys (fast path, else the Python path under the lock, as the streamer does) while a fifth cuts
+    batches under the lock, with thread switches forced as often as possible. Every point comes out once,
+    each thread's in its logging order."""
+    buffer, lock = _fast_buffer()
+    buffer.cut(100)
+    per_thread = 50_000
+    seen: Points = {}
+    done = threading.Event()
+
+    def writer(t: int) -> None:
+        for i in range(per_thread):
+            row = {"loss": float(t), "kl": float(i)} if i % 97 else {"loss": t, "kl": np.float64(i)}  # some slow
+            if not buffer.lane.append(row, t * per_thread + i, None):
+                with lock:
+                    buffer.append(row, t * per_thread + i, 0)
+
+    def cutter() -> None:
+        rng = random.Random(3)
+        while not done.is_set():
+            with lock:
+                blocks, _ = buffer.cut(rng.choice([rng.randint(1, 50), 1_000_000]))  # often all: the group goes
+            _points(blocks, seen)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        writers = [threading.Thread(target=writer, args=(t,)) for t in range(4)]
+        cutting = threading.Thread(target=cutter)
+        cutting.start()
+        for w in writers:
+            w.start()
+        for w in writers:
+            w.join()
+        done.set()
+        cutting.join()
+    finally:
+        sys.setswitchinterval(interval)
+    for _ in range(1_000):  # what is left (a miscounted buffer would never empty: bounded)
+        blocks, taken = buffer.cut(5_000)
+        if not taken:
+            break
+        _points(blocks, seen)
+    assert buffer.points == 0
+    steps = [p[0] for p in seen["kl"]]
+    assert sorted(steps) == list(range(4 * per_thread)) and [p[0] for p in seen["loss"]] == steps
+    for t in range(4):
+        mine = [int(v) for s, v, _ in seen["kl"] if s // per_thread == t]
+        assert mine == list(range(per_thread))
+
+
+def test_c_row_groups_refuse_bad_rows_whole_and_take_the_oldest() -> None:
+    if native is None:
+        pytest.fail("runledger._rowbuffer is not built")
+    group = native.RowGroup(("a", "b"))
+    for step in range(100):  # past the first allocation: rows move when the arrays grow
+        group.append(step, step + 1, [float(step), -float(step)])
+    with pytest.raises(TypeError):
+        group.append(100, 0, [1.0, "x"])
+    with pytest.raises(ValueError):
+        group.append(100, 0, [1.0])
+    assert group.rows == 100
+    steps, stamps, values = group.take(30)
+    assert np.frombuffer(steps, np.int64).tolist() == list(range(30))
+    assert np.frombuffer(stamps, np.int64).tolist() == list(range(1, 31))
+    assert np.frombuffer(values, np.float64).reshape(30, 2)[:, 1].tolist() == [-float(s) for s in range(30)]
+    steps, _, values = group.take(1_000)
+    assert np.frombuffer(steps, np.int64).tolist() == list(range(30, 100)) and group.rows == 0
+    assert np.frombuffer(values, np.float64)[-2:].tolist() == [99.0, -99.0]
+
+    class PythonLock:
+        def locked(self) -> bool:
+            return False
+
+    with pytest.raises(TypeError):
+        native.Lane(PythonLock())  # the fast path's atomicity needs a lock whose check runs no Python code
 
 
 @pytest.mark.parametrize(

@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 from runledger import errors
 from runledger._convert import sendable
+
+native: ModuleType | None
+try:  # the fast path of log_metrics, built from _rowbuffer.c at install time when a C compiler is present
+    from runledger import _rowbuffer as native
+except ImportError:  # pragma: no cover - exercised by installs without a compiler
+    native = None
+if os.environ.get("RUNLEDGER_PURE_PYTHON"):  # the reference implementation, for comparison and debugging
+    native = None
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -43,7 +54,7 @@ def check_key(key: object) -> str:
 def _is_number(value: Any) -> bool:
     try:
         float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return False
     return True
 
@@ -81,7 +92,8 @@ class RowGroup:
     """Consecutive log calls with the same keys, in the same order: one step, timestamp and value row each.
 
     Training loops log the same keys step after step, so a call costs one tuple comparison and three list
-    appends; the sender turns the rows into per-key columns with numpy when it cuts a batch.
+    appends; the sender turns the rows into per-key columns with numpy when it cuts a batch. `_rowbuffer.c`
+    holds the same rows in C arrays (same methods), which its fast path appends to.
     """
 
     __slots__ = ("keys", "stamps", "steps", "values")
@@ -92,16 +104,47 @@ class RowGroup:
         self.stamps: list[int] = []
         self.values: list[float] = []  # row-major: len(keys) values per row
 
-    def take(self, rows: int) -> RowBlock:
-        """Remove and return the oldest `rows` rows."""
+    @property
+    def rows(self) -> int:
+        return len(self.steps)
+
+    def append(self, step: int, stamp: int, values: list[float]) -> None:
+        """One row, all or nothing: an interrupt (Ctrl-C) between the three appends undoes them."""
+        rows = len(self.steps)
+        try:
+            self.values.extend(values)
+            self.steps.append(step)
+            self.stamps.append(stamp)
+        except BaseException:
+            del self.values[rows * len(self.keys) :], self.steps[rows:], self.stamps[rows:]
+            raise
+
+    def take(self, rows: int) -> tuple[list[int], list[int], list[float]]:
+        """Remove and return the oldest `rows` rows: steps, timestamps, values (row-major)."""
         k = len(self.keys)
         if rows >= len(self.steps):
-            block = RowBlock(self.keys, self.steps, self.stamps, self.values)
+            taken = self.steps, self.stamps, self.values
             self.steps, self.stamps, self.values = [], [], []
-            return block
-        block = RowBlock(self.keys, self.steps[:rows], self.stamps[:rows], self.values[: rows * k])
+            return taken
+        taken = self.steps[:rows], self.stamps[:rows], self.values[: rows * k]
         del self.steps[:rows], self.stamps[:rows], self.values[: rows * k]
-        return block
+        return taken
+
+
+class Lane:
+    """What `log_metrics` reads on every call: the newest group, the buffered points, the slow-path threshold.
+
+    `_rowbuffer.Lane` is the same state in C, with an `append` that handles the common call without Python;
+    this one has none, so every call takes the Python path. Changed only under the streamer's lock.
+    """
+
+    __slots__ = ("group", "points", "slow_at", "unusable")
+
+    def __init__(self, lock: object) -> None:
+        self.group: RowGroup | None = None
+        self.points = 0
+        self.slow_at = 0
+        self.unusable = False
 
 
 class ColumnGroup:
@@ -115,10 +158,14 @@ class ColumnGroup:
         self.stamps = stamps  # int64, n
         self.values = values  # float64, n x len(keys), row-major
 
-    def take(self, rows: int) -> RowBlock:
-        block = RowBlock(self.keys, self.steps[:rows], self.stamps[:rows], self.values[:rows])
+    @property
+    def rows(self) -> int:
+        return int(self.steps.shape[0])
+
+    def take(self, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        taken = self.steps[:rows], self.stamps[:rows], self.values[:rows]
         self.steps, self.stamps, self.values = self.steps[rows:], self.stamps[rows:], self.values[rows:]
-        return block
+        return taken
 
 
 @dataclass(frozen=True)
@@ -142,51 +189,59 @@ class MetricBuffer:
     group with its exact keys if no newer group holds any of them (so every key's points stay in logging
     order, e.g. a loop alternating `{"loss": ...}` and `{"lr": ...}` uses two groups), or starts a group.
     A call with more than `max_series` keys is split into rows of at most that many, so every row fits a batch.
+
+    With the C module, `lane.append` does the usual case without this class (see `_rowbuffer.c`); `lock` is
+    the lock under which every method here is called, which that fast path checks is free.
     """
 
-    __slots__ = ("_by_keys", "_groups", "_last", "_newest_of", "max_series", "points")
+    __slots__ = ("_by_keys", "_groups", "_newest_of", "_row_group", "lane", "max_series")
 
-    def __init__(self, max_series: int = MAX_SERIES_PER_BATCH) -> None:
-        self.points = 0
+    def __init__(
+        self, max_series: int = MAX_SERIES_PER_BATCH, *, lock: object | None = None, accelerated: bool = True
+    ) -> None:
         self.max_series = max_series
+        lock = threading.Lock() if lock is None else lock
+        if accelerated and native is not None:
+            self.lane: Lane = native.Lane(lock)
+            self._row_group: type[RowGroup] = native.RowGroup
+        else:
+            self.lane = Lane(lock)
+            self._row_group = RowGroup
         self._groups: list[RowGroup | ColumnGroup] = []
         self._by_keys: dict[tuple[str, ...], RowGroup] = {}
         self._newest_of: dict[str, RowGroup | ColumnGroup] = {}  # key -> the newest group holding it
-        self._last: RowGroup | None = None
+
+    @property
+    def points(self) -> int:
+        return self.lane.points
 
     def append(self, metrics: Mapping[str, Any], step: int, timestamp_ms: int) -> int:
         """Append one point per key; all or nothing: a bad key or value raises InvalidArgument and adds none."""
         keys = tuple(metrics)
-        group = self._last
+        lane = self.lane
+        group = lane.group
         if group is None or group.keys != keys:
             if len(keys) > self.max_series:
                 return self._append_wide(metrics, step, timestamp_ms)
             if not keys:
                 return 0
             group = self._group_for(keys)
-        values = group.values
-        before = len(values)
         try:
-            values.extend(map(float, metrics.values()))
-        except BaseException as exc:  # all or nothing, even when interrupted (KeyboardInterrupt)
-            del values[before:]
-            if isinstance(exc, (TypeError, ValueError)):
-                bad = next((k for k, v in metrics.items() if not _is_number(v)), None)
-                named = f" ({bad!r}: {metrics[bad]!r})" if bad is not None else ""
-                raise errors.InvalidArgument(
-                    f"metric values must be numbers{named}: {exc}",
-                    reason="INVALID_ARGUMENT",
-                    metadata={"field": "values" if bad is None else f"values[{bad}]"},
-                ) from None
-            raise
-        added = len(values) - before
+            values = list(map(float, metrics.values()))
+        except (TypeError, ValueError, OverflowError) as exc:
+            bad = next((k for k, v in metrics.items() if not _is_number(v)), None)
+            named = f" ({bad!r}: {metrics[bad]!r})" if bad is not None else ""
+            raise errors.InvalidArgument(
+                f"metric values must be numbers{named}: {exc}",
+                reason="INVALID_ARGUMENT",
+                metadata={"field": "values" if bad is None else f"values[{bad}]"},
+            ) from None
+        added = len(values)
         if added != len(keys):  # the mapping changed while it was read (another thread)
-            del values[before:]
             raise errors.InvalidArgument("metrics changed while being logged", reason="INVALID_ARGUMENT")
-        group.steps.append(step)
-        group.stamps.append(timestamp_ms)
-        self._last = group
-        self.points += added
+        group.append(step, timestamp_ms, values)
+        lane.group = group  # no call between the append and the count: an interrupt cannot split them
+        lane.points += added
         return added
 
     def _append_wide(self, metrics: Mapping[str, Any], step: int, timestamp_ms: int) -> int:
@@ -213,9 +268,9 @@ class MetricBuffer:
             self._groups.append(group)
             for key in part:
                 self._newest_of[key] = group  # later rows of these keys start a new row group
-        self._last = None
+        self.lane.group = None
         added = int(values.size)
-        self.points += added
+        self.lane.points += added
         return added
 
     def _group_for(self, keys: tuple[str, ...]) -> RowGroup:
@@ -226,7 +281,7 @@ class MetricBuffer:
             check_key(key)
         if len(set(keys)) != len(keys):  # a Mapping with repeated keys (not a dict)
             raise errors.InvalidArgument(f"metric keys repeat in one call: {keys}", reason="INVALID_ARGUMENT")
-        group = RowGroup(keys)
+        group = self._row_group(keys)
         self._groups.append(group)
         self._by_keys[keys] = group
         for key in keys:
@@ -240,24 +295,25 @@ class MetricBuffer:
         taken = 0
         while self._groups:
             group = self._groups[0]
-            if not len(group.steps):  # made for a call that was then refused (a bad value): holds nothing
+            held = group.rows
+            if not held:  # made for a call that was then refused (a bad value): holds nothing
                 self._drop_oldest()
                 continue
             k = len(group.keys)
             fresh = keys.union(group.keys)
             if blocks and len(fresh) > self.max_series:
                 break
-            rows = min(len(group.steps), max((max_points - taken) // k, 0 if blocks else 1))
+            rows = min(held, max((max_points - taken) // k, 0 if blocks else 1))
             if rows == 0:
                 break
-            block = group.take(rows)
+            block = _block(group.keys, *group.take(rows))
             blocks.append(block)
             keys = fresh
             taken += block.points
-            if len(group.steps):
+            if group.rows:
                 break  # the group still has rows: the budget is used up
             self._drop_oldest()
-        self.points -= taken
+        self.lane.points -= taken
         return blocks, taken
 
     def _drop_oldest(self) -> None:
@@ -267,14 +323,23 @@ class MetricBuffer:
         for key in group.keys:
             if self._newest_of.get(key) is group:
                 del self._newest_of[key]
-        if self._last is group:
-            self._last = None
+        if self.lane.group is group:
+            self.lane.group = None
+
+
+def _block(keys: tuple[str, ...], steps: Any, stamps: Any, values: Any) -> RowBlock:
+    """A RowBlock from what a group's take() returned: lists, arrays, or the C groups' raw bytes."""
+    if isinstance(steps, bytes):
+        steps = np.frombuffer(steps, dtype=np.int64)
+        stamps = np.frombuffer(stamps, dtype=np.int64)
+        values = np.frombuffer(values, dtype=np.float64)
+    return RowBlock(keys, steps, stamps, values)
 
 
 def _as_float(value: Any) -> float:
     try:
         return float(value)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise errors.InvalidArgument(
             f"metric values must be numbers: {exc}", reason="INVALID_ARGUMENT", metadata={"field": "values"}
         ) from None

@@ -41,6 +41,7 @@ class StreamerConfig:
     max_in_flight: int = 32  # batches sent and not yet acknowledged, per connection
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     close_timeout: float = 30.0  # how long close() waits for the stream to end after everything is acked
+    accelerated: bool = True  # log_metrics' fast path in C (_rowbuffer.c), when it was built
 
     def __post_init__(self) -> None:
         if self.max_buffered_points < 1 or self.max_in_flight < 1:
@@ -119,14 +120,15 @@ class MetricStreamer:
         # Entered as `with self._lock` everywhere (the condition's own lock): Condition.__enter__ is Python code,
         # and an interrupt between its acquire and its return would leave the lock held.
         self._cond = threading.Condition(self._lock)
-        self._buffer = MetricBuffer()
+        self._buffer = MetricBuffer(lock=self._lock, accelerated=self._config.accelerated)
+        self._lane = self._buffer.lane  # the state log_metrics reads on every call (see _after_append)
         self._outbox = Outbox()
         self._acked = 0
         self._dropped = 0  # points of a batch the server kept from another writer with this writer_id
         self._blocked = 0  # callers waiting for room: the next batch is cut at once
         self._woken = False  # the sender was told that a full batch is buffered
-        self._slow_at = min(self._cap, self._policy.max_points)  # see _reset_threshold
-        self._unusable = False  # closing or failed: the caller's append goes the slow way and raises
+        self._lane.slow_at = min(self._cap, self._policy.max_points)  # see _reset_threshold
+        self._lane.unusable = False  # closing or failed: the caller's append goes the slow way and raises
         self._last_cut = clock()
         self._error: errors.RunledgerError | None = None  # fatal: raised to the caller, nothing more is sent
         self._error_reported = False
@@ -200,15 +202,25 @@ class MetricStreamer:
         # is due" and "the buffer is full". `with` on the lock, not acquire()/try: a Ctrl-C arriving right after
         # acquire() would skip the release and leave every later call (finish, the exit flush) waiting forever.
         with self._lock:
-            if self._unusable:
+            lane = self._lane
+            if lane.unusable:
                 self._raise_unusable()
-            buffer = self._buffer
-            buffer.append(metrics, step, timestamp_ms)
-            if buffer.points >= self._slow_at:
+            self._buffer.append(metrics, step, timestamp_ms)
+            if lane.points >= lane.slow_at:
                 self._after_append()
 
+    @property
+    def fast_append(self) -> Callable[[Mapping[str, Any], int, int | None], bool] | None:
+        """The C fast path of `append` (True: appended; False: call `append`), or None without the C module.
+
+        It takes a plain dict with the newest group's keys, float or int values, an int step and timestamp
+        (None: now), and only while the lock is free, the buffer is below `slow_at` and the stream usable.
+        """
+        append: Callable[[Mapping[str, Any], int, int | None], bool] | None = getattr(self._lane, "append", None)
+        return append
+
     def _after_append(self) -> None:
-        """Under the lock, once the buffer reached `_slow_at`: wake the sender for a full batch, wait for room."""
+        """Under the lock, once the buffer reached `lane.slow_at`: wake the sender for a full batch, wait for room."""
         buffer = self._buffer
         if buffer.points >= self._policy.max_points and not self._woken:
             self._woken = True  # once per batch: waking the sender costs more than the append
@@ -220,11 +232,11 @@ class MetricStreamer:
     def _reset_threshold(self) -> None:
         """Under the lock: the buffered points at which an append must wake the sender or wait for room."""
         room = self._cap - self._outbox.points
-        self._slow_at = room if self._woken else min(room, self._policy.max_points)
+        self._lane.slow_at = room if self._woken else min(room, self._policy.max_points)
 
     def append_columns(self, keys: tuple[str, ...], steps: np.ndarray, stamps: np.ndarray, values: np.ndarray) -> None:
         with self._lock:
-            if self._unusable:
+            if self._lane.unusable:
                 self._raise_unusable()
             if self._buffer.points + self._outbox.points >= self._cap:
                 self._wait_for_room()
@@ -238,7 +250,7 @@ class MetricStreamer:
         self._cond.notify_all()  # the sender cuts what is buffered now instead of waiting for the timer
         try:
             while self._buffer.points + self._outbox.points >= self._cap:
-                if self._unusable:
+                if self._lane.unusable:
                     self._raise_unusable()
                 self._cond.wait()
         finally:
@@ -330,7 +342,7 @@ class MetricStreamer:
         """
         self.check_not_reentered("finish")
         with self._lock:
-            self._closing = self._unusable = True
+            self._closing = self._lane.unusable = True
             self._cond.notify_all()
         self.flush(timeout)
         self._thread.join(self._config.close_timeout)
@@ -342,7 +354,7 @@ class MetricStreamer:
         """Refuse further points and let the sender end once everything held is acknowledged, without waiting
         for it (the exit flush still waits for what is left)."""
         with self._lock:
-            self._closing = self._unusable = True
+            self._closing = self._lane.unusable = True
             self._cond.notify_all()
 
     def _flush_at_exit(self, timeout: float) -> None:
@@ -356,7 +368,7 @@ class MetricStreamer:
     def abandon(self) -> None:
         """Stop at once, dropping whatever is not acknowledged (used after a failed or timed-out close)."""
         with self._lock:
-            self._closing = self._unusable = True
+            self._closing = self._lane.unusable = True
             self._stop_now = True
             call = self._call
             self._cond.notify_all()
@@ -504,7 +516,7 @@ class MetricStreamer:
             self._lost_at_failure = unstored
             error.metadata.setdefault("unstoredPoints", str(unstored))
             self._error = error
-            self._unusable = True
+            self._lane.unusable = True
             _LOGGER.error("metric stream of run %s failed: %s (%d points not stored)", self.run_id, error, unstored)
         self._cond.notify_all()
 

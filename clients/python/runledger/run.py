@@ -8,7 +8,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +49,7 @@ class Run:
         self._resumable = writer_id is not None
         self.owns_status = owns_status
         self._stream: MetricStreamer | None = None
+        self._fast_append: Callable[[Mapping[str, float], int, int | None], bool] | None = None  # the stream's
         self._dropped: weakref.finalize | None = None  # ends the stream when this object is collected
         self._lock = threading.Lock()
         self._closed = False  # finish() began: no new metric stream is opened
@@ -90,6 +91,9 @@ class Run:
         Blocks only when the buffer is full (`max_buffered_points` logged and not yet acknowledged), until
         acknowledgements free room: points are never dropped. Raises the error that stopped the sender, if any.
         """
+        fast = self._fast_append
+        if fast is not None and fast(metrics, step, timestamp_ms):
+            return  # the usual call, done in C: see _rowbuffer.c
         if type(step) is not int or not INT64_MIN <= step <= INT64_MAX:
             step = _int64(step, "step")
         stream = self._stream
@@ -129,6 +133,7 @@ class Run:
                         metadata={"runId": self.run_id},
                     )
                 self._stream = self._client._metric_streamer(self.run_id, self.writer_id, resumable=self._resumable)
+                self._fast_append = self._stream.fast_append
                 # A Run dropped without finish(): its sender sends what it holds, then ends, instead of polling
                 # for points nobody can log any more for the life of the process (at exit, the exit flush acts).
                 self._dropped = weakref.finalize(self, self._stream.close_when_sent)
@@ -279,6 +284,7 @@ class Run:
             self._dropped.detach()  # the parent's stream: its lock may be held by a thread the child does not have
             self._dropped = None
         self._stream = None
+        self._fast_append = None  # it appends to the parent's stream
         self._lock = threading.Lock()
         self.writer_id = _ids.forked_writer_id(self.writer_id)
         self._resumable = False  # a new writer: nothing to continue from
