@@ -709,6 +709,45 @@ def test_closing_the_client_while_the_server_is_down_raises_after_its_timeout(tm
     assert closed.value.reason == "CLIENT_CLOSED"
 
 
+def test_logging_from_inside_a_logging_call_is_refused_not_a_deadlock(client: runledger.Client) -> None:
+    """A signal handler that logs a last metric: when it interrupts log_metrics or log_series while they hold the
+    run's lock, its call waited for that lock for ever. It is refused (REENTRANT_CALL); between calls, it works.
+    Simulated deterministically: a metrics mapping, or a key, that calls back while it is read under the lock."""
+    run = client.start_run(experiment="reentrant-logging")
+    run.log_metrics({"loss": 1.0}, step=0)
+    seen: list[errors.RunledgerError] = []
+
+    def handler() -> None:
+        assert run._stream is not None and run._stream._lock.locked()
+        for call in (
+            lambda: run.log_metrics({"loss": 9.0}, step=9),
+            lambda: run.log_metrics({"preempted": 1.0}, step=9),
+            lambda: run.log_series({"loss": [9.0]}, steps=[9]),
+        ):
+            try:
+                call()
+            except errors.FailedPrecondition as exc:
+                seen.append(exc)
+
+    class InterruptingMetrics(dict):  # type: ignore[type-arg]
+        def values(self):  # type: ignore[no-untyped-def]
+            handler()
+            return super().values()
+
+    class InterruptingKey(str):
+        def strip(self, chars: str | None = None) -> str:
+            if run._stream is not None and run._stream._lock.locked():  # checked again under the lock
+                handler()
+            return str.strip(self, chars)
+
+    run.log_metrics(InterruptingMetrics(loss=0.5), step=1)
+    run.log_series({InterruptingKey("loss"): np.array([0.25])}, steps=[2])
+    assert [e.reason for e in seen] == ["REENTRANT_CALL"] * 6
+    run.log_metrics({"loss": 0.125}, step=3)
+    run.finish()
+    assert client.metric_history(run.run_id, "loss").values.tolist() == [1.0, 0.5, 0.25, 0.125]
+
+
 def test_finishing_from_inside_a_logging_call_is_refused_not_a_deadlock(client: runledger.Client) -> None:
     """A signal handler (SIGTERM on a preempted job) runs in the thread it interrupts, possibly inside
     log_metrics while it holds the run's lock: finish() there used to wait for that lock for ever. Simulated

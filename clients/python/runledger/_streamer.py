@@ -201,6 +201,9 @@ class MetricStreamer:
         # The training thread's hot path: one flag for "closed or failed", and one threshold standing for "a batch
         # is due" and "the buffer is full". `with` on the lock, not acquire()/try: a Ctrl-C arriving right after
         # acquire() would skip the release and leave every later call (finish, the exit flush) waiting forever.
+        # Only calls the C fast path declined get here (see Run.log_metrics), so the check of a held lock is cheap.
+        if self._lock.locked():  # by another thread (wait for it), or by this one: a signal handler's call
+            self.check_not_reentered("log_metrics")
         with self._lock:
             lane = self._lane
             if lane.unusable:
@@ -235,6 +238,8 @@ class MetricStreamer:
         self._lane.slow_at = room if self._woken else min(room, self._policy.max_points)
 
     def append_columns(self, keys: tuple[str, ...], steps: np.ndarray, stamps: np.ndarray, values: np.ndarray) -> None:
+        if self._lock.locked():
+            self.check_not_reentered("log_series")
         with self._lock:
             if self._lane.unusable:
                 self._raise_unusable()
