@@ -301,6 +301,74 @@ def test_registration_needs_the_run_its_artifact_and_the_model(reg: Registry) ->
     assert reg.stub.GetRegisteredModel(pb.GetRegisteredModelRequest(name=f"models/{MODEL}")).latest_version == 0
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'registry.db'}"
+    return str(request.getfixturevalue("pg_database_url"))
+
+
+def test_a_file_registers_in_one_transaction_and_anything_else_writes_nothing(
+    database_url: str, tmp_path: Path
+) -> None:
+    from runledger_server.backends.artifacts.local import LocalBlobStore
+    from runledger_server.backends.sql import migrate
+    from runledger_server.backends.sql.artifact_index_store import SqlArtifactIndex
+    from runledger_server.backends.sql.database import Database
+    from runledger_server.backends.sql.registry_store import SqlRegistryStore
+    from runledger_server.backends.sql.tracking_store import SqlTrackingStore
+    from runledger_server.domain.lineage import Lineage
+    from runledger_server.services.artifacts import ArtifactService
+    from runledger_server.services.registry import RegistryService
+    from runledger_server.store.registry_entities import ArtifactRef
+
+    db = Database(database_url)
+    try:
+        migrate.upgrade(db)
+        tracking, store = SqlTrackingStore(db), SqlRegistryStore(db)
+        index = SqlArtifactIndex(db)
+        artifacts = ArtifactService(index, LocalBlobStore(tmp_path / "blobs"))
+        service = RegistryService(store, tracking, artifacts)
+        experiment = tracking.create_experiment("e", "", {})
+        full = Lineage(**LINEAGE)
+        tracking.create_run("r1", experiment.experiment_id, "", {}, {}, full, None)
+        tracking.create_run("r2", experiment.experiment_id, "", {}, {}, Lineage("v1"), None)
+        for run_id, path in (("r1", "model.bin"), ("r1", "adapter/a.bin"), ("r2", "model.bin")):
+            upload = artifacts.begin_upload(run_id, path, 1, hashlib.sha256(b"w").hexdigest())
+            upload.write([b"w"])
+            upload.finish()
+        store.create_model("m", "", {})
+
+        made = store.create_version_of_file("m", "r1", "model.bin", "first")
+        record = index.get("r1", "model.bin")
+        assert made is not None and record is not None
+        assert made.version == 1 and made.artifact == ArtifactRef("model.bin", record.sha256, 1, record.uri)
+        assert (made.lineage, made.lineage_fingerprint) == (full, EXAMPLE_FINGERPRINT)
+        assert store.get_version("m", 1) == made  # what was stored is what was answered
+
+        # No model, an incomplete lineage, a directory, no such file or run: None, and nothing written, so the
+        # service's checked path can name the refusal.
+        for model_id, run_id, path in (
+            ("nope", "r1", "model.bin"),
+            ("m", "r2", "model.bin"),
+            ("m", "r1", "adapter"),
+            ("m", "r1", "other.bin"),
+            ("m", "nope", "model.bin"),
+        ):
+            assert store.create_version_of_file(model_id, run_id, path, "") is None, (model_id, run_id, path)
+        assert store.get_model("m").latest_version == 1
+        assert [v.version for v in store.list_versions("m", 10, "").items] == [1]
+
+        directory = service.create_version("models/m", "r1", "adapter/", "")
+        assert (directory.version, directory.artifact.path, directory.lineage_fingerprint) == (
+            2,
+            "adapter",
+            EXAMPLE_FINGERPRINT,
+        )
+    finally:
+        db.dispose()
+
+
 # ---- gates -----------------------------------------------------------------------------------
 def test_gates_are_frozen(reg: Registry) -> None:
     reg.model()

@@ -91,6 +91,16 @@ class RegistryService:
         run_id = names.run_id(run_id)
         path = _artifact_path(artifact_path)
         _check_description(description)
+        # A file of a run whose lineage is complete, the usual case, takes one transaction; a directory (its
+        # manifest is built and published first) and every refusal take the checked path.
+        version = self.store.create_version_of_file(model_id, run_id, path, description)
+        if version is None:
+            version = self._create_version_checked(model_id, run_id, path, description)
+        _LOGGER.info("registered models/%s/versions/%d from runs/%s", model_id, version.version, run_id)
+        return version
+
+    def _create_version_checked(self, model_id: str, run_id: str, path: str, description: str) -> ModelVersion:
+        """Each precondition read and checked on its own, so that a refusal names the first one missing."""
 
         # The model's existence is checked by the store's write (the version counter row); a refusal checks it
         # first, so a missing model is reported before anything about the run, as if checked up front, and so
@@ -117,9 +127,7 @@ class RegistryService:
         fingerprint = lineage.fingerprint()
         assert fingerprint is not None and described is not None
         artifact = ArtifactRef(path, described.sha256, described.size, described.uri)
-        version = self.store.create_version(model_id, run_id, artifact, lineage, fingerprint, description)
-        _LOGGER.info("registered models/%s/versions/%d from runs/%s", model_id, version.version, run_id)
-        return version
+        return self.store.create_version(model_id, run_id, artifact, lineage, fingerprint, description)
 
     def get_version(self, name: str) -> ModelVersion:
         """By `models/{m}/versions/{n}` or `models/{m}@{alias}`."""

@@ -50,6 +50,12 @@ class RegistryStore(Protocol):
         """Allocate the model's next version number from its counter row in the same transaction."""
         ...
 
+    def create_version_of_file(self, model_id: str, run_id: str, path: str, description: str) -> ModelVersion | None:
+        """`create_version` of the file recorded at the run's `path`, with the run's lineage, read in the same
+        transaction. None, having written nothing, unless the model, the run, its complete lineage and the file
+        are all there: the caller then finds out which is missing."""
+        ...
+
     def get_version(self, model_id: str, version: int) -> ModelVersion: ...
 
     def list_versions(self, model_id: str, page_size: int, page_token: str) -> Page[ModelVersion]:

@@ -65,6 +65,19 @@ _VERSION_SQL = (
 )
 
 
+_INSERT_VERSION_SQL = (
+    "INSERT INTO model_versions (model_id, version, run_id, artifact_path, artifact_sha256, artifact_size, "
+    "artifact_uri, lineage_fingerprint, data_version, code_commit, config, base_model, seed, description, "
+    "create_time_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# What a registration of a file needs of the run: its lineage, and the file recorded at the path (a directory
+# has no row of its own). The same rows SqlTrackingStore.run_lineage and SqlArtifactIndex.get read.
+_RUN_FILE_SQL = (
+    "SELECT r.data_version, r.code_commit, r.config, r.base_model, r.seed, a.sha256, a.size, a.uri "
+    "FROM runs r JOIN artifacts a ON a.run_id = r.id WHERE r.id = ? AND a.path = ?"
+)
+
+
 class SqlRegistryStore:
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -134,49 +147,35 @@ class SqlRegistryStore:
         assert lineage.is_complete(), "the service refuses incomplete lineage before it gets here"
         with self.db.statements(write=True) as q:
             now = now_us()
-            # The counter row is the lock: concurrent registrations of one model queue on this UPDATE
-            # (PostgreSQL row lock; SQLite holds the database write lock already), so numbers never repeat.
-            got = q.one(
-                "UPDATE registered_models SET latest_version = latest_version + 1, update_time_us = ? WHERE id = ? "
-                "RETURNING latest_version",
-                (now, model_id),
-            )
-            if got is None:
+            number = _next_version(q, model_id, now)
+            if number is None:
                 raise _model_not_found(model_id)
-            created = ModelVersion(
-                model_id=model_id,
-                version=int(got[0]),
-                run_id=run_id,
-                artifact=artifact,
-                lineage=lineage,
-                lineage_fingerprint=lineage_fingerprint,
-                description=description,
-                aliases=(),
-                create_time_us=now,
+            version = ModelVersion(
+                model_id, number, run_id, artifact, lineage, lineage_fingerprint, description, (), now
             )
-            q.run(
-                "INSERT INTO model_versions (model_id, version, run_id, artifact_path, artifact_sha256, artifact_size, "
-                "artifact_uri, lineage_fingerprint, data_version, code_commit, config, base_model, seed, description, "
-                "create_time_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    model_id,
-                    created.version,
-                    run_id,
-                    artifact.path,
-                    artifact.sha256,
-                    artifact.size,
-                    artifact.uri,
-                    lineage_fingerprint,
-                    lineage.data_version,
-                    lineage.code_commit,
-                    lineage.config,
-                    lineage.base_model,
-                    lineage.seed,
-                    description,
-                    now,
-                ),
-            )
-            return created
+            _insert_version(q, version)
+            return version
+
+    def create_version_of_file(self, model_id: str, run_id: str, path: str, description: str) -> ModelVersion | None:
+        """The common registration in one transaction of three statements: the run's lineage and the file
+        recorded at `path` (one join), the counter, the version. The service's checked path takes three
+        transactions for the same, each a pool checkout, BEGIN and COMMIT (on PostgreSQL, round trips)."""
+        with self.db.statements(write=True) as q:
+            found = q.one(_RUN_FILE_SQL, (run_id, path))
+            if found is None:  # no such run, or no file at the path (a directory, or nothing)
+                return None
+            lineage = Lineage(*found[:5])
+            fingerprint = lineage.fingerprint()
+            if fingerprint is None:
+                return None
+            now = now_us()
+            number = _next_version(q, model_id, now)
+            if number is None:
+                return None
+            artifact = ArtifactRef(path, found[5], int(found[6]), found[7])
+            version = ModelVersion(model_id, number, run_id, artifact, lineage, fingerprint, description, (), now)
+            _insert_version(q, version)
+            return version
 
     def get_version(self, model_id: str, version: int) -> ModelVersion:
         with self.db.read() as s:
@@ -580,6 +579,43 @@ def _record(
         ),
     )
     return entry
+
+
+def _next_version(q: Statements, model_id: str, now: int) -> int | None:
+    """Bump the model's counter and return the new number; None when there is no such model.
+
+    The counter row is the lock: concurrent registrations of one model queue on this UPDATE (PostgreSQL row
+    lock; SQLite holds the database write lock already), so numbers never repeat.
+    """
+    got = q.one(
+        "UPDATE registered_models SET latest_version = latest_version + 1, update_time_us = ? WHERE id = ? "
+        "RETURNING latest_version",
+        (now, model_id),
+    )
+    return None if got is None else int(got[0])
+
+
+def _insert_version(q: Statements, v: ModelVersion) -> None:
+    q.run(
+        _INSERT_VERSION_SQL,
+        (
+            v.model_id,
+            v.version,
+            v.run_id,
+            v.artifact.path,
+            v.artifact.sha256,
+            v.artifact.size,
+            v.artifact.uri,
+            v.lineage_fingerprint,
+            v.lineage.data_version,
+            v.lineage.code_commit,
+            v.lineage.config,
+            v.lineage.base_model,
+            v.lineage.seed,
+            v.description,
+            v.create_time_us,
+        ),
+    )
 
 
 def _model_not_found(model_id: str) -> NotFound:
