@@ -748,6 +748,30 @@ def test_logging_from_inside_a_logging_call_is_refused_not_a_deadlock(client: ru
     assert client.metric_history(run.run_id, "loss").values.tolist() == [1.0, 0.5, 0.25, 0.125]
 
 
+def test_logging_while_another_thread_holds_the_lock_waits_for_it(client: runledger.Client) -> None:
+    """The reentry check runs when a call finds the run's lock held: held by another thread (the sender cutting a
+    batch, a second training thread), the call waits and logs; it was refused as if reentered."""
+    run = client.start_run(experiment="contended")
+    run.log_metrics({"loss": 1.0}, step=0)
+    stream = run._stream
+    assert stream is not None
+    holding = threading.Event()
+
+    def hold() -> None:
+        with stream._lock:
+            holding.set()
+            time.sleep(0.3)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    holding.wait()
+    run.log_metrics({"loss": np.float64(0.5)}, step=1)  # a numpy value: the Python path, which checks the lock
+    run.log_series({"loss": [0.25]}, steps=[2])
+    holder.join()
+    run.finish()
+    assert client.metric_history(run.run_id, "loss").values.tolist() == [1.0, 0.5, 0.25]
+
+
 def test_finishing_from_inside_a_logging_call_is_refused_not_a_deadlock(client: runledger.Client) -> None:
     """A signal handler (SIGTERM on a preempted job) runs in the thread it interrupts, possibly inside
     log_metrics while it holds the run's lock: finish() there used to wait for that lock for ever. Simulated

@@ -203,7 +203,7 @@ class MetricStreamer:
         # acquire() would skip the release and leave every later call (finish, the exit flush) waiting forever.
         # Only calls the C fast path declined get here (see Run.log_metrics), so the check of a held lock is cheap.
         if self._lock.locked():  # by another thread (wait for it), or by this one: a signal handler's call
-            self.check_not_reentered("log_metrics")
+            self.check_not_reentered("log_metrics", _CALLER_OF_THIS)
         with self._lock:
             lane = self._lane
             if lane.unusable:
@@ -239,7 +239,7 @@ class MetricStreamer:
 
     def append_columns(self, keys: tuple[str, ...], steps: np.ndarray, stamps: np.ndarray, values: np.ndarray) -> None:
         if self._lock.locked():
-            self.check_not_reentered("log_series")
+            self.check_not_reentered("log_series", _CALLER_OF_THIS)
         with self._lock:
             if self._lane.unusable:
                 self._raise_unusable()
@@ -271,15 +271,15 @@ class MetricStreamer:
             metadata={"runId": self.run_id, "writerId": self.writer_id},
         )
 
-    def check_not_reentered(self, what: str) -> None:
+    def check_not_reentered(self, what: str, skip: int = 0) -> None:
         """Raise FailedPrecondition REENTRANT_CALL when this thread was interrupted inside a call holding the lock.
 
         A signal handler (SIGTERM on a preempted job) runs in the thread it interrupts: called from inside
         `append`, taking the lock would wait for ourselves for ever. Found by looking up this thread's own
-        stack, so the training thread's calls pay nothing for it. (A handler that itself logs metrics is not
-        covered: it would still wait.)
+        stack, so the training thread's calls pay nothing for it. `skip`: frames of the caller's own call to
+        leave out (`append` checking itself starts above its own frame).
         """
-        frame = sys._getframe(1)
+        frame = sys._getframe(1 + skip)
         while frame is not None:
             code = frame.f_code
             if code in _HOLDING_CODES and frame.f_locals.get("self") is self:
@@ -603,6 +603,7 @@ class MetricStreamer:
             yield message
 
 
+_CALLER_OF_THIS = 1  # check_not_reentered's `skip` from append/append_columns: their own frame is not a holder
 # Frames of these methods hold a streamer's lock (check_not_reentered), except while waiting for room.
 _WAITING_CODE = MetricStreamer._wait_for_room.__code__
 _HOLDING_CODES = frozenset({MetricStreamer.append.__code__, MetricStreamer.append_columns.__code__, _WAITING_CODE})
