@@ -6,6 +6,7 @@ import hashlib
 import json
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -317,6 +318,7 @@ def test_a_file_registers_in_one_transaction_and_anything_else_writes_nothing(
     from runledger_server.backends.sql.database import Database
     from runledger_server.backends.sql.registry_store import SqlRegistryStore
     from runledger_server.backends.sql.tracking_store import SqlTrackingStore
+    from runledger_server.domain.errors import FailedPrecondition, NotFound
     from runledger_server.domain.lineage import Lineage
     from runledger_server.services.artifacts import ArtifactService
     from runledger_server.services.registry import RegistryService
@@ -343,7 +345,7 @@ def test_a_file_registers_in_one_transaction_and_anything_else_writes_nothing(
         record = index.get("r1", "model.bin")
         assert made is not None and record is not None
         assert made.version == 1 and made.artifact == ArtifactRef("model.bin", record.sha256, 1, record.uri)
-        assert (made.lineage, made.lineage_fingerprint) == (full, EXAMPLE_FINGERPRINT)
+        assert (made.lineage, made.lineage_fingerprint, made.description) == (full, EXAMPLE_FINGERPRINT, "first")
         assert store.get_version("m", 1) == made  # what was stored is what was answered
 
         # No model, an incomplete lineage, a directory, no such file or run: None, and nothing written, so the
@@ -365,6 +367,27 @@ def test_a_file_registers_in_one_transaction_and_anything_else_writes_nothing(
             "adapter",
             EXAMPLE_FINGERPRINT,
         )
+
+        if database_url.startswith("sqlite"):
+            # A refusal reads only: it is answered while another writer holds SQLite's write lock (it waited for
+            # the lock, up to the busy timeout, and then answered UNAVAILABLE).
+            import sqlite3
+
+            writer = sqlite3.connect(database_url.removeprefix("sqlite:///"), isolation_level=None)
+            writer.execute("BEGIN IMMEDIATE")
+            try:
+                for model, run_id, path, refused in (
+                    ("models/m", "r2", "model.bin", FailedPrecondition),
+                    ("models/m", "nope", "model.bin", NotFound),
+                    ("models/nope", "r1", "model.bin", NotFound),
+                ):
+                    started = time.monotonic()
+                    with pytest.raises(refused):
+                        service.create_version(model, run_id, path, "")
+                    assert time.monotonic() - started < 5, (model, run_id, path)
+            finally:
+                writer.rollback()
+                writer.close()
     finally:
         db.dispose()
 

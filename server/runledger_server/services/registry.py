@@ -102,21 +102,13 @@ class RegistryService:
     def _create_version_checked(self, model_id: str, run_id: str, path: str, description: str) -> ModelVersion:
         """Each precondition read and checked on its own, so that a refusal names the first one missing."""
 
-        # The model's existence is checked by the store's write (the version counter row); a refusal checks it
-        # first, so a missing model is reported before anything about the run, as if checked up front, and so
-        # is a directory's manifest about to be published (a refused call writes nothing).
-        def model_exists() -> object:
-            return self.store.get_model(model_id)
-
-        try:
-            lineage = self.runs.run_lineage(run_id)
-            missing = lineage.missing_fields()
-            described = None if missing else self.artifacts.describe(run_id, path, "artifact_path", model_exists)
-        except DomainError:
-            model_exists()
-            raise
+        # The model first, so a missing model is reported before anything about the run; models are never
+        # deleted, and every check here is a read, so a refusal never waits for the write lock (SQLite).
+        self.store.get_model(model_id)
+        lineage = self.runs.run_lineage(run_id)
+        missing = lineage.missing_fields()
+        described = None if missing else self.artifacts.describe(run_id, path, "artifact_path")
         if missing:
-            model_exists()
             raise FailedPrecondition(
                 f"runs/{run_id} has broken lineage: missing {', '.join(missing)}; "
                 "record them with SetLineage before registering a version",

@@ -28,6 +28,7 @@ from runledger_server.backends.sql.registry_tables import (
     RegisteredModelRow,
     RegisteredModelTagRow,
 )
+from runledger_server.backends.sql.tracking_tables import LINEAGE_COLUMNS
 from runledger_server.domain import gates, paging
 from runledger_server.domain.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
 from runledger_server.domain.gates import Action, AliasChange, Decision, GateSpec
@@ -70,11 +71,12 @@ _INSERT_VERSION_SQL = (
     "artifact_uri, lineage_fingerprint, data_version, code_commit, config, base_model, seed, description, "
     "create_time_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-# What a registration of a file needs of the run: its lineage, and the file recorded at the path (a directory
-# has no row of its own). The same rows SqlTrackingStore.run_lineage and SqlArtifactIndex.get read.
+# What a registration of a file needs: the model, the run's lineage, and the file recorded at the path (a
+# directory has no row of its own). The same rows SqlTrackingStore.run_lineage and SqlArtifactIndex.get read.
 _RUN_FILE_SQL = (
-    "SELECT r.data_version, r.code_commit, r.config, r.base_model, r.seed, a.sha256, a.size, a.uri "
-    "FROM runs r JOIN artifacts a ON a.run_id = r.id WHERE r.id = ? AND a.path = ?"
+    f"SELECT {', '.join('r.' + c for c in LINEAGE_COLUMNS)}, a.sha256, a.size, a.uri "
+    "FROM runs r JOIN artifacts a ON a.run_id = r.id WHERE r.id = ? AND a.path = ? "
+    "AND EXISTS (SELECT 1 FROM registered_models m WHERE m.id = ?)"
 )
 
 
@@ -157,22 +159,29 @@ class SqlRegistryStore:
             return version
 
     def create_version_of_file(self, model_id: str, run_id: str, path: str, description: str) -> ModelVersion | None:
-        """The common registration in one transaction of three statements: the run's lineage and the file
-        recorded at `path` (one join), the counter, the version. The service's checked path takes three
-        transactions for the same, each a pool checkout, BEGIN and COMMIT (on PostgreSQL, round trips)."""
+        """The common registration in two transactions: a read of the run's lineage and the file recorded at
+        `path` (one join), then the counter and the version. The service's checked path takes three for the same.
+
+        The read takes no write lock (on SQLite, a refusal must not wait for other writers, nor hold up metric
+        commits); reading it outside the write is safe because a complete lineage is immutable, a recorded
+        file's row never changes and models are never deleted.
+        """
+        with self.db.statements(write=False) as q:
+            found = q.one(_RUN_FILE_SQL, (run_id, path, model_id))
+        if found is None:  # no such model or run, or no file at the path (a directory, or nothing)
+            return None
+        n = len(LINEAGE_COLUMNS)
+        lineage = Lineage(*found[:n])
+        fingerprint = lineage.fingerprint()
+        if fingerprint is None:
+            return None
+        sha256, size, uri = found[n:]
         with self.db.statements(write=True) as q:
-            found = q.one(_RUN_FILE_SQL, (run_id, path))
-            if found is None:  # no such run, or no file at the path (a directory, or nothing)
-                return None
-            lineage = Lineage(*found[:5])
-            fingerprint = lineage.fingerprint()
-            if fingerprint is None:
-                return None
             now = now_us()
             number = _next_version(q, model_id, now)
             if number is None:
                 return None
-            artifact = ArtifactRef(path, found[5], int(found[6]), found[7])
+            artifact = ArtifactRef(path, sha256, int(size), uri)
             version = ModelVersion(model_id, number, run_id, artifact, lineage, fingerprint, description, (), now)
             _insert_version(q, version)
             return version

@@ -23,6 +23,7 @@ from runledger_server.backends.sql.base import now_us
 from runledger_server.backends.sql.chunk_cache import DEFAULT_MAX_BYTES, ChunkCache, ChunkKey
 from runledger_server.backends.sql.database import Database, Statements
 from runledger_server.backends.sql.tracking_tables import (
+    LINEAGE_COLUMNS,
     EvalScoreRow,
     ExperimentRow,
     ExperimentTagRow,
@@ -185,7 +186,7 @@ class SqlTrackingStore:
 
     def run_lineage(self, run_id: str) -> Lineage:
         with self.db.statements(write=False) as q:  # on the registration path: plain SQL
-            row = q.one("SELECT data_version, code_commit, config, base_model, seed FROM runs WHERE id = ?", (run_id,))
+            row = q.one(f"SELECT {', '.join(LINEAGE_COLUMNS)} FROM runs WHERE id = ?", (run_id,))
         if row is None:
             raise NotFound(f"runs/{run_id} not found", field="run_id")
         return Lineage(*row)

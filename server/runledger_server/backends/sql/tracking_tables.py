@@ -25,6 +25,10 @@ class ExperimentTagRow(Base):
     value: Mapped[str] = mapped_column(Text)
 
 
+# A run's lineage columns in the order of Lineage's fields: plain-SQL reads select them as `Lineage(*row)`.
+LINEAGE_COLUMNS = ("data_version", "code_commit", "config", "base_model", "seed")
+
+
 class RunRow(Base):
     __tablename__ = "runs"
     __table_args__ = (Index("ix_runs_experiment_create", "experiment_id", "create_time_us", "id"),)
