@@ -503,6 +503,7 @@ def test_the_exit_flush_waits_once_for_all_unfinished_runs_not_once_each(tmp_pat
 
 CTRL_C_WHILE_LOGGING = """
 import collections, os, random, signal, sys, threading
+import numpy
 import runledger
 from runledger.v1 import tracking_pb2
 random.seed(1)
@@ -516,8 +517,8 @@ for trial in range(int(sys.argv[1])):
     timer = threading.Timer(random.uniform(0.002, 0.02), signal.pthread_kill, (main, signal.SIGINT))
     try:
         timer.start()
-        while True:
-            run.log_metrics({"loss": 0.5, "lr": 1.0}, step=step)
+        while True:  # every other value a numpy scalar: the Python path too, where the C buffer's rows are added
+            run.log_metrics({"loss": 0.5 if step % 2 else numpy.float64(0.5), "lr": 1.0}, step=step)
             step += 1
     except KeyboardInterrupt:
         pass

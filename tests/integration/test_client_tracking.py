@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import signal
 import socket
 import threading
 import time
@@ -770,6 +771,47 @@ def test_logging_while_another_thread_holds_the_lock_waits_for_it(client: runled
     holder.join()
     run.finish()
     assert client.metric_history(run.run_id, "loss").values.tolist() == [1.0, 0.5, 0.25]
+
+
+def test_a_signal_handler_logging_while_its_thread_waits_for_the_lock_is_logged(client: runledger.Client) -> None:
+    """A real signal arrives while log_metrics waits for the run's lock (the sender holds it): the handler's own
+    log_metrics waits too and is logged. Only a handler interrupting a call that holds the lock is refused (it was
+    refused here as well, from a look at the stack that took waiting for the lock as holding it)."""
+    run = client.start_run(experiment="signal-while-waiting")
+    run.log_metrics({"loss": 1.0}, step=0)
+    stream = run._stream
+    assert stream is not None
+    main = threading.get_ident()
+    holding = threading.Event()
+    handled: list[object] = []
+
+    def handler(signum: int, frame: object) -> None:
+        try:
+            run.log_metrics({"preempted": 1.0}, step=1)
+            handled.append("logged")
+        except Exception as exc:  # recorded for the assertion
+            handled.append(exc)
+
+    def hold_then_signal() -> None:
+        with stream._lock:
+            holding.set()
+            time.sleep(0.2)  # the main thread is now waiting for the lock
+            signal.pthread_kill(main, signal.SIGUSR1)
+            time.sleep(0.2)
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    try:
+        holder = threading.Thread(target=hold_then_signal)
+        holder.start()
+        holding.wait()
+        run.log_metrics({"loss": np.float64(0.5)}, step=1)  # a numpy value: the Python path, which takes the lock
+        holder.join()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert handled == ["logged"]
+    run.finish()
+    assert client.metric_history(run.run_id, "preempted").values.tolist() == [1.0]
+    assert client.metric_history(run.run_id, "loss").values.tolist() == [1.0, 0.5]
 
 
 def test_finishing_from_inside_a_logging_call_is_refused_not_a_deadlock(client: runledger.Client) -> None:

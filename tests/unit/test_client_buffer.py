@@ -378,6 +378,26 @@ def test_c_row_groups_refuse_bad_rows_whole_and_take_the_oldest() -> None:
         native.Lane(PythonLock())  # the fast path's atomicity needs a lock whose check runs no Python code
 
 
+def test_c_types_refuse_misuse_instead_of_crashing() -> None:
+    if native is None:
+        pytest.fail("runledger._rowbuffer is not built")
+    lane = native.Lane(threading.Lock())
+    with pytest.raises(TypeError):
+        lane.group = native.RowGroup.__new__(native.RowGroup)  # no keys: the fast path divided by zero
+    with pytest.raises(TypeError):
+        lane.__init__(threading.Lock())  # a second init reset the count and could swap the lock
+    with pytest.raises(TypeError):
+        lane.commit(native.RowGroup.__new__(native.RowGroup), 0, 0, [])
+    bare = native.Lane.__new__(native.Lane)  # never initialised: no lock to check
+    bare.slow_at = NO_LIMIT
+    assert bare.append({"a": 1.0}, 0, 0) is False
+    group = native.RowGroup(("a",))
+    lane.slow_at = NO_LIMIT
+    lane.commit(group, 1, 2, [0.5])
+    assert (lane.group is group, lane.points, group.rows) == (True, 1, 1)
+    assert lane.append({"a": 0.25}, 2, 3) is True and lane.points == 2
+
+
 @pytest.mark.parametrize(
     ("buffered", "since_last_cut", "force", "due"),
     [

@@ -146,6 +146,13 @@ class Lane:
         self.slow_at = 0
         self.unusable = False
 
+    def commit(self, group: RowGroup, step: int, stamp: int, values: list[float]) -> None:
+        """Append a row to `group`, make it the newest and count it (the C version does it in one call)."""
+        added = len(values)  # no call after the append: an interrupt cannot come between the row and its count
+        group.append(step, stamp, values)
+        self.group = group
+        self.points += added
+
 
 class ColumnGroup:
     """One `log_series` call: numpy columns, taken by slicing; never appended to."""
@@ -239,9 +246,7 @@ class MetricBuffer:
         added = len(values)
         if added != len(keys):  # the mapping changed while it was read (another thread)
             raise errors.InvalidArgument("metrics changed while being logged", reason="INVALID_ARGUMENT")
-        group.append(step, timestamp_ms, values)
-        lane.group = group  # no call between the append and the count: an interrupt cannot split them
-        lane.points += added
+        lane.commit(group, step, timestamp_ms, values)  # the row and its count at once (see Lane.commit)
         return added
 
     def _append_wide(self, metrics: Mapping[str, Any], step: int, timestamp_ms: int) -> int:
@@ -313,7 +318,9 @@ class MetricBuffer:
             if group.rows:
                 break  # the group still has rows: the budget is used up
             self._drop_oldest()
-        self.lane.points -= taken
+        # Nothing left means nothing to count, whatever an interrupted call left the count at (a Ctrl-C inside
+        # a cut); a count above zero with no rows would keep flush() cutting empty batches for ever.
+        self.lane.points = self.lane.points - taken if self._groups else 0
         return blocks, taken
 
     def _drop_oldest(self) -> None:

@@ -276,6 +276,10 @@ lane_init(LaneObject *self, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:Lane", kwlist, &lock)) {
         return -1;
     }
+    if (self->locked != NULL) {
+        PyErr_SetString(PyExc_TypeError, "Lane is initialised once");
+        return -1;
+    }
     PyObject *locked = PyObject_GetAttrString(lock, "locked");
     if (locked == NULL) {
         return -1;
@@ -330,8 +334,9 @@ lane_get_group(LaneObject *self, void *closure)
 static int
 lane_set_group(LaneObject *self, PyObject *value, void *closure)
 {
-    if (value == NULL || (value != Py_None && !PyObject_TypeCheck(value, &RowGroupType))) {
-        PyErr_SetString(PyExc_TypeError, "Lane.group is a RowGroup or None");
+    if (value == NULL || (value != Py_None && (!PyObject_TypeCheck(value, &RowGroupType) ||
+                                               ((RowGroupObject *)value)->keys == NULL))) {
+        PyErr_SetString(PyExc_TypeError, "Lane.group is an initialised RowGroup or None");
         return -1;
     }
     Py_INCREF(value);
@@ -406,7 +411,12 @@ lane_append(LaneObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     PyObject *metrics = args[0];
-    if (self->unusable || self->group == NULL || self->group == Py_None || !PyDict_CheckExact(metrics)) {
+#ifdef Py_GIL_DISABLED
+    /* Without a GIL nothing makes this function atomic: every call takes the Python path, under the lock. */
+    Py_RETURN_FALSE;
+#endif
+    if (self->unusable || self->locked == NULL || self->group == NULL || self->group == Py_None ||
+        !PyDict_CheckExact(metrics)) {
         Py_RETURN_FALSE;
     }
     RowGroupObject *g = (RowGroupObject *)self->group;
@@ -463,9 +473,39 @@ lane_append(LaneObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_TRUE;
 }
 
+/*
+ * commit(group, step, stamp, values): the Python path's append of one row (values already floats), and the
+ * lane's newest group and count with it, in one call: an interrupt (Ctrl-C) is handled when a C call returns,
+ * so between a row stored and its count it would leave the buffer holding rows it does not count.
+ */
+static PyObject *
+lane_commit(LaneObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "commit(group, step, stamp, values) takes 4 arguments");
+        return NULL;
+    }
+    PyObject *group = args[0];
+    if (!PyObject_TypeCheck(group, &RowGroupType) || ((RowGroupObject *)group)->keys == NULL) {
+        PyErr_SetString(PyExc_TypeError, "commit() needs an initialised RowGroup");
+        return NULL;
+    }
+    PyObject *done = rowgroup_append((RowGroupObject *)group, args + 1, 3);
+    if (done == NULL) {
+        return NULL;
+    }
+    Py_DECREF(done);
+    Py_INCREF(group);
+    Py_XSETREF(self->group, group);
+    self->points += ((RowGroupObject *)group)->nkeys;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef lane_methods[] = {
     {"append", (PyCFunction)(void (*)(void))lane_append, METH_FASTCALL,
      "append(metrics, step, timestamp_ms) -> bool: the fast path of log_metrics (False: take the Python path)."},
+    {"commit", (PyCFunction)(void (*)(void))lane_commit, METH_FASTCALL,
+     "commit(group, step, stamp, values): append a row to group, make it the newest and count it, at once."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import random
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -129,6 +128,7 @@ class MetricStreamer:
         self._woken = False  # the sender was told that a full batch is buffered
         self._lane.slow_at = min(self._cap, self._policy.max_points)  # see _reset_threshold
         self._lane.unusable = False  # closing or failed: the caller's append goes the slow way and raises
+        self._holder: int | None = None  # the caller's thread inside a section holding the lock (reentry check)
         self._last_cut = clock()
         self._error: errors.RunledgerError | None = None  # fatal: raised to the caller, nothing more is sent
         self._error_reported = False
@@ -201,16 +201,21 @@ class MetricStreamer:
         # The training thread's hot path: one flag for "closed or failed", and one threshold standing for "a batch
         # is due" and "the buffer is full". `with` on the lock, not acquire()/try: a Ctrl-C arriving right after
         # acquire() would skip the release and leave every later call (finish, the exit flush) waiting forever.
-        # Only calls the C fast path declined get here (see Run.log_metrics), so the check of a held lock is cheap.
-        if self._lock.locked():  # by another thread (wait for it), or by this one: a signal handler's call
-            self.check_not_reentered("log_metrics", _CALLER_OF_THIS)
+        # Only calls the C fast path declined get here (see Run.log_metrics).
+        me = threading.get_ident()
+        if self._holder == me:  # a signal handler's call, inside a call of ours that holds the lock
+            self._refuse_reentry("log_metrics")
         with self._lock:
-            lane = self._lane
-            if lane.unusable:
-                self._raise_unusable()
-            self._buffer.append(metrics, step, timestamp_ms)
-            if lane.points >= lane.slow_at:
-                self._after_append()
+            self._holder = me
+            try:
+                lane = self._lane
+                if lane.unusable:
+                    self._raise_unusable()
+                self._buffer.append(metrics, step, timestamp_ms)
+                if lane.points >= lane.slow_at:
+                    self._after_append()
+            finally:
+                self._holder = None
 
     @property
     def fast_append(self) -> Callable[[Mapping[str, Any], int, int | None], bool] | None:
@@ -238,17 +243,22 @@ class MetricStreamer:
         self._lane.slow_at = room if self._woken else min(room, self._policy.max_points)
 
     def append_columns(self, keys: tuple[str, ...], steps: np.ndarray, stamps: np.ndarray, values: np.ndarray) -> None:
-        if self._lock.locked():
-            self.check_not_reentered("log_series", _CALLER_OF_THIS)
+        me = threading.get_ident()
+        if self._holder == me:
+            self._refuse_reentry("log_series")
         with self._lock:
-            if self._lane.unusable:
-                self._raise_unusable()
-            if self._buffer.points + self._outbox.points >= self._cap:
-                self._wait_for_room()
-            self._buffer.append_columns(keys, steps, stamps, values)
-            if self._buffer.points >= self._policy.max_points and not self._woken:
-                self._woken = True
-                self._cond.notify_all()
+            self._holder = me
+            try:
+                if self._lane.unusable:
+                    self._raise_unusable()
+                if self._buffer.points + self._outbox.points >= self._cap:
+                    self._wait_for_room()
+                self._buffer.append_columns(keys, steps, stamps, values)
+                if self._buffer.points >= self._policy.max_points and not self._woken:
+                    self._woken = True
+                    self._cond.notify_all()
+            finally:
+                self._holder = None
 
     def _wait_for_room(self) -> None:
         self._blocked += 1
@@ -257,9 +267,17 @@ class MetricStreamer:
             while self._buffer.points + self._outbox.points >= self._cap:
                 if self._lane.unusable:
                     self._raise_unusable()
-                self._cond.wait()
+                self._wait()
         finally:
             self._blocked -= 1
+
+    def _wait(self, timeout: float | None = None) -> None:
+        """A wait on the condition by a caller's thread: it does not hold the lock meanwhile (see _holder)."""
+        holder, self._holder = self._holder, None
+        try:
+            self._cond.wait(timeout)
+        finally:
+            self._holder = holder
 
     def _raise_unusable(self) -> None:
         if self._error is not None:
@@ -271,22 +289,16 @@ class MetricStreamer:
             metadata={"runId": self.run_id, "writerId": self.writer_id},
         )
 
-    def check_not_reentered(self, what: str, skip: int = 0) -> None:
+    def check_not_reentered(self, what: str) -> None:
         """Raise FailedPrecondition REENTRANT_CALL when this thread was interrupted inside a call holding the lock.
 
         A signal handler (SIGTERM on a preempted job) runs in the thread it interrupts: called from inside
-        `append`, taking the lock would wait for ourselves for ever. Found by looking up this thread's own
-        stack, so the training thread's calls pay nothing for it. `skip`: frames of the caller's own call to
-        leave out (`append` checking itself starts above its own frame).
+        `append`, taking the lock would wait for ourselves for ever. The callers' sections that hold the lock
+        record their thread in `_holder` (cleared while they wait on the condition, which releases the lock),
+        so a call interrupted while merely waiting for the lock is not refused.
         """
-        frame = sys._getframe(1 + skip)
-        while frame is not None:
-            code = frame.f_code
-            if code in _HOLDING_CODES and frame.f_locals.get("self") is self:
-                if code is _WAITING_CODE:
-                    return  # waiting for room: the condition released the lock meanwhile
-                self._refuse_reentry(what)
-            frame = frame.f_back  # type: ignore[assignment]
+        if self._holder == threading.get_ident():
+            self._refuse_reentry(what)
 
     def _refuse_reentry(self, what: str) -> None:
         """This thread holds the lock further up its stack: a signal handler (SIGTERM on a preempted job, say)
@@ -304,17 +316,21 @@ class MetricStreamer:
         self.check_not_reentered("flush")
         deadline = None if timeout is None else self._clock() + timeout
         with self._lock:
-            if self._error is not None:
-                raise self._reported_error()
-            self._cond.notify_all()
-            while not self._numbered and self._buffer.points:  # the sender is asking where numbering starts
-                self._wait_until(deadline, timeout)
-            while self._buffer.points:
-                self._cut()
-            target = self._outbox.next_seq
-            self._cond.notify_all()
-            while self._outbox.first_unacked() < target or self._error is not None:
-                self._wait_until(deadline, timeout)
+            self._holder = threading.get_ident()
+            try:
+                if self._error is not None:
+                    raise self._reported_error()
+                self._cond.notify_all()
+                while not self._numbered and self._buffer.points:  # the sender is asking where numbering starts
+                    self._wait_until(deadline, timeout)
+                while self._buffer.points:
+                    self._cut()
+                target = self._outbox.next_seq
+                self._cond.notify_all()
+                while self._outbox.first_unacked() < target or self._error is not None:
+                    self._wait_until(deadline, timeout)
+            finally:
+                self._holder = None
 
     def _wait_until(self, deadline: float | None, timeout: float | None) -> None:
         """Under the lock: one wait for news from the sender, within the caller's deadline."""
@@ -325,7 +341,7 @@ class MetricStreamer:
         remaining = None if deadline is None else deadline - self._clock()
         if remaining is not None and remaining <= 0:
             raise self._timeout_error(timeout)
-        self._cond.wait(None if remaining is None or remaining > threading.TIMEOUT_MAX else remaining)
+        self._wait(None if remaining is None or remaining > threading.TIMEOUT_MAX else remaining)
 
     def _timeout_error(self, timeout: float | None) -> errors.DeadlineExceeded:
         pending = self._outbox.points + self._buffer.points
@@ -601,9 +617,3 @@ class MetricStreamer:
                     batch.message = message
                     batch.series = None
             yield message
-
-
-_CALLER_OF_THIS = 1  # check_not_reentered's `skip` from append/append_columns: their own frame is not a holder
-# Frames of these methods hold a streamer's lock (check_not_reentered), except while waiting for room.
-_WAITING_CODE = MetricStreamer._wait_for_room.__code__
-_HOLDING_CODES = frozenset({MetricStreamer.append.__code__, MetricStreamer.append_columns.__code__, _WAITING_CODE})
