@@ -9,8 +9,10 @@ re-sends every unacknowledged batch with the same seq, and the server stores eac
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -253,6 +255,8 @@ class MetricStreamer:
                     self._raise_unusable()
                 if self._buffer.points + self._outbox.points >= self._cap:
                     self._wait_for_room()
+                    if self._lane.unusable:  # closed while it waited (room came from the final acks)
+                        self._raise_unusable()
                 self._buffer.append_columns(keys, steps, stamps, values)
                 if self._buffer.points >= self._policy.max_points and not self._woken:
                     self._woken = True
@@ -323,8 +327,9 @@ class MetricStreamer:
                 self._cond.notify_all()
                 while not self._numbered and self._buffer.points:  # the sender is asking where numbering starts
                     self._wait_until(deadline, timeout)
-                while self._buffer.points:
-                    self._cut()
+                with _signals_deferred():  # a Ctrl-C between rows taken and their batch queued would lose them
+                    while self._buffer.points:
+                        self._cut()
                 target = self._outbox.next_seq
                 self._cond.notify_all()
                 while self._outbox.first_unacked() < target or self._error is not None:
@@ -363,8 +368,12 @@ class MetricStreamer:
         """
         self.check_not_reentered("finish")
         with self._lock:
-            self._closing = self._lane.unusable = True
-            self._cond.notify_all()
+            self._holder = threading.get_ident()
+            try:
+                self._closing = self._lane.unusable = True
+                self._cond.notify_all()
+            finally:
+                self._holder = None
         self.flush(timeout)
         self._thread.join(self._config.close_timeout)
         if self._thread.is_alive():
@@ -375,24 +384,36 @@ class MetricStreamer:
         """Refuse further points and let the sender end once everything held is acknowledged, without waiting
         for it (the exit flush still waits for what is left)."""
         with self._lock:
-            self._closing = self._lane.unusable = True
-            self._cond.notify_all()
+            self._holder = threading.get_ident()
+            try:
+                self._closing = self._lane.unusable = True
+                self._cond.notify_all()
+            finally:
+                self._holder = None
 
     def _flush_at_exit(self, timeout: float) -> None:
         # A stream closing when its close was interrupted (Ctrl-C in finish) still holds points: flushed too.
         with self._lock:
-            if self._stop_now or (not self._buffer.points and not len(self._outbox)):
-                return
+            self._holder = threading.get_ident()
+            try:
+                if self._stop_now or (not self._buffer.points and not len(self._outbox)):
+                    return
+            finally:
+                self._holder = None
         _LOGGER.info("run %s was not finished: flushing its metrics before the process exits", self.run_id)
         self.flush(timeout)
 
     def abandon(self) -> None:
         """Stop at once, dropping whatever is not acknowledged (used after a failed or timed-out close)."""
         with self._lock:
-            self._closing = self._lane.unusable = True
-            self._stop_now = True
-            call = self._call
-            self._cond.notify_all()
+            self._holder = threading.get_ident()
+            try:
+                self._closing = self._lane.unusable = True
+                self._stop_now = True
+                call = self._call
+                self._cond.notify_all()
+            finally:
+                self._holder = None
         if call is not None:
             call.cancel()
         if threading.current_thread() is not self._thread:
@@ -617,3 +638,25 @@ class MetricStreamer:
                     batch.message = message
                     batch.series = None
             yield message
+
+
+# Signals whose handlers (Python's, or a user's) may raise in the thread they interrupt.
+_DEFERRED_SIGNALS = {
+    getattr(signal, name)
+    for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM")
+    if hasattr(signal, name)
+}
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """On the main thread (where Python runs signal handlers), hold these signals until the block ends, so their
+    handlers (KeyboardInterrupt) run after it rather than in the middle. Elsewhere, or without sigmasks: nothing."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
