@@ -53,13 +53,18 @@ def _log_points(client: MlflowClient, run_id: str, points: int) -> float:
 
 
 def _trainer(uri: str, experiment_id: str, points: int, ready: Any, go: Any, out: Any) -> None:
-    client = MlflowClient(uri)
-    run_id = client.create_run(experiment_id).info.run_id
-    ready.put(1)
-    go.wait()
-    _log_points(client, run_id, points)
-    out.put(time.time())
-    client.set_terminated(run_id)
+    try:
+        client = MlflowClient(uri)
+        run_id = client.create_run(experiment_id).info.run_id
+        ready.put(1)
+        go.wait()
+        _log_points(client, run_id, points)
+        out.put(time.time())
+        client.set_terminated(run_id)
+    except Exception as exc:  # reported, so the parent fails this workload instead of waiting for its result
+        out.put(f"{type(exc).__name__}: {exc}"[:500])
+        ready.put(1)  # in case it failed before saying it was ready
+        raise
 
 
 def ingest(uri: str, points: int, trainers: int) -> dict[str, Any]:
@@ -77,7 +82,7 @@ def ingest(uri: str, points: int, trainers: int) -> dict[str, Any]:
             "us_per_step": 1e6 * elapsed / steps,
         }
     ready: mp.Queue[int] = mp.Queue()
-    out: mp.Queue[float] = mp.Queue()
+    out: mp.Queue[float | str] = mp.Queue()  # a trainer that failed puts its error
     go = mp.Event()
     per = points // trainers
     procs = [mp.Process(target=_trainer, args=(uri, exp, per, ready, go, out)) for _ in range(trainers)]
@@ -90,7 +95,10 @@ def ingest(uri: str, points: int, trainers: int) -> dict[str, Any]:
     ends = [out.get(timeout=3600) for _ in procs]
     for p in procs:
         p.join()
-    elapsed = max(ends) - start
+    failed = [e for e in ends if isinstance(e, str)]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {trainers} MLflow trainers failed; first: {failed[0]}")
+    elapsed = max(e for e in ends if isinstance(e, float)) - start
     return {"points": per * trainers, "seconds": elapsed, "points_per_s": per * trainers / elapsed}
 
 
