@@ -367,13 +367,7 @@ class MetricStreamer:
         sender then goes on until `abandon()`.
         """
         self.check_not_reentered("finish")
-        with self._lock:
-            self._holder = threading.get_ident()
-            try:
-                self._closing = self._lane.unusable = True
-                self._cond.notify_all()
-            finally:
-                self._holder = None
+        self.close_when_sent()
         self.flush(timeout)
         self._thread.join(self._config.close_timeout)
         if self._thread.is_alive():
