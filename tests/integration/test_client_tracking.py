@@ -814,6 +814,25 @@ def test_a_signal_handler_logging_while_its_thread_waits_for_the_lock_is_logged(
     assert client.metric_history(run.run_id, "loss").values.tolist() == [1.0, 0.5]
 
 
+def test_a_dropped_runs_finalizer_run_by_a_thread_holding_the_lock_does_not_wait_for_it(
+    client: runledger.Client,
+) -> None:
+    """A Run in a reference cycle is finalised by the garbage collector on whichever thread runs it, the sender's
+    included, possibly while that thread holds the lock: the finalizer waited for ever for it, and with it the
+    sender and the exit flush. It now only sets the flags; the sender sends what it holds and ends."""
+    run = client.start_run(experiment="finalised-under-the-lock")
+    run.log_metrics({"loss": 1.0}, step=0)
+    stream = run._stream
+    assert stream is not None
+    with stream._lock:  # as the sender would, when its garbage collection runs the finalizer
+        stream.close_when_sent()
+    stream._thread.join(10)
+    assert not stream._thread.is_alive() and stream.acked_points == 1
+    with pytest.raises(errors.FailedPrecondition) as closed:
+        run.log_metrics({"loss": 0.5}, step=1)
+    assert closed.value.reason == "RUN_CLOSED"
+
+
 def test_finishing_from_inside_a_logging_call_is_refused_not_a_deadlock(client: runledger.Client) -> None:
     """A signal handler (SIGTERM on a preempted job) runs in the thread it interrupts, possibly inside
     log_metrics while it holds the run's lock: finish() there used to wait for that lock for ever. Simulated

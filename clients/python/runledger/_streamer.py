@@ -376,7 +376,15 @@ class MetricStreamer:
 
     def close_when_sent(self) -> None:
         """Refuse further points and let the sender end once everything held is acknowledged, without waiting
-        for it (the exit flush still waits for what is left)."""
+        for it (the exit flush still waits for what is left).
+
+        Also a dropped Run's finalizer, which the garbage collector may run on any thread, the sender's included,
+        while that thread holds the lock: then the flags are set without it (they only ever go from False to
+        True) and the sender sees them at its next poll, instead of this waiting for ever for its own lock.
+        """
+        if self._lock.locked():
+            self._closing = self._lane.unusable = True
+            return
         with self._lock:
             self._holder = threading.get_ident()
             try:
