@@ -327,7 +327,7 @@ class MetricStreamer:
                 self._cond.notify_all()
                 while not self._numbered and self._buffer.points:  # the sender is asking where numbering starts
                     self._wait_until(deadline, timeout)
-                with _signals_deferred():  # a Ctrl-C between rows taken and their batch queued would lose them
+                with _signals_deferred():  # a Ctrl-C between rows taken and their batch queued loses them
                     while self._buffer.points:
                         self._cut()
                 target = self._outbox.next_seq
@@ -383,7 +383,8 @@ class MetricStreamer:
         True) and the sender sees them at its next poll, instead of this waiting for ever for its own lock.
         """
         if self._lock.locked():
-            self._closing = self._lane.unusable = True
+            self._lane.unusable = True  # refuse points first: the sender may end as soon as it sees _closing
+            self._closing = True
             return
         with self._lock:
             self._holder = threading.get_ident()
@@ -653,12 +654,18 @@ _DEFERRED_SIGNALS = {
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
     """On the main thread (where Python runs signal handlers), hold these signals until the block ends, so their
-    handlers (KeyboardInterrupt) run after it rather than in the middle. Elsewhere, or without sigmasks: nothing."""
+    handlers (KeyboardInterrupt) run after it rather than in the middle. Elsewhere, or without sigmasks: nothing.
+
+    Only signals sent to the main thread are held: one sent to the process (a terminal's Ctrl-C, `kill`) is
+    delivered to another thread that does not block it, and its handler still runs in the main thread inside
+    the block.
+    """
     if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, ())  # read only: nothing to undo if a handler fires here
     try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
