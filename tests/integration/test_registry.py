@@ -309,7 +309,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(request.getfixturevalue("pg_database_url"))
 
 
-def test_a_file_registers_in_one_transaction_and_anything_else_writes_nothing(
+def test_a_file_registers_from_one_read_and_one_write_and_anything_else_writes_nothing(
     database_url: str, tmp_path: Path
 ) -> None:
     from runledger_server.backends.artifacts.local import LocalBlobStore

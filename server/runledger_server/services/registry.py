@@ -91,8 +91,8 @@ class RegistryService:
         run_id = names.run_id(run_id)
         path = _artifact_path(artifact_path)
         _check_description(description)
-        # A file of a run whose lineage is complete, the usual case, takes one transaction; a directory (its
-        # manifest is built and published first) and every refusal take the checked path.
+        # A file of a run whose lineage is complete, the usual case, takes one read and one write; a directory
+        # (its manifest is built and published first) and every refusal take the checked path.
         version = self.store.create_version_of_file(model_id, run_id, path, description)
         if version is None:
             version = self._create_version_checked(model_id, run_id, path, description)

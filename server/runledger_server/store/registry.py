@@ -51,9 +51,10 @@ class RegistryStore(Protocol):
         ...
 
     def create_version_of_file(self, model_id: str, run_id: str, path: str, description: str) -> ModelVersion | None:
-        """`create_version` of the file recorded at the run's `path`, with the run's lineage, read in the same
-        transaction. None, having written nothing, unless the model, the run, its complete lineage and the file
-        are all there: the caller then finds out which is missing."""
+        """`create_version` of the file recorded at the run's `path`, with the run's lineage, both read in one
+        query before the write (the one method of two transactions: a complete lineage and a recorded file never
+        change). None, having written nothing, unless the model, the run, its complete lineage and the file are
+        all there: the caller then finds out which is missing."""
         ...
 
     def get_version(self, model_id: str, version: int) -> ModelVersion: ...
