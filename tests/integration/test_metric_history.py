@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from runledger import Client, wire
+from runledger import Client, errors, wire
 from runledger.v1 import tracking_service_pb2 as pb, tracking_service_pb2_grpc
 from runledger_server.embedded import EmbeddedServer
 from runledger_server.transport.tracking_servicer import HISTORY_CHUNK_POINTS
@@ -72,6 +72,32 @@ def test_long_history_is_exact_ordered_and_split_into_bounded_messages(server, t
         h = client.metric_history(run_id, "train/reward")
         same(h.steps, h.values, h.timestamps_ms, steps, values, stamps)
         assert h.values.flags.writeable  # fresh arrays, not views of received messages
+
+
+def announced(call) -> int:
+    (value,) = [v for k, v in call.initial_metadata() if k == wire.HISTORY_POINTS_KEY]
+    return int(value)
+
+
+def test_the_server_announces_how_many_points_a_read_holds(server, tracking, logged) -> None:
+    """The count in the initial metadata is the number of points the messages carry, for every form of read
+    (whole, range, downsampled, empty), so the client can place them into arrays of the final size."""
+    run_id, steps, *_ = logged
+    requests = [
+        pb.GetMetricHistoryRequest(run_id=run_id, key="train/reward"),
+        pb.GetMetricHistoryRequest(run_id=run_id, key="train/reward", start_step=99_990, end_step=100_005),
+        pb.GetMetricHistoryRequest(run_id=run_id, key="train/reward", max_points=1000),
+        pb.GetMetricHistoryRequest(run_id=run_id, key="no/such-key"),
+    ]
+    counts = []
+    for request in requests:
+        call = tracking.GetMetricHistory(request)
+        counts.append(announced(call))
+        assert counts[-1] == sum(len(m.steps) for m in call)
+    assert counts[0] == steps.shape[0] and counts[1] == np.count_nonzero((steps >= 99_990) & (steps <= 100_005))
+    assert 4 <= counts[2] <= 1000 and counts[3] == 0
+    with Client(server.address) as client, pytest.raises(errors.NotFound):  # refused before any metadata
+        client.metric_history("0" * 32, "train/reward")
 
 
 def test_ranges_of_a_long_history(server, logged) -> None:

@@ -20,7 +20,7 @@ from runledger._buffer import BatchPolicy
 from runledger._call_metadata import with_metadata
 from runledger._retry import NO_LIMIT, RetryPolicy, call_with_retry
 from runledger._streamer import MetricStreamer, StreamerConfig
-from runledger.history import MetricHistory, from_chunks
+from runledger.history import MetricHistory, from_call
 from runledger.registry import AliasWatch, Registry
 from runledger.run import Run
 from runledger.v1 import (
@@ -486,7 +486,7 @@ class Client:
         )
 
         def attempt(remaining: float) -> MetricHistory:
-            return from_chunks(self._history_call(request, timeout=remaining, metadata=self._metadata))
+            return from_call(self._history_call(request, timeout=remaining, metadata=self._metadata))
 
         try:
             return self._retrying(attempt, True, timeout)

@@ -92,6 +92,11 @@ def field_header(field: int, length: int) -> bytes:
     return _varint(field << 3 | 2) + _varint(length)
 
 
+# Initial metadata of a GetMetricHistory call: the number of points its messages hold in all, so that a
+# reader can place each message's points straight into arrays of the final size (older servers omit it).
+HISTORY_POINTS_KEY = "x-runledger-history-points"
+
+
 class SeriesArrays(NamedTuple):
     """A decoded MetricSeries: read-only numpy views of the message bytes."""
 

@@ -302,6 +302,8 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
             request.end_step if request.HasField("end_step") else None,
             request.max_points,
         )
+        total = sum(len(piece) for piece in pieces)
+        await context.send_initial_metadata(((wire.HISTORY_POINTS_KEY, str(total)),))
         # Serialized here, straight from the stored chunks (see add_to_server), at most
         # HISTORY_CHUNK_POINTS points per message; an empty history is one message with only the key.
         sent = False

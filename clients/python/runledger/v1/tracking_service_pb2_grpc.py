@@ -222,6 +222,8 @@ class TrackingServiceServicer:
         more points than the server reads at once (its --history-max-points,
         10,000,000 by default) is RESOURCE_EXHAUSTED `HISTORY_TOO_LARGE`, whose
         metadata (`minStep`, `maxStep`) gives the steps to read in smaller parts.
+        The initial metadata `x-runledger-history-points` holds the number of
+        points the messages carry in all (a reader may size its arrays with it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -77,6 +77,8 @@ class TrackingServiceStub:
     more points than the server reads at once (its --history-max-points,
     10,000,000 by default) is RESOURCE_EXHAUSTED `HISTORY_TOO_LARGE`, whose
     metadata (`minStep`, `maxStep`) gives the steps to read in smaller parts.
+    The initial metadata `x-runledger-history-points` holds the number of
+    points the messages carry in all (a reader may size its arrays with it).
     """
     GetMetricWriter: _grpc.UnaryUnaryMultiCallable[_tracking_service_pb2.GetMetricWriterRequest, _tracking_pb2.MetricWriter]
     """Where one writer of a run stands: the seq its next batch takes. A writer
@@ -139,6 +141,8 @@ class TrackingServiceAsyncStub(TrackingServiceStub):
     more points than the server reads at once (its --history-max-points,
     10,000,000 by default) is RESOURCE_EXHAUSTED `HISTORY_TOO_LARGE`, whose
     metadata (`minStep`, `maxStep`) gives the steps to read in smaller parts.
+    The initial metadata `x-runledger-history-points` holds the number of
+    points the messages carry in all (a reader may size its arrays with it).
     """
     GetMetricWriter: _aio.UnaryUnaryMultiCallable[_tracking_service_pb2.GetMetricWriterRequest, _tracking_pb2.MetricWriter]  # type: ignore[assignment]
     """Where one writer of a run stands: the seq its next batch takes. A writer
@@ -276,6 +280,8 @@ class TrackingServiceServicer(metaclass=_abc_1.ABCMeta):
         more points than the server reads at once (its --history-max-points,
         10,000,000 by default) is RESOURCE_EXHAUSTED `HISTORY_TOO_LARGE`, whose
         metadata (`minStep`, `maxStep`) gives the steps to read in smaller parts.
+        The initial metadata `x-runledger-history-points` holds the number of
+        points the messages carry in all (a reader may size its arrays with it).
         """
 
     @_abc_1.abstractmethod
