@@ -187,12 +187,16 @@ class SqlRegistryStore:
             return version
 
     def get_version(self, model_id: str, version: int) -> ModelVersion:
-        with self.db.read() as s:
-            row = s.get(ModelVersionRow, (model_id, version))
+        # Plain SQL, not the ORM: a version is read often (clients, VerifyLineage), and the ORM's session and
+        # statement handling cost several times the two queries themselves.
+        with self.db.statements(write=False) as q:
+            row = q.one(_VERSION_SQL, (model_id, version))
             if row is None:
-                _orm_require_model(s, model_id)
+                _require_model(q, model_id)
                 raise NotFound(f"models/{model_id}/versions/{version} not found", field="version")
-            return _version(row, _aliases_of(s, model_id, [version]).get(version, ()))
+            aliases = q.all("SELECT alias FROM aliases WHERE model_id = ? AND version = ?", (model_id, version))
+        # Sorted here by code point, as everywhere (the database's collation could differ).
+        return replace(_version_from_values(row), aliases=tuple(sorted(a for (a,) in aliases)))
 
     def list_versions(self, model_id: str, page_size: int, page_token: str) -> Page[ModelVersion]:
         query = {"list": "versions", "model": model_id}
