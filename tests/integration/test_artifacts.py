@@ -399,7 +399,10 @@ def test_client_download_resumes_a_partial_file_and_verifies(
     moved.clear()
     client_artifacts.download(channel, run_id, "big.bin", dest, progress=lambda done, total: moved.append(done))
     assert dest.read_bytes() == data and not partial.exists()
-    assert moved[0] == 100 and moved[-1] == 2 * len(data)  # the 100 bytes and the rest, then all of it again
+    # The 100 bytes and the rest, then back to zero and all of it again: never more than the total.
+    assert moved[0] == 100 and moved[-1] == max(moved) == len(data)
+    restart = moved.index(len(data)) + 1
+    assert moved[restart] == 0 and moved[restart + 1 :] == sorted(moved[restart + 1 :])
 
     # Not resuming (or a partial file longer than the artifact): the old bytes are replaced, never kept.
     for stale, resume in ((b"Y" * (len(data) + 7), True), (data[: MiB + 3], False)):

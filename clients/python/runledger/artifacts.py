@@ -122,9 +122,10 @@ def download(
     `dest` at their relative paths. Each file is checked against its sha256 (DataLoss on mismatch); files
     already present with the right content are skipped, and the partial file (`partial_path`) left by an
     interrupted download is resumed from where it stopped (and the file fetched again from the start if the
-    result does not match). With `presigned` (the default), when the server's artifact store is S3 the bytes
-    are fetched straight from it through a short-lived URL the server signs, and through the server otherwise
-    (or when that URL cannot be reached). Returns the file or directory written.
+    result does not match; progress then goes back by what it had counted for that file). With `presigned`
+    (the default), when the server's artifact store is S3 the bytes are fetched straight from it through a
+    short-lived URL the server signs, and through the server otherwise (or when that URL cannot be reached).
+    Returns the file or directory written.
 
     Before anything is written, every listed path is checked (FailedPrecondition UNSAFE_ARTIFACT_PATH when
     it could land outside `dest`), and a directory whose paths differ only in case is refused when `dest`
@@ -315,6 +316,7 @@ def _download_here(
         partial.unlink(missing_ok=True)
         if resumed:  # the partial file was not (all) this artifact's: another download's, or damaged
             _LOGGER.info("%s: the partial file did not match; downloading it again from the start", artifact.path)
+            meter.advance(-offset)  # the bytes counted for this file so far are counted again from zero
             return _download_here(stub, artifact, target, False, meter, direct)
         raise DataLoss(
             f"downloaded {artifact.path} ({offset} bytes, sha256 {digest.hexdigest()}) does not match "
