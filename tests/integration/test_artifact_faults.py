@@ -329,6 +329,28 @@ def test_put_replaces_a_blob_cut_short(backend: str, tmp_path: Path, request: py
     assert b"".join(store.open_range(digest, 0)) == data
 
 
+@pytest.mark.s3
+def test_an_s3_read_closed_before_its_first_chunk_gives_its_connection_back(s3_server: S3Server) -> None:
+    """A download cancelled at once closes its chunks unread: the GET's connection must go back to the pool."""
+    store = _s3_store(s3_server, s3_server.endpoint)
+    data = _blob(3 * MiB, seed=5)
+    digest = hashlib.sha256(data).hexdigest()
+    store.put(digest, io.BytesIO(data), len(data))
+    pool = store.client._http.connection_from_url(f"{'https' if s3_server.secure else 'http'}://{s3_server.endpoint}")
+
+    def idle() -> int:
+        return sum(conn is not None for conn in list(pool.pool.queue))
+
+    before = idle()
+    assert before >= 1
+    for offset in (0, 0, MiB):
+        chunks = store.open_range(digest, offset)
+        chunks.close()  # type: ignore[attr-defined]
+        assert idle() == before
+    assert b"".join(store.open_range(digest, MiB)) == data[MiB:]  # read to the end: given back as well
+    assert idle() == before
+
+
 # ---- 2. an upload cancelled while its last write waits on a stalled S3 --------------------------------------
 @pytest.mark.s3
 def test_a_cancel_during_the_last_write_to_a_stalled_s3_leaves_no_thread_stuck(

@@ -79,6 +79,40 @@ def parse_location(location: str) -> tuple[str, str]:
     return bucket, f"{prefix}/" if prefix else ""
 
 
+class _Body:
+    """The bytes of one GET in chunks. `close()` gives its connection back to the pool even before the first
+    chunk is read: a generator's `finally` would not run then, and a download cancelled at once would leave
+    the connection to the garbage collector (taken from the pool for good)."""
+
+    def __init__(self, store: S3BlobStore, response: urllib3.BaseHTTPResponse) -> None:
+        self._store = store
+        self._response: urllib3.BaseHTTPResponse | None = response
+        self._chunks = response.stream(READ_CHUNK)
+
+    def __iter__(self) -> _Body:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._response is None:
+            raise StopIteration
+        try:
+            with self._store.errors("reading a blob"):
+                chunk = next(self._chunks, None)
+        except BaseException:
+            self.close()
+            raise
+        if chunk is None:
+            self.close()
+            raise StopIteration
+        return chunk
+
+    def close(self) -> None:
+        response, self._response = self._response, None
+        if response is not None:
+            response.close()
+            response.release_conn()
+
+
 class S3BlobStore:
     """Content-addressed blobs in one bucket under one prefix. The bucket is created if missing."""
 
@@ -260,15 +294,7 @@ class S3BlobStore:
                 if exc.code in _MISSING_CODES or exc.code == "InvalidRange":
                     raise NotFound(f"blob sha256 {sha256} is missing from {self.location}", field="sha256") from exc
                 raise
-        return self._stream(response)
-
-    def _stream(self, response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
-        try:
-            with self.errors("reading a blob"):
-                yield from response.stream(READ_CHUNK)
-        finally:
-            response.close()
-            response.release_conn()
+        return _Body(self, response)
 
     def delete(self, sha256: str) -> None:
         self.ensure_bucket()
