@@ -58,3 +58,44 @@ def test_abort_with_a_flush_in_flight_leaves_nothing(tmp_path: Path, flushes: li
     writer.abort()
     assert flushes
     assert _blobs(store.root) == []
+
+
+def test_a_new_blob_s_directories_are_flushed_into_their_parents(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A blob's fan-out directories (sha256/ab/cd) are made on its first commit; each new one's entry is
+    flushed into its parent, then the rename into the last: after a power loss the recorded blob is there."""
+    synced: list[Path] = []
+    real = local._fsync_dir
+
+    def fsync_dir(path: Path) -> None:
+        synced.append(path)
+        real(path)
+
+    store = local.LocalBlobStore(tmp_path / "blobs")
+    monkeypatch.setattr(local, "_fsync_dir", fsync_dir)
+    data = b"adapter weights"
+    digest = hashlib.sha256(data).hexdigest()
+    writer = store.writer(digest, len(data))
+    writer.write(data)
+    writer.commit(digest)
+    fan_out = store.path(digest).parent
+    assert synced == [store.root / "sha256", fan_out.parent, fan_out]
+    assert store.path(digest).read_bytes() == data
+
+    synced.clear()  # a second blob under the same first two hex digits: only its own new directory
+    more = next(d for d in (b"%d" % i for i in range(10_000)) if _same_first_not_second(_digest(d), digest))
+    other = _digest(more)
+    writer = store.writer(other, len(more))
+    writer.write(more)
+    writer.commit(other)
+    assert synced == [fan_out.parent, store.path(other).parent]
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _same_first_not_second(a: str, b: str) -> bool:
+    """The same first fan-out directory (two hex digits), another second one."""
+    return a[:2] == b[:2] and a[2:4] != b[2:4]

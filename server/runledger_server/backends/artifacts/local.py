@@ -148,7 +148,7 @@ class LocalBlobWriter:
                 if _file_size(final) == self._received:  # identical content is stored once
                     self._tmp.unlink()
                 else:  # absent, or a blob of the wrong size (cut short by an old failure): replaced
-                    final.parent.mkdir(parents=True, exist_ok=True)
+                    _make_dirs(final.parent)
                     os.replace(self._tmp, final)
                     _fsync_dir(final.parent)
             except OSError as exc:
@@ -210,6 +210,19 @@ def _read_from(f: BinaryIO, offset: int) -> Iterator[bytes]:
         f.seek(offset)
         while chunk := f.read(READ_CHUNK):
             yield chunk
+
+
+def _make_dirs(path: Path) -> None:
+    """`mkdir -p` whose new directories are each flushed into their parent: a blob renamed into a directory
+    whose own entry never reached the disk could vanish with it after a power loss, its record kept."""
+    missing: list[Path] = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # made meanwhile by another commit: flushed here as well
+            d.mkdir()
+        _fsync_dir(d.parent)
 
 
 def _fsync_dir(path: Path) -> None:
