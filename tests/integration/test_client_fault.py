@@ -514,7 +514,17 @@ for trial in range(int(sys.argv[1])):
     run = runledger.Run(client, tracking_pb2.Run(run_id=f"r{trial}"), writer_id=None, owns_status=False)
     run.log_metrics({"loss": 0.5, "lr": 1.0}, step=0)  # the stream is open before the interrupt can come
     step = 1
-    timer = threading.Timer(random.uniform(0.002, 0.02), signal.pthread_kill, (main, signal.SIGINT))
+    interrupted = threading.Event()
+
+    def interrupt(delay):
+        threading.Event().wait(delay)
+        while not interrupted.is_set():
+            signal.pthread_kill(main, signal.SIGINT)
+            # A KeyboardInterrupt raised inside a weakref callback or a __del__ (the garbage of earlier trials)
+            # is dropped by Python ("Exception ignored"): the loop goes on, and the Ctrl-C is sent again.
+            interrupted.wait(0.5)
+
+    timer = threading.Thread(target=interrupt, args=(random.uniform(0.002, 0.02),))
     try:
         timer.start()
         while True:  # every other value a numpy scalar: the Python path too, where the C buffer's rows are added
@@ -526,7 +536,7 @@ for trial in range(int(sys.argv[1])):
                 except runledger.errors.DeadlineExceeded:
                     pass
     except KeyboardInterrupt:
-        pass
+        interrupted.set()
     timer.join()
     stream = run._stream
     if not stream._lock.acquire(timeout=1.0):
