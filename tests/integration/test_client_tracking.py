@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -855,6 +857,70 @@ def test_finishing_from_inside_a_logging_call_is_refused_not_a_deadlock(client: 
     run.finish()  # once the interrupted call has returned, everything works, and nothing was lost
     assert client.get_run(run.run_id).status == tracking_pb2.RUN_STATUS_FINISHED
     assert client.metric_history(run.run_id, "loss").values.tolist() == [1.0, 0.5]
+
+
+SIGNAL_DURING_THE_FIRST_LOG_CALL = """
+import signal, sys, threading
+import runledger
+from runledger import _process, errors
+
+client = runledger.Client(sys.argv[1])
+run = client.start_run(experiment="signal-while-opening")
+seen = []
+
+def handler(signum, frame):
+    # The first log_metrics holds the run's and the client's locks while it starts the metric sender.
+    # A call on the client's cached channel does not need the lock, and runs; a first use of the registry
+    # builds on the channel (the lock), and is refused.
+    for call in (lambda: run.finish("KILLED"), lambda: run.log_metrics({"x": 1.0}, step=5), client.close,
+                 lambda: client.registry.get_model("m"), lambda: client.get_run(run.run_id)):
+        try:
+            call()
+            seen.append("ran")
+        except errors.FailedPrecondition as exc:
+            seen.append(exc.reason)
+
+signal.signal(signal.SIGUSR1, handler)
+main = threading.get_ident()
+held = threading.Event()
+
+def hold_then_signal():
+    # The sender's start takes this lock: the main thread waits for it inside the first log call, then the
+    # signal arrives (a lock wait is interrupted to run the handler, on the main thread).
+    with _process._lock:
+        held.set()
+        threading.Event().wait(0.3)
+        signal.pthread_kill(main, signal.SIGUSR1)
+        threading.Event().wait(0.3)
+
+holder = threading.Thread(target=hold_then_signal)
+holder.start()
+held.wait()
+run.log_metrics({"loss": 0.5}, step=1)
+holder.join()
+print(",".join(seen), flush=True)
+run.finish()
+print(client.get_run(run.run_id).status, client.metric_history(run.run_id, "loss").values.tolist(), flush=True)
+client.close()
+"""
+
+
+def test_a_signal_handler_calling_the_client_during_the_first_log_call_is_refused_not_a_deadlock(
+    server: EmbeddedServer, tmp_path: Path
+) -> None:
+    """The first log_metrics opens the run's metric stream holding the run's and the client's locks, and
+    starting the sender takes a moment: a handler (SIGTERM on a preempted job) calling finish(), close() or a
+    call needing the client's lock there waited for ever for a lock its own thread held. Each is refused
+    (REENTRANT_CALL), and once the interrupted call has returned everything works, nothing lost."""
+    script = tmp_path / "trainer.py"
+    script.write_text(SIGNAL_DURING_THE_FIRST_LOG_CALL)
+    done = subprocess.run(
+        [sys.executable, str(script), server.address], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    refusals, outcome = done.stdout.splitlines()
+    assert refusals == ",".join(["REENTRANT_CALL"] * 4 + ["ran"])
+    assert outcome == f"{tracking_pb2.RUN_STATUS_FINISHED} [0.5]"
 
 
 def test_closing_the_client_reports_points_a_stopped_sender_lost_unless_already_reported(

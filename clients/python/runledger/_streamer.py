@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from runledger import _process, errors, wire
+from runledger import _process, _reentry, errors, wire
 from runledger._buffer import BatchPolicy, MetricBuffer, Outbox, PendingBatch, RowBlock
 from runledger._retry import RetryPolicy
 from runledger.v1 import tracking_service_pb2 as pb
@@ -307,13 +307,7 @@ class MetricStreamer:
     def _refuse_reentry(self, what: str) -> None:
         """This thread holds the lock further up its stack: a signal handler (SIGTERM on a preempted job, say)
         interrupted it inside a call of this run. Going on would corrupt the buffer or wait for ourselves."""
-        raise errors.FailedPrecondition(
-            f"{what} on run {self.run_id} was called while this thread is inside another call logging to it "
-            "(from a signal handler?): raise an exception in the handler instead (e.g. sys.exit()), and let the "
-            "run's with-block or a finally clause finish the run once the interrupted call has returned",
-            reason="REENTRANT_CALL",
-            metadata={"runId": self.run_id},
-        )
+        raise _reentry.refused(f"{what} on run {self.run_id}", "another call logging to it", {"runId": self.run_id})
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every point appended before this call is acknowledged (stored) by the server."""

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from runledger import _convert, _ids, _process, artifacts, errors, wire
+from runledger import _convert, _ids, _process, _reentry, artifacts, errors, wire
 from runledger._buffer import BatchPolicy
 from runledger._call_metadata import with_metadata
 from runledger._retry import NO_LIMIT, RetryPolicy, call_with_retry
@@ -115,6 +115,7 @@ class Client:
         self._closing = self._closed = False
         self._closed_event = threading.Event()  # set once close() has finished
         self._closer: int | None = None  # the thread running close()
+        self._starting: int | None = None  # the thread holding the lock while it starts a metric sender
         self._streamers: weakref.WeakSet[MetricStreamer] = weakref.WeakSet()  # what close() sends before it closes
         _process.track(self)
 
@@ -124,6 +125,7 @@ class Client:
     # ---- plumbing shared by every service module ----------------------------------------------------
     @property
     def channel(self) -> grpc.Channel:
+        self._check_not_reentered("a call of the client")
         with self._lock:
             if self._closed:
                 raise errors.FailedPrecondition("the client is closed", reason="CLIENT_CLOSED")
@@ -195,6 +197,7 @@ class Client:
         be stored in time, the channel is closed anyway, those points are lost, and the first error is raised
         (DeadlineExceeded FLUSH_TIMEOUT, or what stopped the run's sender).
         """
+        self._check_not_reentered("close")
         with self._lock:
             streamers = list(self._streamers)
         for streamer in streamers:  # from a signal handler inside log_metrics: refused before anything closes
@@ -263,6 +266,7 @@ class Client:
         self._channel = None
         self._stubs = {}
         self._lock = threading.Lock()
+        self._starting = None
         self._streamers = weakref.WeakSet()  # the parent's senders, which the child neither has nor sends for
         self._closed_event = threading.Event()
         if self._closing:  # closed, or closing, in the parent: closed here (no close of the parent's runs here)
@@ -448,14 +452,24 @@ class Client:
                     return 0
                 raise
 
+        self._check_not_reentered("logging metrics")
         with self._lock:  # registered before close() can take its list of senders to flush
-            if self._closing:
-                raise errors.FailedPrecondition("the client is closed", reason="CLIENT_CLOSED")
-            streamer = MetricStreamer(
-                run_id, writer_id, open_stream, self.streamer_config, first_seq=first_seq if resumable else None
-            )
-            self._streamers.add(streamer)
+            self._starting = threading.get_ident()  # a while (a thread starts): a signal handler may run meanwhile
+            try:
+                if self._closing:
+                    raise errors.FailedPrecondition("the client is closed", reason="CLIENT_CLOSED")
+                streamer = MetricStreamer(
+                    run_id, writer_id, open_stream, self.streamer_config, first_seq=first_seq if resumable else None
+                )
+                self._streamers.add(streamer)
+            finally:
+                self._starting = None
         return streamer
+
+    def _check_not_reentered(self, what: str) -> None:
+        """Refuse a signal handler's call that would wait for the client's lock, held by its own thread."""
+        if self._starting == threading.get_ident():
+            raise _reentry.refused(what, "a first log call starting a run's metric sender")
 
     def metric_history(
         self,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from runledger import _convert, _ids, _process, errors
+from runledger import _convert, _ids, _process, _reentry, errors
 from runledger._buffer import INT64_MAX, INT64_MIN
 from runledger._streamer import MetricStreamer
 from runledger.artifacts import Progress
@@ -52,6 +52,7 @@ class Run:
         self._fast_append: Callable[[Mapping[str, float], int, int | None], bool] | None = None  # the stream's
         self._dropped: weakref.finalize | None = None  # ends the stream when this object is collected
         self._lock = threading.Lock()
+        self._opening: int | None = None  # the thread holding the lock while it opens the metric stream
         self._closed = False  # finish() began: no new metric stream is opened
         self._finished = False  # finish() completed: calling it again does nothing
         _process.track(self)
@@ -124,21 +125,34 @@ class Run:
         stream.append_columns(*columns)
 
     def _open_stream(self) -> MetricStreamer:
+        self._check_not_reentered("logging metrics")
         with self._lock:
-            if self._stream is None:
-                if self._closed:
-                    raise errors.FailedPrecondition(
-                        f"run {self.run_id} is finished; no more metrics can be logged through this object",
-                        reason="RUN_CLOSED",
-                        metadata={"runId": self.run_id},
-                    )
-                self._stream = self._client._metric_streamer(self.run_id, self.writer_id, resumable=self._resumable)
-                self._fast_append = self._stream.fast_append
-                # A Run dropped without finish(): its sender sends what it holds, then ends, instead of polling
-                # for points nobody can log any more for the life of the process (at exit, the exit flush acts).
-                self._dropped = weakref.finalize(self, self._stream.close_when_sent)
-                self._dropped.atexit = False
-            return self._stream
+            self._opening = threading.get_ident()  # a while: a signal handler may run meanwhile (see _reentry)
+            try:
+                if self._stream is None:
+                    if self._closed:
+                        raise errors.FailedPrecondition(
+                            f"run {self.run_id} is finished; no more metrics can be logged through this object",
+                            reason="RUN_CLOSED",
+                            metadata={"runId": self.run_id},
+                        )
+                    self._stream = self._client._metric_streamer(self.run_id, self.writer_id, resumable=self._resumable)
+                    self._fast_append = self._stream.fast_append
+                    # A Run dropped without finish(): its sender sends what it holds, then ends, instead of
+                    # polling for points nobody can log any more for the life of the process (at exit, the exit
+                    # flush acts).
+                    self._dropped = weakref.finalize(self, self._stream.close_when_sent)
+                    self._dropped.atexit = False
+                return self._stream
+            finally:
+                self._opening = None
+
+    def _check_not_reentered(self, what: str) -> None:
+        """Refuse a signal handler's call that would wait for the run's lock, held by its own thread further up."""
+        if self._opening == threading.get_ident():
+            raise _reentry.refused(
+                f"{what} on run {self.run_id}", "the first log call opening its stream", {"runId": self.run_id}
+            )
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until every point logged so far is stored; raises DeadlineExceeded after `timeout` seconds
@@ -219,6 +233,7 @@ class Run:
         """
         if status is not None:
             _convert.run_status(status)  # a status the server would refuse is refused before anything closes
+        self._check_not_reentered("finish")  # from a signal handler that interrupted the first log call
         stream = self._stream
         if stream is not None:
             stream.check_not_reentered("finish")  # from a signal handler that interrupted log_metrics
@@ -286,6 +301,7 @@ class Run:
         self._stream = None
         self._fast_append = None  # it appends to the parent's stream
         self._lock = threading.Lock()
+        self._opening = None
         self.writer_id = _ids.forked_writer_id(self.writer_id)
         self._resumable = False  # a new writer: nothing to continue from
         self.owns_status = False
