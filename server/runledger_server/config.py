@@ -86,14 +86,13 @@ def _region_setting(env: Mapping[str, str]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help=f"listen address (env RUNLEDGER_HOST, default {DEFAULT_HOST})")
-    parser.add_argument(
-        "--port", type=int, help=f"port, 0 picks a free one (env RUNLEDGER_PORT, default {DEFAULT_PORT})"
-    )
+    # Checked in from_args, not by argparse, so that a bad value is refused naming the flag and the variable.
+    parser.add_argument("--port", help=f"port, 0 picks a free one (env RUNLEDGER_PORT, default {DEFAULT_PORT})")
     parser.add_argument("--data-dir", help=f"data directory (env RUNLEDGER_DATA_DIR, default {DEFAULT_DATA_DIR})")
     parser.add_argument("--db", help="SQLAlchemy URL, e.g. postgresql+psycopg://... (env RUNLEDGER_DB)")
     parser.add_argument("--artifacts", help="directory or s3://bucket/prefix (env RUNLEDGER_ARTIFACTS)")
     parser.add_argument("--s3-endpoint", help="host:port of the S3/MinIO server (env RUNLEDGER_S3_ENDPOINT)")
-    parser.add_argument("--s3-secure", choices=["true", "false"], help="use TLS for S3 (env RUNLEDGER_S3_SECURE)")
+    parser.add_argument("--s3-secure", help="true or false: use TLS for S3 (env RUNLEDGER_S3_SECURE)")
     parser.add_argument(
         "--metric-cache-mib",
         help="memory for recently written or read metric history, 0 for none "

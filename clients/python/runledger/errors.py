@@ -128,7 +128,9 @@ class Unavailable(RunledgerError):
 
 
 class ResourceExhausted(RunledgerError):
-    """The server's storage has no room (reasons DATABASE_FULL, ARTIFACT_STORE_FULL), or a gRPC limit was hit."""
+    """Too much: the server's storage has no room (reasons DATABASE_FULL, ARTIFACT_STORE_FULL), a run's params and
+    tags exceed their limit (RUN_METADATA_TOO_LARGE), a history read spans more points than the server reads at
+    once (HISTORY_TOO_LARGE; `metric_history` then reads it in parts), or a gRPC limit was hit."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 

@@ -336,10 +336,11 @@ class SearchRunsRequest(_message.Message):
     op is one of `= != < <= > >=`, `IN (...)` or `NOT IN (...)` (at most 1000
     values), `LIKE` or `ILIKE`. Values are numbers for metrics and times,
     and quoted text ('...' or "...") for everything else, even when the
-    text looks like a number: params.lr = '2e-5'. `status` holds RUNNING,
-    FINISHED, FAILED or KILLED (`=` and `IN` also take any case and the
-    `RUN_STATUS_` prefix; patterns match those names). Keys with special
-    characters go in backticks: metrics.`train/loss` < 0.5. `LIKE` is
+    text looks like a number: params.lr = '2e-05' (a param matches the text
+    it was stored as; the Python client stores 2e-5 as '2e-05'). `status`
+    holds RUNNING, FINISHED, FAILED or KILLED (`=` and `IN` also take any
+    case and the `RUN_STATUS_` prefix; patterns match those names). Keys
+    with special characters go in backticks: metrics.`train/loss` < 0.5. `LIKE` is
     case-sensitive and `ILIKE` ignores the case of ASCII letters, on every
     database: in their patterns `%` matches any characters, `_` one
     character, and a backslash makes the next one literal (`\\%`, `\\_`,
