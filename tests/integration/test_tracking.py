@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import itertools
+import json
 import math
 import struct
 import time
@@ -87,6 +89,19 @@ def test_experiment_refusals(tracking) -> None:
     r = refusal(lambda: tracking.ListExperiments(pb.ListExperimentsRequest(page_token="garbage!")))
     assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "page_token"
     assert len(tracking.ListExperiments(pb.ListExperimentsRequest()).experiments) == 0
+
+
+def test_a_page_token_edited_to_hold_text_no_database_stores_is_malformed(tracking) -> None:
+    """A hand-edited token whose cursor holds a lone surrogate (JSON "\\ud800") reached the driver: INTERNAL."""
+    for i in range(3):
+        _experiment(tracking, f"paged-{i}")
+    token = tracking.ListExperiments(pb.ListExperimentsRequest(page_size=1)).next_page_token
+    data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    assert [type(v) for v in data["c"]] == [int, str]
+    data["c"][1] = data["c"][1] + "\ud800"
+    edited = base64.urlsafe_b64encode(json.dumps(data).encode()).decode()
+    r = refusal(lambda: tracking.ListExperiments(pb.ListExperimentsRequest(page_size=1, page_token=edited)))
+    assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "page_token"
 
 
 # ---- runs --------------------------------------------------------------------------------------

@@ -125,6 +125,7 @@ def test_a_token_nested_beyond_the_json_parsers_depth_is_malformed() -> None:
         [1 << 63, "r"],  # beyond int64: the driver's OverflowError
         [-(1 << 63) - 1, "r"],
         [7, "r\x00"],  # NUL: PostgreSQL refuses it in text
+        [7, "r\ud800"],  # a lone surrogate (JSON's "\\ud800"): no UTF-8 text holds it, the drivers refuse it
     ],
 )
 def test_a_page_cursor_of_another_shape_is_a_malformed_token(cursor: list[object]) -> None:

@@ -57,12 +57,23 @@ def fields(cursor: list[Any], *kinds: type | tuple[type, ...]) -> list[Any]:
 
 def _fits(value: Any, kind: type | tuple[type, ...]) -> bool:
     """Of the kind, and storable: JSON's true/false are not integers here, integers stay within int64 and
-    text has no NUL (which the databases refuse with errors of their own)."""
+    text has no NUL and no lone surrogate (JSON's "\\ud800", which no UTF-8 text holds): the databases refuse
+    both with errors of their own."""
     if isinstance(value, bool) or not isinstance(value, kind):
         return False
     if isinstance(value, int):
         return _INT64_MIN <= value <= _INT64_MAX
-    return not (isinstance(value, str) and "\x00" in value)
+    if isinstance(value, str):
+        return "\x00" not in value and _utf8(value)
+    return True
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
