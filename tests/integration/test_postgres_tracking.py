@@ -10,6 +10,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -414,3 +415,34 @@ def test_a_page_cursor_of_the_wrong_type_for_its_order_is_a_malformed_token(
     token = paging.encode([value, 0, "r"], {"experiments": [], "filter": [], "order": order})
     r = refusal(lambda: pg_tracking.SearchRuns(pb.SearchRunsRequest(order_by=order_by, page_token=token)))
     assert (r.code, r.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "page_token"), r.message
+
+
+def test_a_lock_timeout_on_any_read_path_is_unavailable_not_internal(pg_settings: Settings) -> None:
+    """With a lock timeout set for the server's sessions (`options=-c lock_timeout=...` in its URL), a table held
+    by another session makes each call wait, then give up: UNAVAILABLE, as on every path. SearchRuns and the
+    run that CreateRun and UpdateRun return are read with the driver's own cursors inside an ORM session, whose
+    errors SQLAlchemy never sees: they came back INTERNAL."""
+    url = make_url(pg_settings.db_url).update_query_dict({"options": "-c lock_timeout=300"})
+    settings = replace(pg_settings, db_url=url.render_as_string(hide_password=False))
+    with EmbeddedServer(settings) as srv, grpc.insecure_channel(srv.address) as ch:
+        stub = tracking_service_pb2_grpc.TrackingServiceStub(ch)
+        exp = stub.CreateExperiment(pb.CreateExperimentRequest(display_name="locked"))
+        run = stub.CreateRun(pb.CreateRunRequest(experiment=exp.name, params={"lr": "1"}))
+        holder = create_engine(pg_settings.db_url)
+        calls: list[tuple[str, Callable[[], object]]] = [
+            ("run_params", lambda: stub.SearchRuns(pb.SearchRunsRequest(experiments=[exp.name]), timeout=30)),
+            (
+                "run_params",
+                lambda: stub.UpdateRun(pb.UpdateRunRequest(run_id=run.run_id, display_name="n"), timeout=30),
+            ),
+            ("latest_metrics", lambda: stub.CreateRun(pb.CreateRunRequest(experiment=exp.name), timeout=30)),
+        ]
+        try:
+            for table, call in calls:
+                with holder.connect() as conn, conn.begin():
+                    conn.exec_driver_sql(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+                    r = refusal(call)
+                assert r.code == grpc.StatusCode.UNAVAILABLE and r.reason == "DATABASE_UNAVAILABLE", (table, r)
+                assert outcome(call) == "OK"  # the lock released, the call goes through: its connection is fine
+        finally:
+            holder.dispose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -21,7 +22,7 @@ from sqlalchemy.sql.functions import FunctionElement
 from runledger_server.backends.sql import chunk_format
 from runledger_server.backends.sql.base import now_us
 from runledger_server.backends.sql.chunk_cache import DEFAULT_MAX_BYTES, ChunkCache, ChunkKey
-from runledger_server.backends.sql.database import Database, Statements
+from runledger_server.backends.sql.database import Database, Statements, database_error
 from runledger_server.backends.sql.tracking_tables import (
     LINEAGE_COLUMNS,
     EvalScoreRow,
@@ -587,14 +588,21 @@ class SqlTrackingStore:
         """Plain SQL (`?` placeholders) on the session's connection, inside its transaction."""
         driver = s.connection().connection  # the driver's own cursors: SQLAlchemy's results cost per row
         adapt = self.db.driver_sql
+        dbapi: Any = self.db.engine.dialect.loaded_dbapi
 
         def fetch(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
             cursor = driver.cursor()
             try:
                 cursor.execute(adapt(sql), tuple(params))
                 return [tuple(r) for r in cursor.fetchall()]
+            except dbapi.OperationalError as exc:
+                # The driver's own error, which SQLAlchemy never sees: translated as the ORM path would be (a
+                # lock or statement timeout, a cancel, a lost connection: UNAVAILABLE). The session's rollback
+                # then deals with the connection.
+                raise database_error(exc) from exc
             finally:
-                cursor.close()
+                with contextlib.suppress(dbapi.Error):  # a lost connection's cursor refuses to close too
+                    cursor.close()
 
         return fetch
 
