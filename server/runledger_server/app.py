@@ -103,14 +103,11 @@ class Server:
 
 
 async def build_server(settings: Settings) -> tuple[Server, int]:
-    """Create (but do not start) the server; the port is the bound one (0 picks a free port)."""
-    db = Database(settings.database_url)
-    migrate.upgrade(db)
-    executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="runledger-worker")
-    tracking_store = SqlTrackingStore(db, settings.metric_cache_mib << 20)
-    ingest = MetricIngest(tracking_store)
-    tracking = TrackingService(tracking_store, ingest, settings.history_max_points)
+    """Create (but do not start) the server; the port is the bound one (0 picks a free port).
 
+    A failure at any step (the port taken, the database refused) closes what the steps before it opened (the
+    database, the commit thread, the worker pools): a server that cannot start leaves nothing running.
+    """
     grpc_server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -119,34 +116,52 @@ async def build_server(settings: Settings) -> tuple[Server, int]:
             *KEEPALIVE_OPTIONS,
         ]
     )
-    budget = PointBudget(max(1, (settings.ingest_buffer_mib << 20) // POINT_BYTES))
-    tracking_grpc = TrackingServicer(tracking, executor, budget)
-    tracking_servicer.add_to_server(tracking_grpc, grpc_server)
-    # Transfers get their own pool: a long upload waiting on the artifact store must not starve tracking calls.
-    artifact_executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="runledger-artifacts")
-    artifacts = ArtifactService(SqlArtifactIndex(db), artifact_backends.from_settings(settings))
-    registry = RegistryService(SqlRegistryStore(db), tracking_store, artifacts)
-    alias_watch = AliasWatchHub(registry.alias_revisions, executor)
-    registry.on_alias_change(alias_watch.notify)
-    artifact_servicer = ArtifactServicer(artifacts, artifact_executor)
-    registration.register(
-        artifact_service_pb2_grpc.add_ArtifactServiceServicer_to_server, artifact_servicer, grpc_server
-    )
-    registration.register(
-        registry_service_pb2_grpc.add_RegistryServiceServicer_to_server,
-        RegistryServicer(registry, alias_watch, executor),
-        grpc_server,
-    )
-    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
-    reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, health.SERVICE_NAME), grpc_server)
+    closers: list[Callable[[], object]] = []
+    try:
+        db = Database(settings.database_url)
+        closers.append(db.dispose)
+        migrate.upgrade(db)
+        executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="runledger-worker")
+        closers.append(lambda: executor.shutdown(wait=True))
+        tracking_store = SqlTrackingStore(db, settings.metric_cache_mib << 20)
+        ingest = MetricIngest(tracking_store)
+        closers.append(ingest.close)
+        tracking = TrackingService(tracking_store, ingest, settings.history_max_points)
 
-    port = grpc_server.add_insecure_port(f"{settings.host}:{settings.port}")
-    if port == 0:
-        raise OSError(f"cannot listen on {settings.host}:{settings.port}")
+        budget = PointBudget(max(1, (settings.ingest_buffer_mib << 20) // POINT_BYTES))
+        tracking_grpc = TrackingServicer(tracking, executor, budget)
+        tracking_servicer.add_to_server(tracking_grpc, grpc_server)
+        # Transfers get their own pool: a long upload waiting on the artifact store must not starve tracking calls.
+        artifact_executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="runledger-artifacts")
+        closers.append(lambda: artifact_executor.shutdown(wait=True))
+        artifacts = ArtifactService(SqlArtifactIndex(db), artifact_backends.from_settings(settings))
+        registry = RegistryService(SqlRegistryStore(db), tracking_store, artifacts)
+        alias_watch = AliasWatchHub(registry.alias_revisions, executor)
+        closers.append(alias_watch.close)
+        registry.on_alias_change(alias_watch.notify)
+        artifact_servicer = ArtifactServicer(artifacts, artifact_executor)
+        registration.register(
+            artifact_service_pb2_grpc.add_ArtifactServiceServicer_to_server, artifact_servicer, grpc_server
+        )
+        registration.register(
+            registry_service_pb2_grpc.add_RegistryServiceServicer_to_server,
+            RegistryServicer(registry, alias_watch, executor),
+            grpc_server,
+        )
+        health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+        reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, health.SERVICE_NAME), grpc_server)
+        # Last: a server that is never started keeps its bound port until it is garbage-collected.
+        port = _bind(grpc_server, settings.host, settings.port)
+    except BaseException:
+        for close in reversed(closers):
+            try:
+                close()
+            except Exception:  # the original failure is the one to report
+                _LOGGER.exception("closing after a failed start")
+        raise
     server = Server(grpc_server, port, settings, _health=health_servicer, ingest_budget=budget)
-    server._closers += [db.dispose, lambda: executor.shutdown(wait=True), ingest.close, alias_watch.close]
-    server._closers.append(lambda: artifact_executor.shutdown(wait=True))
+    server._closers += closers  # closed in reverse: the database last, after the pools and threads that use it
     server._drainers.append(artifact_servicer.drain)
     server._stream_enders.append(alias_watch.shut_down)
     server._stream_enders.append(tracking_grpc.shut_down)
@@ -159,3 +174,14 @@ async def build_server(settings: Settings) -> tuple[Server, int]:
         settings.metric_cache_mib,
     )
     return server, port
+
+
+def _bind(grpc_server: grpc.aio.Server, host: str, port: int) -> int:
+    """The bound port; OSError naming the address when it cannot be had (grpc raises RuntimeError for it)."""
+    try:
+        bound = grpc_server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {host}:{port}: {exc}") from None
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    return int(bound)

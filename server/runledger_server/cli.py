@@ -58,7 +58,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = config.from_args(args)
         except config.ConfigError as exc:
             parser.error(str(exc))  # exits with status 2
-        asyncio.run(serve(settings))
+        try:
+            asyncio.run(serve(settings))
+        except OSError as exc:  # the port taken, the data directory not writable: said plainly, no traceback
+            print(f"runledger serve: {exc}", file=sys.stderr)
+            return 1
         return 0
     from runledger_server.demo import run_demo
 
