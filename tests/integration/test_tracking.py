@@ -889,3 +889,63 @@ def test_stopping_the_server_ends_open_metric_streams_at_once_with_shutting_down
     with EmbeddedServer(settings) as again, grpc.insecure_channel(again.address) as ch:
         steps, _, _ = _history(tracking_service_pb2_grpc.TrackingServiceStub(ch), run.run_id, "x")
         assert steps == [0]
+
+
+def test_a_stop_acknowledges_every_batch_it_stored_even_with_the_stream_s_acks_queue_full(settings) -> None:
+    """A stream holds at most MAX_IN_FLIGHT_PER_STREAM batches awaiting their commit. With commits held back (a
+    write lock held outside), the reader submitted the next batch and then waited for room in the ack queue;
+    a stop cancelled it there, so that batch was stored and never acknowledged. Every stored batch is now
+    acknowledged before SHUTTING_DOWN."""
+    import queue
+    import sqlite3
+    import threading
+
+    from runledger_server.transport.tracking_servicer import MAX_IN_FLIGHT_PER_STREAM
+
+    srv = EmbeddedServer(settings).start()
+    acks: list[int] = []
+    ended: list[grpc.RpcError] = []
+    try:
+        with grpc.insecure_channel(srv.address) as ch:
+            tracking = tracking_service_pb2_grpc.TrackingServiceStub(ch)
+            run = _run(tracking, _experiment(tracking))
+            holder = sqlite3.connect(settings.data_dir / "runledger.db", timeout=60, isolation_level=None)
+            holder.execute("BEGIN IMMEDIATE")  # every group commit waits for this lock now
+            outbox: queue.Queue[pb.StreamMetricsRequest | None] = queue.Queue()
+
+            def requests():
+                while (req := outbox.get()) is not None:
+                    yield req
+
+            call = tracking.StreamMetrics(requests())
+
+            def consume() -> None:
+                try:
+                    acks.extend(a.seq for a in call)
+                except grpc.RpcError as exc:
+                    ended.append(exc)
+
+            consumer = threading.Thread(target=consume)
+            consumer.start()
+            for seq in range(MAX_IN_FLIGHT_PER_STREAM + 6):
+                outbox.put(
+                    pb.StreamMetricsRequest(
+                        run_id=run.run_id, writer_id="w", seq=seq, series=[_series("x", [seq], [1.0])]
+                    )
+                )
+            time.sleep(1.0)  # the server takes what the stream's room lets it
+            stopper = threading.Thread(target=srv.stop, kwargs={"grace": 30})
+            stopper.start()
+            time.sleep(0.5)
+            holder.rollback()  # the commits go through now
+            holder.close()
+            consumer.join(timeout=60)
+            stopper.join(timeout=60)
+            outbox.put(None)
+    finally:
+        if srv._server is not None:
+            srv.stop()
+    assert len(ended) == 1 and ended[0].code() == grpc.StatusCode.UNAVAILABLE
+    with EmbeddedServer(settings) as again, grpc.insecure_channel(again.address) as ch:
+        steps, _, _ = _history(tracking_service_pb2_grpc.TrackingServiceStub(ch), run.run_id, "x")
+    assert len(steps) >= MAX_IN_FLIGHT_PER_STREAM and sorted(steps) == sorted(acks) == list(range(len(steps)))

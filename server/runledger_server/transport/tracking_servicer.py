@@ -211,7 +211,11 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
         self, request_iterator: AsyncIterator[wire.MetricsBatch | InvalidArgument], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamMetricsResponse]:
         """Acks go out in arrival order, each only after its batch's group commit."""
-        pending: asyncio.Queue[tuple[str, int, asyncio.Future[bool]] | None] = asyncio.Queue(MAX_IN_FLIGHT_PER_STREAM)
+        # Unbounded, because its bound is `room`, taken before a batch is submitted: a batch once submitted is
+        # queued for its ack at once. (A reader cancelled by a stop while it waited to queue a submitted batch
+        # left that batch stored and never acknowledged.)
+        pending: asyncio.Queue[tuple[str, int, asyncio.Future[bool]] | None] = asyncio.Queue()
+        room = asyncio.Semaphore(MAX_IN_FLIGHT_PER_STREAM)
         failure: list[BaseException] = []
 
         async def reader() -> None:
@@ -222,16 +226,16 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
                     batch = validate_batch(
                         req.run_id, req.writer_id, req.seq, tuple(convert.series_from_wire(s) for s in req.series)
                     )
-                    fut = await self._submit(batch)
-                    await pending.put((req.writer_id, req.seq, fut))
+                    await room.acquire()
+                    try:
+                        fut = await self._submit(batch)
+                    except BaseException:
+                        room.release()
+                        raise
+                    pending.put_nowait((req.writer_id, req.seq, fut))
             except BaseException as exc:  # surfaced to the client through the ack loop
                 failure.append(exc)
-            if failure and isinstance(failure[0], asyncio.CancelledError):
-                # Cancelled with the handler (the call ended): nobody may take from a full queue any more.
-                with contextlib.suppress(asyncio.QueueFull):
-                    pending.put_nowait(None)
-            else:
-                await pending.put(None)
+            pending.put_nowait(None)
 
         if self._stopping:
             await abort(context, status_for(_shutting_down(), "StreamMetrics"))
@@ -240,15 +244,12 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
 
         def ended(t: asyncio.Task[None]) -> None:  # cancelled before its first step, it queued no end mark
             if t.cancelled():
-                with contextlib.suppress(asyncio.QueueFull):  # a full queue: the loop's done() check ends it
-                    pending.put_nowait(None)
+                pending.put_nowait(None)
 
         task.add_done_callback(ended)
         self._readers.add(task)
         try:
             while True:
-                if self._stopping and task.done() and pending.empty():
-                    break  # stopped with a full queue, so without the end mark: everything taken is acknowledged
                 item = await pending.get()
                 if item is None:
                     break
@@ -258,6 +259,7 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
                 except Exception as exc:
                     await abort(context, status_for(exc, "StreamMetrics"))
                     return
+                room.release()
                 yield pb.StreamMetricsResponse(writer_id=writer_id, seq=seq, duplicate=duplicate)
             if self._stopping:
                 await abort(context, status_for(_shutting_down(), "StreamMetrics"))
