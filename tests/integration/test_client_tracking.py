@@ -614,6 +614,50 @@ def test_batches_of_calls_that_went_away_count_against_the_ingest_budget_until_c
         assert history.steps.tolist() == list(range(9 * per_batch))
 
 
+def test_a_batch_is_charged_for_the_whole_message_its_points_keep_alive(tmp_path: Path) -> None:
+    """A batch's arrays are views of its message, which stays in memory until the commit: a message of one
+    point padded with 2 MiB of unknown fields (skipped, as every parser does) was charged 24 bytes, so a flood
+    of them held hundreds of MiB within a 1 MiB budget. It is charged for its whole size."""
+    import sqlite3
+
+    from runledger import wire
+    from runledger.v1 import tracking_service_pb2 as pb, tracking_service_pb2_grpc
+
+    settings = Settings(host="127.0.0.1", port=0, data_dir=tmp_path / "data", ingest_buffer_mib=1)
+    with EmbeddedServer(settings) as srv, grpc.insecure_channel(srv.address) as channel:
+        budget = srv._server.ingest_budget if srv._server is not None else None
+        assert budget is not None
+        stub = tracking_service_pb2_grpc.TrackingServiceStub(channel)
+        exp = stub.CreateExperiment(pb.CreateExperimentRequest(display_name="padded"))
+        run_id = stub.CreateRun(pb.CreateRunRequest(experiment=exp.name)).run_id
+        log = channel.unary_unary(
+            "/runledger.v1.TrackingService/LogMetrics",
+            request_serializer=lambda raw: raw,
+            response_deserializer=pb.LogMetricsResponse.FromString,
+        )
+
+        def padded(seq: int) -> bytes:
+            series = wire.series("loss", np.array([seq]), np.array([0.5]), np.array([7]))
+            request = pb.LogMetricsRequest(run_id=run_id, writer_id="w", seq=seq, series=[series])
+            return request.SerializeToString() + wire.length_delimited(99, bytes(2 << 20))
+
+        log(padded(0), timeout=30)  # a first commit, so the next ones wait only for the lock below
+        holder = sqlite3.connect(settings.data_dir / "runledger.db", timeout=60)
+        holder.execute("BEGIN IMMEDIATE")  # every commit now waits for this lock
+        calls = []
+        try:
+            calls = [log.future(padded(seq), timeout=60) for seq in (1, 2, 3)]
+            wait_until(lambda: len(budget._waiters) == 2)  # the first took the whole budget; the others wait
+            assert budget.used == budget.limit
+        finally:
+            holder.rollback()
+            holder.close()
+        assert [c.result().seq for c in calls] == [1, 2, 3]
+        wait_until(lambda: budget.used == 0)
+        history = runledger.Client(srv.address).metric_history(run_id, "loss")
+        assert history.steps.tolist() == [0, 1, 2, 3]
+
+
 def test_a_named_writer_learns_where_it_resumes_once_the_server_is_back(tmp_path: Path) -> None:
     """Asking where a named writer resumes waits for the server like any send: points logged meanwhile are kept,
     and stored once it answers."""

@@ -144,6 +144,7 @@ class MetricsBatch(NamedTuple):
     writer_id: str
     seq: int
     series: list[SeriesArrays]
+    nbytes: int = 0  # the whole message, which the series' views keep alive
 
 
 def decode_metrics_batch(data: bytes | memoryview) -> MetricsBatch:
@@ -167,7 +168,7 @@ def decode_metrics_batch(data: bytes | memoryview) -> MetricsBatch:
                 series.append(decode_series(view[pos : pos + size], equal_lengths=False))
         elif kind == 0 and field == 3:
             seq = size - (1 << 64) if size >= 1 << 63 else size  # int64 is two's complement on the wire
-    return MetricsBatch(run_id, writer_id, seq, series)
+    return MetricsBatch(run_id, writer_id, seq, series, view.nbytes)
 
 
 def _fields(view: memoryview, what: str) -> Iterator[tuple[int, int, int, int]]:

@@ -1,5 +1,8 @@
 """How many metric points a server holds between receiving them and committing them, across all streams.
 
+A batch is charged for its points (24 bytes each), or for its whole message when that is larger: its arrays
+are views that keep the message alive until the commit.
+
 Each stream already limits its batches in flight, but not their size, and the number of streams is open:
 without a server-wide bound, many trainers (or one sending huge batches) could fill memory while a slow
 commit is under way. A reader that would go beyond the budget waits before taking its batch, so it stops

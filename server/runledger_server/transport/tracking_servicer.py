@@ -20,7 +20,7 @@ from runledger_server.domain.metrics import Batch, Series, validate_batch
 from runledger_server.services.tracking import INGEST_BARRIER_TIMEOUT_S, TrackingService
 from runledger_server.transport import convert, registration
 from runledger_server.transport.errors import abort, handle_errors, status_for
-from runledger_server.transport.ingest_budget import PointBudget
+from runledger_server.transport.ingest_budget import POINT_BYTES, PointBudget
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -101,9 +101,11 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
         for reader in self._readers:
             reader.cancel()
 
-    async def _submit(self, batch: Batch) -> asyncio.Future[bool]:
-        """Queue a batch for the group commit once the server-wide ingest budget has room for its points."""
-        taken = await self._budget.acquire(batch.points)
+    async def _submit(self, batch: Batch, nbytes: int) -> asyncio.Future[bool]:
+        """Queue a batch for the group commit once the server-wide ingest budget has room for it: for its points,
+        or for the whole message when that is larger (its arrays are views that keep all of it alive, unknown
+        fields and padding included)."""
+        taken = await self._budget.acquire(max(batch.points, -(-nbytes // POINT_BYTES)))
         loop = asyncio.get_running_loop()
 
         def release() -> None:  # on the committer thread once the batch is no longer held, or here if refused
@@ -228,7 +230,7 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
                     )
                     await room.acquire()
                     try:
-                        fut = await self._submit(batch)
+                        fut = await self._submit(batch, req.nbytes)
                     except BaseException:
                         room.release()
                         raise
@@ -278,7 +280,7 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
         batch = validate_batch(
             request.run_id, request.writer_id, request.seq, tuple(convert.series_from_wire(s) for s in request.series)
         )
-        duplicate = await (await self._submit(batch))
+        duplicate = await (await self._submit(batch, request.nbytes))
         return pb.LogMetricsResponse(writer_id=request.writer_id, seq=request.seq, duplicate=duplicate)
 
     @handle_errors
