@@ -131,6 +131,8 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
         return env.get(name) or default  # an empty variable counts as unset (RUNLEDGER_HOST= is no address)
 
     secure_flag = getattr(args, "s3_secure", None)
+    if secure_flag is not None and not secure_flag.strip():  # not unset (that is the variable's empty value)
+        raise ConfigError("--s3-secure (env RUNLEDGER_S3_SECURE) must be true or false, got ''")
     settings = Settings(
         host=pick(getattr(args, "host", None), "RUNLEDGER_HOST", DEFAULT_HOST),
         port=_int_setting(

@@ -131,6 +131,7 @@ def test_bad_settings_are_refused_naming_the_flag_and_variable(tmp_path: Path) -
         ([], {"RUNLEDGER_PORT": "http"}, "--port (env RUNLEDGER_PORT)"),
         (["--port", "http"], {}, "--port (env RUNLEDGER_PORT)"),  # argparse's own refusal named no variable
         (["--s3-secure", "maybe"], {}, "--s3-secure (env RUNLEDGER_S3_SECURE)"),
+        (["--s3-secure", ""], {"RUNLEDGER_S3_SECURE": "true"}, "--s3-secure (env RUNLEDGER_S3_SECURE)"),
         ([], {"RUNLEDGER_S3_SECURE": "enable"}, "--s3-secure (env RUNLEDGER_S3_SECURE)"),  # was read as false
         ([], {"AWS_REGION": "eu west 1"}, "env AWS_REGION"),  # the SDK would refuse it only at startup
         ([], {"AWS_REGION": "", "AWS_DEFAULT_REGION": "-x"}, "env AWS_DEFAULT_REGION"),
