@@ -86,17 +86,20 @@ class Server:
                 await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float | None = None) -> None:
-        if self._health is not None:
-            await self._health.enter_graceful_shutdown()
-        stopping = asyncio.ensure_future(self.grpc_server.stop(self.settings.grace_seconds if grace is None else grace))
-        await asyncio.sleep(0)  # new calls are refused from here on
-        for end in self._stream_enders:  # streams that would otherwise last the whole grace period
-            end()
-        await stopping
-        for drain in self._drainers:
-            await drain()
-        for close in reversed(self._closers):
-            close()
+        try:
+            if self._health is not None:
+                await self._health.enter_graceful_shutdown()
+            grace = self.settings.grace_seconds if grace is None else grace
+            stopping = asyncio.ensure_future(self.grpc_server.stop(grace))
+            await asyncio.sleep(0)  # new calls are refused from here on
+            for end in self._stream_enders:  # streams that would otherwise last the whole grace period
+                end()
+            await stopping
+            for drain in self._drainers:
+                await drain()
+        finally:  # whatever failed above, the database, the commit thread and the pools are closed
+            for close in reversed(self._closers):
+                close()
 
     async def wait_for_termination(self) -> None:
         await self.grpc_server.wait_for_termination()

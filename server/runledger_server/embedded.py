@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from concurrent.futures import Future
 
 from runledger_server.app import Server, build_server
 from runledger_server.config import Settings
+
+START_TIMEOUT_S = 60.0
+GIVE_UP_WAIT_S = 120.0  # how long a start given up on is waited for, to stop what it built
 
 
 class EmbeddedServer:
@@ -30,15 +34,23 @@ class EmbeddedServer:
         self._thread.start()
         fut: Future[tuple[Server, int]] = asyncio.run_coroutine_threadsafe(self._start(), self._loop)
         try:
-            self._server, self.port = fut.result(timeout=60)
-        except BaseException:
+            self._server, self.port = fut.result(timeout=START_TIMEOUT_S)
+        except BaseException:  # failed, timed out, or interrupted (Ctrl-C)
+            # A start still under way is let finish and then stopped: cancelled inside gRPC's own start, a
+            # server can no longer be stopped, and what it opened would stay.
+            with contextlib.suppress(BaseException):
+                self._server, self.port = fut.result(timeout=GIVE_UP_WAIT_S)
             self.stop()
             raise
         return self
 
     async def _start(self) -> tuple[Server, int]:
         server, port = await build_server(self.settings)
-        await server.start()
+        try:
+            await server.start()
+        except Exception:
+            await server.stop(0)  # closes what the build opened
+            raise
         return server, port
 
     def stop(self, grace: float | None = 1.0) -> None:

@@ -73,3 +73,28 @@ def test_a_start_refused_by_its_database_closes_what_it_opened(tmp_path: Path) -
     assert _server_threads() == before
     with EmbeddedServer(Settings(host="127.0.0.1", port=port, data_dir=tmp_path / "other")) as srv:
         assert srv.port == port
+
+
+def test_a_start_given_up_on_stops_what_it_built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A start that takes longer than start() waits (slow migrations on a big database) went on building after
+    start() had raised: its commit thread and its bound port stayed, with its loop closed under it."""
+    from runledger_server import app, embedded
+
+    real_upgrade = app.migrate.upgrade
+
+    def slow_upgrade(db: object) -> None:
+        threading.Event().wait(1.5)
+        real_upgrade(db)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(embedded, "START_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(app.migrate, "upgrade", slow_upgrade)
+    before = _server_threads()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(TimeoutError):
+        EmbeddedServer(Settings(host="127.0.0.1", port=port, data_dir=tmp_path / "data")).start()
+    assert _server_threads() == before
+    monkeypatch.setattr(app.migrate, "upgrade", real_upgrade)
+    with EmbeddedServer(Settings(host="127.0.0.1", port=port, data_dir=tmp_path / "again")) as srv:
+        assert srv.port == port  # the port was given back
