@@ -658,6 +658,55 @@ def test_a_batch_is_charged_for_the_whole_message_its_points_keep_alive(tmp_path
         assert history.steps.tolist() == [0, 1, 2, 3]
 
 
+def test_unary_calls_beyond_what_may_wait_for_the_ingest_budget_are_refused_as_busy(tmp_path: Path) -> None:
+    """Each LogMetrics call waiting for room holds its request, and nothing bounded how many waited (a reviewer
+    held 363 MiB with 24 of them within a 1 MiB budget). Beyond UNARY_WAITING_BUDGETS budgets' worth, a call
+    is refused UNAVAILABLE INGEST_BUSY at once; sent again later, it is stored, and nothing is stored twice."""
+    import sqlite3
+
+    from runledger import wire
+    from runledger.v1 import tracking_service_pb2 as pb, tracking_service_pb2_grpc
+    from runledger_server.transport.tracking_servicer import UNARY_WAITING_BUDGETS
+    from tests.support import refusal_of
+
+    settings = Settings(host="127.0.0.1", port=0, data_dir=tmp_path / "data", ingest_buffer_mib=1)
+    with EmbeddedServer(settings) as srv, grpc.insecure_channel(srv.address) as channel:
+        budget = srv._server.ingest_budget if srv._server is not None else None
+        assert budget is not None
+        stub = tracking_service_pb2_grpc.TrackingServiceStub(channel)
+        exp = stub.CreateExperiment(pb.CreateExperimentRequest(display_name="busy"))
+        run_id = stub.CreateRun(pb.CreateRunRequest(experiment=exp.name)).run_id
+        per_batch, calls = 10_000, 30
+
+        def request(seq: int) -> pb.LogMetricsRequest:
+            steps = np.arange(seq * per_batch, (seq + 1) * per_batch, dtype=np.int64)
+            series = wire.series("loss", steps, steps * 0.25, np.full(per_batch, 7, dtype=np.int64))
+            return pb.LogMetricsRequest(run_id=run_id, writer_id="w", seq=seq, series=[series])
+
+        stub.LogMetrics(request(0))  # a first commit, so the next ones wait only for the lock below
+        holder = sqlite3.connect(settings.data_dir / "runledger.db", timeout=60)
+        holder.execute("BEGIN IMMEDIATE")  # every commit now waits for this lock
+        try:
+            futures = {seq: stub.LogMetrics.future(request(seq), timeout=60) for seq in range(1, calls + 1)}
+            wait_until(lambda: sum(f.done() for f in futures.values()) + len(budget._waiters) >= calls - 4)
+            assert budget.waiting <= UNARY_WAITING_BUDGETS * budget.limit + per_batch + 100
+        finally:
+            holder.rollback()
+            holder.close()
+        refused = []
+        for seq, fut in futures.items():
+            if fut.exception() is None:
+                assert fut.result().seq == seq and not fut.result().duplicate
+            else:
+                r = refusal_of(fut.exception())  # type: ignore[arg-type]
+                assert (r.code, r.reason) == (grpc.StatusCode.UNAVAILABLE, "INGEST_BUSY"), r
+                refused.append(seq)
+        assert 0 < len(refused) < calls - 4
+        assert [stub.LogMetrics(request(seq)).duplicate for seq in refused] == [False] * len(refused)
+        history = runledger.Client(srv.address).metric_history(run_id, "loss")
+        assert history.steps.tolist() == list(range((calls + 1) * per_batch))
+
+
 def test_a_named_writer_learns_where_it_resumes_once_the_server_is_back(tmp_path: Path) -> None:
     """Asking where a named writer resumes waits for the server like any send: points logged meanwhile are kept,
     and stored once it answers."""

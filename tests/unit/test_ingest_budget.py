@@ -78,3 +78,25 @@ def test_a_waiter_cancelled_just_as_it_is_granted_hands_its_points_on() -> None:
         assert budget.used == 0
 
     asyncio.run(scenario())
+
+
+def test_waiting_counts_what_the_queued_callers_ask_for_until_granted_or_gone() -> None:
+    """`waiting` bounds how much unary callers may hold while they wait (the servicer refuses beyond it)."""
+
+    async def scenario() -> None:
+        budget = PointBudget(100)
+        await budget.acquire(100)
+        first = asyncio.create_task(budget.acquire(30))
+        middle = asyncio.create_task(budget.acquire(500))  # counted at most the whole budget
+        last = asyncio.create_task(budget.acquire(20))
+        await asyncio.sleep(0.01)
+        assert budget.waiting == 30 + 100 + 20
+        middle.cancel()  # leaves from the middle of the queue: no longer counted, though still queued
+        with pytest.raises(asyncio.CancelledError):
+            await middle
+        assert budget.waiting == 50
+        budget.release(100)
+        assert await first == 30 and await last == 20
+        assert budget.waiting == 0 and budget.used == 50
+
+    asyncio.run(scenario())

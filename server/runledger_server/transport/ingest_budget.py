@@ -27,6 +27,7 @@ class PointBudget:
         self.limit = limit
         self.used = 0
         self.peak = 0
+        self.waiting = 0  # points asked for by callers still waiting (each holds its batch meanwhile)
         self._waiters: deque[tuple[asyncio.Future[None], int]] = deque()
 
     async def acquire(self, points: int) -> int:
@@ -37,12 +38,14 @@ class PointBudget:
             return need
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((fut, need))
+        self.waiting += need
         try:
             await fut
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():  # granted as we were cancelled: hand it on
                 self.release(need)
             else:
+                self.waiting -= need  # its entry stays queued, done, until _grant drops it
                 self._grant()  # our place in the queue may have held back smaller requests behind us
             raise
         return need
@@ -64,5 +67,6 @@ class PointBudget:
             if self.used + need > self.limit:
                 return
             self._waiters.popleft()
+            self.waiting -= need
             self._take(need)
             fut.set_result(None)

@@ -27,6 +27,7 @@ _LOGGER = logging.getLogger(__name__)
 T = TypeVar("T")
 HISTORY_CHUNK_POINTS = 65_536
 MAX_IN_FLIGHT_PER_STREAM = 64
+UNARY_WAITING_BUDGETS = 4  # LogMetrics calls may wait for room with this many budgets' worth of batches in all
 
 
 def add_to_server(servicer: TrackingServicer, server: Any) -> None:
@@ -101,11 +102,23 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
         for reader in self._readers:
             reader.cancel()
 
-    async def _submit(self, batch: Batch, nbytes: int) -> asyncio.Future[bool]:
+    async def _submit(self, batch: Batch, nbytes: int, *, unary: bool = False) -> asyncio.Future[bool]:
         """Queue a batch for the group commit once the server-wide ingest budget has room for it: for its points,
         or for the whole message when that is larger (its arrays are views that keep all of it alive, unknown
-        fields and padding included)."""
-        taken = await self._budget.acquire(max(batch.points, -(-nbytes // POINT_BYTES)))
+        fields and padding included).
+
+        A stream waits with at most one batch, but nothing bounds how many unary calls wait, each holding its
+        request: one that finds UNARY_WAITING_BUDGETS budgets' worth already waiting is refused (UNAVAILABLE
+        INGEST_BUSY, to send again shortly) instead of adding to the memory held.
+        """
+        charge = max(batch.points, -(-nbytes // POINT_BYTES))
+        if unary and self._budget.waiting >= UNARY_WAITING_BUDGETS * self._budget.limit:
+            raise Unavailable(
+                "this server's ingest buffer is full and more batches already wait for room; send this one again "
+                "shortly",
+                reason="INGEST_BUSY",
+            )
+        taken = await self._budget.acquire(charge)
         loop = asyncio.get_running_loop()
 
         def release() -> None:  # on the committer thread once the batch is no longer held, or here if refused
@@ -280,7 +293,7 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
         batch = validate_batch(
             request.run_id, request.writer_id, request.seq, tuple(convert.series_from_wire(s) for s in request.series)
         )
-        duplicate = await (await self._submit(batch, request.nbytes))
+        duplicate = await (await self._submit(batch, request.nbytes, unary=True))
         return pb.LogMetricsResponse(writer_id=request.writer_id, seq=request.seq, duplicate=duplicate)
 
     @handle_errors

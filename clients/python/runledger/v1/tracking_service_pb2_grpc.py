@@ -211,7 +211,10 @@ class TrackingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def LogMetrics(self, request, context):
-        """Logs one metric batch (the unary form of StreamMetrics).
+        """Logs one metric batch (the unary form of StreamMetrics). While the
+        server's ingest buffer is full and several buffers' worth of calls
+        already wait for room, it is UNAVAILABLE `INGEST_BUSY`: send it again
+        shortly (a stream waits instead).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

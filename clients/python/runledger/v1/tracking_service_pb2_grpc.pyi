@@ -71,7 +71,11 @@ class TrackingServiceStub:
     SHUTTING_DOWN): send the unacknowledged ones again, e.g. to another replica.
     """
     LogMetrics: _grpc.UnaryUnaryMultiCallable[_tracking_service_pb2.LogMetricsRequest, _tracking_service_pb2.LogMetricsResponse]
-    """Logs one metric batch (the unary form of StreamMetrics)."""
+    """Logs one metric batch (the unary form of StreamMetrics). While the
+    server's ingest buffer is full and several buffers' worth of calls
+    already wait for room, it is UNAVAILABLE `INGEST_BUSY`: send it again
+    shortly (a stream waits instead).
+    """
     GetMetricHistory: _grpc.UnaryStreamMultiCallable[_tracking_service_pb2.GetMetricHistoryRequest, _tracking_pb2.MetricSeries]
     """Streams all points of one metric key in step order. A step range holding
     more points than the server reads at once (its --history-max-points,
@@ -135,7 +139,11 @@ class TrackingServiceAsyncStub(TrackingServiceStub):
     SHUTTING_DOWN): send the unacknowledged ones again, e.g. to another replica.
     """
     LogMetrics: _aio.UnaryUnaryMultiCallable[_tracking_service_pb2.LogMetricsRequest, _tracking_service_pb2.LogMetricsResponse]  # type: ignore[assignment]
-    """Logs one metric batch (the unary form of StreamMetrics)."""
+    """Logs one metric batch (the unary form of StreamMetrics). While the
+    server's ingest buffer is full and several buffers' worth of calls
+    already wait for room, it is UNAVAILABLE `INGEST_BUSY`: send it again
+    shortly (a stream waits instead).
+    """
     GetMetricHistory: _aio.UnaryStreamMultiCallable[_tracking_service_pb2.GetMetricHistoryRequest, _tracking_pb2.MetricSeries]  # type: ignore[assignment]
     """Streams all points of one metric key in step order. A step range holding
     more points than the server reads at once (its --history-max-points,
@@ -268,7 +276,11 @@ class TrackingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _tracking_service_pb2.LogMetricsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_tracking_service_pb2.LogMetricsResponse, _abc.Awaitable[_tracking_service_pb2.LogMetricsResponse]]:
-        """Logs one metric batch (the unary form of StreamMetrics)."""
+        """Logs one metric batch (the unary form of StreamMetrics). While the
+        server's ingest buffer is full and several buffers' worth of calls
+        already wait for room, it is UNAVAILABLE `INGEST_BUSY`: send it again
+        shortly (a stream waits instead).
+        """
 
     @_abc_1.abstractmethod
     def GetMetricHistory(
