@@ -928,6 +928,53 @@ def test_a_dropped_runs_finalizer_run_by_a_thread_holding_the_lock_does_not_wait
     assert closed.value.reason == "RUN_CLOSED"
 
 
+def test_a_signal_while_a_flush_takes_the_lock_back_never_releases_another_thread_s_hold() -> None:
+    """flush() waits on the sender's condition; woken, it takes the lock back, and a signal (Ctrl-C) raising
+    then left Condition.wait without the lock: the caller's `with` released it anyway, here the hold of the
+    thread that had it (and that thread's own release then failed). The signal's handler now runs once the lock
+    is back in the waiting thread's hand."""
+
+    class Interrupted(Exception):
+        pass
+
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    client = runledger.Client("127.0.0.1:1")  # nothing listens there: the flush waits
+    run = runledger.Run(client, tracking_pb2.Run(run_id="r1"), writer_id=None, owns_status=False)
+    run.log_metrics({"loss": 0.5}, step=0)
+    stream = run._stream
+    assert stream is not None
+    main = threading.get_ident()
+    released: list[BaseException | None] = []
+
+    def hold_and_signal() -> None:
+        time.sleep(0.3)  # the main thread waits in flush() by now
+        try:
+            with stream._lock:
+                stream._cond.notify_all()  # it wakes, and waits to take the lock back from us
+                time.sleep(0.2)
+                signal.pthread_kill(main, signal.SIGUSR1)
+                time.sleep(0.2)
+            released.append(None)
+        except BaseException as exc:  # our release failed: someone released our hold
+            released.append(exc)
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    try:
+        helper = threading.Thread(target=hold_and_signal)
+        helper.start()
+        with pytest.raises(Interrupted):
+            run.flush(timeout=10)
+        helper.join()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert released == [None]
+    assert not stream._lock.locked()  # and nobody holds it now
+    stream.abandon()
+    client.close(timeout=0)
+
+
 def test_finishing_from_inside_a_logging_call_is_refused_not_a_deadlock(client: runledger.Client) -> None:
     """A signal handler (SIGTERM on a preempted job) runs in the thread it interrupts, possibly inside
     log_metrics while it holds the run's lock: finish() there used to wait for that lock for ever. Simulated

@@ -29,6 +29,8 @@ from runledger.v1 import tracking_service_pb2 as pb
 
 _LOGGER = logging.getLogger(__name__)
 
+WAIT_SLICE_S = 0.1  # the longest a caller's wait runs with signals held (see MetricStreamer._wait)
+
 # Opens one StreamMetrics call fed by the given serialized requests; returns the call (an iterator of acks).
 OpenStream = Callable[[Iterator[bytes]], Any]
 
@@ -276,10 +278,17 @@ class MetricStreamer:
             self._blocked -= 1
 
     def _wait(self, timeout: float | None = None) -> None:
-        """A wait on the condition by a caller's thread: it does not hold the lock meanwhile (see _holder)."""
+        """A wait on the condition by a caller's thread: it does not hold the lock meanwhile (see _holder).
+
+        Waits in slices with the usual signals held (on the main thread): a Ctrl-C that interrupted
+        `Condition.wait` while it re-took the lock raised with the lock not held, and the caller's `with` then
+        released it anyway (RuntimeError, or another thread's hold). Held, the signal's handler runs once the
+        slice is over, with the lock back in hand; callers wait in loops, so a slice ending early is harmless.
+        """
         holder, self._holder = self._holder, None
         try:
-            self._cond.wait(timeout)
+            with _signals_deferred():
+                self._cond.wait(WAIT_SLICE_S if timeout is None else min(timeout, WAIT_SLICE_S))
         finally:
             self._holder = holder
 
