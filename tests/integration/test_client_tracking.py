@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import socket
@@ -12,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -567,12 +569,9 @@ def test_points_waiting_for_a_slow_commit_stay_within_the_ingest_budget(tmp_path
         run.finish()
 
 
-def test_batches_of_calls_that_went_away_count_against_the_ingest_budget_until_committed(tmp_path: Path) -> None:
-    """A LogMetrics call whose deadline passes while its batch waits for a commit leaves the batch queued (it
-    is stored later): its points must go on counting against the server's ingest budget until then."""
-    import sqlite3
-
-    from runledger import wire
+@contextlib.contextmanager
+def _small_budget_run(tmp_path: Path, name: str) -> Iterator[tuple[EmbeddedServer, grpc.Channel, Any, Any, str]]:
+    """A server with a 1 MiB ingest budget: (server, channel, budget, tracking stub, a run's id)."""
     from runledger.v1 import tracking_service_pb2 as pb, tracking_service_pb2_grpc
 
     settings = Settings(host="127.0.0.1", port=0, data_dir=tmp_path / "data", ingest_buffer_mib=1)
@@ -580,19 +579,45 @@ def test_batches_of_calls_that_went_away_count_against_the_ingest_budget_until_c
         budget = srv._server.ingest_budget if srv._server is not None else None
         assert budget is not None
         stub = tracking_service_pb2_grpc.TrackingServiceStub(channel)
-        exp = stub.CreateExperiment(pb.CreateExperimentRequest(display_name="budget-cancel"))
-        run_id = stub.CreateRun(pb.CreateRunRequest(experiment=exp.name)).run_id
+        exp = stub.CreateExperiment(pb.CreateExperimentRequest(display_name=name))
+        yield srv, channel, budget, stub, stub.CreateRun(pb.CreateRunRequest(experiment=exp.name)).run_id
+
+
+def _loss_batch(run_id: str, seq: int, per_batch: int) -> Any:
+    """LogMetricsRequest seq of `per_batch` points of "loss", at steps seq * per_batch onwards."""
+    from runledger import wire
+    from runledger.v1 import tracking_service_pb2 as pb
+
+    steps = np.arange(seq * per_batch, (seq + 1) * per_batch, dtype=np.int64)
+    series = wire.series("loss", steps, steps * 0.25, np.full(per_batch, 7, dtype=np.int64))
+    return pb.LogMetricsRequest(run_id=run_id, writer_id="w", seq=seq, series=[series])
+
+
+@contextlib.contextmanager
+def _commits_held(srv: EmbeddedServer) -> Iterator[None]:
+    """Every commit waits meanwhile: the database's write lock is held from outside."""
+    import sqlite3
+
+    holder = sqlite3.connect(srv.settings.data_dir / "runledger.db", timeout=60)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        holder.rollback()
+        holder.close()
+
+
+def test_batches_of_calls_that_went_away_count_against_the_ingest_budget_until_committed(tmp_path: Path) -> None:
+    """A LogMetrics call whose deadline passes while its batch waits for a commit leaves the batch queued (it
+    is stored later): its points must go on counting against the server's ingest budget until then."""
+    with _small_budget_run(tmp_path, "budget-cancel") as (srv, _, budget, stub, run_id):
         per_batch = 10_000
 
-        def request(seq: int) -> pb.LogMetricsRequest:
-            steps = np.arange(seq * per_batch, (seq + 1) * per_batch, dtype=np.int64)
-            series = wire.series("loss", steps, steps * 0.25, np.full(per_batch, 7, dtype=np.int64))
-            return pb.LogMetricsRequest(run_id=run_id, writer_id="w", seq=seq, series=[series])
+        def request(seq: int) -> Any:
+            return _loss_batch(run_id, seq, per_batch)
 
         stub.LogMetrics(request(0))  # a first commit, so the next ones wait only for the lock below
-        holder = sqlite3.connect(settings.data_dir / "runledger.db", timeout=60)
-        holder.execute("BEGIN IMMEDIATE")  # every commit now waits for this lock
-        try:
+        with _commits_held(srv):
             for seq in range(1, 9):  # 80,000 points, within the budget of ~43,690 only if released early
                 with pytest.raises(grpc.RpcError) as info:
                     stub.LogMetrics(request(seq), timeout=0.2)
@@ -601,9 +626,6 @@ def test_batches_of_calls_that_went_away_count_against_the_ingest_budget_until_c
             time.sleep(0.3)
             # The calls are gone; the batches are not: the budget is full and holds the next caller back.
             assert budget.used >= budget.limit - per_batch
-        finally:
-            holder.rollback()
-            holder.close()
         wait_until(lambda: budget.used == 0)
         # What the callers would do: send again. The batches that got in were stored meanwhile; those whose
         # callers gave up while waiting for room never entered and are stored now.
@@ -618,18 +640,10 @@ def test_a_batch_is_charged_for_the_whole_message_its_points_keep_alive(tmp_path
     """A batch's arrays are views of its message, which stays in memory until the commit: a message of one
     point padded with 2 MiB of unknown fields (skipped, as every parser does) was charged 24 bytes, so a flood
     of them held hundreds of MiB within a 1 MiB budget. It is charged for its whole size."""
-    import sqlite3
-
     from runledger import wire
-    from runledger.v1 import tracking_service_pb2 as pb, tracking_service_pb2_grpc
+    from runledger.v1 import tracking_service_pb2 as pb
 
-    settings = Settings(host="127.0.0.1", port=0, data_dir=tmp_path / "data", ingest_buffer_mib=1)
-    with EmbeddedServer(settings) as srv, grpc.insecure_channel(srv.address) as channel:
-        budget = srv._server.ingest_budget if srv._server is not None else None
-        assert budget is not None
-        stub = tracking_service_pb2_grpc.TrackingServiceStub(channel)
-        exp = stub.CreateExperiment(pb.CreateExperimentRequest(display_name="padded"))
-        run_id = stub.CreateRun(pb.CreateRunRequest(experiment=exp.name)).run_id
+    with _small_budget_run(tmp_path, "padded") as (srv, channel, budget, _, run_id):
         log = channel.unary_unary(
             "/runledger.v1.TrackingService/LogMetrics",
             request_serializer=lambda raw: raw,
@@ -637,21 +651,14 @@ def test_a_batch_is_charged_for_the_whole_message_its_points_keep_alive(tmp_path
         )
 
         def padded(seq: int) -> bytes:
-            series = wire.series("loss", np.array([seq]), np.array([0.5]), np.array([7]))
-            request = pb.LogMetricsRequest(run_id=run_id, writer_id="w", seq=seq, series=[series])
-            return request.SerializeToString() + wire.length_delimited(99, bytes(2 << 20))
+            message = _loss_batch(run_id, seq, 1).SerializeToString()
+            return message + wire.length_delimited(99, bytes(2 << 20))
 
         log(padded(0), timeout=30)  # a first commit, so the next ones wait only for the lock below
-        holder = sqlite3.connect(settings.data_dir / "runledger.db", timeout=60)
-        holder.execute("BEGIN IMMEDIATE")  # every commit now waits for this lock
-        calls = []
-        try:
+        with _commits_held(srv):
             calls = [log.future(padded(seq), timeout=60) for seq in (1, 2, 3)]
             wait_until(lambda: len(budget._waiters) == 2)  # the first took the whole budget; the others wait
             assert budget.used == budget.limit
-        finally:
-            holder.rollback()
-            holder.close()
         assert [c.result().seq for c in calls] == [1, 2, 3]
         wait_until(lambda: budget.used == 0)
         history = runledger.Client(srv.address).metric_history(run_id, "loss")
@@ -662,37 +669,20 @@ def test_unary_calls_beyond_what_may_wait_for_the_ingest_budget_are_refused_as_b
     """Each LogMetrics call waiting for room holds its request, and nothing bounded how many waited (a reviewer
     held 363 MiB with 24 of them within a 1 MiB budget). Beyond UNARY_WAITING_BUDGETS budgets' worth, a call
     is refused UNAVAILABLE INGEST_BUSY at once; sent again later, it is stored, and nothing is stored twice."""
-    import sqlite3
-
-    from runledger import wire
-    from runledger.v1 import tracking_service_pb2 as pb, tracking_service_pb2_grpc
     from runledger_server.transport.tracking_servicer import UNARY_WAITING_BUDGETS
     from tests.support import refusal_of
 
-    settings = Settings(host="127.0.0.1", port=0, data_dir=tmp_path / "data", ingest_buffer_mib=1)
-    with EmbeddedServer(settings) as srv, grpc.insecure_channel(srv.address) as channel:
-        budget = srv._server.ingest_budget if srv._server is not None else None
-        assert budget is not None
-        stub = tracking_service_pb2_grpc.TrackingServiceStub(channel)
-        exp = stub.CreateExperiment(pb.CreateExperimentRequest(display_name="busy"))
-        run_id = stub.CreateRun(pb.CreateRunRequest(experiment=exp.name)).run_id
+    with _small_budget_run(tmp_path, "busy") as (srv, _, budget, stub, run_id):
         per_batch, calls = 10_000, 30
 
-        def request(seq: int) -> pb.LogMetricsRequest:
-            steps = np.arange(seq * per_batch, (seq + 1) * per_batch, dtype=np.int64)
-            series = wire.series("loss", steps, steps * 0.25, np.full(per_batch, 7, dtype=np.int64))
-            return pb.LogMetricsRequest(run_id=run_id, writer_id="w", seq=seq, series=[series])
+        def request(seq: int) -> Any:
+            return _loss_batch(run_id, seq, per_batch)
 
         stub.LogMetrics(request(0))  # a first commit, so the next ones wait only for the lock below
-        holder = sqlite3.connect(settings.data_dir / "runledger.db", timeout=60)
-        holder.execute("BEGIN IMMEDIATE")  # every commit now waits for this lock
-        try:
+        with _commits_held(srv):
             futures = {seq: stub.LogMetrics.future(request(seq), timeout=60) for seq in range(1, calls + 1)}
             wait_until(lambda: sum(f.done() for f in futures.values()) + len(budget._waiters) >= calls - 4)
             assert budget.waiting <= UNARY_WAITING_BUDGETS * budget.limit + per_batch + 100
-        finally:
-            holder.rollback()
-            holder.close()
         refused = []
         for seq, fut in futures.items():
             if fut.exception() is None:

@@ -10,6 +10,7 @@ import re
 import unicodedata
 
 from runledger_server.domain.errors import InvalidArgument
+from runledger_server.domain.text import is_utf8
 
 # In UTF-8 bytes: the database indexes (run, path), and PostgreSQL refuses an index row over 2704 bytes.
 MAX_PATH_BYTES = 1024
@@ -27,20 +28,11 @@ def _is_nfc(text: str) -> bool:
     return unicodedata.is_normalized("NFC", text)
 
 
-def _is_unicode(text: str) -> bool:
-    """Strings off the wire always are; a local file name that is not UTF-8 decodes to lone surrogates."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _problem(path: str) -> str | None:
     """Why `path` is not a valid relative file path, or None when it is."""
     if not path:
         return "is empty"
-    if not _is_unicode(path):
+    if not is_utf8(path):
         return "is not valid Unicode (a lone surrogate: a file name in another encoding?)"
     if len(path.encode()) > MAX_PATH_BYTES:
         return f"is longer than {MAX_PATH_BYTES} bytes in UTF-8"

@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 from runledger_server.domain.errors import InvalidArgument
+from runledger_server.domain.text import is_utf8
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -64,15 +65,7 @@ def _fits(value: Any, kind: type | tuple[type, ...]) -> bool:
     if isinstance(value, int):
         return _INT64_MIN <= value <= _INT64_MAX
     if isinstance(value, str):
-        return "\x00" not in value and _utf8(value)
-    return True
-
-
-def _utf8(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
+        return "\x00" not in value and is_utf8(value)
     return True
 
 
