@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from runledger_server import config
 from runledger_server.app import build_server, own_process
+from runledger_server.backends.sql import migrate
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -60,7 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(str(exc))  # exits with status 2
         try:
             asyncio.run(serve(settings))
-        except OSError as exc:  # the port taken, the data directory not writable: said plainly, no traceback
+        except (OSError, migrate.DatabaseTooNew) as exc:  # said plainly, without a traceback: the port taken,
+            # the data directory not writable, a database that a newer runledger migrated
             print(f"runledger serve: {exc}", file=sys.stderr)
             return 1
         return 0

@@ -212,3 +212,26 @@ def test_serving_on_a_taken_port_says_so_without_a_traceback(tmp_path: Path) -> 
         )
     assert proc.returncode == 1, proc.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_database_migrated_by_a_newer_runledger_is_refused_plainly(tmp_path: Path) -> None:
+    """A server must not run on a schema it does not know: it says so, naming the database, and starts nothing
+    (it used to stop on Alembic's bare "Can't locate revision", in a traceback)."""
+    import sqlite3
+
+    from runledger_server.config import Settings
+    from runledger_server.embedded import EmbeddedServer
+
+    with EmbeddedServer(Settings(host="127.0.0.1", port=0, data_dir=tmp_path)):
+        pass
+    with sqlite3.connect(tmp_path / "runledger.db") as db:
+        db.execute("UPDATE alembic_version SET version_num = '9999_from_the_future' WHERE rowid = 1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "runledger_server", "serve", "--port", "0", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "was migrated by a newer runledger" in proc.stderr and "runledger.db" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.util.exc import CommandError
 from sqlalchemy import text
 
 from runledger_server.backends.sql.database import Database
@@ -14,6 +15,10 @@ from runledger_server.backends.sql.database import Database
 _LOGGER = logging.getLogger(__name__)
 _MIGRATIONS = Path(__file__).parent / "migrations"
 _LOCK_ID = 0x72756E6C  # "runl": the advisory lock replicas hold while migrating
+
+
+class DatabaseTooNew(Exception):
+    """The database was migrated by a newer runledger, whose schema this server does not know."""
 
 
 def alembic_config() -> Config:
@@ -30,7 +35,15 @@ def upgrade(db: Database) -> None:
             conn.commit()
         try:
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "heads")
+            try:
+                command.upgrade(cfg, "heads")
+            except CommandError as exc:
+                if "Can't locate revision" not in str(exc):
+                    raise
+                raise DatabaseTooNew(
+                    f"the metadata database {db.url.render_as_string(hide_password=True)} was migrated by a newer "
+                    f"runledger ({exc}); run that version or a later one against it"
+                ) from exc
             conn.commit()
         finally:
             if db.dialect == "postgresql":
