@@ -6,6 +6,8 @@ Against a `runledger serve` subprocess (SQLite under a temp dir) on loopback, on
   flight each): flat out with the trainers niced (as if they ran on their own machines, which they do in
   practice), flat out at the server's priority (all ten processes share this machine's cores), and paced
   at --trainer-rate points/s each; the trainers' own points/s during each window is printed too;
+- the same with 8 processes that only spin on the CPU and send nothing: what sharing the cores costs a lookup
+  through the scheduler alone, whatever the server does;
 - the baseline, measured in the same run and interleaved call by call: the gRPC health check (no database,
   no work) p50/p99, i.e. the floor of a unary call here, so a lookup prints as a multiple of it;
 - `CreateModelVersion`/s (each from its own run with a recorded artifact, created beforehand, not timed);
@@ -138,6 +140,15 @@ def trainer(address: str, run_id: str, writer: str, stop: Any, counter: Any, nic
                 counter.value += 1000
 
 
+def burner(stop: Any, nice: int) -> None:
+    """Spin on the CPU and never talk to the server: what 8 busy processes cost a lookup through the scheduler
+    alone, to read the loaded rows against."""
+    os.nice(nice)
+    while not stop.is_set():
+        for _ in range(100_000):
+            pass
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=5_000, help="lookups per measurement (default 5,000)")
@@ -223,20 +234,26 @@ def main() -> None:
         )
 
         def under_load(nice: int, rate: int) -> tuple[list[float], list[float], float]:
-            """The same while trainer processes stream metrics (at `nice` priority relative to the server)."""
+            """The same while trainer processes stream metrics (at `nice` priority relative to the server); a
+            negative rate starts CPU burners instead of trainers."""
             ctx = mp.get_context("spawn")
             stop = ctx.Event()
             points = ctx.Value("q", 0)
-            runs = [
-                tracking.CreateRun(tpb.CreateRunRequest(experiment=experiment)).run_id for _ in range(args.trainers)
-            ]
-            procs = [
-                ctx.Process(target=trainer, args=(address, r, f"rank{i}", stop, points, nice, rate), daemon=True)
-                for i, r in enumerate(runs)
-            ]
+            if rate < 0:
+                procs = [ctx.Process(target=burner, args=(stop, nice), daemon=True) for _ in range(args.trainers)]
+            else:
+                runs = [
+                    tracking.CreateRun(tpb.CreateRunRequest(experiment=experiment)).run_id for _ in range(args.trainers)
+                ]
+                procs = [
+                    ctx.Process(target=trainer, args=(address, r, f"rank{i}", stop, points, nice, rate), daemon=True)
+                    for i, r in enumerate(runs)
+                ]
             for p in procs:
                 p.start()
-            while points.value < args.trainers * 5_000:  # every trainer is streaming before we measure
+            if rate < 0:
+                time.sleep(2)  # every burner is spinning
+            while rate >= 0 and points.value < args.trainers * 5_000:  # every trainer is streaming before we measure
                 time.sleep(0.05)
             p0, t0 = points.value, time.perf_counter()
             base, lookups = timed_pair(
@@ -252,6 +269,8 @@ def main() -> None:
             f"{args.trainers} trainers, flat out, niced (as on their own machines)": (10, 0),
             f"{args.trainers} trainers, flat out, same priority as the server": (0, 0),
             f"{args.trainers} trainers at {args.trainer_rate:,} points/s each, niced": (10, args.trainer_rate),
+            f"{args.trainers} CPU burners, no RPCs, niced (the scheduler alone)": (10, -1),
+            f"{args.trainers} CPU burners, no RPCs, same priority as the server": (0, -1),
         }
         loads = {name: under_load(nice, rate) for name, (nice, rate) in scenarios.items()}
         ch.close()
@@ -269,7 +288,8 @@ def main() -> None:
     print(row("  idle", idle_lookup, idle_health))
     for name, (base, lookups, rate) in loads.items():
         print(row(f"  {name}", lookups, base))
-        print(f"      trainers meanwhile: {rate:,.0f} points/s acknowledged")
+        if "burners" not in name:
+            print(f"      trainers meanwhile: {rate:,.0f} points/s acknowledged")
     print("baseline measured in this run, interleaved call by call: the gRPC health check (no database)")
     for name, base in (("idle", idle_health), *((n, v[0]) for n, v in loads.items())):
         b50, b99, _ = percentiles(base)
