@@ -28,6 +28,7 @@ says how much CPU it took during the measurements.
 Run:  .venv/bin/python bench/compare_mlflow.py              (full run, ~35 minutes plus the first install)
       .venv/bin/python bench/compare_mlflow.py --quick      (smoke run with scaled-down sizes, ~8 minutes)
       .venv/bin/python bench/compare_mlflow.py --only ingest1,history --mlflow-servers uvicorn
+      .venv/bin/python bench/compare_mlflow.py --replot     (draw the plot again from the last JSON)
 The plot needs matplotlib: .venv/bin/pip install -e '.[bench]'
 """
 
@@ -53,7 +54,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -864,7 +865,7 @@ def plot(rows: list[Row], path: Path, title: str) -> bool:
     shown = [r for r in rows if r.ratio is not None]
     if not shown:
         return False
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(shown) + 1.5))
+    fig, ax = plt.subplots(figsize=(12, 0.45 * len(shown) + 1.5))
     names = [r.workload for r in shown][::-1]
     ratios = [r.ratio or 1.0 for r in shown][::-1]
     colors = ["#2a7ab0" if x >= 1 else "#c0504d" for x in ratios]
@@ -884,8 +885,24 @@ def plot(rows: list[Row], path: Path, title: str) -> bool:
     return True
 
 
+def title_of(meta: dict[str, Any]) -> str:
+    return f"runledger vs MLflow {meta['versions']['mlflow']}, {meta['date']}, {meta['machine']['cpus']} cores"
+
+
+def replot(stem: str) -> None:
+    """Draw the plot of an earlier run from its JSON (a run without matplotlib wrote no plot)."""
+    saved = json.loads((RESULTS / f"{stem}.json").read_text())
+    names = {f.name for f in fields(Row)}
+    rows = [Row(**{k: v for k, v in r.items() if k in names}) for r in saved["rows"]]
+    if plot(rows, RESULTS / f"{stem}.png", title_of(saved["meta"])):
+        print(f"wrote bench/results/{stem}.png")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--replot", action="store_true", help="only draw the plot again from bench/results/<out>.json (no run)"
+    )
     ap.add_argument("--quick", action="store_true", help="scaled-down sizes for a smoke run of a few minutes")
     ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(WORKLOADS)} ('ingest': both)")
     ap.add_argument("--out", default="comparison", help="file stem under bench/results/ (default: comparison)")
@@ -894,6 +911,9 @@ def main() -> None:
         "--mlflow-servers", default="uvicorn,gunicorn", help="MLflow web servers to try (default: both; best is kept)"
     )
     args = ap.parse_args()
+    if args.replot:
+        replot(args.out)
+        return
     kinds = [k.strip() for k in args.mlflow_servers.split(",") if k.strip()]
     if not kinds or set(kinds) - set(MLFLOW_SERVERS):
         ap.error(f"--mlflow-servers takes {' and/or '.join(MLFLOW_SERVERS)}")
@@ -931,8 +951,7 @@ def main() -> None:
     (RESULTS / f"{args.out}.json").write_text(
         json.dumps({"meta": meta, "rows": [{**asdict(r), "ratio": r.ratio} for r in rows], "raw": raw}, indent=2) + "\n"
     )
-    title = f"runledger vs MLflow {mlflow_version}, {meta['date']}, {meta['machine']['cpus']} cores"
-    drew = plot(rows, RESULTS / f"{args.out}.png", title)
+    drew = plot(rows, RESULTS / f"{args.out}.png", title_of(meta))
     print()
     print(text)
     written = [f"{args.out}.md", f"{args.out}.json"] + ([f"{args.out}.png"] if drew else [])
