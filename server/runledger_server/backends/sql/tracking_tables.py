@@ -126,3 +126,14 @@ class EvalScoreRow(Base):
     metric: Mapped[str] = mapped_column(String(250), primary_key=True)
     value: Mapped[float] = mapped_column(Float)
     create_time_us: Mapped[int] = mapped_column(BigInteger)
+
+
+class CreationClockRow(Base):
+    """The one row (id 1) that hands out creation times of experiments and runs in commit order: each creation
+    locks it until its commit (migration 0005 says why). Modelled so that migrations compared against these
+    tables keep it."""
+
+    __tablename__ = "creation_clock"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    last_us: Mapped[int] = mapped_column(BigInteger)
