@@ -6,11 +6,13 @@ The buffer tests run twice: with the C row groups and log_metrics' fast path (`_
 
 from __future__ import annotations
 
+import gc
 import math
 import random
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +20,7 @@ import numpy as np
 import pytest
 
 from runledger import errors
-from runledger._buffer import BatchPolicy, MetricBuffer, Outbox, RowBlock, native
+from runledger._buffer import BatchPolicy, MetricBuffer, Outbox, RowBlock, RowGroup as PyRowGroup, native
 
 NO_LIMIT = 1 << 62
 
@@ -396,6 +398,62 @@ def test_c_types_refuse_misuse_instead_of_crashing() -> None:
     lane.commit(group, 1, 2, [0.5])
     assert (lane.group is group, lane.points, group.rows) == (True, 1, 1)
     assert lane.append({"a": 0.25}, 2, 3) is True and lane.points == 2
+
+
+@pytest.fixture(params=["c", "python"])
+def row_group(request: pytest.FixtureRequest) -> type:
+    if request.param == "python":
+        return PyRowGroup
+    if native is None:
+        pytest.fail("runledger._rowbuffer is not built")
+    return native.RowGroup
+
+
+@pytest.mark.parametrize("change", ["grow", "take", "shrink the values"])
+def test_a_value_whose_float_changes_the_c_group_or_the_row_still_appends_the_row_it_was_given(change: str) -> None:
+    """A value's __float__ runs Python code. The C group kept pointers into its arrays and into the list across
+    it: growing the group there wrote the row into freed memory, taking rows stored the row at a stale place,
+    and emptying the list read freed items. (The Python group is handed floats: MetricBuffer converts first.)"""
+    if native is None:
+        pytest.fail("runledger._rowbuffer is not built")
+    group = native.RowGroup(("a", "b"))
+    for i in range(64):  # at capacity: one more row reallocates the arrays
+        group.append(i, 0, [1.0, 2.0])
+    values: list[Any] = []
+
+    class Meddling:
+        def __float__(self) -> float:
+            if change == "grow":
+                for j in range(10_000):
+                    group.append(1_000 + j, 0, [3.0, 4.0])
+            elif change == "take":
+                group.take(1 << 30)
+            else:
+                values.clear()
+            return 5.0
+
+    values.extend([Meddling(), 6.0])
+    group.append(999, 0, values)
+    taken_steps, _, taken_values = group.take(1 << 30)
+    steps = np.frombuffer(taken_steps, np.int64).tolist()
+    got = np.frombuffer(taken_values, np.float64).tolist()
+    assert (steps[-1], got[-2:]) == (999, [5.0, 6.0])
+    expected_before = {"grow": 64 + 10_000, "take": 0, "shrink the values": 64}[change]
+    assert len(steps) == expected_before + 1
+
+
+def test_a_row_group_in_a_reference_cycle_through_its_keys_is_collected(row_group: type) -> None:
+    """Keys may be str subclasses that refer back to their group; the C group was invisible to the collector."""
+
+    class Key(str):
+        owner: Any
+
+    key = Key("loss")
+    key.owner = row_group((key,))
+    gone = weakref.ref(key)
+    del key
+    gc.collect()
+    assert gone() is None
 
 
 @pytest.mark.parametrize(

@@ -84,7 +84,7 @@ rowgroup_init(RowGroupObject *self, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!:RowGroup", kwlist, &PyTuple_Type, &keys)) {
         return -1;
     }
-    if (self->keys != NULL) {
+    if (self->nkeys != 0) { /* not keys: a group the collector cleared keeps its arrays, sized for its keys */
         PyErr_SetString(PyExc_TypeError, "RowGroup is initialised once");
         return -1;
     }
@@ -105,10 +105,26 @@ rowgroup_init(RowGroupObject *self, PyObject *args, PyObject *kwds)
     return 0;
 }
 
+/* The keys may be str subclasses that refer back to the group: a cycle the collector must see. */
+static int
+rowgroup_traverse(RowGroupObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->keys);
+    return 0;
+}
+
+static int
+rowgroup_clear(RowGroupObject *self)
+{
+    Py_CLEAR(self->keys); /* a cleared group refuses every call, as one never initialised */
+    return 0;
+}
+
 static void
 rowgroup_dealloc(RowGroupObject *self)
 {
-    Py_XDECREF(self->keys);
+    PyObject_GC_UnTrack(self);
+    Py_CLEAR(self->keys);
     PyMem_Free(self->steps);
     PyMem_Free(self->stamps);
     PyMem_Free(self->values);
@@ -144,30 +160,49 @@ rowgroup_append(RowGroupObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (stamp == -1 && PyErr_Occurred()) {
         return NULL;
     }
-    PyObject *seq = PySequence_Fast(args[2], "values must be a sequence");
+    /* Every value is converted before the group is touched: a value's __float__ may run Python code that
+     * changes the sequence or the group (grows it, takes rows), so nothing may point into either meanwhile. */
+    PyObject *seq = PySequence_Tuple(args[2]);
     if (seq == NULL) {
         return NULL;
     }
-    if (PySequence_Fast_GET_SIZE(seq) != self->nkeys) {
+    if (PyTuple_GET_SIZE(seq) != self->nkeys) {
         Py_DECREF(seq);
         PyErr_Format(PyExc_ValueError, "a row of this group holds %zd values", self->nkeys);
         return NULL;
     }
-    if (rowgroup_reserve(self, self->rows + 1) < 0) {
-        Py_DECREF(seq);
-        return NULL;
+    double small[16];
+    double *converted = small;
+    if (self->nkeys > 16) {
+        converted = PyMem_Malloc((size_t)self->nkeys * sizeof(double));
+        if (converted == NULL) {
+            Py_DECREF(seq);
+            return PyErr_NoMemory();
+        }
     }
-    double *row = self->values + self->rows * self->nkeys; /* the spare row: written, then committed */
-    PyObject **items = PySequence_Fast_ITEMS(seq);
     for (Py_ssize_t i = 0; i < self->nkeys; i++) {
-        double v = PyFloat_AsDouble(items[i]);
+        double v = PyFloat_AsDouble(PyTuple_GET_ITEM(seq, i));
         if (v == -1.0 && PyErr_Occurred()) {
             Py_DECREF(seq);
+            if (converted != small) {
+                PyMem_Free(converted);
+            }
             return NULL;
         }
-        row[i] = v;
+        converted[i] = v;
     }
     Py_DECREF(seq);
+    /* From here to the commit no Python code runs. */
+    int reserved = rowgroup_reserve(self, self->rows + 1);
+    if (reserved == 0) {
+        memcpy(self->values + self->rows * self->nkeys, converted, (size_t)self->nkeys * sizeof(double));
+    }
+    if (converted != small) {
+        PyMem_Free(converted);
+    }
+    if (reserved < 0) {
+        return NULL;
+    }
     self->steps[self->rows] = (int64_t)step;
     self->stamps[self->rows] = (int64_t)stamp;
     self->rows++;
@@ -249,10 +284,12 @@ static PyTypeObject RowGroupType = {
     .tp_name = "runledger._rowbuffer.RowGroup",
     .tp_doc = "Rows of one key tuple: steps, timestamps and values in C arrays.",
     .tp_basicsize = sizeof(RowGroupObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)rowgroup_init,
     .tp_dealloc = (destructor)rowgroup_dealloc,
+    .tp_traverse = (traverseproc)rowgroup_traverse,
+    .tp_clear = (inquiry)rowgroup_clear,
     .tp_methods = rowgroup_methods,
     .tp_getset = rowgroup_getset,
 };
@@ -421,7 +458,7 @@ lane_append(LaneObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     RowGroupObject *g = (RowGroupObject *)self->group;
     Py_ssize_t k = g->nkeys;
-    if (PyDict_GET_SIZE(metrics) != k || self->points + k >= self->slow_at) {
+    if (g->keys == NULL || PyDict_GET_SIZE(metrics) != k || self->points + k >= self->slow_at) {
         Py_RETURN_FALSE;
     }
     int64_t step, stamp;
