@@ -949,3 +949,31 @@ def test_a_stop_acknowledges_every_batch_it_stored_even_with_the_stream_s_acks_q
     with EmbeddedServer(settings) as again, grpc.insecure_channel(again.address) as ch:
         steps, _, _ = _history(tracking_service_pb2_grpc.TrackingServiceStub(ch), run.run_id, "x")
     assert len(steps) >= MAX_IN_FLIGHT_PER_STREAM and sorted(steps) == sorted(acks) == list(range(len(steps)))
+
+
+def test_a_search_page_of_runs_with_many_latest_metrics_is_shortened(server: EmbeddedServer) -> None:
+    """Latest metrics count toward a page's size like params and tags: runs with thousands of long metric keys
+    (per-layer statistics) filled a default page past gRPC's 64 MiB, and no page of them could be read."""
+    options = [("grpc.max_receive_message_length", 64 << 20)]
+    with grpc.insecure_channel(server.address, options=options) as ch:
+        tracking = tracking_service_pb2_grpc.TrackingServiceStub(ch)
+        exp = _experiment(tracking)
+        keys = [f"layer{j:05d}/" + "g" * 238 for j in range(8_000)]  # 250 characters, the longest key
+        ids = set()
+        for _ in range(5):  # 5 x 8,000 x (250 + 40) = 11.6M characters, beyond one page's 8 Mi
+            run_id = _run(tracking, exp).run_id
+            batch = pb.LogMetricsRequest(
+                run_id=run_id, writer_id="w", seq=0, series=[_series(k, [0], [0.5]) for k in keys]
+            )
+            tracking.LogMetrics(batch)
+            ids.add(run_id)
+        seen, token, pages = [], "", 0
+        while True:
+            page = tracking.SearchRuns(pb.SearchRunsRequest(experiments=[exp.name], page_size=100, page_token=token))
+            seen += [r.run_id for r in page.runs]
+            assert all(len(r.latest_metrics) == len(keys) for r in page.runs)
+            pages += 1
+            token = page.next_page_token
+            if not token:
+                break
+        assert sorted(seen) == sorted(ids) and pages > 1  # every run once, over shortened pages

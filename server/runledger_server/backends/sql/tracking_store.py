@@ -44,8 +44,11 @@ _LOGGER = logging.getLogger(__name__)
 
 _VAL = np.dtype("<f8")
 T = TypeVar("T")
-# Characters of params, tags and configs in one SearchRuns page: at most 32 MiB in UTF-8, under gRPC's 64 MiB.
+# Characters of params, tags, configs and latest metrics in one SearchRuns page: at most 32 MiB in UTF-8, under
+# gRPC's 64 MiB.
 PAGE_METADATA = 2 * names.MAX_RUN_METADATA
+# What a latest metric adds to a page besides its key, counted like characters: step, value, time and framing.
+LATEST_METRIC_CHARS = 40
 HISTORY_READ_GROUP = 1_000_000  # points of chunks decoded at once when a history read is cut chunk by chunk
 _IN_BATCH = 500  # values per IN list: far below the databases' parameter limits
 KNOWN_RUNS_LIMIT = 100_000  # run IDs a server remembers as existing (metric commits skip looking them up)
@@ -631,13 +634,17 @@ _RUN_SELECT = f"SELECT {', '.join(c.key for c in _RUN_COLUMNS)} FROM runs"
 
 def _fitting_a_page(fetch: _Fetch, rows: Sequence[tuple[Any, ...]]) -> int:
     """How many of the runs found (at least one) a SearchRuns page takes, within PAGE_METADATA characters of
-    params, tags and configs: measured in SQL, before any of it is loaded."""
+    params, tags, configs and latest metrics: measured in SQL, before any of it is loaded."""
     ids_ = [r[_ID] for r in rows]
     size: dict[str, int] = defaultdict(int)
     for some in _in_batches(ids_):
-        for table in ("run_params", "run_tags"):
+        for table, value_chars in (
+            ("run_params", "LENGTH(value)"),
+            ("run_tags", "LENGTH(value)"),
+            ("latest_metrics", str(LATEST_METRIC_CHARS)),
+        ):
             for run_id, chars in fetch(
-                f'SELECT run_id, SUM(LENGTH("key") + LENGTH(value)) FROM {table} '
+                f'SELECT run_id, SUM(LENGTH("key") + {value_chars}) FROM {table} '
                 f"WHERE run_id IN ({_marks(len(some))}) GROUP BY run_id",
                 some,
             ):
