@@ -751,6 +751,23 @@ def test_select_winner_refuses_mixed_suites(tracking) -> None:
     assert [(e.run_id, e.reason) for e in named.excluded] == [(runs["phantom"], "OTHER_EVAL_SUITE")]
 
 
+def test_select_winner_refuses_runs_of_another_suite_that_alone_carry_the_metric_name(tracking) -> None:
+    """The sweep's runs were scored as `mmlu`; a phantom on another suite reported `accuracy`. Asked for
+    `accuracy`, the phantom alone has the metric, but the candidates span two suites: refused, not crowned."""
+    exp, runs = _sweep(tracking, [("r0", 0.61), ("r1", 0.66)])
+    phantom = _run(tracking, exp, display_name="phantom").run_id
+    tracking.LogEvalResult(
+        pb.LogEvalResultRequest(run_id=phantom, suite_fingerprint="easyeval@zzzz", metrics={"accuracy": 0.99})
+    )
+    r = refusal(lambda: _select(tracking, experiment=exp.name, metric="accuracy"))
+    assert (r.code, r.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "INCOMPARABLE_EVAL_SUITES")
+    assert r.metadata["suiteFingerprints"] == f"easyeval@zzzz,{SUITE}"
+    named = _select(tracking, experiment=exp.name, suite_fingerprint=SUITE)  # the sweep's own suite, named
+    assert named.winner_run_id == runs["r1"]
+    excluded = [(e.run_id, e.reason, list(e.suite_fingerprints)) for e in named.excluded]
+    assert excluded == [(phantom, "NOT_SCORED", ["easyeval@zzzz"])]  # no `mmlu` at all; where it was scored
+
+
 def test_eval_results_are_immutable_and_finite(tracking) -> None:
     run = _run(tracking, _experiment(tracking))
     tracking.LogEvalResult(pb.LogEvalResultRequest(run_id=run.run_id, suite_fingerprint=SUITE, metrics={"mmlu": 0.6}))

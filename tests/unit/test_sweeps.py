@@ -9,6 +9,7 @@ import pytest
 
 from runledger_server.domain.errors import Code, FailedPrecondition
 from runledger_server.domain.sweeps import Candidate, Direction, select_winner
+from runledger_server.transport.errors import MAX_MESSAGE_BYTES
 
 FP = "mmlu@abcd"
 
@@ -58,7 +59,27 @@ def test_many_suites_are_named_up_to_a_point() -> None:
         select_winner(many, "mmlu", Direction.MAXIMIZE)
     err = info.value
     assert err.metadata["suiteCount"] == "40" and len(err.metadata["suiteFingerprints"].split(",")) == 10
-    assert "40 eval suite fingerprints" in err.message and "and 30 more" in err.message and len(err.message) < 1200
+    assert "40 eval suites" in err.message and "and 30 more" in err.message
+    # Every suite named is in the message, shortened, within what the transport sends of a message.
+    assert all(f"suite-{i:03d}@fff" in err.message for i in range(10))
+    assert len(err.message.encode()) <= MAX_MESSAGE_BYTES
+
+
+def test_a_run_scored_on_another_suite_under_another_metric_name_is_not_crowned() -> None:
+    """The runs of the sweep's suite call the metric `mmlu_acc`; a run scored on another suite calls it
+    `accuracy`. Asked for `accuracy`, only that run has the metric: the candidates still span two suites."""
+    honest = [Candidate(f"r{i}", {}, frozenset({FP})) for i in range(2)]
+    phantom = Candidate("phantom", {"easyeval@zzzz": 0.99})
+    with pytest.raises(FailedPrecondition) as info:
+        select_winner([*honest, phantom], "accuracy", Direction.MAXIMIZE)
+    assert info.value.reason == "INCOMPARABLE_EVAL_SUITES"
+    assert info.value.metadata["suiteFingerprints"] == f"easyeval@zzzz,{FP}"
+    named = select_winner([*honest, phantom], "accuracy", Direction.MAXIMIZE, suite_fingerprint="easyeval@zzzz")
+    assert named.winner_run_id == "phantom"  # named by the caller: its choice
+    assert [(e.run_id, e.reason, e.suites) for e in named.excluded] == [
+        ("r0", "NOT_SCORED", (FP,)),
+        ("r1", "NOT_SCORED", (FP,)),
+    ]
 
 
 def test_the_phantom_never_wins_in_the_named_suite_cohort() -> None:

@@ -29,6 +29,12 @@ class Candidate:
 
     run_id: str
     scores: dict[str, float]  # suite_fingerprint -> score of the metric
+    other_suites: frozenset[str] = frozenset()  # suites the run was scored on for other metrics only
+
+    @property
+    def suites(self) -> frozenset[str]:
+        """Every suite the run was scored on, whatever the metric."""
+        return self.other_suites | self.scores.keys()
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,7 @@ class SweepResult:
 
 
 MAX_NAMED_SUITES = 10
+SHORT_SUITE = 24  # characters of a suite fingerprint in a refusal's message
 
 
 def select_winner(
@@ -59,26 +66,29 @@ def select_winner(
 ) -> SweepResult:
     """Rank candidates (given in creation order) on one suite; ties go to the earliest-created run.
 
-    Without a named suite, every scored candidate must share a single suite, else the ranking is
-    refused with INCOMPARABLE_EVAL_SUITES: a winner across suites is meaningless.
+    Without a named suite, the candidates must all have been scored on a single suite (for any metric), else
+    the ranking is refused with INCOMPARABLE_EVAL_SUITES: a winner across suites is meaningless, and a run
+    scored on another suite must not win because the runs of the suite used another name for the metric.
     """
     excluded: list[Excluded] = []
     scored = [c for c in candidates if c.scores]
-    excluded.extend(Excluded(c.run_id, "NOT_SCORED", ()) for c in candidates if not c.scores)
+    excluded.extend(Excluded(c.run_id, "NOT_SCORED", tuple(sorted(c.suites))) for c in candidates if not c.scores)
     if suite_fingerprint is None:
-        suites = sorted({s for c in scored for s in c.scores})
+        suites = sorted({s for c in candidates for s in c.suites})
         if len(suites) > 1:
-            # Named up to a point: a status that lists hundreds of suites would exceed gRPC's header limit.
+            # Named up to a point: a status that lists hundreds of suites would exceed gRPC's header limit. The
+            # message shortens each (it is cut at a few hundred bytes); the metadata has them whole.
             shown = suites[:MAX_NAMED_SUITES]
             more = f" and {len(suites) - len(shown)} more" if len(suites) > len(shown) else ""
             raise FailedPrecondition(
-                f"incomparable runs: {len(suites)} eval suite fingerprints for metric {metric!r}: "
-                f"{', '.join(shown)}{more}; name one with suite_fingerprint",
+                f"incomparable runs: the candidates were scored on {len(suites)} eval suites: "
+                f"{', '.join(_short(x) for x in shown)}{more}; name one with suite_fingerprint "
+                "(ErrorInfo metadata suiteFingerprints lists them whole)",
                 reason="INCOMPARABLE_EVAL_SUITES",
                 metadata={"suiteFingerprints": ",".join(shown), "suiteCount": str(len(suites)), "metric": metric},
                 field="suite_fingerprint",
             )
-        if not suites:
+        if not scored:
             raise _no_scored(metric, None)
         suite = suites[0]
     else:
@@ -88,7 +98,7 @@ def select_winner(
         if suite in c.scores:
             cohort.append((order, c.run_id, c.scores[suite]))
         else:
-            excluded.append(Excluded(c.run_id, "OTHER_EVAL_SUITE", tuple(sorted(c.scores))))
+            excluded.append(Excluded(c.run_id, "OTHER_EVAL_SUITE", tuple(sorted(c.suites))))
     if not cohort:
         raise _no_scored(metric, suite)
     sign = -1.0 if direction is Direction.MAXIMIZE else 1.0
@@ -101,6 +111,10 @@ def select_winner(
         cohort=tuple((run_id, s) for _, run_id, s in ranked),
         excluded=tuple(excluded),
     )
+
+
+def _short(fingerprint: str) -> str:
+    return fingerprint if len(fingerprint) <= SHORT_SUITE else fingerprint[: SHORT_SUITE - 1] + "\u2026"
 
 
 def _no_scored(metric: str, suite: str | None) -> FailedPrecondition:

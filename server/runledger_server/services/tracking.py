@@ -201,7 +201,8 @@ class TrackingService:
         else:
             raise InvalidArgument("candidates are required: give run_ids or experiment", field="run_ids")
         scores = self.store.eval_scores(ordered, metric)
-        candidates = [sweeps.Candidate(r, scores.get(r, {})) for r in ordered]
+        suites = self.store.eval_suites(ordered)
+        candidates = [sweeps.Candidate(r, scores.get(r, {}), frozenset(suites.get(r, ()))) for r in ordered]
         return sweeps.select_winner(candidates, metric, direction, suite_fingerprint=suite_fingerprint)
 
     def _experiment_runs(self, experiment: str, filter_text: str) -> list[str]:

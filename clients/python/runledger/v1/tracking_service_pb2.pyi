@@ -951,9 +951,9 @@ class SelectWinnerRequest(_message.Message):
     direction: _common_pb2.Direction.ValueType
     """Required. Whether higher or lower scores win."""
     suite_fingerprint: _builtins.str
-    """Optional. Rank only runs scored on this suite. Without it, all scored
-    candidates must share one suite (else FAILED_PRECONDITION
-    `INCOMPARABLE_EVAL_SUITES`).
+    """Optional. Rank only runs scored on this suite. Without it, the candidates
+    must all have been scored on one suite, for any metric (else
+    FAILED_PRECONDITION `INCOMPARABLE_EVAL_SUITES`).
     """
     @_builtins.property
     def run_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -1020,7 +1020,7 @@ class ExcludedRun(_message.Message):
     """Why it was left out, e.g. `OTHER_EVAL_SUITE`, `NOT_SCORED`."""
     @_builtins.property
     def suite_fingerprints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The suites the run was scored on with the metric."""
+        """The suites the run was scored on, for any metric."""
 
     def __init__(
         self,

@@ -582,6 +582,18 @@ class SqlTrackingStore:
                     out[run_id][suite] = value
         return dict(out)
 
+    def eval_suites(self, run_ids: Sequence[str]) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = defaultdict(set)
+        with self.db.read() as s:
+            for some in _in_batches(list(run_ids)):
+                for run_id, suite in s.execute(
+                    select(EvalScoreRow.run_id, EvalScoreRow.suite_fingerprint)
+                    .where(EvalScoreRow.run_id.in_(some))
+                    .distinct()
+                ):
+                    out[run_id].add(suite)
+        return dict(out)
+
     # ---- loading -----------------------------------------------------------------------------
     def _load(self, s: Session, rows: Sequence[RunRow]) -> list[Run]:
         """Runs as the API shows them, from rows of the session (a write that has just changed them)."""
