@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -243,6 +244,37 @@ def test_watch_sees_changes_made_through_another_replica(replicas: list[Embedded
             writer.stub.DeleteAlias(pb.DeleteAliasRequest(model=MODEL, alias="production"))
             gone = watcher.next(timeout=15)
             assert (gone.alias.version, gone.alias.revision) == (0, 2)
+        finally:
+            watcher.close()
+
+
+def test_a_watcher_on_another_replica_receives_every_change_made_between_its_polls(
+    replicas: list[EmbeddedServer],
+) -> None:
+    """Changes land on replica A faster than replica B polls (0.5 s): B's watcher once saw only the newest
+    revision of each burst, so a version promoted and rolled back at once never reached the fleet."""
+    with grpc.insecure_channel(replicas[0].address) as ch:
+        writer = Registry(ch)
+        writer.model()
+        writer.gate()
+        v = [writer.version(seed).version for seed in range(2)]
+        writer.score(v[0], 0.7)
+        writer.score(v[1], 0.9)
+        writer.set_alias(v[0])  # revision 1
+        watcher = Watcher(replicas[1].address)
+        try:
+            assert (watcher.next().alias.revision, watcher.messages.empty()) == (1, True)
+            for _ in range(3):  # each burst: promote v1, roll back to v0, well within one poll interval
+                writer.set_alias(v[1])
+                writer.stub.RollbackAlias(pb.RollbackAliasRequest(model=MODEL, alias="production"))
+            writer.stub.DeleteAlias(pb.DeleteAliasRequest(model=MODEL, alias="production"))
+            got = [watcher.next(timeout=15) for _ in range(7)]
+            assert [m.alias.revision for m in got] == list(range(2, 9))
+            assert [m.alias.version for m in got] == [v[1], v[0]] * 3 + [0]
+            assert [m.model_version.version for m in got] == [v[1], v[0]] * 3 + [0]
+            assert all(list(m.model_version.aliases) == ["production"] for m in got[:-1])
+            time.sleep(1.2)  # two more polls: nothing is sent twice
+            assert watcher.messages.empty()
         finally:
             watcher.close()
 

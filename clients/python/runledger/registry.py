@@ -363,8 +363,9 @@ class Registry:
     def watch_alias(self, model: str, alias: str) -> AliasWatch:
         """Iterate the alias's current state, then every change (no polling); `close()` ends it.
 
-        Server restarts are ridden out (the stream is opened again, for up to `timeout` seconds without a
-        server); a slow consumer may skip intermediate revisions, never the newest one.
+        Every change comes in revision order, also to a slow consumer. Server restarts are ridden out (the
+        stream is opened again, for up to `timeout` seconds without a server); the reopened stream starts from
+        the current state, so changes made while it was down are skipped (ListAliasHistory has them).
         """
         request = pb.WatchAliasRequest(model=_model(model), alias=alias)
         return AliasWatch(

@@ -253,6 +253,15 @@ class RegistryService:
         """The alias now, set or not (revision 0 and version 0 when it never was)."""
         return self.store.serving_target(names.model_id(model), names.slug(alias, "alias"))
 
+    def watch_changes(self, model: str, alias: str, seen_revision: int) -> list[ServingTarget]:
+        """What a watcher that last saw `seen_revision` (-1: nothing yet) is owed, oldest first: the state after
+        every change it missed, then the alias now (the same as its last one when nothing changed)."""
+        model_id, alias = names.model_id(model), names.slug(alias, "alias")
+        now = self.store.serving_target(model_id, alias)
+        if seen_revision < 0 or now.alias.revision <= seen_revision + 1:
+            return [now]
+        return [*self.store.alias_changes(model_id, alias, seen_revision, now.alias.revision), now]
+
     def alias_revisions(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
         return self.store.alias_revisions(keys)
 

@@ -99,6 +99,13 @@ class RegistryStore(Protocol):
         """The alias (revision 0 and version 0 when never set) and the version it points at."""
         ...
 
+    def alias_changes(
+        self, model_id: str, alias: str, after_revision: int, before_revision: int
+    ) -> list[ServingTarget]:
+        """The alias's states after each change with a revision strictly between the two, oldest first; each
+        version's `aliases` holds only this alias (which pointed at it then)."""
+        ...
+
     def alias_revisions(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
         """Current revisions of many aliases in one cheap read (absent aliases are left out)."""
         ...

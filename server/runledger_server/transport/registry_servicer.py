@@ -240,16 +240,17 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
 
     @handle_errors
     async def WatchAlias(self, request: pb.WatchAliasRequest, context: Any) -> AsyncIterator[pb.WatchAliasResponse]:
-        """The current state first, then one message per change; the stream waits on the loop, not a thread."""
+        """The current state first, then one message per change, in order (a wake-up that finds several changes
+        sends each from the history); the stream waits on the loop, not a thread."""
         model_id = names.model_id(request.model)
         alias = names.slug(request.alias, "alias")
         async with self._hub.subscribe(model_id, alias) as sub:
             while True:
                 sub.dirty.clear()  # before the read: a change committed during it wakes us again
-                target = await self._call(self._svc.watch_state, model_id, alias)
-                if target.alias.revision != sub.seen:
-                    sub.seen = target.alias.revision
-                    yield watch_response(target)
+                for target in await self._call(self._svc.watch_changes, model_id, alias, sub.seen):
+                    if target.alias.revision != sub.seen:
+                        sub.seen = target.alias.revision
+                        yield watch_response(target)
                 await sub.dirty.wait()
                 self._hub.check_serving()
 

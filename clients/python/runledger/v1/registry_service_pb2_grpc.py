@@ -241,13 +241,15 @@ class RegistryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchAlias(self, request, context):
-        """Streams an alias's current target, then its changes. Each message is the
-        alias's state when it is sent: a slow reader, and a watcher on another
-        replica than the one that made the change (it learns of changes by
-        polling, every 0.5 s), may skip to the newest revision; the history
-        (ListAliasHistory) has every change. A message's model_version.aliases is
-        as of that message: moving another alias onto or off the version sends
-        nothing here. A stopping server ends the stream with UNAVAILABLE (reason
+        """Streams an alias's current target, then every change in revision order
+        (promotions, rollbacks, deletes; refusals change nothing). A watcher on
+        another replica than the one that made a change learns of it by polling,
+        every 0.5 s, and then receives each change it missed, from the history.
+        The last message of a burst is the alias's state when it is sent; its
+        model_version.aliases is as of then, and in the messages of the changes
+        before it lists only this alias. Moving another alias onto or off the
+        version sends nothing here. A new watch (a reconnect) starts from the
+        current state. A stopping server ends the stream with UNAVAILABLE (reason
         SHUTTING_DOWN): watch again, e.g. on another replica.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -76,13 +76,15 @@ class RegistryServiceStub:
     GetModelVersionByAlias: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.GetModelVersionByAliasRequest, _registry_service_pb2.GetModelVersionByAliasResponse]
     """The serving lookup: the version an alias points at."""
     WatchAlias: _grpc.UnaryStreamMultiCallable[_registry_service_pb2.WatchAliasRequest, _registry_service_pb2.WatchAliasResponse]
-    """Streams an alias's current target, then its changes. Each message is the
-    alias's state when it is sent: a slow reader, and a watcher on another
-    replica than the one that made the change (it learns of changes by
-    polling, every 0.5 s), may skip to the newest revision; the history
-    (ListAliasHistory) has every change. A message's model_version.aliases is
-    as of that message: moving another alias onto or off the version sends
-    nothing here. A stopping server ends the stream with UNAVAILABLE (reason
+    """Streams an alias's current target, then every change in revision order
+    (promotions, rollbacks, deletes; refusals change nothing). A watcher on
+    another replica than the one that made a change learns of it by polling,
+    every 0.5 s, and then receives each change it missed, from the history.
+    The last message of a burst is the alias's state when it is sent; its
+    model_version.aliases is as of then, and in the messages of the changes
+    before it lists only this alias. Moving another alias onto or off the
+    version sends nothing here. A new watch (a reconnect) starts from the
+    current state. A stopping server ends the stream with UNAVAILABLE (reason
     SHUTTING_DOWN): watch again, e.g. on another replica.
     """
     VerifyLineage: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.VerifyLineageRequest, _registry_service_pb2.VerifyLineageResponse]
@@ -134,13 +136,15 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     GetModelVersionByAlias: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.GetModelVersionByAliasRequest, _registry_service_pb2.GetModelVersionByAliasResponse]  # type: ignore[assignment]
     """The serving lookup: the version an alias points at."""
     WatchAlias: _aio.UnaryStreamMultiCallable[_registry_service_pb2.WatchAliasRequest, _registry_service_pb2.WatchAliasResponse]  # type: ignore[assignment]
-    """Streams an alias's current target, then its changes. Each message is the
-    alias's state when it is sent: a slow reader, and a watcher on another
-    replica than the one that made the change (it learns of changes by
-    polling, every 0.5 s), may skip to the newest revision; the history
-    (ListAliasHistory) has every change. A message's model_version.aliases is
-    as of that message: moving another alias onto or off the version sends
-    nothing here. A stopping server ends the stream with UNAVAILABLE (reason
+    """Streams an alias's current target, then every change in revision order
+    (promotions, rollbacks, deletes; refusals change nothing). A watcher on
+    another replica than the one that made a change learns of it by polling,
+    every 0.5 s, and then receives each change it missed, from the history.
+    The last message of a burst is the alias's state when it is sent; its
+    model_version.aliases is as of then, and in the messages of the changes
+    before it lists only this alias. Moving another alias onto or off the
+    version sends nothing here. A new watch (a reconnect) starts from the
+    current state. A stopping server ends the stream with UNAVAILABLE (reason
     SHUTTING_DOWN): watch again, e.g. on another replica.
     """
     VerifyLineage: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.VerifyLineageRequest, _registry_service_pb2.VerifyLineageResponse]  # type: ignore[assignment]
@@ -285,13 +289,15 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_service_pb2.WatchAliasRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_registry_service_pb2.WatchAliasResponse], _abc.AsyncIterator[_registry_service_pb2.WatchAliasResponse]]:
-        """Streams an alias's current target, then its changes. Each message is the
-        alias's state when it is sent: a slow reader, and a watcher on another
-        replica than the one that made the change (it learns of changes by
-        polling, every 0.5 s), may skip to the newest revision; the history
-        (ListAliasHistory) has every change. A message's model_version.aliases is
-        as of that message: moving another alias onto or off the version sends
-        nothing here. A stopping server ends the stream with UNAVAILABLE (reason
+        """Streams an alias's current target, then every change in revision order
+        (promotions, rollbacks, deletes; refusals change nothing). A watcher on
+        another replica than the one that made a change learns of it by polling,
+        every 0.5 s, and then receives each change it missed, from the history.
+        The last message of a burst is the alias's state when it is sent; its
+        model_version.aliases is as of then, and in the messages of the changes
+        before it lists only this alias. Moving another alias onto or off the
+        version sends nothing here. A new watch (a reconnect) starts from the
+        current state. A stopping server ends the stream with UNAVAILABLE (reason
         SHUTTING_DOWN): watch again, e.g. on another replica.
         """
 

@@ -59,6 +59,12 @@ _SERVING_SQL = (
 )
 
 
+# The changes (not refusals) of an alias between two revisions, for a watcher that fell behind.
+MAX_WATCH_CHANGES = 10_000
+_CHANGES_SQL = (
+    "SELECT revision, to_version, gate_id, create_time_us FROM alias_history WHERE model_id = ? AND alias = ? "
+    f"AND revision > ? AND revision < ? AND action IN (?, ?, ?) ORDER BY sequence LIMIT {MAX_WATCH_CHANGES}"
+)
 _VERSION_SQL = (
     "SELECT model_id, version, run_id, artifact_path, artifact_sha256, artifact_size, artifact_uri, "
     "lineage_fingerprint, data_version, code_commit, config, base_model, seed, description, create_time_us "
@@ -425,6 +431,17 @@ class SqlRegistryStore:
             self._serving.clear()
         self._serving[key] = (rows, target)
         return target
+
+    def alias_changes(
+        self, model_id: str, alias: str, after_revision: int, before_revision: int
+    ) -> list[ServingTarget]:
+        rows = self.db.own_query(_CHANGES_SQL, (model_id, alias, after_revision, before_revision, *Action.CHANGES))
+        out = []
+        for revision, to_version, gate_id, stamp in rows:
+            state = Alias(model_id, alias, to_version, revision, gate_id, stamp)
+            version = replace(self._cached_version(model_id, to_version), aliases=(alias,)) if to_version else None
+            out.append(ServingTarget(state, version))
+        return out
 
     def _alias_and_siblings(self, model_id: str, alias: str) -> list[tuple[Any, ...]]:
         return self.db.own_query(_SERVING_SQL, (model_id, alias, model_id, alias))
