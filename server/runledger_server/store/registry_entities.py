@@ -40,6 +40,13 @@ class ModelVersion:
     aliases: tuple[str, ...]
     create_time_us: int
 
+    @property
+    def footprint(self) -> int:
+        """Roughly the bytes it holds, for caches that bound their memory: its text, which dominates."""
+        lineage = self.lineage
+        texts = (lineage.config, lineage.data_version, lineage.code_commit, lineage.base_model, self.description)
+        return 512 + sum(len(t or "") for t in texts) + len(self.artifact.uri) + len(self.artifact.path)
+
 
 @dataclass(frozen=True)
 class Gate:

@@ -13,6 +13,7 @@ import grpc
 from google.protobuf import empty_pb2
 
 from runledger.v1 import registry_pb2, registry_service_pb2 as pb, registry_service_pb2_grpc
+from runledger_server.bounded_cache import BoundedCache
 from runledger_server.domain import names
 from runledger_server.domain.errors import InvalidArgument
 from runledger_server.domain.gates import Action, Decision
@@ -37,6 +38,7 @@ ACTOR_KEY = "x-runledger-actor"
 ANONYMOUS = "anonymous"
 MAX_ACTOR = 256
 SERVED_CACHE_SIZE = 4096  # aliases whose last response is kept; beyond that the cache starts over
+SERVED_CACHE_BYTES = 16 << 20  # ... and beyond this many bytes of messages (a version's config may be megabytes)
 
 
 def actor_of(context: grpc.aio.ServicerContext) -> str:
@@ -55,8 +57,12 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         self._inline_serving = service.serving_reads_are_local
         # The last response per alias, with the answer it was built from: the store hands back the same answer
         # object while the alias is unchanged, so the message is reused instead of built again.
-        self._served: dict[tuple[str, str], tuple[ServingTarget, pb.GetModelVersionByAliasResponse]] = {}
-        self._served_versions: dict[str, tuple[ModelVersion, registry_pb2.ModelVersion]] = {}
+        self._served: BoundedCache[tuple[str, str], tuple[ServingTarget, pb.GetModelVersionByAliasResponse]] = (
+            BoundedCache(SERVED_CACHE_SIZE, SERVED_CACHE_BYTES)
+        )
+        self._served_versions: BoundedCache[str, tuple[ModelVersion, registry_pb2.ModelVersion]] = BoundedCache(
+            SERVED_CACHE_SIZE, SERVED_CACHE_BYTES
+        )
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -104,9 +110,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
             if last is not None and last[0] is version:
                 return last[1]
             message = version_to_proto(version)
-            if len(self._served_versions) >= SERVED_CACHE_SIZE:
-                self._served_versions.clear()
-            self._served_versions[request.name] = (version, message)
+            self._served_versions.put(request.name, (version, message), message.ByteSize())
             return message
         return version_to_proto(await self._call(self._svc.get_version, request.name))
 
@@ -233,9 +237,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         response = pb.GetModelVersionByAliasResponse(
             model_version=version_to_proto(target.version), alias=alias_to_proto(target.alias)
         )
-        if len(self._served) >= SERVED_CACHE_SIZE:
-            self._served.clear()
-        self._served[key] = (target, response)
+        self._served.put(key, (target, response), response.ByteSize())
         return response
 
     @handle_errors

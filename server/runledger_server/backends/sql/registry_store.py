@@ -29,6 +29,7 @@ from runledger_server.backends.sql.registry_tables import (
     RegisteredModelTagRow,
 )
 from runledger_server.backends.sql.tracking_tables import LINEAGE_COLUMNS
+from runledger_server.bounded_cache import BoundedCache
 from runledger_server.domain import gates, paging
 from runledger_server.domain.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
 from runledger_server.domain.gates import Action, AliasChange, Decision, GateSpec
@@ -50,7 +51,9 @@ from runledger_server.store.registry_entities import (
 _LOGGER = logging.getLogger(__name__)
 
 VERSION_CACHE_SIZE = 4096
+VERSION_CACHE_BYTES = 16 << 20  # versions may hold megabytes of lineage config each
 SERVING_CACHE_SIZE = 4096  # aliases whose last answer is kept; beyond that the cache starts over
+SERVING_CACHE_BYTES = 16 << 20
 REVISION_BATCH = 500
 # The alias and every alias on the same version (served by the primary key and ix_aliases_model_version).
 _SERVING_SQL = (
@@ -93,9 +96,14 @@ class SqlRegistryStore:
         # SQLite's write transaction already holds the database lock (and has no FOR UPDATE).
         self._for_update = "" if db.is_sqlite else " FOR UPDATE"
         self._versions: OrderedDict[tuple[str, int], ModelVersion] = OrderedDict()
+        self._versions_bytes = 0
         self._versions_lock = threading.Lock()
         # The last answer per alias, with the rows it was built from: reused while the rows read are the same.
-        self._serving: dict[tuple[str, str], tuple[list[tuple[Any, ...]], ServingTarget]] = {}
+        # Read and written by the serving path's thread (the event loop on SQLite, a worker each otherwise):
+        # a lost update between workers only costs a rebuild.
+        self._serving: BoundedCache[tuple[str, str], tuple[list[tuple[Any, ...]], ServingTarget]] = BoundedCache(
+            SERVING_CACHE_SIZE, SERVING_CACHE_BYTES
+        )
 
     # ---- models ------------------------------------------------------------------------------
     def create_model(self, model_id: str, description: str, tags: dict[str, str]) -> RegisteredModel:
@@ -427,9 +435,7 @@ class SqlRegistryStore:
         version = self._cached_version(model_id, current.version)
         aliases = tuple(sorted(r[0] for r in rows if r[1] == current.version))
         target = ServingTarget(current, replace(version, aliases=aliases))
-        if len(self._serving) >= SERVING_CACHE_SIZE:
-            self._serving.clear()
-        self._serving[key] = (rows, target)
+        self._serving.put(key, (rows, target), version.footprint)
         return target
 
     def alias_changes(
@@ -457,10 +463,16 @@ class SqlRegistryStore:
         if not found_rows:  # the alias row was read first; a version is never deleted, so this cannot happen
             raise NotFound(f"models/{model_id}/versions/{version} not found", field="version")
         loaded = _version_from_values(found_rows[0])
+        size = loaded.footprint
+        if size > VERSION_CACHE_BYTES // 8:  # read again each time rather than push out everything else
+            return loaded
         with self._versions_lock:
-            self._versions[key] = loaded
-            if len(self._versions) > VERSION_CACHE_SIZE:
-                self._versions.popitem(last=False)
+            if key not in self._versions:
+                self._versions[key] = loaded
+                self._versions_bytes += size
+            while len(self._versions) > VERSION_CACHE_SIZE or self._versions_bytes > VERSION_CACHE_BYTES:
+                _, dropped = self._versions.popitem(last=False)
+                self._versions_bytes -= dropped.footprint
         return loaded
 
     def alias_revisions(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
