@@ -129,6 +129,9 @@ def test_search_runs_pages_and_filters(client: runledger.Client) -> None:
     assert newest_first == ids[::-1]
     by_display_name = [r.run_id for r in client.search_runs(experiments=["search"])]  # as start_run takes it
     assert by_display_name == ids
+    # One experiment alone, not in a list: once taken as a list of its characters ("s", "e", ...).
+    assert [r.run_id for r in client.search_runs(experiments="search")] == ids
+    assert [r.run_id for r in client.search_runs(experiments=exp)] == ids
     with pytest.raises(runledger.errors.NotFound):  # looked up, never created
         list(client.search_runs(experiments=["no-such-experiment"]))
     assert [e.display_name for e in client.list_experiments(filter='display_name = "no-such-experiment"')] == []
@@ -148,6 +151,11 @@ def test_eval_results_and_winner_selection(client: runledger.Client) -> None:
     assert [r.run_id for r in result.excluded] == [phantom.run_id]
     by_ids = client.select_winner(run_ids=[a.run_id, b.run_id], metric="mmlu", direction="min")
     assert by_ids.winner_run_id == a.run_id
+    one = client.select_winner(run_ids=b.run_id, metric="mmlu")  # once 32 one-character run IDs: NOT_FOUND
+    assert one.winner_run_id == b.run_id and [c.run_id for c in one.cohort] == [b.run_id]
+    with pytest.raises(errors.InvalidArgument) as bad:  # once protobuf's bare TypeError
+        client.select_winner(run_ids=[a.run_id], metric=5)  # type: ignore[arg-type]
+    assert bad.value.metadata["field"] == "metric"
 
 
 # ---- metrics ----------------------------------------------------------------------------------------

@@ -403,7 +403,10 @@ class Client:
         page_size: int = 0,
     ) -> Iterator[tracking_pb2.Run]:
         """Runs matching `filter` (e.g. `params.lr = "2e-05" AND metrics.`train/loss` < 0.5`), page by page.
-        `experiments` are resource names, display names (looked up, never created) or Experiment messages."""
+        `experiments` are resource names, display names (looked up, never created) or Experiment messages;
+        one of them alone is taken as a list of one."""
+        if isinstance(experiments, (str, tracking_pb2.Experiment)):
+            experiments = [experiments]
         names = [self._experiment_ref(e) for e in experiments]
         token = ""
         while True:
@@ -551,17 +554,18 @@ class Client:
         """The best of `run_ids` (or of the experiment's runs matching `filter`) by an eval metric.
 
         Candidates scored on different suites raise FailedPrecondition (reason INCOMPARABLE_EVAL_SUITES)
-        unless `suite_fingerprint` names the one to compare on.
+        unless `suite_fingerprint` names the one to compare on. A single run ID is taken as a list of one.
         """
-        request = pb.SelectWinnerRequest(
-            run_ids=list(run_ids),
+        optional = {} if suite_fingerprint is None else {"suite_fingerprint": suite_fingerprint}
+        request = _convert.request(
+            pb.SelectWinnerRequest,
+            run_ids=[run_ids] if isinstance(run_ids, str) else list(run_ids),
             experiment=self._experiment_ref(experiment),
             filter=filter,
             metric=metric,
             direction=_convert.direction(direction),
+            **optional,
         )
-        if suite_fingerprint is not None:
-            request.suite_fingerprint = suite_fingerprint
         return self._call(self._tracking.SelectWinner, request, idempotent=True)
 
     def _experiment_ref(self, experiment: str | tracking_pb2.Experiment | None) -> str:
