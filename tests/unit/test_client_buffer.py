@@ -442,6 +442,33 @@ def test_a_value_whose_float_changes_the_c_group_or_the_row_still_appends_the_ro
     assert len(steps) == expected_before + 1
 
 
+def test_taking_and_appending_interleaved_keeps_every_row_once_in_order(row_group: type) -> None:
+    """Taking moves a mark and reuses the space in front once it is half the group (cutting a large buffer
+    into many small batches moved every row left, per batch): rows come out once each, in logging order."""
+    group = row_group(("a", "b"))
+    rng = random.Random(5)
+    logged: list[int] = []
+    taken: list[int] = []
+    step = 0
+    for _ in range(3_000):
+        for _ in range(rng.randint(0, 40)):
+            group.append(step, step * 10, [float(step), -float(step)])
+            logged.append(step)
+            step += 1
+        steps, stamps, values = group.take(rng.randint(0, 30))
+        steps, stamps, values = (
+            (list(np.frombuffer(x, dt)) for x, dt in ((steps, np.int64), (stamps, np.int64), (values, np.float64)))
+            if isinstance(steps, bytes)
+            else (steps, stamps, values)
+        )
+        assert list(stamps) == [x * 10 for x in steps] and list(values) == [v for x in steps for v in (x, -x)]
+        taken += steps
+        assert group.rows == len(logged) - len(taken)
+    rest = group.take(1 << 30)[0]
+    taken += list(np.frombuffer(rest, np.int64)) if isinstance(rest, bytes) else rest
+    assert taken == logged and group.rows == 0
+
+
 def test_a_row_group_in_a_reference_cycle_through_its_keys_is_collected(row_group: type) -> None:
     """Keys may be str subclasses that refer back to their group; the C group was invisible to the collector."""
 

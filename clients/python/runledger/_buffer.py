@@ -96,17 +96,18 @@ class RowGroup:
     holds the same rows in C arrays (same methods), which its fast path appends to.
     """
 
-    __slots__ = ("keys", "stamps", "steps", "values")
+    __slots__ = ("_head", "keys", "stamps", "steps", "values")
 
     def __init__(self, keys: tuple[str, ...]) -> None:
         self.keys = keys
         self.steps: list[int] = []
         self.stamps: list[int] = []
         self.values: list[float] = []  # row-major: len(keys) values per row
+        self._head = 0  # rows before it were taken: dropped from the lists once they are half of them
 
     @property
     def rows(self) -> int:
-        return len(self.steps)
+        return len(self.steps) - self._head
 
     def append(self, step: int, stamp: int, values: list[float]) -> None:
         """One row, all or nothing: an interrupt (Ctrl-C) between the three appends undoes them."""
@@ -120,14 +121,25 @@ class RowGroup:
             raise
 
     def take(self, rows: int) -> tuple[list[int], list[int], list[float]]:
-        """Remove and return the oldest `rows` rows: steps, timestamps, values (row-major)."""
-        k = len(self.keys)
-        if rows >= len(self.steps):
-            taken = self.steps, self.stamps, self.values
-            self.steps, self.stamps, self.values = [], [], []
+        """Remove and return the oldest `rows` rows: steps, timestamps, values (row-major).
+
+        Taking moves a mark rather than the rows left, so cutting a large buffer into many batches costs
+        what it takes, not the buffer's size per batch."""
+        k, h = len(self.keys), self._head
+        if rows >= len(self.steps) - h:
+            if h:
+                taken = self.steps[h:], self.stamps[h:], self.values[h * k :]
+            else:
+                taken = self.steps, self.stamps, self.values
+            self.steps, self.stamps, self.values, self._head = [], [], [], 0
             return taken
-        taken = self.steps[:rows], self.stamps[:rows], self.values[: rows * k]
-        del self.steps[:rows], self.stamps[:rows], self.values[: rows * k]
+        end = h + rows
+        taken = self.steps[h:end], self.stamps[h:end], self.values[h * k : end * k]
+        if 2 * end >= len(self.steps):
+            del self.steps[:end], self.stamps[:end], self.values[: end * k]
+            self._head = 0
+        else:
+            self._head = end
         return taken
 
 

@@ -25,7 +25,8 @@ typedef struct {
     PyObject_HEAD
     PyObject *keys;      /* tuple of str, fixed */
     Py_ssize_t nkeys;
-    Py_ssize_t rows;     /* rows held */
+    Py_ssize_t head;     /* index of the oldest row held: take() moves it instead of moving the rows */
+    Py_ssize_t rows;     /* rows held, from head on */
     Py_ssize_t capacity; /* rows allocated */
     int64_t *steps;
     int64_t *stamps;
@@ -74,6 +75,25 @@ rowgroup_reserve(RowGroupObject *g, Py_ssize_t need)
     g->values = values;
     g->capacity = cap;
     return 0;
+}
+
+/* Make room for one more row at index head + rows: reuse the space taken rows left at the front once it is at
+ * least half the arrays (each row then moves at most once per doubling), else grow. -1 with MemoryError set. */
+static int
+rowgroup_room(RowGroupObject *g)
+{
+    Py_ssize_t end = g->head + g->rows;
+    if (end < g->capacity) {
+        return 0;
+    }
+    if (g->head > 0 && g->head >= g->capacity / 2) {
+        memmove(g->steps, g->steps + g->head, (size_t)g->rows * sizeof(int64_t));
+        memmove(g->stamps, g->stamps + g->head, (size_t)g->rows * sizeof(int64_t));
+        memmove(g->values, g->values + g->head * g->nkeys, (size_t)(g->rows * g->nkeys) * sizeof(double));
+        g->head = 0;
+        return 0;
+    }
+    return rowgroup_reserve(g, end + 1);
 }
 
 static int
@@ -193,9 +213,10 @@ rowgroup_append(RowGroupObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     Py_DECREF(seq);
     /* From here to the commit no Python code runs. */
-    int reserved = rowgroup_reserve(self, self->rows + 1);
+    int reserved = rowgroup_room(self);
+    Py_ssize_t at = self->head + self->rows;
     if (reserved == 0) {
-        memcpy(self->values + self->rows * self->nkeys, converted, (size_t)self->nkeys * sizeof(double));
+        memcpy(self->values + at * self->nkeys, converted, (size_t)self->nkeys * sizeof(double));
     }
     if (converted != small) {
         PyMem_Free(converted);
@@ -203,8 +224,8 @@ rowgroup_append(RowGroupObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (reserved < 0) {
         return NULL;
     }
-    self->steps[self->rows] = (int64_t)step;
-    self->stamps[self->rows] = (int64_t)stamp;
+    self->steps[at] = (int64_t)step;
+    self->stamps[at] = (int64_t)stamp;
     self->rows++;
     Py_RETURN_NONE;
 }
@@ -226,9 +247,11 @@ rowgroup_take(RowGroupObject *self, PyObject *arg)
     }
     Py_ssize_t n = want < self->rows ? want : self->rows;
     Py_ssize_t k = self->nkeys;
-    PyObject *steps = PyBytes_FromStringAndSize((const char *)self->steps, n * (Py_ssize_t)sizeof(int64_t));
-    PyObject *stamps = PyBytes_FromStringAndSize((const char *)self->stamps, n * (Py_ssize_t)sizeof(int64_t));
-    PyObject *values = PyBytes_FromStringAndSize((const char *)self->values, n * k * (Py_ssize_t)sizeof(double));
+    Py_ssize_t h = self->head;
+    PyObject *steps = PyBytes_FromStringAndSize((const char *)(self->steps + h), n * (Py_ssize_t)sizeof(int64_t));
+    PyObject *stamps = PyBytes_FromStringAndSize((const char *)(self->stamps + h), n * (Py_ssize_t)sizeof(int64_t));
+    PyObject *values =
+        PyBytes_FromStringAndSize((const char *)(self->values + h * k), n * k * (Py_ssize_t)sizeof(double));
     PyObject *result = NULL;
     if (steps != NULL && stamps != NULL && values != NULL) {
         result = PyTuple_Pack(3, steps, stamps, values);
@@ -239,13 +262,8 @@ rowgroup_take(RowGroupObject *self, PyObject *arg)
     if (result == NULL) {
         return NULL; /* nothing removed */
     }
-    Py_ssize_t left = self->rows - n;
-    if (left > 0) {
-        memmove(self->steps, self->steps + n, (size_t)left * sizeof(int64_t));
-        memmove(self->stamps, self->stamps + n, (size_t)left * sizeof(int64_t));
-        memmove(self->values, self->values + n * k, (size_t)(left * k) * sizeof(double));
-    }
-    self->rows = left;
+    self->rows -= n;
+    self->head = self->rows ? h + n : 0; /* the rows left stay where they are (see rowgroup_room) */
     return result;
 }
 
@@ -477,10 +495,11 @@ lane_append(LaneObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (!free_now) {
         Py_RETURN_FALSE; /* a holder of the lock is changing the buffer: wait for it the Python way */
     }
-    if (rowgroup_reserve(g, g->rows + 1) < 0) {
+    if (rowgroup_room(g) < 0) {
         return NULL;
     }
-    double *row = g->values + g->rows * k;
+    Py_ssize_t at = g->head + g->rows;
+    double *row = g->values + at * k;
     Py_ssize_t pos = 0, i = 0;
     PyObject *key, *value;
     while (PyDict_Next(metrics, &pos, &key, &value)) {
@@ -503,8 +522,8 @@ lane_append(LaneObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         i++;
     }
-    g->steps[g->rows] = step;
-    g->stamps[g->rows] = stamp;
+    g->steps[at] = step;
+    g->stamps[at] = stamp;
     g->rows++;
     self->points += k;
     Py_RETURN_TRUE;
