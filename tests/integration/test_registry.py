@@ -854,13 +854,13 @@ def test_client_registry_helper(reg: Registry, channel: grpc.Channel) -> None:
     from runledger.registry import PromotionRefused, Registry as ClientRegistry, StaleRevision
 
     client = ClientRegistry(channel, metadata=(("x-runledger-actor", "release-bot"),))
-    runs = [reg.run(seed=s) for s in range(3)]
+    runs = [reg.run(seed=s) for s in range(4)]
     for run_id in runs:
         reg.upload(run_id, "adapter/adapter_model.safetensors", run_id.encode())
     versions = [client.register(r, model=MODEL, artifact_path="adapter/").version for r in runs]
-    assert versions == [1, 2, 3]
+    assert versions == [1, 2, 3, 4]
     client.create_gate(MODEL, GATE, suite_fingerprint=SUITE, metric="mmlu", threshold=0.6, direction="max")
-    for v, score in zip(versions, (0.61, 0.61, 0.5), strict=True):
+    for v, score in zip(versions, (0.61, 0.61, 0.5, 0.7), strict=True):
         client.record_gate_result(MODEL, GATE, v, score)
     assert client.set_alias(MODEL, "production", 1, gate=GATE, expected_revision=0).alias.revision == 1
     with pytest.raises(PromotionRefused) as tie:
@@ -871,8 +871,8 @@ def test_client_registry_helper(reg: Registry, channel: grpc.Channel) -> None:
         client.set_alias(MODEL, "production", 3, gate=GATE)
     assert failed.value.reason == "GATE_FAILED" and failed.value.threshold == 0.6
     assert isinstance(failed.value, errors.FailedPrecondition)
-    with pytest.raises(StaleRevision) as stale:
-        client.set_alias(MODEL, "production", 2, gate=GATE, expected_revision=0)
+    with pytest.raises(StaleRevision) as stale:  # version 4 would be promoted, but on a state that is gone
+        client.set_alias(MODEL, "production", 4, gate=GATE, expected_revision=0)
     assert stale.value.revision == 1 and isinstance(stale.value, errors.Aborted)
     assert client.evaluate_promotion(MODEL, "production", 2, gate=GATE).reason == "NOT_BETTER_THAN_INCUMBENT"
     assert client.resolve(f"{MODEL}@production").version == 1

@@ -150,17 +150,31 @@ def test_compare_and_swap(expected: int | None, current: int, is_set: bool, stal
     assert d.promoted == (not stale)
 
 
-def test_stale_revision_is_checked_before_the_gate() -> None:
+@pytest.mark.parametrize(
+    ("score", "incumbent_score", "reason"),
+    [
+        (None, 0.6, gates.GATE_NOT_RECORDED),
+        (0.4, 0.6, gates.GATE_FAILED),
+        (0.6, 0.6, gates.NOT_BETTER_THAN_INCUMBENT),
+        (0.9, None, gates.INCUMBENT_NOT_SCORED),
+        (0.9, 0.6, gates.STALE_REVISION),  # only a promotable candidate meets the revision check
+    ],
+)
+def test_the_revision_is_checked_last_as_api_md_orders_the_checks(
+    score: float | None, incumbent_score: float | None, reason: str
+) -> None:
     d = decide(
         gate(0.5),
         candidate_version=2,
-        candidate_score=None,
+        candidate_score=score,
         incumbent_version=1,
-        incumbent_score=0.6,
+        incumbent_score=incumbent_score,
         current_revision=2,
         expected_revision=1,
     )
-    assert d.reason == gates.STALE_REVISION and "revision 2" in d.message
+    assert d.reason == reason and not d.promoted
+    if reason == gates.STALE_REVISION:
+        assert "revision 2" in d.message
 
 
 @pytest.mark.parametrize("threshold", [float("nan"), float("inf"), float("-inf")])

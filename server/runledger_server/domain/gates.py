@@ -84,7 +84,8 @@ def decide(
 
     Scores are the gate's own recorded results; a score a run reports about itself never reaches here.
     `incumbent_version` is None when the alias points at nothing; `current_revision` is 0 when it never
-    existed. A stale `expected_revision` is checked first: the caller decided on a state that is gone.
+    existed. The checks run in API.md's order: the gate result, the threshold, the incumbent, and last a
+    stale `expected_revision` (so a candidate that could never be promoted is told why, whatever it expected).
     """
 
     def out(promoted: bool, reason: str, message: str) -> Decision:
@@ -100,12 +101,6 @@ def decide(
             message,
         )
 
-    if not revision_matches(expected_revision, current_revision, incumbent_version is not None):
-        return out(
-            False,
-            STALE_REVISION,
-            f"expected_revision {expected_revision} is stale: the alias is at revision {current_revision}",
-        )
     if candidate_score is None:
         return out(
             False, GATE_NOT_RECORDED, f"gate {gate.gate_id!r} has no recorded result for version {candidate_version}"
@@ -132,6 +127,12 @@ def decide(
                 f"version {candidate_version} scored {candidate_score}, not strictly better than "
                 f"incumbent version {incumbent_version} at {incumbent_score}; the incumbent holds",
             )
+    if not revision_matches(expected_revision, current_revision, incumbent_version is not None):
+        return out(
+            False,
+            STALE_REVISION,
+            f"expected_revision {expected_revision} is stale: the alias is at revision {current_revision}",
+        )
     return out(True, PROMOTED, f"version {candidate_version} promoted with score {candidate_score}")
 
 

@@ -385,7 +385,9 @@ class SetAliasRequest(_message.Message):
     """Required. The gate that must admit the candidate."""
     expected_revision: _builtins.int
     """Optional. The alias revision the caller last saw; a different current
-    revision is ABORTED `STALE_REVISION`. 0 means the alias must not exist.
+    revision is ABORTED `STALE_REVISION`, checked after the gate, the
+    threshold and the incumbent (a candidate that fails one of those is
+    refused for that reason). 0 means the alias must not exist.
     """
     def __init__(
         self,
