@@ -54,7 +54,6 @@ class SweepResult:
 
 
 MAX_NAMED_SUITES = 10
-SHORT_SUITE = 24  # characters of a suite fingerprint in a refusal's message
 
 
 def select_winner(
@@ -76,16 +75,15 @@ def select_winner(
     if suite_fingerprint is None:
         suites = sorted({s for c in candidates for s in c.suites})
         if len(suites) > 1:
-            # Named up to a point: a status that lists hundreds of suites would exceed gRPC's header limit. The
-            # message shortens each (it is cut at a few hundred bytes); the metadata has them whole.
+            # The message names up to ten (the transport clips it to a few hundred bytes, after the names);
+            # the metadata has them all, within what a status may carry.
             shown = suites[:MAX_NAMED_SUITES]
             more = f" and {len(suites) - len(shown)} more" if len(suites) > len(shown) else ""
             raise FailedPrecondition(
-                f"incomparable runs: the candidates were scored on {len(suites)} eval suites: "
-                f"{', '.join(_short(x) for x in shown)}{more}; name one with suite_fingerprint "
-                "(ErrorInfo metadata suiteFingerprints lists them whole)",
+                f"incomparable runs: scored on {len(suites)} eval suites: {', '.join(shown)}{more}; "
+                "name one with suite_fingerprint",
                 reason="INCOMPARABLE_EVAL_SUITES",
-                metadata={"suiteFingerprints": ",".join(shown), "suiteCount": str(len(suites)), "metric": metric},
+                metadata={"suiteFingerprints": ",".join(suites), "suiteCount": str(len(suites)), "metric": metric},
                 field="suite_fingerprint",
             )
         if not scored:
@@ -111,10 +109,6 @@ def select_winner(
         cohort=tuple((run_id, s) for _, run_id, s in ranked),
         excluded=tuple(excluded),
     )
-
-
-def _short(fingerprint: str) -> str:
-    return fingerprint if len(fingerprint) <= SHORT_SUITE else fingerprint[: SHORT_SUITE - 1] + "\u2026"
 
 
 def _no_scored(metric: str, suite: str | None) -> FailedPrecondition:
