@@ -142,3 +142,33 @@ def test_calls_to_a_server_that_never_answers_are_unavailable_after_the_timeout(
             with pytest.raises(Unavailable) as err:
                 call()
             assert err.value.reason == "SERVER_UNREACHABLE" and 0.9 <= time.monotonic() - started < 10
+
+
+def test_a_version_downloads_exactly_what_was_registered(server: EmbeddedServer, tmp_path: Path) -> None:
+    """A version pins its bytes by content address: files added to the run's directory after registration,
+    which a download of the run's path includes, are not part of the version."""
+    with Client(server.address) as client:
+        with client.start_run(experiment="pinned", name="dir", lineage=_lineage(0)) as run:
+            adapter = _adapter(tmp_path, "a")
+            run.log_artifact(adapter, "adapter")
+            run.log_artifact(adapter / "adapter_config.json", "config.json")
+        directory = client.register(run, model="pinned", artifact_path="adapter")
+        single = client.register(run, model="pinned", artifact_path="config.json")
+        late = tmp_path / "late.py"
+        late.write_text("print('added after registration')")
+        run.log_artifact(late, "adapter/late.py")  # the run's directory grows; the version must not
+
+        by_run = client.download_artifacts(run.run_id, "adapter", tmp_path / "by-run")
+        assert (by_run / "late.py").exists()  # what the run holds now
+        got = client.download_model(f"pinned/versions/{directory.version}", tmp_path / "by-version")
+        files = sorted(str(p.relative_to(got)) for p in got.rglob("*") if p.is_file())
+        assert files == ["adapter_config.json", "adapter_model.safetensors", "nested/tokenizer.json"]
+        assert (got / "adapter_model.safetensors").read_bytes() == b"a" * 70_000
+
+        client.create_gate("pinned", "g", suite_fingerprint=SUITE, metric="accuracy", threshold=0.0)
+        client.record_gate_result("pinned", "g", single.version, 0.5)
+        client.set_alias("pinned", "serving", single.version, gate="g")
+        (tmp_path / "one").mkdir()
+        one = client.download_model("pinned@serving", tmp_path / "one")
+        assert one == tmp_path / "one" / "config.json"
+        assert json.loads(one.read_text()) == {"r": 16, "tag": "a"}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import queue
@@ -34,7 +35,7 @@ from runledger.artifact_paths import (
     refuse_own_names,
 )
 from runledger.errors import DataLoss, LocalFileError, NotFound, RunledgerError, from_rpc_error
-from runledger.v1 import artifact_pb2, artifact_service_pb2 as pb, artifact_service_pb2_grpc
+from runledger.v1 import artifact_pb2, artifact_service_pb2 as pb, artifact_service_pb2_grpc, registry_pb2
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -160,6 +161,72 @@ def download(
             except OSError as exc:  # the local file system's: a full disk, no permission, a name it refuses
                 raise LocalFileError.wrap(exc, artifact.path, local) from exc
     return plan[0][1] if single else destination
+
+
+def download_version(
+    channel: grpc.Channel,
+    version: registry_pb2.ModelVersion,
+    dest: str | os.PathLike[str],
+    *,
+    resume: bool = True,
+    presigned: bool = True,
+    progress: Progress = None,
+    unary: Unary | None = None,
+) -> Path:
+    """Download exactly what a model version registered, fetched by content address: its file, or the files of
+    its directory's manifest (the version's sha256 is the manifest's). Files added to the run's directory after
+    registration are not part of the version and are not fetched; every file is checked against its sha256.
+
+    A file goes to `dest` (or into it, when `dest` is an existing directory); a directory's files go below
+    `dest` at their paths in the manifest. Returns the file or directory written.
+    """
+    stub = artifact_service_pb2_grpc.ArtifactServiceStub(channel)
+    path, digest = version.artifact_path, version.artifact_sha256
+    listed = [a for a in list_artifacts(channel, version.run_id, prefix=path, unary=unary) if a.path == path]
+    destination = Path(dest)
+    if listed and listed[0].sha256 == digest:  # a file version: the run's record at the path is immutable
+        name = path.rsplit("/", 1)[-1]
+        pinned = artifact_pb2.Artifact(path=path, sha256=digest, size=listed[0].size)
+        plan = [(pinned, local_target(destination, name) if destination.is_dir() else destination)]
+        single = True
+    else:
+        entries = _manifest(stub, digest, path)
+        plan = [
+            (
+                artifact_pb2.Artifact(path=f"{path}/{e['path']}", sha256=e["sha256"], size=e["size"]),
+                local_target(destination, e["path"]),
+            )
+            for e in entries
+        ]
+        refuse_collisions(destination, [e["path"] for e in entries])
+        refuse_own_names([local for _, local in plan])
+        single = False
+    direct = _Direct(presigned)
+    with _Meter(progress, sum(a.size for a, _ in plan), f"{path}@{digest[:12]}") as meter:
+        for artifact, local in plan:
+            try:
+                _download(stub, artifact, local, resume, meter, direct)
+            except RunledgerError:
+                raise
+            except OSError as exc:
+                raise LocalFileError.wrap(exc, artifact.path, local) from exc
+    return plan[0][1] if single else destination
+
+
+def _manifest(stub: artifact_service_pb2_grpc.ArtifactServiceStub, digest: str, path: str) -> list[dict[str, Any]]:
+    """A directory's manifest, fetched by its digest and checked against it: the entries' paths and digests."""
+    try:
+        body = b"".join(m.chunk for m in stub.DownloadArtifact(pb.DownloadArtifactRequest(sha256=digest)))
+    except grpc.RpcError as err:
+        raise from_rpc_error(err) from None
+    if hashlib.sha256(body).hexdigest() != digest:
+        raise DataLoss(f"the manifest of {path} does not match its sha256 {digest}", reason="DIGEST_MISMATCH")
+    try:
+        entries = json.loads(body)
+        checked = [{"path": str(e["path"]), "sha256": str(e["sha256"]), "size": int(e["size"])} for e in entries]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise DataLoss(f"the manifest of {path} ({digest}) is not a manifest: {exc}", reason="BAD_MANIFEST") from None
+    return checked
 
 
 def list_artifacts(
@@ -336,9 +403,12 @@ def _receive(
     direct: _Direct,
 ) -> int:
     """Stream the bytes from `offset` into the sink, through the server or straight from its store."""
-    request = pb.DownloadArtifactRequest(
-        run_id=artifact.run_id, path=artifact.path, offset=offset, accept_presigned_url=direct.enabled
-    )
+    if artifact.run_id:
+        request = pb.DownloadArtifactRequest(
+            run_id=artifact.run_id, path=artifact.path, offset=offset, accept_presigned_url=direct.enabled
+        )
+    else:  # pinned by content: a model version's file
+        request = pb.DownloadArtifactRequest(sha256=artifact.sha256, offset=offset, accept_presigned_url=direct.enabled)
     url = None
     try:
         call = stub.DownloadArtifact(request)

@@ -617,6 +617,22 @@ class Client:
             self._artifact_channel, run_id, path, dest, resume=resume, progress=progress, unary=self._read_call
         )
 
+    def download_model(
+        self,
+        version: str | registry_pb2.ModelVersion,
+        dest: str | os.PathLike[str],
+        *,
+        resume: bool = True,
+        progress: artifacts.Progress = None,
+    ) -> Path:
+        """Download exactly what a model version registered (`"model@alias"`, `"model/versions/3"` or a
+        ModelVersion), by content address: files added to the run's directory after registration are not
+        part of the version. Every file is checked against its sha256 (DataLoss on mismatch)."""
+        resolved = self.resolve(version) if isinstance(version, str) else version
+        return artifacts.download_version(
+            self._artifact_channel, resolved, dest, resume=resume, progress=progress, unary=self._read_call
+        )
+
     def list_artifacts(self, run_id: str, *, prefix: str = "") -> Iterator[artifact_pb2.Artifact]:
         return artifacts.list_artifacts(self._artifact_channel, run_id, prefix=prefix, unary=self._read_call)
 
