@@ -607,3 +607,43 @@ def test_a_named_writer_against_a_server_without_get_metric_writer_numbers_from_
         assert stored and stored[0] == ("rank0", 0)
     finally:
         server.stop(None)
+
+
+def test_log_artifact_waits_for_a_restarting_server_and_a_directory_conflict_is_refused_before_sending(
+    tmp_path: Path,
+) -> None:
+    """An upload met a server restarting and failed at once (UNAVAILABLE), where every other call waits for it;
+    and a changed directory uploaded again over a recorded one recorded its new files before the first conflict
+    refused it, leaving a mix of both."""
+    server = ServerProcess(free_port(), tmp_path / "data", tmp_path / "server.log")
+    client = runledger.Client(server.start(), timeout=60, retry=RetryPolicy(initial_backoff=0.05, max_backoff=0.5))
+    try:
+        weights = tmp_path / "weights.bin"
+        weights.write_bytes(os.urandom(3 << 20))
+        run = client.start_run(experiment="restart-upload")
+        server.stop()
+        restarted = threading.Timer(1.0, server.start)
+        restarted.start()
+        recorded = run.log_artifact(weights, "weights.bin")  # sent once the server is back
+        restarted.join()
+        assert [(a.path, a.size) for a in recorded] == [("weights.bin", 3 << 20)]
+        assert [a.path for a in client.list_artifacts(run.run_id)] == ["weights.bin"]
+
+        first = tmp_path / "adapter-1"
+        first.mkdir()
+        (first / "b_weights.bin").write_bytes(b"one")
+        run.log_artifact(first, "adapter")
+        second = tmp_path / "adapter-2"
+        second.mkdir()
+        (second / "a_readme.md").write_text("new")  # sorts first: it was sent before the conflict was found
+        (second / "b_weights.bin").write_bytes(b"two")
+        with pytest.raises(errors.AlreadyExists) as refused:
+            run.log_artifact(second, "adapter")
+        assert refused.value.reason == "ARTIFACT_IMMUTABLE" and "adapter/b_weights.bin" in str(refused.value)
+        assert [a.path for a in client.list_artifacts(run.run_id, prefix="adapter/")] == ["adapter/b_weights.bin"]
+        again = run.log_artifact(first, "adapter")  # the same directory again: nothing new, nothing refused
+        assert [a.path for a in again] == ["adapter/b_weights.bin"]
+        run.finish()
+    finally:
+        client.close()
+        server.stop()

@@ -34,7 +34,7 @@ from runledger.artifact_paths import (
     refuse_collisions,
     refuse_own_names,
 )
-from runledger.errors import DataLoss, LocalFileError, NotFound, RunledgerError, from_rpc_error
+from runledger.errors import AlreadyExists, DataLoss, LocalFileError, NotFound, RunledgerError, from_rpc_error
 from runledger.v1 import artifact_pb2, artifact_service_pb2 as pb, artifact_service_pb2_grpc, registry_pb2
 
 _LOGGER = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ CHUNK = 1 << 20  # the server's limit per upload message
 
 # How a unary call is made: (method, request) -> response, raising typed errors.
 Unary = Callable[[Callable[..., Any], Any], Any]
+# Runs `attempt(remaining seconds)` with a deadline and retries (the Client's), returning its result.
+Retrying = Callable[[Callable[[float], Any]], Any]
 
 
 def _plain(method: Callable[..., Any], request: Any) -> Any:
@@ -64,15 +66,18 @@ def upload_file(
     artifact_path: str | None = None,
     *,
     progress: Progress = None,
+    retrying: Retrying | None = None,
 ) -> artifact_pb2.Artifact:
     """Upload one file as `artifact_path` (default: its file name, in NFC) of the run; returns the recorded
-    artifact. The path is checked before the file is read, so a refused name costs no hashing."""
+    artifact. The path is checked before the file is read, so a refused name costs no hashing. `retrying(attempt)`
+    runs `attempt(remaining seconds)` with the caller's deadline and retries (the Client's: a server restarting
+    meanwhile is waited for, and the file sent again from its start); one plain attempt by default."""
     local = Path(local_path)
     target = check_path(artifact_path if artifact_path is not None else nfc(local.name))
     size, digest = file_digest(local)
     with _Meter(progress, size, target) as meter:
         return _upload(
-            artifact_service_pb2_grpc.ArtifactServiceStub(channel), run_id, local, target, size, digest, meter
+            artifact_service_pb2_grpc.ArtifactServiceStub(channel), run_id, local, target, size, digest, meter, retrying
         )
 
 
@@ -83,12 +88,18 @@ def upload_dir(
     artifact_path: str | None = None,
     *,
     progress: Progress = None,
+    retrying: Retrying | None = None,
+    unary: Unary | None = None,
 ) -> list[artifact_pb2.Artifact]:
     """Upload every file below `local_dir` under `artifact_path` (default: the directory's name; "" for the
-    run's root), keeping relative paths. Files are sent in path order.
+    run's root), keeping relative paths. Files are sent in path order; `retrying` and `unary` as for
+    upload_file and list_artifacts.
 
     Local names are normalised to NFC (macOS spells them decomposed), and every path is checked before the
     first file is sent: one name the server would refuse must not leave the rest of the directory recorded.
+    So is what the run already holds there: a path recorded with other content is refused (AlreadyExists
+    ARTIFACT_IMMUTABLE, nothing sent), and a file recorded with the same content is not sent again (an upload
+    that failed half way is simply repeated).
     """
     root = Path(local_dir)
     if not root.is_dir():
@@ -98,12 +109,25 @@ def upload_dir(
     plan = [(p, "/".join(filter(None, [base, nfc(p.relative_to(root).as_posix())]))) for p in files]
     check_upload_plan(root, plan)
     digests = [file_digest(p) for p, _ in plan]
+    held = {a.path: a for a in list_artifacts(channel, run_id, prefix=base, unary=unary)}
+    for (_, target), (_, digest) in zip(plan, digests, strict=True):
+        if target in held and held[target].sha256 != digest:
+            raise AlreadyExists(
+                f"runs/{run_id} already records {target} with other content (sha256 {held[target].sha256}); "
+                "artifacts are immutable: upload the directory under another path. Nothing was sent",
+                reason="ARTIFACT_IMMUTABLE",
+                metadata={"field": "path", "path": target},
+            )
     stub = artifact_service_pb2_grpc.ArtifactServiceStub(channel)
     with _Meter(progress, sum(size for size, _ in digests), base or "artifacts") as meter:
-        return [
-            _upload(stub, run_id, p, target, size, digest, meter)
-            for (p, target), (size, digest) in zip(plan, digests, strict=True)
-        ]
+        out = []
+        for (p, target), (size, digest) in zip(plan, digests, strict=True):
+            if target in held:
+                meter.advance(size)
+                out.append(held[target])
+            else:
+                out.append(_upload(stub, run_id, p, target, size, digest, meter, retrying))
+        return out
 
 
 def download(
@@ -263,7 +287,10 @@ def _upload(
     size: int,
     digest: str,
     meter: _Meter,
+    retrying: Retrying | None = None,
 ) -> artifact_pb2.Artifact:
+    sent = [0]  # bytes the meter counted in this attempt: taken back when it is repeated
+
     def requests() -> Iterator[pb.UploadArtifactRequest]:
         yield pb.UploadArtifactRequest(
             header=pb.UploadArtifactHeader(run_id=run_id, path=target, size=size, sha256=digest)
@@ -272,11 +299,19 @@ def _upload(
             while chunk := f.read(CHUNK):
                 yield pb.UploadArtifactRequest(chunk=chunk)
                 meter.advance(len(chunk))
+                sent[0] += len(chunk)
 
-    try:
-        return stub.UploadArtifact(requests())
-    except grpc.RpcError as err:
-        raise from_rpc_error(err) from None
+    def attempt(remaining: float) -> artifact_pb2.Artifact:
+        meter.advance(-sent[0])
+        sent[0] = 0
+        return stub.UploadArtifact(requests(), timeout=remaining, wait_for_ready=True)
+
+    if retrying is None:
+        try:
+            return stub.UploadArtifact(requests())
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+    return retrying(attempt)
 
 
 def _download(

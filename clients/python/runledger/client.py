@@ -595,12 +595,19 @@ class Client:
         """Upload a file or a whole directory (e.g. a LoRA adapter folder) as the run's artifact(s).
 
         Bytes stream in 1 MiB chunks, are stored once by sha256, and are recorded only after the server has
-        verified the digest. `artifact_path` defaults to the file or directory name.
+        verified the digest. `artifact_path` defaults to the file or directory name. A server restarting
+        meanwhile is waited for (within the client's timeout), and the file being sent is sent again.
         """
         channel = self._artifact_channel
+
+        def retrying(attempt: Callable[[float], Any]) -> Any:
+            return self._retrying(attempt, True, None)  # a repeat of an upload stores nothing new
+
         if Path(local_path).is_dir():
-            return artifacts.upload_dir(channel, run_id, local_path, artifact_path, progress=progress)
-        return [artifacts.upload_file(channel, run_id, local_path, artifact_path, progress=progress)]
+            return artifacts.upload_dir(
+                channel, run_id, local_path, artifact_path, progress=progress, retrying=retrying, unary=self._read_call
+            )
+        return [artifacts.upload_file(channel, run_id, local_path, artifact_path, progress=progress, retrying=retrying)]
 
     def download_artifacts(
         self,
