@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -646,4 +647,29 @@ def test_log_artifact_waits_for_a_restarting_server_and_a_directory_conflict_is_
         run.finish()
     finally:
         client.close()
+        server.stop()
+
+
+def test_an_interrupted_run_with_the_server_away_says_what_it_waits_for_and_gives_up_promptly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C with the server unreachable waited silently for the flush and then 30 s more (the client's
+    timeout) to mark the run FAILED; now it says what it waits for, and the status gets a brief try, as KILLED."""
+    server = ServerProcess(free_port(), tmp_path / "data", tmp_path / "server.log")
+    client = runledger.Client(server.start(), timeout=30, finish_timeout=0.5)
+    try:
+        run = client.start_run(experiment="interrupted")
+        server.stop()
+        start = time.monotonic()
+        with pytest.raises(KeyboardInterrupt), run:
+            for step in range(1_000):
+                run.log_metrics({"loss": 1.0}, step=step)
+            raise KeyboardInterrupt
+        waited = time.monotonic() - start
+        said = capsys.readouterr().err
+        assert f"runledger: run {run.run_id} stopped; storing up to" in said and "interrupt again" in said
+        assert waited < 15, f"the interrupted exit took {waited:.1f} s"  # 0.5 s flush + 2 s status, not 30
+    finally:
+        with contextlib.suppress(errors.RunledgerError):  # the server is gone: nothing left to send matters
+            client.close(timeout=1)
         server.stop()

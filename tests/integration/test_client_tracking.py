@@ -207,7 +207,10 @@ def test_exception_in_the_with_block_marks_failed_and_propagates(client: runledg
     assert len(client.metric_history(run.run_id, "loss").steps) == 100  # flushed before marking
 
 
-@pytest.mark.parametrize(("code", "status"), [(0, "FINISHED"), (None, "FINISHED"), (3, "FAILED"), ("bad", "FAILED")])
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [(0, "FINISHED"), (None, "FINISHED"), (3, "FAILED"), ("bad", "FAILED"), (143, "KILLED"), (130, "KILLED")],
+)
 def test_sys_exit_in_the_with_block_sets_the_status_by_its_code(
     client: runledger.Client, code: object, status: str
 ) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import operator
 import os
+import signal
+import sys
 import threading
 import time
 import weakref
@@ -26,6 +28,8 @@ if TYPE_CHECKING:
 _LOGGER = logging.getLogger(__name__)
 
 _DEFAULT_FAILED_EXIT_TIMEOUT = 60.0
+# sys.exit(128 + signal) from a SIGINT or SIGTERM handler (a preempted job): the run was stopped, not broken.
+_KILLED_EXIT_CODES = frozenset({128 + signal.SIGINT, 128 + signal.SIGTERM})
 _INTERRUPTED_STATUS_TIMEOUT = 2.0  # marking a run KILLED after Ctrl-C: the person waiting should not wait long
 _time_ns = time.time_ns
 
@@ -251,8 +255,11 @@ class Run:
                 stream.abandon()
                 with self._lock:
                     self._finished = True  # the points are given up: nothing a second call could change
-                if status is not None:
-                    self._set_status_quietly("FAILED")
+                if status is not None:  # a stop asked for (Ctrl-C, SIGTERM) stays KILLED; the server was just
+                    # unreachable or refusing for the whole flush, so trying again is brief
+                    self._set_status_quietly(
+                        "KILLED" if status == "KILLED" else "FAILED", timeout=_INTERRUPTED_STATUS_TIMEOUT
+                    )
                 raise
             except (KeyboardInterrupt, SystemExit):
                 # Interrupted (Ctrl-C) while the points were being flushed: they stay queued, for the flush at
@@ -281,10 +288,24 @@ class Run:
             # sys.exit(0) inside the block (a script ending early, a handler stopping cleanly) is a success
             self.finish(timeout=self._client.finish_timeout)
             return
-        status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+        killed = issubclass(exc_type, KeyboardInterrupt) or (
+            isinstance(exc, SystemExit) and exc.code in _KILLED_EXIT_CODES
+        )
+        status = "KILLED" if killed else "FAILED"
         timeout = self._client.finish_timeout
         if timeout is None:
             timeout = _DEFAULT_FAILED_EXIT_TIMEOUT
+        stream = self._stream
+        unsent = 0 if stream is None else stream.logged_points - stream.acked_points
+        if killed and unsent > 0:
+            # Someone is waiting for the process to end, and with the server away the wait can be long: say
+            # why (the library's log is silent unless the application configures logging).
+            print(
+                f"runledger: run {self.run_id} stopped; storing up to {unsent:,} points it still holds (for up "
+                f"to {timeout:g} s; interrupt again to give them up)",
+                file=sys.stderr,
+                flush=True,
+            )
         try:
             self.finish(status if self.owns_status else None, timeout=timeout)
         except errors.RunledgerError as err:
