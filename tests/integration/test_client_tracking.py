@@ -1189,3 +1189,28 @@ def test_a_forked_child_of_a_closed_client_can_close_it_too(server: EmbeddedServ
         os._exit(0)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def test_methods_taking_a_run_id_take_the_run_too_and_refuse_other_types_by_name(
+    client: runledger.Client, tmp_path: Path
+) -> None:
+    """register() took a Run, but get_run, log_params, list_artifacts, download_artifacts and others raised a
+    bare TypeError from protobuf for one."""
+    run = client.start_run(experiment="run-refs")
+    run.log_metrics({"loss": 0.5}, step=0)
+    run.flush()
+    message = client.get_run(run)
+    assert message.run_id == run.run_id and client.get_run(message).run_id == run.run_id
+    assert client.log_params(run, {"lr": 1e-4}) == {"lr": "0.0001"}
+    assert client.set_tags(message, {"stage": "sft"}) == {"stage": "sft"}
+    assert client.metric_history(run, "loss").steps.tolist() == [0]
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"w")
+    client.log_artifact(run, weights)
+    assert [a.path for a in client.list_artifacts(run)] == ["w.bin"]
+    assert client.download_artifacts(message, "w.bin", tmp_path / "got.bin").read_bytes() == b"w"
+    assert client.attach_run(run, writer_id="second").run_id == run.run_id
+    with pytest.raises(errors.InvalidArgument) as bad:
+        client.get_run(42)  # type: ignore[arg-type]
+    assert bad.value.metadata["field"] == "run_id"
+    run.finish()

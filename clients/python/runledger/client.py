@@ -38,6 +38,22 @@ _STREAM_METHOD = "/runledger.v1.TrackingService/StreamMetrics"
 
 T = TypeVar("T")
 StubT = TypeVar("StubT")
+# A run, by ID or as the Run a client started or the Run message a call returned.
+RunRef = str | Run | tracking_pb2.Run
+
+
+def run_id_of(run: object, field: str = "run_id") -> str:
+    """The ID of a run given as its ID, a Run or a Run message; InvalidArgument naming `field` otherwise."""
+    if isinstance(run, str):
+        return run
+    if isinstance(run, (Run, tracking_pb2.Run)):
+        return run.run_id
+    raise errors.InvalidArgument(
+        f"{field} must be a run ID or a Run, got {type(run).__name__}",
+        reason="INVALID_ARGUMENT",
+        metadata={"field": field},
+    )
+
 
 _EXPERIMENT_NAME = re.compile(r"^experiments/[a-z0-9][a-z0-9-]{0,63}$")
 
@@ -367,26 +383,29 @@ class Client:
                 raise
         return Run(self, info, writer_id=writer_id or self.writer_id, owns_status=True)
 
-    def attach_run(self, run_id: str, *, writer_id: str | None = None) -> Run:
+    def attach_run(self, run_id: RunRef, *, writer_id: str | None = None) -> Run:
         """Another writer of an existing run (e.g. one rank of a distributed job). Its context exit flushes
         but leaves the run's status to the `Run` that started it. Each writer needs its own writer_id."""
+        run_id = run_id_of(run_id)
         if writer_id:
             _ids.check_writer_id(writer_id)
         info = self.get_run(run_id)
         return Run(self, info, writer_id=writer_id or self.writer_id, owns_status=False)
 
-    def get_run(self, run_id: str) -> tracking_pb2.Run:
+    def get_run(self, run_id: RunRef) -> tracking_pb2.Run:
+        run_id = run_id_of(run_id)
         return self._call(self._tracking.GetRun, pb.GetRunRequest(run_id=run_id), idempotent=True)
 
     def update_run(
         self,
-        run_id: str,
+        run_id: RunRef,
         *,
         status: str | int | None = None,
         display_name: str | None = None,
         timeout: float | None = None,
     ) -> tracking_pb2.Run:
         """Set the status (RUNNING, FINISHED, FAILED, KILLED; a final one records the end time) or the name."""
+        run_id = run_id_of(run_id)
         request = pb.UpdateRunRequest(run_id=run_id)
         if status is not None:
             request.status = _convert.run_status(status)
@@ -424,17 +443,20 @@ class Client:
             if not token:
                 return
 
-    def log_params(self, run_id: str, params: Mapping[str, Any]) -> dict[str, str]:
+    def log_params(self, run_id: RunRef, params: Mapping[str, Any]) -> dict[str, str]:
         """Record immutable params; returns all params of the run. A changed value raises AlreadyExists
         (reason PARAM_IMMUTABLE) and stores nothing of the call."""
+        run_id = run_id_of(run_id)
         request = pb.LogParamsRequest(run_id=run_id, params=_convert.string_map(params, "params"))
         return dict(self._call(self._tracking.LogParams, request, idempotent=True).params)
 
-    def set_tags(self, run_id: str, tags: Mapping[str, Any], *, remove: Sequence[str] = ()) -> dict[str, str]:
+    def set_tags(self, run_id: RunRef, tags: Mapping[str, Any], *, remove: Sequence[str] = ()) -> dict[str, str]:
+        run_id = run_id_of(run_id)
         request = pb.SetTagsRequest(run_id=run_id, tags=_convert.string_map(tags, "tags"), remove_keys=list(remove))
         return dict(self._call(self._tracking.SetTags, request, idempotent=True).tags)
 
-    def set_lineage(self, run_id: str, lineage: Mapping[str, Any]) -> pb.SetLineageResponse:
+    def set_lineage(self, run_id: RunRef, lineage: Mapping[str, Any]) -> pb.SetLineageResponse:
+        run_id = run_id_of(run_id)
         request = pb.SetLineageRequest(run_id=run_id, lineage=_convert.lineage_to_proto(lineage))
         return self._call(self._tracking.SetLineage, request, idempotent=True)
 
@@ -476,7 +498,7 @@ class Client:
 
     def metric_history(
         self,
-        run_id: str,
+        run_id: RunRef,
         key: str,
         *,
         start_step: int | None = None,
@@ -491,6 +513,7 @@ class Client:
         reads at once (HISTORY_TOO_LARGE) is read in parts, within the one `timeout`; each part is downsampled to
         its share of `max_points` (and keeps at least its own first, last, minimum and maximum).
         """
+        run_id = run_id_of(run_id)
         budget = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + (NO_LIMIT if budget is None or budget > NO_LIMIT else budget)
         request = _convert.request(
@@ -530,9 +553,10 @@ class Client:
 
     # ---- eval results and sweeps --------------------------------------------------------------------
     def log_eval_result(
-        self, run_id: str, *, suite_fingerprint: str, metrics: Mapping[str, float]
+        self, run_id: RunRef, *, suite_fingerprint: str, metrics: Mapping[str, float]
     ) -> tracking_pb2.EvalResult:
         """Record a run's scores on an eval suite (immutable: a changed score raises AlreadyExists)."""
+        run_id = run_id_of(run_id)
         request = _convert.request(
             pb.LogEvalResultRequest,
             run_id=run_id,
@@ -586,7 +610,7 @@ class Client:
     # ---- artifacts ----------------------------------------------------------------------------------
     def log_artifact(
         self,
-        run_id: str,
+        run_id: RunRef,
         local_path: str | os.PathLike[str],
         artifact_path: str | None = None,
         *,
@@ -598,6 +622,7 @@ class Client:
         verified the digest. `artifact_path` defaults to the file or directory name. A server restarting
         meanwhile is waited for (within the client's timeout), and the file being sent is sent again.
         """
+        run_id = run_id_of(run_id)
         channel = self._artifact_channel
 
         def retrying(attempt: Callable[[float], Any]) -> Any:
@@ -611,7 +636,7 @@ class Client:
 
     def download_artifacts(
         self,
-        run_id: str,
+        run_id: RunRef,
         path: str,
         dest: str | os.PathLike[str],
         *,
@@ -620,6 +645,7 @@ class Client:
     ) -> Path:
         """Download a file or a directory of a run to `dest`, checking every file's sha256 (DataLoss on
         mismatch) and resuming an interrupted download."""
+        run_id = run_id_of(run_id)
         return artifacts.download(
             self._artifact_channel, run_id, path, dest, resume=resume, progress=progress, unary=self._read_call
         )
@@ -640,7 +666,8 @@ class Client:
             self._artifact_channel, resolved, dest, resume=resume, progress=progress, unary=self._read_call
         )
 
-    def list_artifacts(self, run_id: str, *, prefix: str = "") -> Iterator[artifact_pb2.Artifact]:
+    def list_artifacts(self, run_id: RunRef, *, prefix: str = "") -> Iterator[artifact_pb2.Artifact]:
+        run_id = run_id_of(run_id)
         return artifacts.list_artifacts(self._artifact_channel, run_id, prefix=prefix, unary=self._read_call)
 
     @property
@@ -674,8 +701,9 @@ class Client:
         """Register a run's artifact as the model's next version (the model is created when missing).
         Raises FailedPrecondition `BROKEN_LINEAGE`, naming every missing lineage field, when the run's lineage
         is incomplete."""
-        run_id = run.run_id if isinstance(run, Run) else run
-        return self.registry.register(run_id, model=model, artifact_path=artifact_path, description=description)
+        return self.registry.register(
+            run_id_of(run, "run"), model=model, artifact_path=artifact_path, description=description
+        )
 
     def create_gate(
         self,
