@@ -1214,3 +1214,25 @@ def test_methods_taking_a_run_id_take_the_run_too_and_refuse_other_types_by_name
         client.get_run(42)  # type: ignore[arg-type]
     assert bad.value.metadata["field"] == "run_id"
     run.finish()
+
+
+def test_a_crashed_run_is_resumed_with_its_writer_and_its_status_owned_again(client: runledger.Client) -> None:
+    """start_run(run_id=...) of a run that crashed (or whose tags changed) was a bare AlreadyExists, and
+    attach_run left the status RUNNING after its block: resume_run continues it as MLflow's start_run does."""
+    run_id = "0" * 31 + "7"
+    with pytest.raises(RuntimeError), client.start_run(experiment="resume", run_id=run_id, writer_id="rank0") as run:
+        for step in range(5):
+            run.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+        client.set_tags(run, {"phase": "warmup"})
+        raise RuntimeError("node lost")
+    assert client.get_run(run_id).status == tracking_pb2.RUN_STATUS_FAILED
+    with pytest.raises(errors.AlreadyExists) as exists:
+        client.start_run(experiment="resume", run_id=run_id)
+    assert exists.value.reason == "RUN_EXISTS" and "resume_run" in str(exists.value)
+    with client.resume_run(run_id, writer_id="rank0") as resumed:
+        assert client.get_run(run_id).status == tracking_pb2.RUN_STATUS_RUNNING
+        for step in range(5, 10):
+            resumed.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+    info = client.get_run(run_id)
+    assert info.status == tracking_pb2.RUN_STATUS_FINISHED and dict(info.tags) == {"phase": "warmup"}
+    assert client.metric_history(run_id, "loss").steps.tolist() == list(range(10))

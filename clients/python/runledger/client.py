@@ -357,7 +357,8 @@ class Client:
         `lineage` holds any of data_version, code_commit, config (a dict), base_model, seed; the server
         computes the fingerprint (`run.lineage_fingerprint`). `run_id` is chosen here when not given, which
         makes a retried create safe; a given `run_id` whose run is exactly what this call asks for and still
-        running returns that run (a retry, or a restarted script), any other run of that ID is AlreadyExists.
+        running returns that run (a retry, or a restarted script), any other run of that ID is AlreadyExists
+        (`RUN_EXISTS`; `resume_run` continues a run that stopped).
         """
         if writer_id:
             _ids.check_writer_id(writer_id)  # before the run is created, not when its first points are sent
@@ -380,7 +381,25 @@ class Client:
             # what a restarted script with a fixed ID wants); any other run of that ID is a real conflict.
             info = self.get_run(chosen)
             if run_id is not None and not _is_created_by(info, request):
-                raise
+                status = tracking_pb2.RunStatus.Name(info.status).removeprefix("RUN_STATUS_")
+                raise errors.AlreadyExists(
+                    f"runs/{chosen} already exists ({status}) and is not what this call creates (a run that "
+                    "stopped, or whose tags or params changed since): continue it with client.resume_run(run_id)",
+                    reason="RUN_EXISTS",
+                    metadata={"field": "run_id", "run": f"runs/{chosen}", "status": status},
+                ) from None
+        return Run(self, info, writer_id=writer_id or self.writer_id, owns_status=True)
+
+    def resume_run(self, run_id: RunRef, *, writer_id: str | None = None) -> Run:
+        """Continue a run that stopped (a crash, a preemption, more training after it finished), as MLflow's
+        `start_run(run_id=...)` does: the run is RUNNING again (its end time cleared) and the returned `Run`
+        owns its status, so leaving its `with` block marks it FINISHED, FAILED or KILLED. Params and lineage stay
+        as recorded (they are immutable); tags may change. Pass the writer_id the stopped process used (e.g.
+        f"rank{rank}") so that its metric batches are numbered on from what the server stored."""
+        run_id = run_id_of(run_id)
+        if writer_id:
+            _ids.check_writer_id(writer_id)
+        info = self.update_run(run_id, status="RUNNING")
         return Run(self, info, writer_id=writer_id or self.writer_id, owns_status=True)
 
     def attach_run(self, run_id: RunRef, *, writer_id: str | None = None) -> Run:
