@@ -618,12 +618,12 @@ def test_log_artifact_waits_for_a_restarting_server_and_a_directory_conflict_is_
     refused it, leaving a mix of both."""
     server = ServerProcess(free_port(), tmp_path / "data", tmp_path / "server.log")
     client = runledger.Client(server.start(), timeout=60, retry=RetryPolicy(initial_backoff=0.05, max_backoff=0.5))
+    restarted = threading.Timer(1.0, server.start)
     try:
         weights = tmp_path / "weights.bin"
         weights.write_bytes(os.urandom(3 << 20))
         run = client.start_run(experiment="restart-upload")
         server.stop()
-        restarted = threading.Timer(1.0, server.start)
         restarted.start()
         recorded = run.log_artifact(weights, "weights.bin")  # sent once the server is back
         restarted.join()
@@ -646,6 +646,9 @@ def test_log_artifact_waits_for_a_restarting_server_and_a_directory_conflict_is_
         assert [a.path for a in again] == ["adapter/b_weights.bin"]
         run.finish()
     finally:
+        restarted.cancel()  # a failure before the restart: it must not start a server after the test
+        if restarted.is_alive():
+            restarted.join()
         client.close()
         server.stop()
 
