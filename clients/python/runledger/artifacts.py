@@ -175,8 +175,22 @@ def download(
         plan = [(a, local_target(destination, rel)) for a, rel in zip(found, below, strict=True)]
         refuse_collisions(destination, below)
         refuse_own_names([local for _, local in plan])
+    _fetch(stub, plan, path or run_id, resume=resume, presigned=presigned, progress=progress)
+    return plan[0][1] if single else destination
+
+
+def _fetch(
+    stub: artifact_service_pb2_grpc.ArtifactServiceStub,
+    plan: list[tuple[artifact_pb2.Artifact, Path]],
+    label: str,
+    *,
+    resume: bool,
+    presigned: bool,
+    progress: Progress,
+) -> None:
+    """Download each planned artifact to its local path, with one progress meter for them all."""
     direct = _Direct(presigned)
-    with _Meter(progress, sum(a.size for a in found), path or run_id) as meter:
+    with _Meter(progress, sum(a.size for a, _ in plan), label) as meter:
         for artifact, local in plan:
             try:
                 _download(stub, artifact, local, resume, meter, direct)
@@ -184,7 +198,6 @@ def download(
                 raise  # DeadlineExceeded is an OSError too, but it is the call's failure, not the disk's
             except OSError as exc:  # the local file system's: a full disk, no permission, a name it refuses
                 raise LocalFileError.wrap(exc, artifact.path, local) from exc
-    return plan[0][1] if single else destination
 
 
 def download_version(
@@ -225,15 +238,7 @@ def download_version(
         refuse_collisions(destination, [e["path"] for e in entries])
         refuse_own_names([local for _, local in plan])
         single = False
-    direct = _Direct(presigned)
-    with _Meter(progress, sum(a.size for a, _ in plan), f"{path}@{digest[:12]}") as meter:
-        for artifact, local in plan:
-            try:
-                _download(stub, artifact, local, resume, meter, direct)
-            except RunledgerError:
-                raise
-            except OSError as exc:
-                raise LocalFileError.wrap(exc, artifact.path, local) from exc
+    _fetch(stub, plan, f"{path}@{digest[:12]}", resume=resume, presigned=presigned, progress=progress)
     return plan[0][1] if single else destination
 
 
