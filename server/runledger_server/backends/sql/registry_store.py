@@ -99,8 +99,6 @@ class SqlRegistryStore:
         self._versions_bytes = 0
         self._versions_lock = threading.Lock()
         # The last answer per alias, with the rows it was built from: reused while the rows read are the same.
-        # Read and written by the serving path's thread (the event loop on SQLite, a worker each otherwise):
-        # a lost update between workers only costs a rebuild.
         self._serving: BoundedCache[tuple[str, str], tuple[list[tuple[Any, ...]], ServingTarget]] = BoundedCache(
             SERVING_CACHE_SIZE, SERVING_CACHE_BYTES
         )
