@@ -3,7 +3,8 @@
 Changes made through this process wake the streams at once (`notify`, callable from any thread). Changes made
 by other replicas sharing the database are found by one background poll of the watched aliases' revisions
 (a single cheap query for all of them, every `poll_interval` seconds, only while someone watches).
-A woken stream re-reads the alias and sends it only if its revision moved, so spurious wake-ups are harmless.
+A woken stream re-reads the alias and sends each change since the revision it last sent (those it missed from
+the alias history), so spurious wake-ups are harmless.
 When the server stops, `shut_down` ends every stream (UNAVAILABLE), so its clients move to another replica
 at once instead of holding the graceful stop for its whole grace period.
 """
