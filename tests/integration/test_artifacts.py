@@ -35,6 +35,7 @@ from runledger_server.domain.lineage import Lineage
 from runledger_server.embedded import EmbeddedServer
 from runledger_server.services.artifacts import ArtifactService, canonical_manifest
 from tests.fixtures.s3 import S3Server, moto_process
+from tests.fixtures.tcp_relay import CuttingRelay
 from tests.support import refusal
 
 MiB = 1 << 20
@@ -907,3 +908,63 @@ def test_a_local_store_that_cannot_take_new_files_refuses_uploads_and_still_answ
         assert [e.path for e in listing.entries] == ["a.txt"]
         os.remove(staging)
         os.mkdir(staging)
+
+
+@pytest.mark.s3
+def test_a_presigned_download_cut_short_is_finished_through_the_server(
+    tmp_path: Path, s3_server: S3Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store's connection drops midway through the body: the client keeps what it received, takes the
+    rest through the server from that offset, and the file is whole and verified."""
+    host, port = s3_server.endpoint.rsplit(":", 1)
+    with CuttingRelay((host, int(port))) as relay:
+        settings = replace(s3_server, endpoint=relay.endpoint).settings(
+            Settings(host="127.0.0.1", port=0, data_dir=tmp_path / "d"), f"cut-{uuid.uuid4().hex[:8]}"
+        )
+        with EmbeddedServer(settings) as srv, grpc.insecure_channel(srv.address) as channel:
+            run = _new_run(_tracking(channel))
+            data = _blob(5 * MiB + 17, seed=13)
+            _upload(Stub(channel), run, "w.bin", data)
+            relay.cut_after(2 * MiB)
+            with caplog.at_level(logging.DEBUG, logger="runledger.artifacts"):
+                client_artifacts.download(channel, run, "w.bin", tmp_path / "w.bin", progress=False)
+            assert relay.cuts == 1
+            assert "downloading through the server" in caplog.text
+            assert (tmp_path / "w.bin").read_bytes() == data
+            assert not (tmp_path / ".w.bin.runledger-part").exists()
+
+
+@pytest.mark.s3
+def test_presigned_fetches_reuse_their_connection_and_open_another_once_the_store_closed_it(
+    tmp_path: Path, s3_server: S3Server
+) -> None:
+    host, port = s3_server.endpoint.rsplit(":", 1)
+    with CuttingRelay((host, int(port))) as relay:
+        settings = replace(s3_server, endpoint=relay.endpoint).settings(
+            Settings(host="127.0.0.1", port=0, data_dir=tmp_path / "d"), f"reuse-{uuid.uuid4().hex[:8]}"
+        )
+        with EmbeddedServer(settings) as srv, grpc.insecure_channel(srv.address) as channel:
+            stub = Stub(channel)
+            run = _new_run(_tracking(channel))
+            blobs = {f"f{i}.bin": _blob(MiB + i, seed=20 + i) for i in range(3)}
+            for path, data in blobs.items():
+                _upload(stub, run, path, data)
+            direct = client_artifacts._Direct(True)
+            opened = []  # connections the relay accepted during each fetch
+            for i, (path, data) in enumerate(blobs.items()):
+                if i == 2:
+                    relay.drop_connections()
+                url = _presigned_url(stub, run, path)
+                out, digest = io.BytesIO(), hashlib.sha256()
+                sink = client_artifacts._Sink(out, digest)
+                before = relay.accepted
+                with client_artifacts._Meter(False, len(data), path) as meter:
+                    reached = direct.fetch(url, 0, len(data), sink, meter)
+                sink.close()
+                opened.append(relay.accepted - before)
+                assert (reached, out.getvalue()) == (len(data), data)
+                assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
+            direct.close()
+            # Kept alive between files; the one the store closed was replaced, and that fetch still succeeded.
+            # moto's web server closes every connection after its response, so there each fetch opens one.
+            assert opened == ([1, 1, 1] if s3_server.kind == "moto" else [1, 0, 1])
