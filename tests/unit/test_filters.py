@@ -111,6 +111,14 @@ def test_a_token_nested_beyond_the_json_parsers_depth_is_malformed() -> None:
     assert info.value.field == "page_token"
 
 
+def test_a_token_with_an_empty_cursor_is_malformed_not_the_first_page() -> None:
+    token = paging.encode([], {"q": 1})
+    with pytest.raises(InvalidArgument) as info:
+        paging.decode(token, {"q": 1})
+    assert info.value.field == "page_token"
+    assert paging.decode(paging.encode([3], {"q": 1}), {"q": 1}) == [3]
+
+
 @pytest.mark.parametrize(
     "cursor",
     [

@@ -74,7 +74,8 @@ def version_ref(name: str, field: str = "name") -> tuple[str, int | None, str | 
     candidate = name if name.startswith("models/") else f"models/{name}"
     m = _VERSION.fullmatch(candidate)
     if m:
-        number = int(m.group(2))
+        digits = m.group(2).lstrip("0") or "0"  # int() refuses over 4,300 digits with an error of its own
+        number = int(digits) if len(digits) <= 19 else 1 << 63
         if not 0 < number < 1 << 63:
             raise InvalidArgument(f"{field} {name!r}: a version number is from 1 to 2^63-1", field=field)
         return slug(m.group(1), field), number, None

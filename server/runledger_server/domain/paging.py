@@ -43,7 +43,7 @@ def decode(token: str, query: Any) -> list[Any] | None:
         raise InvalidArgument(
             "page_token belongs to a different query (filter, order or parent changed)", field="page_token"
         )
-    if not isinstance(cursor, list):
+    if not isinstance(cursor, list) or not cursor:  # every token names the row it continues after
         raise InvalidArgument("page_token is malformed", field="page_token")
     return cursor
 
