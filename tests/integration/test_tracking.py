@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
 import math
@@ -279,6 +280,40 @@ def test_stream_metrics_acks_and_dedup(tracking) -> None:
     ]
     steps, values, _ = _history(tracking, run.run_id, "train/loss")
     assert steps == list(range(200)) and values == [1.0 / (1 + s) for s in steps]
+
+
+def test_a_batch_under_a_stored_seq_with_other_points_is_refused_not_acknowledged(settings, tracking) -> None:
+    """Same (run, writer, seq), other points: another writer reusing the writer_id, not a re-send. Acknowledging
+    it as a duplicate would count its points as stored when they were dropped."""
+    import sqlite3
+
+    run = _run(tracking, _experiment(tracking))
+
+    def batch(seq: int, value: float, key: str = "loss") -> pb.LogMetricsRequest:
+        series = [_series(key, [seq], [value])]
+        return pb.LogMetricsRequest(run_id=run.run_id, writer_id="rank0", seq=seq, series=series)
+
+    assert not tracking.LogMetrics(batch(0, 0.5)).duplicate
+    assert tracking.LogMetrics(batch(0, 0.5)).duplicate  # the same points again: a re-send
+    for other in (batch(0, 0.25), batch(0, 0.5, key="reward")):
+        r = refusal(lambda b=other: tracking.LogMetrics(b))
+        assert (r.code, r.reason) == (grpc.StatusCode.ALREADY_EXISTS, "WRITER_ID_REUSED")
+        assert r.metadata["field"] == "writer_id"
+        assert r.metadata["seq"] == "0" and "another writer uses the same writer_id" in r.message
+    # In one stream (one commit group, or two): the second batch numbered 1 is refused, the first is stored.
+    stream = [pb.StreamMetricsRequest(**{f.name: v for f, v in batch(1, x).ListFields()}) for x in (1.5, 2.5)]
+    acks = tracking.StreamMetrics(iter(stream))
+    assert [(a.seq, a.duplicate) for a in itertools.islice(acks, 1)] == [(1, False)]
+    r = refusal(lambda: list(acks))
+    assert (r.code, r.reason) == (grpc.StatusCode.ALREADY_EXISTS, "WRITER_ID_REUSED")
+    steps, values, _ = _history(tracking, run.run_id, "loss")
+    assert (steps, values) == ([0, 1], [0.5, 1.5])
+    assert _history(tracking, run.run_id, "reward")[0] == []
+    # A batch stored before checksums were kept has none: any batch under its seq counts as a re-send.
+    with contextlib.closing(sqlite3.connect(settings.data_dir / "runledger.db")) as db, db:
+        db.execute("UPDATE metric_batches SET content_crc = NULL WHERE seq = 0")
+    assert tracking.LogMetrics(batch(0, 0.25)).duplicate
+    assert _history(tracking, run.run_id, "loss")[1] == [0.5, 1.5]
 
 
 def test_get_metric_writer_says_where_a_writer_resumes(tracking) -> None:

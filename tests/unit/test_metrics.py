@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from runledger_server.domain import metrics
 from runledger_server.domain.errors import InvalidArgument
 from runledger_server.domain.metrics import Series, downsample, in_step_order, joined, validate_batch
 
@@ -117,3 +118,31 @@ def test_random_chunks_match_the_stable_sort_definition() -> None:
         start = None if rng.random() < 0.5 else int(rng.integers(0, 15))
         end = None if rng.random() < 0.5 else int(rng.integers(0, 25))
         assert flat(in_step_order(chunks, start, end)) == reference(chunks, start, end)
+
+
+def _batch(*series: tuple[str, list[int], list[float], list[int]], dtype: str = "<f8") -> metrics.Batch:
+    return metrics.Batch(
+        "r1",
+        "w",
+        0,
+        tuple(
+            metrics.Series(key, np.array(steps, ">i8"), np.array(values, dtype), np.array(stamps, "<i8"))
+            for key, steps, values, stamps in series
+        ),
+    )
+
+
+def test_a_batch_checksum_depends_on_its_points_not_their_encoding() -> None:
+    base = _batch(("loss", [1, 2], [0.5, float("nan")], [10, 20]), ("kl", [1], [0.1], [10]))
+    same = _batch(("loss", [1, 2], [0.5, float("nan")], [10, 20]), ("kl", [1], [0.1], [10]), dtype=">f8")
+    assert base.checksum() == same.checksum()  # byte order of the arrays does not matter, only the numbers
+    others = [
+        _batch(("loss", [1, 2], [0.5, 0.25], [10, 20]), ("kl", [1], [0.1], [10])),  # a value
+        _batch(("loss", [1, 3], [0.5, float("nan")], [10, 20]), ("kl", [1], [0.1], [10])),  # a step
+        _batch(("loss", [1, 2], [0.5, float("nan")], [10, 21]), ("kl", [1], [0.1], [10])),  # a timestamp
+        _batch(("loss", [1, 2], [0.5, float("nan")], [10, 20]), ("kL", [1], [0.1], [10])),  # a key
+        _batch(("kl", [1], [0.1], [10]), ("loss", [1, 2], [0.5, float("nan")], [10, 20])),  # the order of keys
+        _batch(("loss", [1, 2], [-0.0, float("nan")], [10, 20]), ("kl", [1], [0.1], [10])),  # -0.0 is not 0.0
+    ]
+    zero = _batch(("loss", [1, 2], [0.0, float("nan")], [10, 20]), ("kl", [1], [0.1], [10]))
+    assert len({b.checksum() for b in [base, *others, zero]}) == len(others) + 2

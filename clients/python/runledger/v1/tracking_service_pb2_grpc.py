@@ -202,7 +202,10 @@ class TrackingServiceServicer:
     def StreamMetrics(self, request_iterator, context):
         """Streams metric batches; each batch is acknowledged after it is durably
         committed. A batch re-sent with the same (run, writer, seq) is
-        acknowledged again and stored once. A stopping server acknowledges the
+        acknowledged again and stored once. A batch under a stored (run, writer,
+        seq) with other points is not a re-send but another writer using the same
+        writer_id: ALREADY_EXISTS `WRITER_ID_REUSED` (field writer_id), and the
+        stored points stay. A stopping server acknowledges the
         batches it took, then ends the stream with UNAVAILABLE (reason
         SHUTTING_DOWN): send the unacknowledged ones again, e.g. to another replica.
         """

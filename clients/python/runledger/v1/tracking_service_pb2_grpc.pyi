@@ -66,7 +66,10 @@ class TrackingServiceStub:
     StreamMetrics: _grpc.StreamStreamMultiCallable[_tracking_service_pb2.StreamMetricsRequest, _tracking_service_pb2.StreamMetricsResponse]
     """Streams metric batches; each batch is acknowledged after it is durably
     committed. A batch re-sent with the same (run, writer, seq) is
-    acknowledged again and stored once. A stopping server acknowledges the
+    acknowledged again and stored once. A batch under a stored (run, writer,
+    seq) with other points is not a re-send but another writer using the same
+    writer_id: ALREADY_EXISTS `WRITER_ID_REUSED` (field writer_id), and the
+    stored points stay. A stopping server acknowledges the
     batches it took, then ends the stream with UNAVAILABLE (reason
     SHUTTING_DOWN): send the unacknowledged ones again, e.g. to another replica.
     """
@@ -134,7 +137,10 @@ class TrackingServiceAsyncStub(TrackingServiceStub):
     StreamMetrics: _aio.StreamStreamMultiCallable[_tracking_service_pb2.StreamMetricsRequest, _tracking_service_pb2.StreamMetricsResponse]  # type: ignore[assignment]
     """Streams metric batches; each batch is acknowledged after it is durably
     committed. A batch re-sent with the same (run, writer, seq) is
-    acknowledged again and stored once. A stopping server acknowledges the
+    acknowledged again and stored once. A batch under a stored (run, writer,
+    seq) with other points is not a re-send but another writer using the same
+    writer_id: ALREADY_EXISTS `WRITER_ID_REUSED` (field writer_id), and the
+    stored points stay. A stopping server acknowledges the
     batches it took, then ends the stream with UNAVAILABLE (reason
     SHUTTING_DOWN): send the unacknowledged ones again, e.g. to another replica.
     """
@@ -265,7 +271,10 @@ class TrackingServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_tracking_service_pb2.StreamMetricsResponse], _abc.AsyncIterator[_tracking_service_pb2.StreamMetricsResponse]]:
         """Streams metric batches; each batch is acknowledged after it is durably
         committed. A batch re-sent with the same (run, writer, seq) is
-        acknowledged again and stored once. A stopping server acknowledges the
+        acknowledged again and stored once. A batch under a stored (run, writer,
+        seq) with other points is not a re-send but another writer using the same
+        writer_id: ALREADY_EXISTS `WRITER_ID_REUSED` (field writer_id), and the
+        stored points stay. A stopping server acknowledges the
         batches it took, then ends the stream with UNAVAILABLE (reason
         SHUTTING_DOWN): send the unacknowledged ones again, e.g. to another replica.
         """

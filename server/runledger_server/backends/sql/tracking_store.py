@@ -354,7 +354,9 @@ class SqlTrackingStore:
                 found = q.all(f"SELECT id FROM runs WHERE id IN ({_marks(len(run_ids))})", run_ids)
                 present.update(r[0] for r in found)
             self._know_runs(present - known)
-            seen: dict[tuple[str, str], set[int]] = defaultdict(set)
+            # The checksum of each stored batch of this group's (run, writer, seq): a batch found there is a
+            # re-send only with the same checksum (None: stored before checksums were kept).
+            seen: dict[tuple[str, str], dict[int, int | None]] = defaultdict(dict)
             wanted: dict[tuple[str, str], list[int]] = defaultdict(list)
             for b in batches:
                 wanted[(b.run_id, b.writer_id)].append(b.seq)
@@ -362,11 +364,11 @@ class SqlTrackingStore:
                 if run_id in present:
                     for some in _in_batches(seqs):  # a group of tiny batches can hold many thousands
                         rows = q.all(
-                            "SELECT seq FROM metric_batches WHERE run_id = ? AND writer_id = ? "
+                            "SELECT seq, content_crc FROM metric_batches WHERE run_id = ? AND writer_id = ? "
                             f"AND seq IN ({_marks(len(some))})",
                             [run_id, writer_id, *some],
                         )
-                        seen[(run_id, writer_id)].update(r[0] for r in rows)
+                        seen[(run_id, writer_id)].update((r[0], r[1]) for r in rows)
             now = now_us()
             batch_rows: list[tuple[Any, ...]] = []
             chunk_rows: list[tuple[Any, ...]] = []
@@ -377,11 +379,13 @@ class SqlTrackingStore:
                     results[i] = NotFound(f"runs/{b.run_id} not found", field="run_id")
                     continue
                 done = seen[(b.run_id, b.writer_id)]
+                crc = b.checksum()
                 if b.seq in done:
-                    results[i] = True
+                    stored = done[b.seq]
+                    results[i] = True if stored is None or stored == crc else metrics_rules.writer_id_reused(b)
                     continue
-                done.add(b.seq)
-                batch_rows.append((b.run_id, b.writer_id, b.seq, b.points, now))
+                done[b.seq] = crc
+                batch_rows.append((b.run_id, b.writer_id, b.seq, b.points, now, crc))
                 for series in b.series:
                     if len(series) == 0:
                         continue
@@ -412,8 +416,8 @@ class SqlTrackingStore:
             batch_rows.sort()
             if batch_rows:
                 q.many(
-                    "INSERT INTO metric_batches (run_id, writer_id, seq, points, commit_time_us) "
-                    "VALUES (?, ?, ?, ?, ?)",
+                    "INSERT INTO metric_batches (run_id, writer_id, seq, points, commit_time_us, content_crc) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
                     batch_rows,
                 )
             if chunk_rows:

@@ -78,6 +78,9 @@ class MetricBatchRow(Base):
     seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     points: Mapped[int] = mapped_column(Integer)
     commit_time_us: Mapped[int] = mapped_column(BigInteger)
+    # The batch's content checksum (Batch.checksum): a re-send must match it, another writer's batch does not.
+    # NULL for batches stored before it was kept: any re-send of those counts as a re-send.
+    content_crc: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class MetricChunkRow(Base):
