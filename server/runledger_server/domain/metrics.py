@@ -57,7 +57,7 @@ class Batch:
             crc = zlib.crc32(s.key.encode("utf-8", "surrogatepass"), crc)
             crc = zlib.crc32(len(s).to_bytes(8, "little"), crc)  # where one key's arrays end and the next begin
             for array, dtype in ((s.steps, _STEP), (s.values, _VALUE), (s.timestamps_ms, _STEP)):
-                crc = zlib.crc32(np.ascontiguousarray(array, dtype=dtype), crc)
+                crc = zlib.crc32(np.ascontiguousarray(array, dtype=dtype).data, crc)
         return crc
 
 
