@@ -99,3 +99,46 @@ def _digest(data: bytes) -> str:
 def _same_first_not_second(a: str, b: str) -> bool:
     """The same first fan-out directory (two hex digits), another second one."""
     return a[:2] == b[:2] and a[2:4] != b[2:4]
+
+
+def test_a_restart_removes_the_partial_upload_of_a_killed_process_and_keeps_live_ones(tmp_path: Path) -> None:
+    """A process killed mid-upload leaves its temp file; the next start removes it (once a minute old), while an
+    upload another process still writes into the same directory keeps its file, however old."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = tmp_path / "artifacts"
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from runledger_server.backends.artifacts import local; "
+            "w = local.LocalBlobStore(Path(sys.argv[1])).writer(); w.write(b'x' * 4096); "
+            "print('writing', flush=True); time.sleep(60)",
+            str(root),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None and child.stdout.readline() == "writing\n"
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    child.stdout.close()
+    (orphan,) = (root / "tmp").glob("upload-*")
+    live = local.LocalBlobStore(root).writer()  # held by this process, as by another server sharing the directory
+    live.write(b"y" * 10)
+    young = root / "tmp" / "upload-young"  # unheld, but just created: maybe an upload not yet locked
+    young.write_bytes(b"z")
+    an_hour_ago = time.time() - 3600
+    for p in (orphan, *(root / "tmp").glob("upload-*")):
+        if p != young:
+            os.utime(p, (an_hour_ago, an_hour_ago))
+
+    local.LocalBlobStore(root)  # the restart
+
+    left = set((root / "tmp").glob("upload-*"))
+    assert orphan not in left and young in left and len(left) == 2  # the live upload's file is the other one
+    live.commit(hashlib.sha256(b"y" * 10).hexdigest())
+    assert _blobs(root) and set((root / "tmp").glob("upload-*")) == {young}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import tempfile
@@ -20,6 +21,10 @@ from runledger_server.domain.errors import NotFound, ResourceExhausted, Unavaila
 _LOGGER = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 20
+# A partial upload no process holds (its lock is free) is removed at start-up once it is this old: younger, it
+# may belong to an upload another server on this directory has just opened and not locked yet.
+ORPHAN_TEMP_SECONDS = 60
+# Where the file system cannot lock files, only age tells an abandoned upload from a live one.
 STALE_TEMP_SECONDS = 24 * 3600
 # While an upload streams in, what it has written so far goes to disk in the background every this many bytes,
 # so the fsync before publishing has only the tail left (a 256 MiB file otherwise waits ~0.4 s on it here).
@@ -72,6 +77,8 @@ class LocalBlobStore:
             fd, name = tempfile.mkstemp(dir=self._tmp, prefix="upload-")
         except OSError as exc:  # a full, read-only or unreachable volume: a refusal naming the store
             raise _store_error(self.root, exc) from exc
+        with contextlib.suppress(OSError):  # held until the file is closed, or its process dies
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return LocalBlobWriter(self, os.fdopen(fd, "wb", buffering=0), Path(name))
 
     def put(self, sha256: str, stream: BinaryIO, size: int) -> str:
@@ -94,12 +101,18 @@ class LocalBlobStore:
         return sum(1 for p in (self.root / "sha256").glob("*/*/*") if p.is_file())
 
     def _sweep_stale_temp(self) -> None:
-        cutoff = time.time() - STALE_TEMP_SECONDS
+        """Remove the partial uploads of processes that died (kill -9, a crash) while they were being written.
+
+        Each upload holds a lock on its temp file while it is open; the kernel drops it with the process. So a
+        server restarted after a kill reclaims that space at once, while the uploads of other servers that
+        share this directory, still running, keep their files."""
+        now = time.time()
         for p in self._tmp.glob("upload-*"):
             with contextlib.suppress(OSError):
-                if p.stat().st_mtime < cutoff:
+                age = now - p.stat().st_mtime
+                if age >= ORPHAN_TEMP_SECONDS and (age >= STALE_TEMP_SECONDS or _unheld(p)):
                     p.unlink()
-                    _LOGGER.info("removed stale partial upload %s", p)
+                    _LOGGER.info("removed the partial upload %s, which no process holds", p)
 
 
 class LocalBlobWriter:
@@ -190,6 +203,18 @@ def _write_all(f: BinaryIO, data: bytes) -> None:
         if not written:  # nothing stored and no error reported: still no room
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         view = view[written:]
+
+
+def _unheld(path: Path) -> bool:
+    """Whether no process holds the upload lock of this temp file (False when locks are not supported)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held (EWOULDBLOCK), or a file system without locks
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def _file_size(path: Path) -> int | None:
