@@ -25,6 +25,7 @@ from runledger import RetryPolicy, errors
 from runledger.v1 import tracking_pb2
 from runledger_server.config import Settings
 from runledger_server.embedded import EmbeddedServer
+from tests.integration.test_client_tracking import _take_next_batch_number
 
 WRITERS = 4
 KEYS = ("train/loss", "train/reward")
@@ -680,21 +681,19 @@ def test_an_interrupted_run_with_the_server_away_says_what_it_waits_for_and_give
 
 @pytest.mark.slow
 def test_a_colliding_batch_re_sent_after_a_restart_is_refused_not_counted_as_stored(tmp_path: Path) -> None:
-    """Two writers share a writer_id; one's batch under a seq the other stored is in flight when the server dies.
-    Re-sent after the restart, it must be refused as WRITER_ID_REUSED, not acknowledged as already stored."""
+    """Another writer under the same writer_id stored a batch under the number this writer's next batch takes,
+    which is in flight when the server dies. Re-sent after the restart, it must be refused as WRITER_ID_REUSED,
+    not acknowledged as already stored (its points were never stored)."""
     server = ServerProcess(free_port(), tmp_path / "data", tmp_path / "server.log")
     address = server.start()
-    retry = RetryPolicy(initial_backoff=0.05, max_backoff=0.5)
-    first_client, second_client = runledger.Client(address, retry=retry), runledger.Client(address, retry=retry)
+    client = runledger.Client(address, retry=RetryPolicy(initial_backoff=0.05, max_backoff=0.5))
     try:
-        first = first_client.start_run(experiment="fault", name="shared-writer", writer_id="rank0")
+        first = client.start_run(experiment="fault", name="shared-writer", writer_id="rank0")
         first.log_metrics({"first": 0.0}, step=0)
         first.flush(timeout=30)
-        second = second_client.attach_run(first.run_id, writer_id="rank0")  # resumes at seq 1 ...
-        second.log_metrics({"second": 0.0}, step=0)
-        second.flush(timeout=30)
+        _take_next_batch_number(address, first.run_id, "rank0")
         assert server.proc is not None
-        server.proc.send_signal(signal.SIGSTOP)  # ... which the first also numbers 1, sent and never acknowledged
+        server.proc.send_signal(signal.SIGSTOP)  # the colliding batch is sent, and never acknowledged
         first.log_metrics({"first": 1.0}, step=1)
         wait_until(lambda: first.in_flight_batches > 0)
         server.kill()
@@ -703,9 +702,8 @@ def test_a_colliding_batch_re_sent_after_a_restart_is_refused_not_counted_as_sto
             first.flush(timeout=60)
         assert info.value.reason == "WRITER_ID_REUSED" and first.resent_batches >= 1
         assert (first.logged_points, first.acked_points) == (2, 1)
-        assert first_client.metric_history(first.run_id, "first").values.tolist() == [0.0]
-        assert first_client.metric_history(first.run_id, "second").values.tolist() == [0.0]
+        assert client.metric_history(first.run_id, "first").values.tolist() == [0.0]
+        assert client.metric_history(first.run_id, "other").values.tolist() == [9.0]
     finally:
-        first_client.close()
-        second_client.close()
+        client.close()
         server.stop()

@@ -21,8 +21,9 @@ import pytest
 
 import runledger
 from runledger import RetryPolicy, errors
-from runledger.v1 import tracking_pb2
+from runledger.v1 import tracking_pb2, tracking_service_pb2 as tpb, tracking_service_pb2_grpc
 from runledger_server.config import Settings
+from runledger_server.domain.metrics import RESUME_GAP
 from runledger_server.embedded import EmbeddedServer
 
 EXAMPLE_LINEAGE = {
@@ -471,19 +472,45 @@ def test_a_restarted_writer_keeping_its_writer_id_continues_where_it_stopped(ser
         assert history.values.tolist() == [step * 0.5 for step in range(2_000)]
 
 
-def test_a_writer_id_another_live_writer_uses_is_refused_not_silently_dropped(client: runledger.Client) -> None:
+def _take_next_batch_number(address: str, run_id: str, writer_id: str) -> None:
+    """Store a batch under the number the writer's next batch takes, as another writer numbering from what the
+    run held (without asking GetMetricWriter) would: that batch then collides."""
+    with grpc.insecure_channel(address) as ch:
+        stub = tracking_service_pb2_grpc.TrackingServiceStub(ch)
+        where = stub.GetMetricWriter(tpb.GetMetricWriterRequest(run_id=run_id, writer_id=writer_id)).next_seq
+        series = tracking_pb2.MetricSeries(key="other", steps=[0], values=[9.0], timestamps_ms=[0])
+        request = tpb.LogMetricsRequest(run_id=run_id, writer_id=writer_id, seq=where - RESUME_GAP, series=[series])
+        assert not stub.LogMetrics(request).duplicate
+
+
+def test_a_batch_number_another_writer_took_is_refused_not_silently_dropped(
+    client: runledger.Client, server: EmbeddedServer
+) -> None:
     first = client.start_run(experiment="reuse", writer_id="rank0")
     first.log_metrics({"loss": 1.0}, step=0)
     first.flush()
-    second = client.attach_run(first.run_id, writer_id="rank0")  # resumes after the first one's batch ...
-    second.log_metrics({"loss": 2.0}, step=1)
-    second.flush()
-    first.log_metrics({"loss": 3.0}, step=2)  # ... which the first one, still running, numbers alike
+    _take_next_batch_number(server.address, first.run_id, "rank0")
+    first.log_metrics({"loss": 3.0}, step=2)
     with pytest.raises(errors.AlreadyExists) as info:
         first.flush(timeout=30)
     assert info.value.reason == "WRITER_ID_REUSED" and info.value.metadata["writerId"] == "rank0"
     assert first.logged_points == 2 and first.acked_points == 1  # logged, not stored: counted as logged
-    assert client.metric_history(first.run_id, "loss").values.tolist() == [1.0, 2.0]
+    assert client.metric_history(first.run_id, "loss").values.tolist() == [1.0]
+
+
+def test_two_live_writers_attached_under_one_writer_id_both_keep_their_points(client: runledger.Client) -> None:
+    """The second resumes far past what the first stored (GetMetricWriter's gap), so their numbers do not collide
+    and neither loses points; each still stores its own re-sends once."""
+    first = client.start_run(experiment="shared", writer_id="rank0")
+    first.log_metrics({"loss": 1.0}, step=0)
+    first.flush()
+    second = client.attach_run(first.run_id, writer_id="rank0")
+    second.log_metrics({"loss": 2.0}, step=1)
+    second.flush()
+    first.log_metrics({"loss": 3.0}, step=2)
+    first.flush(timeout=30)
+    assert (first.acked_points, second.acked_points) == (2, 1)
+    assert client.metric_history(first.run_id, "loss").values.tolist() == [1.0, 2.0, 3.0]
 
 
 # ---- batching, backpressure and reconnection --------------------------------------------------------
@@ -1071,9 +1098,7 @@ def test_closing_the_client_reports_points_a_stopped_sender_lost_unless_already_
     first = client.start_run(experiment="lost-on-close", writer_id="rank0")
     first.log_metrics({"loss": 1.0}, step=0)
     first.flush()
-    second = client.attach_run(first.run_id, writer_id="rank0")
-    second.log_metrics({"loss": 2.0}, step=1)
-    second.flush()
+    _take_next_batch_number(server.address, first.run_id, "rank0")
     first.log_metrics({"loss": 3.0}, step=2)  # refused in the background: nobody asks the first writer again
     stream = first._stream
     assert stream is not None
@@ -1087,9 +1112,7 @@ def test_closing_the_client_reports_points_a_stopped_sender_lost_unless_already_
     one = again.attach_run(first.run_id, writer_id="rank1")
     one.log_metrics({"loss": 4.0}, step=3)
     one.flush()
-    other = again.attach_run(first.run_id, writer_id="rank1")
-    other.log_metrics({"loss": 5.0}, step=4)
-    other.flush()
+    _take_next_batch_number(server.address, first.run_id, "rank1")
     one.log_metrics({"loss": 6.0}, step=5)  # refused ...
     with pytest.raises(errors.AlreadyExists):
         one.flush(timeout=30)  # ... and told here

@@ -20,7 +20,7 @@ from runledger_server.config import Settings
 from runledger_server.domain import ids
 from runledger_server.domain.errors import NotFound
 from runledger_server.domain.lineage import Lineage
-from runledger_server.domain.metrics import Batch, Series, joined
+from runledger_server.domain.metrics import RESUME_GAP, Batch, Series, joined
 from runledger_server.embedded import EmbeddedServer
 from runledger_server.services.metric_ingest import MetricIngest
 
@@ -146,7 +146,7 @@ def test_a_resuming_writer_continues_after_the_batches_still_waiting_for_their_c
                 assert time.monotonic() - started < 2
                 blocker.execute("COMMIT")
                 assert last.result(timeout=60).duplicate is False
-                assert {a.result(timeout=60).next_seq for a in answers} == {1}
+                assert {a.result(timeout=60).next_seq for a in answers} == {1 + RESUME_GAP}
         finally:
             if blocker.in_transaction:
                 blocker.execute("ROLLBACK")

@@ -7,6 +7,7 @@ import contextlib
 import math
 import struct
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -446,3 +447,42 @@ def test_a_lock_timeout_on_any_read_path_is_unavailable_not_internal(pg_settings
                 assert outcome(call) == "OK"  # the lock released, the call goes through: its connection is fine
         finally:
             holder.dispose()
+
+
+def test_a_restarted_writer_asking_another_replica_leaves_the_numbers_of_batches_still_committing(
+    replicas: tuple[Stub, Stub], pg_settings: Settings
+) -> None:
+    """A writer dies while its last batches wait for their commit on replica A; restarted, it asks replica B where
+    to continue. B cannot see A's queue, so it must not answer with the numbers those batches hold: they commit
+    later, and the new batches under the same numbers were acknowledged as duplicates and dropped."""
+    a, b = replicas
+    run = _new_run(a)
+
+    def batch(seq: int, value: float) -> pb.StreamMetricsRequest:
+        return pb.StreamMetricsRequest(
+            run_id=run.run_id, writer_id="rank0", seq=seq, series=[_series("loss", [value], seq % 1000)]
+        )
+
+    holder = create_engine(pg_settings.db_url)
+    try:
+        with holder.connect() as conn, conn.begin():
+            # Every metric commit of this run waits for this lock (its rows reference the run).
+            conn.exec_driver_sql("SELECT id FROM runs WHERE id = %(id)s FOR UPDATE", {"id": run.run_id})
+            old = a.StreamMetrics(iter([batch(seq, 111.0) for seq in range(5)]))  # the previous incarnation ...
+            time.sleep(1.0)  # ... whose batches A has taken and queued
+            old.cancel()  # it dies before any acknowledgement
+            resume_at = b.GetMetricWriter(pb.GetMetricWriterRequest(run_id=run.run_id, writer_id="rank0")).next_seq
+            assert resume_at >= 5
+            new = b.StreamMetrics(iter([batch(resume_at + i, 222.0) for i in range(5)]))
+            with ThreadPoolExecutor(1) as pool:
+                acks = pool.submit(list, new)
+                time.sleep(0.5)
+                conn.commit()  # A's queued batches commit, then B's
+                assert [(x.seq, x.duplicate) for x in acks.result(timeout=60)] == [
+                    (resume_at + i, False) for i in range(5)
+                ]
+    finally:
+        holder.dispose()
+    assert (
+        sorted(_history(a, run.run_id, "loss")[1]) == [111.0] * 5 + [222.0] * 5
+    )  # both incarnations' points, each once

@@ -146,3 +146,12 @@ def test_a_batch_checksum_depends_on_its_points_not_their_encoding() -> None:
     ]
     zero = _batch(("loss", [1, 2], [0.0, float("nan")], [10, 20]), ("kl", [1], [0.1], [10]))
     assert len({b.checksum() for b in [base, *others, zero]}) == len(others) + 2
+
+
+def test_a_resumed_writer_continues_a_gap_past_its_highest_stored_batch() -> None:
+    assert metrics.resume_seq(None) == metrics.RESUME_GAP  # none stored: an earlier incarnation may have some queued
+    assert metrics.resume_seq(7) == 8 + metrics.RESUME_GAP
+    top = metrics.MAX_SEQ - 1  # the highest seq a batch may take
+    assert metrics.resume_seq(top - metrics.RESUME_GAP - 1) == top  # the last one with room for the gap
+    assert metrics.resume_seq(top - metrics.RESUME_GAP) == top - metrics.RESUME_GAP + 1
+    assert metrics.resume_seq(top) == top + 1 == metrics.MAX_SEQ  # no room for the gap: right after, in int64

@@ -14,6 +14,9 @@ from runledger_server.domain.errors import AlreadyExists, InvalidArgument
 MAX_SERIES_PER_BATCH = 10_000
 MAX_POINTS_PER_BATCH = 1_000_000
 MAX_SEQ = (1 << 63) - 1  # exclusive: a writer's next seq is MAX(seq) + 1, an int64 too
+# How far past its highest stored batch a writer that asks where to continue (GetMetricWriter) resumes: room
+# for batches an earlier incarnation of it still has in flight, which no replica sees before they commit.
+RESUME_GAP = 1 << 32
 _STEP = np.dtype("<i8")
 _VALUE = np.dtype("<f8")
 
@@ -59,6 +62,19 @@ class Batch:
             for array, dtype in ((s.steps, _STEP), (s.values, _VALUE), (s.timestamps_ms, _STEP)):
                 crc = zlib.crc32(np.ascontiguousarray(array, dtype=dtype).data, crc)
         return crc
+
+
+def resume_seq(highest_stored: int | None) -> int:
+    """The seq a writer that keeps its writer_id across a restart continues at.
+
+    Not simply the highest stored + 1: the writer's previous incarnation (a crashed rank) may still have
+    batches queued for commit on another replica, numbered past what is stored; they commit later, and a
+    new batch under the same number would be refused (or, before batch checksums, dropped as a re-send).
+    Its batches in flight are a window of at most a few thousand past the highest stored (or past 0, when it
+    stored nothing yet), so starting RESUME_GAP further on leaves them their numbers without any replica
+    knowing about the others. Near the top of the seq space the gap is skipped; no writer gets there."""
+    base = 0 if highest_stored is None else highest_stored + 1
+    return base + RESUME_GAP if base + RESUME_GAP < MAX_SEQ else base
 
 
 def writer_id_reused(batch: Batch) -> AlreadyExists:

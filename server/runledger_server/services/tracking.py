@@ -9,7 +9,15 @@ from concurrent.futures import Future
 from runledger_server.domain import filters, ids, names, paging, sweeps
 from runledger_server.domain.errors import InvalidArgument, NotFound, Unavailable
 from runledger_server.domain.lineage import Lineage
-from runledger_server.domain.metrics import Batch, Series, check_writer_id, downsample, in_step_order, joined
+from runledger_server.domain.metrics import (
+    Batch,
+    Series,
+    check_writer_id,
+    downsample,
+    in_step_order,
+    joined,
+    resume_seq,
+)
 from runledger_server.domain.run_status import STATUSES
 from runledger_server.services.metric_ingest import MetricIngest
 from runledger_server.store.entities import EvalResult, Experiment, Page, Run
@@ -133,9 +141,9 @@ class TrackingService:
         check_writer_id(writer_id)
 
     def next_metric_seq(self, run_id: str, writer_id: str) -> int:
-        """Where a writer that keeps its writer_id across a restart continues its batch numbering (committed
-        batches; see queued_metrics_committed)."""
-        return self.store.next_metric_seq(names.run_id(run_id), check_writer_id(writer_id))
+        """Where a writer that keeps its writer_id across a restart continues its batch numbering: past its
+        committed batches (see queued_metrics_committed) and those other replicas may still commit (resume_seq)."""
+        return resume_seq(self.store.highest_metric_seq(names.run_id(run_id), check_writer_id(writer_id)))
 
     def metric_history(
         self, run_id: str, key: str, start_step: int | None, end_step: int | None, max_points: int

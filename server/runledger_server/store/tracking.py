@@ -56,11 +56,12 @@ class TrackingStore(Protocol):
 
     def commit_metric_batches(self, batches: Sequence[Batch]) -> list[bool | Exception]:
         """Store many batches in one transaction (group commit). Per batch: True when it was a
-        duplicate (already stored), False when newly stored, or the refusal for that batch alone."""
+        duplicate (already stored, with the same checksum), False when newly stored, or the refusal for that
+        batch alone (another batch under its seq: WRITER_ID_REUSED)."""
         ...
 
-    def next_metric_seq(self, run_id: str, writer_id: str) -> int:
-        """One past the highest seq the writer has stored in the run (0 for none); NotFound for a missing run."""
+    def highest_metric_seq(self, run_id: str, writer_id: str) -> int | None:
+        """The highest seq the writer has stored in the run (None for none); NotFound for a missing run."""
         ...
 
     def metric_chunks(

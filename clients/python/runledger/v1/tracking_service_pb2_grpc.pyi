@@ -90,7 +90,10 @@ class TrackingServiceStub:
     GetMetricWriter: _grpc.UnaryUnaryMultiCallable[_tracking_service_pb2.GetMetricWriterRequest, _tracking_pb2.MetricWriter]
     """Where one writer of a run stands: the seq its next batch takes. A writer
     that keeps its writer_id across a restart (a resumed job) continues there.
-    Batches the answering server has queued for commit are waited for
+    That is 2^32 past its highest stored batch (2^32 for a writer with none):
+    its previous incarnation may still have batches in flight on another
+    replica, which commit later under their own numbers; seqs need not be
+    contiguous. Batches the answering server has queued for commit are waited for
     (UNAVAILABLE, reason INGEST_BEHIND, after 10 s); a batch still waiting
     for room in its ingest buffer, from a writer that is still connected,
     is not.
@@ -161,7 +164,10 @@ class TrackingServiceAsyncStub(TrackingServiceStub):
     GetMetricWriter: _aio.UnaryUnaryMultiCallable[_tracking_service_pb2.GetMetricWriterRequest, _tracking_pb2.MetricWriter]  # type: ignore[assignment]
     """Where one writer of a run stands: the seq its next batch takes. A writer
     that keeps its writer_id across a restart (a resumed job) continues there.
-    Batches the answering server has queued for commit are waited for
+    That is 2^32 past its highest stored batch (2^32 for a writer with none):
+    its previous incarnation may still have batches in flight on another
+    replica, which commit later under their own numbers; seqs need not be
+    contiguous. Batches the answering server has queued for commit are waited for
     (UNAVAILABLE, reason INGEST_BEHIND, after 10 s); a batch still waiting
     for room in its ingest buffer, from a writer that is still connected,
     is not.
@@ -313,7 +319,10 @@ class TrackingServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_tracking_pb2.MetricWriter, _abc.Awaitable[_tracking_pb2.MetricWriter]]:
         """Where one writer of a run stands: the seq its next batch takes. A writer
         that keeps its writer_id across a restart (a resumed job) continues there.
-        Batches the answering server has queued for commit are waited for
+        That is 2^32 past its highest stored batch (2^32 for a writer with none):
+        its previous incarnation may still have batches in flight on another
+        replica, which commit later under their own numbers; seqs need not be
+        contiguous. Batches the answering server has queued for commit are waited for
         (UNAVAILABLE, reason INGEST_BEHIND, after 10 s); a batch still waiting
         for room in its ingest buffer, from a writer that is still connected,
         is not.

@@ -438,7 +438,7 @@ class SqlTrackingStore:
             self._chunks.put(chunk_key, chunk)
         return results
 
-    def next_metric_seq(self, run_id: str, writer_id: str) -> int:
+    def highest_metric_seq(self, run_id: str, writer_id: str) -> int | None:
         # The primary key (run_id, writer_id, seq) answers this from its index.
         rows = self.db.query(
             "SELECT MAX(seq) FROM metric_batches WHERE run_id = ? AND writer_id = ?", (run_id, writer_id)
@@ -447,8 +447,8 @@ class SqlTrackingStore:
         if highest is None:
             with self.db.read() as s:
                 _require_run(s, run_id)
-            return 0
-        return int(highest) + 1
+            return None
+        return int(highest)
 
     def metric_chunks(
         self, run_id: str, key: str, start_step: int | None, end_step: int | None, max_points: int | None = None
