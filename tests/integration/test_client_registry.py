@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from runledger import Client, FailedPrecondition, InvalidArgument, PromotionRefused, StaleRevision, Unavailable
+from runledger import (
+    Client,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PromotionRefused,
+    StaleRevision,
+    Unavailable,
+)
 from runledger_server.embedded import EmbeddedServer
 
 SUITE = "mmlu-pro@9f3c2e1"
@@ -105,6 +113,25 @@ def test_register_refuses_broken_lineage_naming_the_fields(server: EmbeddedServe
         assert info.value.reason == "BROKEN_LINEAGE"
         assert "config" in info.value.message and "seed" in info.value.message
         assert not list(client.registry.list_versions("broken"))
+
+
+def test_register_creates_a_missing_model_only_when_asked_and_names_what_is_missing(
+    server: EmbeddedServer, tmp_path: Path
+) -> None:
+    with Client(server.address) as client:
+        with client.start_run(experiment="sft", lineage=_lineage(0)) as run:
+            run.log_artifact(_adapter(tmp_path, "x"), "adapter")
+        with pytest.raises(NotFound) as missing_model:
+            client.register(run, model="absent", artifact_path="adapter", create_model=False)
+        assert missing_model.value.metadata["field"] == "model"
+        assert [m.name for m in client.registry.list_models()] == []  # not created
+        first = client.register(run, model="made", artifact_path="adapter")  # created on the way
+        again = client.register(run, model="made", artifact_path="adapter")  # exists: registered at once
+        assert (first.version, again.version) == (1, 2)
+        with pytest.raises(NotFound) as missing_run:
+            client.register("0" * 32, model="made", artifact_path="adapter")
+        assert missing_run.value.metadata["field"] == "run_id"  # not taken for a missing model
+        assert [m.name for m in client.registry.list_models()] == ["models/made"]
 
 
 def test_bad_arguments_and_a_closed_client_are_typed_errors(server: EmbeddedServer) -> None:

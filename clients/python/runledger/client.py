@@ -715,13 +715,17 @@ class Client:
         return registry
 
     def register(
-        self, run: Run | str, *, model: str, artifact_path: str, description: str = ""
+        self, run: Run | str, *, model: str, artifact_path: str, description: str = "", create_model: bool = True
     ) -> registry_pb2.ModelVersion:
-        """Register a run's artifact as the model's next version (the model is created when missing).
-        Raises FailedPrecondition `BROKEN_LINEAGE`, naming every missing lineage field, when the run's lineage
-        is incomplete."""
+        """Register a run's artifact as the model's next version (the model is created when missing, unless
+        `create_model=False`). Raises FailedPrecondition `BROKEN_LINEAGE`, naming every missing lineage field,
+        when the run's lineage is incomplete."""
         return self.registry.register(
-            run_id_of(run, "run"), model=model, artifact_path=artifact_path, description=description
+            run_id_of(run, "run"),
+            model=model,
+            artifact_path=artifact_path,
+            description=description,
+            create_model=create_model,
         )
 
     def create_gate(

@@ -224,11 +224,15 @@ class Registry:
     ) -> registry_pb2.ModelVersion:
         """Register a run's file or directory as the model's next version (the model is created if needed).
         Raises FailedPrecondition `BROKEN_LINEAGE` (metadata `missingFields`) when the run's lineage is incomplete."""
-        if create_model:
-            self.create_model(model.removeprefix("models/"), exist_ok=True)
         request = pb.CreateModelVersionRequest(
             model=_model(model), run_id=run_id, artifact_path=artifact_path, description=description
         )
+        try:  # the model usually exists: one call, not three (create, refused as existing, get)
+            return self._call(self._stub.CreateModelVersion, request)
+        except errors.NotFound as exc:
+            if not create_model or exc.metadata.get("field") != "model":
+                raise
+        self.create_model(model.removeprefix("models/"), exist_ok=True)
         return self._call(self._stub.CreateModelVersion, request)
 
     def list_models(self, *, page_size: int = 0) -> Iterator[registry_pb2.RegisteredModel]:
