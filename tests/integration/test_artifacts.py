@@ -438,6 +438,36 @@ def test_client_download_refuses_bytes_that_do_not_match_the_record(
     assert not dest.exists() and not (tmp_path / ".rot.bin.runledger-part").exists()
 
 
+@pytest.mark.parametrize("change", ["cut short", "grown"])
+def test_a_blob_of_another_size_than_recorded_is_data_loss_at_the_end_not_ok(
+    artifacts: Stub, run_id: str, backend: str, change: str, request: pytest.FixtureRequest
+) -> None:
+    """Any gRPC client, not only one that verifies the digest, learns that the stored bytes are damaged; and an
+    upload of the right content repairs the blob."""
+    data = _blob(2 * MiB + 5, seed=4)
+    art = _upload(artifacts, run_id, "cut.bin", data)
+    damaged = data[: MiB + 3] if change == "cut short" else data + b"tail"
+    if backend == "local":
+        blob = Path(art.uri.removeprefix("file://"))
+        blob.chmod(0o644)
+        blob.write_bytes(damaged)
+    else:
+        s3: S3Server = request.getfixturevalue("s3_server")
+        key = art.uri.removeprefix(f"s3://{s3.bucket}/")
+        s3.client().put_object(s3.bucket, key, io.BytesIO(damaged), len(damaged))
+    for offset in (0, MiB):
+        call = artifacts.DownloadArtifact(pb.DownloadArtifactRequest(run_id=run_id, path="cut.bin", offset=offset))
+        received = []
+        with pytest.raises(grpc.RpcError) as info:
+            for message in call:
+                received.append(message)
+        assert info.value.code() == grpc.StatusCode.DATA_LOSS, info.value
+        assert "BLOB_DAMAGED" in str(info.value.trailing_metadata()) and "cut.bin" in str(info.value.details())
+        assert received and received[0].artifact.size == len(data)
+    _upload(artifacts, _new_run(request.getfixturevalue("tracking")), "again.bin", data)  # the right bytes again
+    assert _download(artifacts, run_id=run_id, path="cut.bin")[1] == data
+
+
 def test_listing_pages_in_path_order(artifacts: Stub, run_id: str) -> None:
     paths = ["b/2", "a/1", "b/10", "c", "B/upper", "a/0"]
     for p in paths:

@@ -139,7 +139,7 @@ class ArtifactService:
                 reason="BLOB_MISSING",
                 metadata={"sha256": record.sha256},
             ) from exc
-        return record, chunks, None
+        return record, _Exactly(chunks, record.size - offset, record), None
 
     def _locate(self, run_id: str, path: str, sha256: str) -> ArtifactRecord:
         if sha256 and path:
@@ -304,6 +304,45 @@ class Upload:
             f"{'at least ' if self.received > (self._declared_size or 0) else ''}{self.received} bytes were sent",
             field="size",
             reason="SIZE_MISMATCH",
+        )
+
+
+class _Exactly:
+    """The stored bytes of a download, checked to be as many as the record says: a blob cut short (or grown) in
+    the store is a DATA_LOSS at the end of the stream, not an OK that only a verifying client would doubt."""
+
+    def __init__(self, chunks: Iterator[bytes], expected: int, record: ArtifactRecord) -> None:
+        self._chunks = chunks
+        self._left = expected
+        self._record = record
+
+    def __iter__(self) -> _Exactly:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            chunk = next(self._chunks)
+        except StopIteration:
+            if self._left:
+                raise self._damaged(f"{self._left} bytes short") from None
+            raise
+        self._left -= len(chunk)
+        if self._left < 0:
+            raise self._damaged(f"{-self._left} bytes longer")
+        return chunk
+
+    def close(self) -> None:
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
+
+    def _damaged(self, how: str) -> DataLoss:
+        r = self._record
+        return DataLoss(
+            f"the stored content of {_describe(r)} (sha256 {r.sha256}) is {how} than its recorded {r.size} bytes: "
+            "the artifact store damaged it; upload the file again to repair it",
+            reason="BLOB_DAMAGED",
+            metadata={"sha256": r.sha256},
         )
 
 
