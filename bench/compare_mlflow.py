@@ -1,7 +1,7 @@
 """runledger and MLflow side by side: the same workloads against both servers in one run, with the ratio.
 
-Workloads (runledger through its Python client, or raw gRPC stubs where the client has no method yet;
-MLflow through `MlflowClient`, see mlflow_workloads.py):
+Workloads (runledger through its Python client, its fixtures through raw gRPC stubs; MLflow through
+`MlflowClient`, see mlflow_workloads.py):
   ingest1    one trainer logs 300,000 points (4 keys per step); timed from the first log call until the
              points are durably stored (runledger: `run.log_metrics` per step, then `run.flush()`; MLflow:
              `log_batch` of 1,000), and again with `run.log_series` of 1,000 points per call. Also the
@@ -13,7 +13,8 @@ MLflow through `MlflowClient`, see mlflow_workloads.py):
   lookup     GetModelVersionByAlias / get_model_version_by_alias, p50 and p99 over 5,000 calls, idle and
              while 8 trainer processes stream metrics as fast as they can.
   registry   version creation per second and SetAlias / set_registered_model_alias per second (runledger:
-             each version has a gate result scoring higher than the one before, so every move is admitted).
+             each version has a gate result scoring higher than the one before, so every move is admitted;
+             recorded beforehand, and for a quarter of the versions again inside the timing, in the JSON).
   artifacts  upload and download of a 256 MiB file (runledger: its default local artifact store through
              `runledger.artifacts`, which hashes and verifies; MLflow: proxied local artifacts).
 
@@ -472,20 +473,36 @@ class RlRegistry:
 
 
 def rl_registry(address: str, versions: int) -> dict[str, Any]:
-    with grpc.insecure_channel(address) as ch:
+    """Timed through the Python client, as MLflow's side is through MlflowClient; the fixture through stubs."""
+    with grpc.insecure_channel(address) as ch, Client(address) as client:
         reg = RlRegistry(ch)
         run_id = reg.run_with_artifact()
         model = reg.model(f"bench-{time.time_ns()}")
         start = time.perf_counter()
-        made = [reg.version(model, run_id) for _ in range(versions)]
+        made = [
+            client.register(run_id, model=model, artifact_path="model.safetensors").version for _ in range(versions)
+        ]
         create_s = time.perf_counter() - start
-        for v in made:
+        for v in made:  # the gate's scores, recorded by the eval job beforehand (MLflow's move has no gate)
             reg.score(model, v, float(v))
         start = time.perf_counter()
         for v in made:
-            reg.set_alias(model, v)
+            moved = client.registry.set_alias(model, "production", v, gate="eval")
+            assert moved.alias.version == v, moved
         alias_s = time.perf_counter() - start
-    return {"versions": versions, "versions_per_s": versions / create_s, "set_alias_per_s": versions / alias_s}
+        more = [reg.version(model, run_id) for _ in range(versions // 4)]  # not scored yet
+        start = time.perf_counter()
+        for v in more:  # moves with their scores recorded inside the timing
+            client.registry.record_gate_result(model, "eval", v, float(v))
+            moved = client.registry.set_alias(model, "candidate", v, gate="eval")
+            assert moved.alias.version == v, moved
+        scored_s = time.perf_counter() - start
+    return {
+        "versions": versions,
+        "versions_per_s": versions / create_s,
+        "set_alias_per_s": versions / alias_s,
+        "scored_set_alias_per_s": len(more) / scored_s,
+    }
 
 
 def _rl_stream_until(address: str, rate: int, ready: Any, stop: Any, out: Any) -> None:
@@ -527,19 +544,20 @@ def rl_lookup(address: str, calls: int, trainers: int, rate: int, max_seconds: f
             ready.get(timeout=300)
         if procs:
             time.sleep(2)  # let the trainers reach a steady state
-        req = rpb.GetModelVersionByAliasRequest(model=model, alias="production")
-        lookup = reg.registry.GetModelVersionByAlias
+        client = Client(address)
+        lookup = functools.partial(client.registry.lookup, model, "production")
         for _ in range(50):
-            lookup(req)
+            lookup()
         lat: list[float] = []
         deadline = time.perf_counter() + max_seconds
         for _ in range(calls):
             t = time.perf_counter()
-            got = lookup(req)
+            got = lookup()
             lat.append(time.perf_counter() - t)
             if t > deadline:
                 break
         assert got.model_version.version == version
+        client.close()
         stop.set()
         load = [out.get(timeout=600) for _ in procs]
         for p in procs:
