@@ -315,3 +315,52 @@ def _chunked(run_id: str, path: str, data: bytes, chunk: int = 1 << 20) -> Itera
     yield pb.UploadArtifactRequest(header=header)
     for lo in range(0, len(data), chunk):
         yield pb.UploadArtifactRequest(chunk=data[lo : lo + chunk])
+
+
+def test_a_presigned_fetch_after_a_closing_response_still_waits_the_read_timeout(tmp_path: Path) -> None:
+    """A store that closes its connection after each response (moto does) and is slow to start the next body:
+    the next fetch opens a connection of its own with the read timeout, not the (shorter) connect timeout."""
+    import http.server
+    import io
+    import threading
+    import time
+
+    body = b"adapter weights " * 4096
+    served = []
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            served.append(self.path)
+            if len(served) > 1:
+                time.sleep(0.6)  # longer than the connect timeout below, far shorter than the read timeout
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    class QuickToConnect(client_artifacts._Direct):
+        CONNECT_TIMEOUT = 0.2
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    direct = QuickToConnect(True)
+    try:
+        for name in ("a", "b"):
+            out, digest = io.BytesIO(), hashlib.sha256()
+            sink = client_artifacts._Sink(out, digest)
+            with client_artifacts._Meter(False, len(body), name) as meter:
+                url = f"http://127.0.0.1:{server.server_address[1]}/{name}?X-Amz-Signature=x"
+                assert direct.fetch(url, 0, len(body), sink, meter) == len(body)
+            sink.close()
+            assert out.getvalue() == body and digest.hexdigest() == hashlib.sha256(body).hexdigest()
+    finally:
+        direct.close()
+        server.shutdown()
+        server.server_close()
+    assert served == ["/a?X-Amz-Signature=x", "/b?X-Amz-Signature=x"]

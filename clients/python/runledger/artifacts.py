@@ -540,8 +540,10 @@ class _Direct:
         origin = (parts.scheme, parts.netloc)
         target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
         headers = {"Range": f"bytes={offset}-"} if offset else {}
-        if self._connection is not None and self._origin == origin:
-            try:  # the previous file's connection, which the store may have closed since
+        # The previous file's connection, unless its response said it would close (then http.client would open
+        # the next one itself, with the connect timeout as the read timeout).
+        if self._connection is not None and self._origin == origin and self._connection.sock is not None:
+            try:  # the store may have closed it since
                 self._connection.request("GET", target, headers=headers)
                 return self._connection.getresponse()
             except (OSError, http.client.HTTPException):

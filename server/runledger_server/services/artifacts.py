@@ -134,6 +134,9 @@ class ArtifactService:
         try:
             chunks = self.blobs.open_range(record.sha256, offset)
         except NotFound as exc:
+            stored = self.blobs.size(record.sha256)  # an offset past the end of a blob cut short reads as missing
+            if stored is not None and stored != record.size:
+                raise _damaged(record, f"{stored} bytes, not its recorded {record.size}") from exc
             raise DataLoss(
                 f"the content of {_describe(record)} (sha256 {record.sha256}) is missing from the artifact store",
                 reason="BLOB_MISSING",
@@ -324,11 +327,13 @@ class _Exactly:
             chunk = next(self._chunks)
         except StopIteration:
             if self._left:
-                raise self._damaged(f"{self._left} bytes short") from None
+                raise _damaged(
+                    self._record, f"{self._left} bytes shorter than its recorded {self._record.size}"
+                ) from None
             raise
         self._left -= len(chunk)
         if self._left < 0:
-            raise self._damaged(f"{-self._left} bytes longer")
+            raise _damaged(self._record, f"{-self._left} bytes longer than its recorded {self._record.size}")
         return chunk
 
     def close(self) -> None:
@@ -336,14 +341,14 @@ class _Exactly:
         if close is not None:
             close()
 
-    def _damaged(self, how: str) -> DataLoss:
-        r = self._record
-        return DataLoss(
-            f"the stored content of {_describe(r)} (sha256 {r.sha256}) is {how} than its recorded {r.size} bytes: "
-            "the artifact store damaged it; upload the file again to repair it",
-            reason="BLOB_DAMAGED",
-            metadata={"sha256": r.sha256},
-        )
+
+def _damaged(record: ArtifactRecord, how: str) -> DataLoss:
+    return DataLoss(
+        f"the stored content of {_describe(record)} (sha256 {record.sha256}) is {how} bytes: the artifact store "
+        "damaged it; upload the file again to repair it",
+        reason="BLOB_DAMAGED",
+        metadata={"sha256": record.sha256},
+    )
 
 
 def canonical_manifest(manifest: manifest_rule.Manifest) -> bytes:
