@@ -691,7 +691,7 @@ def test_a_colliding_batch_re_sent_after_a_restart_is_refused_not_counted_as_sto
         first = client.start_run(experiment="fault", name="shared-writer", writer_id="rank0")
         first.log_metrics({"first": 0.0}, step=0)
         first.flush(timeout=30)
-        _take_next_batch_number(address, first.run_id, "rank0")
+        _take_next_batch_number(address, server.data_dir, first.run_id, "rank0")
         assert server.proc is not None
         server.proc.send_signal(signal.SIGSTOP)  # the colliding batch is sent, and never acknowledged
         first.log_metrics({"first": 1.0}, step=1)

@@ -23,7 +23,6 @@ import runledger
 from runledger import RetryPolicy, errors
 from runledger.v1 import tracking_pb2, tracking_service_pb2 as tpb, tracking_service_pb2_grpc
 from runledger_server.config import Settings
-from runledger_server.domain.metrics import RESUME_GAP
 from runledger_server.embedded import EmbeddedServer
 
 EXAMPLE_LINEAGE = {
@@ -472,14 +471,19 @@ def test_a_restarted_writer_keeping_its_writer_id_continues_where_it_stopped(ser
         assert history.values.tolist() == [step * 0.5 for step in range(2_000)]
 
 
-def _take_next_batch_number(address: str, run_id: str, writer_id: str) -> None:
-    """Store a batch under the number the writer's next batch takes, as another writer numbering from what the
-    run held (without asking GetMetricWriter) would: that batch then collides."""
+def _take_next_batch_number(address: str, data_dir: Path, run_id: str, writer_id: str) -> None:
+    """Store a batch under the number the writer's next batch takes (one past its highest), as another writer
+    numbering from what the run held (without asking GetMetricWriter) would: that batch then collides."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(data_dir / "runledger.db")) as db:
+        (highest,) = db.execute(
+            "SELECT MAX(seq) FROM metric_batches WHERE run_id = ? AND writer_id = ?", (run_id, writer_id)
+        ).fetchone()
     with grpc.insecure_channel(address) as ch:
         stub = tracking_service_pb2_grpc.TrackingServiceStub(ch)
-        where = stub.GetMetricWriter(tpb.GetMetricWriterRequest(run_id=run_id, writer_id=writer_id)).next_seq
         series = tracking_pb2.MetricSeries(key="other", steps=[0], values=[9.0], timestamps_ms=[0])
-        request = tpb.LogMetricsRequest(run_id=run_id, writer_id=writer_id, seq=where - RESUME_GAP, series=[series])
+        request = tpb.LogMetricsRequest(run_id=run_id, writer_id=writer_id, seq=highest + 1, series=[series])
         assert not stub.LogMetrics(request).duplicate
 
 
@@ -489,7 +493,7 @@ def test_a_batch_number_another_writer_took_is_refused_not_silently_dropped(
     first = client.start_run(experiment="reuse", writer_id="rank0")
     first.log_metrics({"loss": 1.0}, step=0)
     first.flush()
-    _take_next_batch_number(server.address, first.run_id, "rank0")
+    _take_next_batch_number(server.address, server.settings.data_dir, first.run_id, "rank0")
     first.log_metrics({"loss": 3.0}, step=2)
     with pytest.raises(errors.AlreadyExists) as info:
         first.flush(timeout=30)
@@ -1098,7 +1102,7 @@ def test_closing_the_client_reports_points_a_stopped_sender_lost_unless_already_
     first = client.start_run(experiment="lost-on-close", writer_id="rank0")
     first.log_metrics({"loss": 1.0}, step=0)
     first.flush()
-    _take_next_batch_number(server.address, first.run_id, "rank0")
+    _take_next_batch_number(server.address, server.settings.data_dir, first.run_id, "rank0")
     first.log_metrics({"loss": 3.0}, step=2)  # refused in the background: nobody asks the first writer again
     stream = first._stream
     assert stream is not None
@@ -1112,7 +1116,7 @@ def test_closing_the_client_reports_points_a_stopped_sender_lost_unless_already_
     one = again.attach_run(first.run_id, writer_id="rank1")
     one.log_metrics({"loss": 4.0}, step=3)
     one.flush()
-    _take_next_batch_number(server.address, first.run_id, "rank1")
+    _take_next_batch_number(server.address, server.settings.data_dir, first.run_id, "rank1")
     one.log_metrics({"loss": 6.0}, step=5)  # refused ...
     with pytest.raises(errors.AlreadyExists):
         one.flush(timeout=30)  # ... and told here

@@ -15,7 +15,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from runledger.v1 import common_pb2, tracking_pb2, tracking_service_pb2 as pb, tracking_service_pb2_grpc
-from runledger_server.domain.metrics import RESUME_GAP
+from runledger_server.domain.metrics import RESUME_GAP, RESUME_SLOTS
 from runledger_server.embedded import EmbeddedServer
 from tests.support import refusal
 
@@ -323,14 +323,19 @@ def test_get_metric_writer_says_where_a_writer_resumes(tracking) -> None:
     def next_seq(writer: str) -> int:
         return tracking.GetMetricWriter(pb.GetMetricWriterRequest(run_id=run.run_id, writer_id=writer)).next_seq
 
-    # Past the highest stored, by a gap left for batches an earlier incarnation may still have in flight.
-    assert next_seq("rank0") == RESUME_GAP  # has stored nothing
+    def past(highest_plus_one: int, seq: int) -> bool:
+        """A whole number of gaps past the highest stored: room for batches an earlier incarnation has in flight."""
+        gaps, rest = divmod(seq - highest_plus_one, RESUME_GAP)
+        return rest == 0 and 1 <= gaps <= RESUME_SLOTS
+
+    fresh = {next_seq("rank0") for _ in range(5)}  # has stored nothing
+    assert all(past(0, seq) for seq in fresh) and len(fresh) == 5  # two incarnations asking get different answers
     batches = [
         pb.StreamMetricsRequest(run_id=run.run_id, writer_id="rank0", seq=seq, series=[_series("loss", [seq], [0.5])])
         for seq in (0, 1, 2, 7)  # numbering with a gap (a batch refused, say): resume after the highest
     ]
     assert len(list(tracking.StreamMetrics(iter(batches)))) == 4
-    assert next_seq("rank0") == 8 + RESUME_GAP and next_seq("rank1") == RESUME_GAP
+    assert past(8, next_seq("rank0")) and past(0, next_seq("rank1"))
     written = tracking.GetMetricWriter(pb.GetMetricWriterRequest(run_id=run.run_id, writer_id="rank0"))
     assert (written.run_id, written.writer_id) == (run.run_id, "rank0")
     r = refusal(lambda: tracking.GetMetricWriter(pb.GetMetricWriterRequest(run_id="0" * 32, writer_id="rank0")))

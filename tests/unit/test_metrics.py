@@ -148,10 +148,15 @@ def test_a_batch_checksum_depends_on_its_points_not_their_encoding() -> None:
     assert len({b.checksum() for b in [base, *others, zero]}) == len(others) + 2
 
 
-def test_a_resumed_writer_continues_a_gap_past_its_highest_stored_batch() -> None:
-    assert metrics.resume_seq(None) == metrics.RESUME_GAP  # none stored: an earlier incarnation may have some queued
-    assert metrics.resume_seq(7) == 8 + metrics.RESUME_GAP
+def test_a_resumed_writer_continues_its_drawn_number_of_gaps_past_its_highest_stored_batch() -> None:
+    gap, slots = metrics.RESUME_GAP, metrics.RESUME_SLOTS
+    assert metrics.resume_seq(None, 1) == gap  # none stored: an earlier incarnation may have some in flight
+    assert metrics.resume_seq(7, 1) == 8 + gap
+    assert metrics.resume_seq(7, slots) == 8 + slots * gap
     top = metrics.MAX_SEQ - 1  # the highest seq a batch may take
-    assert metrics.resume_seq(top - metrics.RESUME_GAP - 1) == top  # the last one with room for the gap
-    assert metrics.resume_seq(top - metrics.RESUME_GAP) == top - metrics.RESUME_GAP + 1
-    assert metrics.resume_seq(top) == top + 1 == metrics.MAX_SEQ  # no room for the gap: right after, in int64
+    assert metrics.resume_seq(top - 2 * gap, 2) == top - gap + 1  # two gaps do not fit: one does
+    assert metrics.resume_seq(top - gap - 1, slots) == top  # the last one with room for a gap
+    assert metrics.resume_seq(top, 5) == top + 1 == metrics.MAX_SEQ  # no room for any: right after, in int64
+    for slot in (0, slots + 1):
+        with pytest.raises(ValueError):
+            metrics.resume_seq(7, slot)

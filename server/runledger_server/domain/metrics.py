@@ -14,9 +14,13 @@ from runledger_server.domain.errors import AlreadyExists, InvalidArgument
 MAX_SERIES_PER_BATCH = 10_000
 MAX_POINTS_PER_BATCH = 1_000_000
 MAX_SEQ = (1 << 63) - 1  # exclusive: a writer's next seq is MAX(seq) + 1, an int64 too
-# How far past its highest stored batch a writer that asks where to continue (GetMetricWriter) resumes: room
-# for batches an earlier incarnation of it still has in flight, which no replica sees before they commit.
-RESUME_GAP = 1 << 32
+# Where a writer that asks where to continue (GetMetricWriter) resumes: past its highest stored batch, in one of
+# RESUME_SLOTS slots of RESUME_GAP numbers drawn at random. A slot leaves room for the batches an earlier
+# incarnation of the writer still has in flight (which no replica sees before they commit), and two incarnations
+# asking before either committed draw different slots but for a one-in-a-million chance (then the later batch is
+# refused as WRITER_ID_REUSED, never dropped). At most 2^44 numbers per resume: 2^19 resumes fit in int64.
+RESUME_GAP = 1 << 24
+RESUME_SLOTS = 1 << 20
 _STEP = np.dtype("<i8")
 _VALUE = np.dtype("<f8")
 
@@ -64,17 +68,21 @@ class Batch:
         return crc
 
 
-def resume_seq(highest_stored: int | None) -> int:
-    """The seq a writer that keeps its writer_id across a restart continues at.
+def resume_seq(highest_stored: int | None, slot: int) -> int:
+    """The seq a writer that keeps its writer_id across a restart continues at: `slot` (1 to RESUME_SLOTS, drawn
+    at random by the caller) gaps of RESUME_GAP past its highest stored batch (or past 0, when it stored none).
 
     Not simply the highest stored + 1: the writer's previous incarnation (a crashed rank) may still have
-    batches queued for commit on another replica, numbered past what is stored; they commit later, and a
-    new batch under the same number would be refused (or, before batch checksums, dropped as a re-send).
-    Its batches in flight are a window of at most a few thousand past the highest stored (or past 0, when it
-    stored nothing yet), so starting RESUME_GAP further on leaves them their numbers without any replica
-    knowing about the others. Near the top of the seq space the gap is skipped; no writer gets there."""
+    batches queued for commit on another replica, numbered past what is stored, or may have asked just before
+    and not committed anything yet; they commit later, and a new batch under one of their numbers would be
+    refused. Near the top of the seq space the gaps shrink to what is left."""
+    if not 1 <= slot <= RESUME_SLOTS:
+        raise ValueError(f"slot must be in [1, {RESUME_SLOTS}], got {slot}")
     base = 0 if highest_stored is None else highest_stored + 1
-    return base + RESUME_GAP if base + RESUME_GAP < MAX_SEQ else base
+    for jump in (slot * RESUME_GAP, RESUME_GAP):
+        if base + jump < MAX_SEQ:
+            return base + jump
+    return base
 
 
 def writer_id_reused(batch: Batch) -> AlreadyExists:

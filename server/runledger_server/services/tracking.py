@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
@@ -10,6 +11,7 @@ from runledger_server.domain import filters, ids, names, paging, sweeps
 from runledger_server.domain.errors import InvalidArgument, NotFound, Unavailable
 from runledger_server.domain.lineage import Lineage
 from runledger_server.domain.metrics import (
+    RESUME_SLOTS,
     Batch,
     Series,
     check_writer_id,
@@ -143,7 +145,8 @@ class TrackingService:
     def next_metric_seq(self, run_id: str, writer_id: str) -> int:
         """Where a writer that keeps its writer_id across a restart continues its batch numbering: past its
         committed batches (see queued_metrics_committed) and those other replicas may still commit (resume_seq)."""
-        return resume_seq(self.store.highest_metric_seq(names.run_id(run_id), check_writer_id(writer_id)))
+        highest = self.store.highest_metric_seq(names.run_id(run_id), check_writer_id(writer_id))
+        return resume_seq(highest, 1 + secrets.randbelow(RESUME_SLOTS))
 
     def metric_history(
         self, run_id: str, key: str, start_step: int | None, end_step: int | None, max_points: int

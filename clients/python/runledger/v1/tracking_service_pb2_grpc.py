@@ -238,10 +238,11 @@ class TrackingServiceServicer:
     def GetMetricWriter(self, request, context):
         """Where one writer of a run stands: the seq its next batch takes. A writer
         that keeps its writer_id across a restart (a resumed job) continues there.
-        That is 2^32 past its highest stored batch (2^32 for a writer with none):
-        its previous incarnation may still have batches in flight on another
-        replica, which commit later under their own numbers; seqs need not be
-        contiguous. Batches the answering server has queued for commit are waited for
+        That is a random multiple (1 to 2^20) of 2^24 past its highest stored
+        batch (past 0 for a writer with none): its previous incarnation may still
+        have batches in flight on another replica, which commit later under their
+        own numbers, and two incarnations asking at once get different answers.
+        Seqs need not be contiguous. Batches the answering server has queued for commit are waited for
         (UNAVAILABLE, reason INGEST_BEHIND, after 10 s); a batch still waiting
         for room in its ingest buffer, from a writer that is still connected,
         is not.
