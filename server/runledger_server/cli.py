@@ -9,7 +9,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from runledger_server import config
+from runledger_server import config, malloc_arenas
 from runledger_server.app import build_server, own_process
 from runledger_server.backends.sql import migrate
 
@@ -59,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = config.from_args(args)
         except config.ConfigError as exc:
             parser.error(str(exc))  # exits with status 2
+        malloc_arenas.limit()  # before any thread of the server exists
         try:
             asyncio.run(serve(settings))
         except (OSError, migrate.DatabaseTooNew) as exc:  # said plainly, without a traceback: the port taken,
