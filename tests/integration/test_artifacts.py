@@ -417,20 +417,25 @@ def test_client_download_resumes_a_partial_file_and_verifies(
         assert moved[0] <= MiB and moved[-1] == len(data)  # from zero (not from MiB + 3), once
 
 
+def _overwrite_blob(uri: str, content: bytes, backend: str, request: pytest.FixtureRequest) -> None:
+    """Replace a stored blob's bytes in the store itself, as bit rot or an operator's mistake would."""
+    if backend == "local":
+        blob = Path(uri.removeprefix("file://"))
+        blob.chmod(0o644)
+        blob.write_bytes(content)
+    else:
+        s3: S3Server = request.getfixturevalue("s3_server")
+        key = uri.removeprefix(f"s3://{s3.bucket}/")
+        s3.client().put_object(s3.bucket, key, io.BytesIO(content), len(content))
+
+
 def test_client_download_refuses_bytes_that_do_not_match_the_record(
     channel: grpc.Channel, artifacts: Stub, run_id: str, backend: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     data = _blob(MiB + 9, seed=3)
     art = _upload(artifacts, run_id, "rot.bin", data)
     damaged = data[:-1] + bytes([data[-1] ^ 1])  # one flipped bit at rest
-    if backend == "local":
-        blob = Path(art.uri.removeprefix("file://"))
-        blob.chmod(0o644)
-        blob.write_bytes(damaged)
-    else:
-        s3: S3Server = request.getfixturevalue("s3_server")
-        key = art.uri.removeprefix(f"s3://{s3.bucket}/")
-        s3.client().put_object(s3.bucket, key, io.BytesIO(damaged), len(damaged))
+    _overwrite_blob(art.uri, damaged, backend, request)  # damaged at rest, behind runledger's back
     dest = tmp_path / "rot.bin"
     with pytest.raises(DataLoss) as info:  # a fresh download: no partial file to blame, no second try
         client_artifacts.download(channel, run_id, "rot.bin", dest, progress=False)
@@ -453,14 +458,7 @@ def test_a_blob_of_another_size_than_recorded_is_data_loss_at_the_end_not_ok(
     data = _blob(2 * MiB + 5, seed=4)
     art = _upload(artifacts, run_id, "cut.bin", data)
     damaged = data[: MiB + 3] if change == "cut short" else data + b"tail"
-    if backend == "local":
-        blob = Path(art.uri.removeprefix("file://"))
-        blob.chmod(0o644)
-        blob.write_bytes(damaged)
-    else:
-        s3: S3Server = request.getfixturevalue("s3_server")
-        key = art.uri.removeprefix(f"s3://{s3.bucket}/")
-        s3.client().put_object(s3.bucket, key, io.BytesIO(damaged), len(damaged))
+    _overwrite_blob(art.uri, damaged, backend, request)  # damaged at rest, behind runledger's back
     for offset in (0, MiB, 2 * MiB):  # the last one is past the end of the blob cut short
         call = artifacts.DownloadArtifact(pb.DownloadArtifactRequest(run_id=run_id, path="cut.bin", offset=offset))
         with pytest.raises(grpc.RpcError) as info:
