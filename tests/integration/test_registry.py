@@ -25,6 +25,7 @@ from runledger.v1 import (
     tracking_service_pb2,
     tracking_service_pb2_grpc,
 )
+from runledger_server.config import Settings
 from runledger_server.domain import paging
 from runledger_server.embedded import EmbeddedServer
 from tests.support import refusal
@@ -287,10 +288,11 @@ def test_registration_needs_the_run_its_artifact_and_the_model(reg: Registry) ->
         (MODEL, run_id, "other.bin", grpc.StatusCode.NOT_FOUND, "artifact_path"),
         (MODEL, run_id, "../model.safetensors", grpc.StatusCode.INVALID_ARGUMENT, "artifact_path"),
         ("models/nope", run_id, "model.safetensors", grpc.StatusCode.NOT_FOUND, "model"),
-        # A missing model is named first, whatever else is wrong.
-        ("models/nope", "no-such-run", "model.safetensors", grpc.StatusCode.NOT_FOUND, "model"),
-        ("models/nope", run_id, "other.bin", grpc.StatusCode.NOT_FOUND, "model"),
-        ("models/nope", broken, "model.safetensors", grpc.StatusCode.NOT_FOUND, "model"),
+        # A missing model is named last: a client that creates the model when it is missing and asks again must
+        # not create one for a registration that fails anyway.
+        ("models/nope", "no-such-run", "model.safetensors", grpc.StatusCode.NOT_FOUND, "run_id"),
+        ("models/nope", run_id, "other.bin", grpc.StatusCode.NOT_FOUND, "artifact_path"),
+        ("models/nope", broken, "model.safetensors", grpc.StatusCode.FAILED_PRECONDITION, "run_id"),
     ]
     for model, rid, path, code, field in cases:
         r = refusal(
@@ -300,6 +302,26 @@ def test_registration_needs_the_run_its_artifact_and_the_model(reg: Registry) ->
         )
         assert (r.code, r.metadata.get("field")) == (code, field), r
     assert reg.stub.GetRegisteredModel(pb.GetRegisteredModelRequest(name=f"models/{MODEL}")).latest_version == 0
+
+
+def test_a_directory_registered_into_a_missing_model_publishes_no_manifest(reg: Registry, settings: Settings) -> None:
+    run_id = reg.run()
+    reg.upload(run_id, "adapter/a.bin", b"a")
+    reg.upload(run_id, "adapter/b.bin", b"b")
+    blobs = Path(settings.artifact_location) / "sha256"
+    before = sorted(p.name for p in blobs.rglob("*") if p.is_file())
+    r = refusal(
+        lambda: reg.stub.CreateModelVersion(
+            pb.CreateModelVersionRequest(model="models/nope", run_id=run_id, artifact_path="adapter")
+        )
+    )
+    assert (r.code, r.metadata.get("field")) == (grpc.StatusCode.NOT_FOUND, "model")
+    assert sorted(p.name for p in blobs.rglob("*") if p.is_file()) == before  # the two files, no manifest
+    reg.model()
+    version = reg.stub.CreateModelVersion(
+        pb.CreateModelVersionRequest(model=MODEL, run_id=run_id, artifact_path="adapter")
+    )
+    assert version.version == 1 and len([p for p in blobs.rglob("*") if p.is_file()]) == len(before) + 1
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -100,14 +100,22 @@ class RegistryService:
         return version
 
     def _create_version_checked(self, model_id: str, run_id: str, path: str, description: str) -> ModelVersion:
-        """Each precondition read and checked on its own, so that a refusal names the first one missing."""
+        """Each precondition read and checked on its own, so that a refusal names the first one missing.
 
-        # The model first, so a missing model is reported before anything about the run; models are never
-        # deleted, and every check here is a read, so a refusal never waits for the write lock (SQLite).
-        self.store.get_model(model_id)
+        The run, its lineage and its artifact come before the model: a client that creates a missing model on
+        NOT_FOUND `model` and asks again then never creates a model for a registration that fails anyway.
+        Models are never deleted, and every check here is a read, so a refusal never waits for the write lock
+        (SQLite); a directory's manifest is published only once the model is known to exist."""
+
         lineage = self.runs.run_lineage(run_id)
         missing = lineage.missing_fields()
-        described = None if missing else self.artifacts.describe(run_id, path, "artifact_path")
+        described = (
+            None
+            if missing
+            else self.artifacts.describe(
+                run_id, path, "artifact_path", before_publish=lambda: self.store.get_model(model_id)
+            )
+        )
         if missing:
             raise FailedPrecondition(
                 f"runs/{run_id} has broken lineage: missing {', '.join(missing)}; "
@@ -116,6 +124,7 @@ class RegistryService:
                 field="run_id",
                 metadata={"missingFields": ",".join(missing), "run": f"runs/{run_id}"},
             )
+        self.store.get_model(model_id)  # a file's description published nothing, and checked no model
         fingerprint = lineage.fingerprint()
         assert fingerprint is not None and described is not None
         artifact = ArtifactRef(path, described.sha256, described.size, described.uri)
