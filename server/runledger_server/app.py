@@ -181,10 +181,11 @@ async def build_server(settings: Settings) -> tuple[Server, int]:
 
 def _bind(grpc_server: grpc.aio.Server, host: str, port: int) -> int:
     """The bound port; OSError naming the address when it cannot be had (grpc raises RuntimeError for it)."""
+    address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"  # IPv6: ::1
     try:
-        bound = grpc_server.add_insecure_port(f"{host}:{port}")
+        bound = grpc_server.add_insecure_port(address)
     except RuntimeError as exc:
-        raise OSError(f"cannot listen on {host}:{port}: {exc}") from None
+        raise OSError(f"cannot listen on {address}: {exc}") from None
     if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
+        raise OSError(f"cannot listen on {address}")
     return int(bound)

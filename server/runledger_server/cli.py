@@ -9,9 +9,12 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from runledger_server import config, malloc_arenas
 from runledger_server.app import build_server, own_process
 from runledger_server.backends.sql import migrate
+from runledger_server.domain.errors import DomainError
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -62,14 +65,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         malloc_arenas.limit()  # before any thread of the server exists
         try:
             asyncio.run(serve(settings))
-        except (OSError, migrate.DatabaseTooNew) as exc:  # said plainly, without a traceback: the port taken,
-            # the data directory not writable, a database that a newer runledger migrated
-            print(f"runledger serve: {exc}", file=sys.stderr)
+        except (OSError, migrate.DatabaseTooNew, DomainError, SQLAlchemyError) as exc:  # said plainly, without a
+            # traceback: the port taken, the data directory or the artifact store unusable, the database
+            # unreachable or refusing, a database that a newer runledger migrated
+            print(f"runledger serve: {_one_line(exc)}", file=sys.stderr)
+            _LOGGER.debug("start-up failed", exc_info=exc)
             return 1
         return 0
+    from runledger.errors import RunledgerError
     from runledger_server.demo import run_demo
 
-    return run_demo(data_dir=args.data_dir, server=args.server)
+    try:
+        return run_demo(data_dir=args.data_dir, server=args.server)
+    except RunledgerError as exc:  # e.g. --server unreachable: said plainly, as serve says its failures
+        print(f"runledger demo: {exc}", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    """The failure's own message: a driver's first line, without SQLAlchemy's statement and help link."""
+    if isinstance(exc, DomainError):
+        return exc.message
+    if isinstance(exc, SQLAlchemyError):
+        orig = getattr(exc, "orig", None)
+        text = str(orig) if orig is not None else str(exc)
+        return f"the metadata database refused the connection or the schema: {text.strip().splitlines()[0]}"
+    return str(exc)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50051
 DEFAULT_DATA_DIR = "./runledger-data"
@@ -182,6 +185,7 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
             1 << 40,
         ),
     )
+    _s3_endpoint(settings.s3.endpoint)
     s3_named = bool(settings.s3.endpoint) or settings.s3.secure
     return replace(
         settings,
@@ -211,7 +215,7 @@ def _artifact_location(location: str, s3_named: bool, endpoint: str = "") -> str
 
         host = endpoint.rsplit(":", 1)[0] if endpoint else "s3.amazonaws.com"
         try:
-            check_bucket_name(bucket, s3_check=host.endswith("amazonaws.com"))  # AWS's stricter rule on AWS
+            check_bucket_name(bucket, strict=True, s3_check=host.endswith("amazonaws.com"))  # as make_bucket
         except ValueError as exc:
             raise ConfigError(
                 f"--artifacts (env RUNLEDGER_ARTIFACTS) {location!r}: {bucket!r} is not a valid S3 bucket name ({exc})"
@@ -231,15 +235,44 @@ def _database_url(url: str) -> str:
         return url
     scheme, sep, rest = url.partition("://")
     if not sep:
-        raise ConfigError(f"--db (env RUNLEDGER_DB) must be a URL such as postgresql+psycopg://..., got {url!r}")
+        raise ConfigError(
+            f"--db (env RUNLEDGER_DB) must be a URL such as postgresql+psycopg://..., got {_masked(url)!r}"
+        )
     if scheme in ("postgres", "postgresql"):
-        return f"postgresql+psycopg://{rest}"
-    if scheme not in ("postgresql+psycopg", "sqlite", "sqlite+pysqlite"):
+        url = f"postgresql+psycopg://{rest}"
+    elif scheme not in ("postgresql+psycopg", "sqlite", "sqlite+pysqlite"):
         raise ConfigError(
             f"--db (env RUNLEDGER_DB) must be a PostgreSQL (postgresql+psycopg://...) or SQLite (sqlite:///...) URL, "
             f"got one for {scheme!r}"
         )
+    try:
+        parsed = make_url(url)
+        parsed.port  # noqa: B018 (parsed on access: a port that is no number raises here)
+    except (ArgumentError, ValueError) as exc:
+        raise ConfigError(f"--db (env RUNLEDGER_DB) {_masked(url)!r} is not a valid URL: {exc}") from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+        raise ConfigError(
+            "--db (env RUNLEDGER_DB) names an in-memory SQLite database, which each connection would see empty: "
+            "give a file, sqlite:///path/to/runledger.db"
+        )
     return url
+
+
+def _masked(url: str) -> str:
+    """The URL with any password replaced, for messages: a mistyped URL still holds the real password."""
+    return re.sub(r"(?<=:)[^:/@]*(?=@)", "***", url)
+
+
+def _s3_endpoint(endpoint: str) -> str:
+    """`host:port` (or a bare host); a port that is no number from 1 to 65535 is refused here, not at first use."""
+    host, sep, port = endpoint.rpartition(":")
+    if sep and not host.endswith("]") and ":" in host:  # a bare IPv6 address: no port to check
+        return endpoint
+    if sep and not (port.isdigit() and 0 < int(port) < 65536):
+        raise ConfigError(
+            f"--s3-endpoint (env RUNLEDGER_S3_ENDPOINT) must be host:port with a port from 1 to 65535, got {endpoint!r}"
+        )
+    return endpoint
 
 
 def from_argv(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Settings:

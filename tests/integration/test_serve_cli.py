@@ -147,6 +147,11 @@ def test_bad_settings_are_refused_naming_the_flag_and_variable(tmp_path: Path) -
         (["--s3-endpoint", "minio:9000"], {}, "give --artifacts s3://bucket/prefix"),
         ([], {"RUNLEDGER_S3_SECURE": "true"}, "give --artifacts s3://bucket/prefix"),
         (["--db", "mysql://db/runs"], {}, "--db (env RUNLEDGER_DB)"),
+        (["--db", "sqlite://"], {}, "in-memory SQLite"),  # each pooled connection would see its own empty one
+        (["--db", "sqlite:///:memory:"], {}, "in-memory SQLite"),
+        (["--db", "postgresql://bob:pw@db:notaport/rl"], {}, "is not a valid URL"),
+        (["--artifacts", "s3://models/runs", "--s3-endpoint", "minio:99999"], {}, "--s3-endpoint"),
+        (["--artifacts", "s3://Bad_Bucket/runs", "--s3-endpoint", "minio:9000"], {}, "not a valid S3 bucket name"),
         (["--log-level", "LOUD"], {}, "--log-level"),
     ]
     for args, env, named in cases:
@@ -235,3 +240,89 @@ def test_a_database_migrated_by_a_newer_runledger_is_refused_plainly(tmp_path: P
     assert proc.returncode == 1, proc.stderr
     assert "was migrated by a newer runledger" in proc.stderr and "runledger.db" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_mistyped_database_url_is_refused_without_showing_its_password(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "runledger_server",
+            "serve",
+            "--data-dir",
+            str(tmp_path),
+            "--db",
+            "postgresql:/bob:S3cr3t@db/rl",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "--db (env RUNLEDGER_DB)" in proc.stderr, proc.stderr
+    assert "S3cr3t" not in proc.stderr and "bob:***@db" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("failure", ["artifacts is a file", "database unreachable"])
+def test_a_store_that_cannot_be_used_at_start_up_is_said_in_one_line(tmp_path: Path, failure: str) -> None:
+    """Not a traceback: the artifact location or the database named, with the reason, and exit status 1."""
+    args = ["--port", "0", "--data-dir", str(tmp_path / "data")]
+    if failure == "artifacts is a file":
+        (tmp_path / "afile").write_text("not a directory")
+        args += ["--artifacts", str(tmp_path / "afile")]
+        expected = "afile"
+    else:
+        with socket.socket() as s:  # nothing listens there once the socket is closed
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        args += ["--db", f"postgresql://bob:S3cr3t@127.0.0.1:{port}/rl"]
+        expected = "metadata database"
+    proc = subprocess.run(
+        [sys.executable, "-m", "runledger_server", "serve", *args], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and expected in proc.stderr and "S3cr3t" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("runledger serve: "), proc.stderr  # after the INFO log
+
+
+def test_serve_listens_on_a_bare_ipv6_address(tmp_path: Path) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    proc, address = _start(["--host", "::1", "--port", "0", "--data-dir", str(tmp_path)])
+    try:
+        port = address.rsplit(":", 1)[1]
+        with grpc.insecure_channel(f"[::1]:{port}") as ch:
+            health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=30)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _reap(proc)
+
+
+def test_two_servers_started_together_on_one_sqlite_file_both_come_up(tmp_path: Path) -> None:
+    """They migrate in turns (a file lock), as replicas do on PostgreSQL; one used to die of `database is locked`."""
+    for attempt in range(3):
+        data = tmp_path / f"d{attempt}"
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "runledger_server", "serve", "--port", "0", "--data-dir", str(data)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(2)
+        ]
+        try:
+            for proc in procs:
+                assert proc.stdout is not None
+                line = proc.stdout.readline()
+                failed = "" if line else proc.stderr.read()[-2000:]  # type: ignore[union-attr]
+                assert line.startswith("runledger listening on "), (line, proc.poll(), failed)
+        finally:
+            for proc in procs:
+                proc.send_signal(signal.SIGTERM)
+                _reap(proc)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 from alembic import command
@@ -28,6 +31,24 @@ def alembic_config() -> Config:
 
 
 def upgrade(db: Database) -> None:
+    with _sqlite_migration_lock(db):
+        _upgrade(db)
+
+
+@contextlib.contextmanager
+def _sqlite_migration_lock(db: Database) -> Iterator[None]:
+    """Servers started together on one SQLite file take turns, as on PostgreSQL: alembic's first statements
+    there were refused as `database is locked` by the other's migration, and that server died."""
+    path = db.url.database if db.is_sqlite else None
+    if not path or path == ":memory:":
+        yield
+        return
+    with open(f"{path}.migrate-lock", "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        yield
+
+
+def _upgrade(db: Database) -> None:
     cfg = alembic_config()
     with db.engine.connect() as conn:
         if db.dialect == "postgresql":
