@@ -1095,6 +1095,73 @@ def test_a_signal_handler_calling_the_client_during_the_first_log_call_is_refuse
     assert outcome == f"{tracking_pb2.RUN_STATUS_FINISHED} [0.5]"
 
 
+SIGNAL_WHILE_FLUSH_WAITS = """
+import signal, sys, threading, time
+import runledger
+from runledger import errors
+
+client = runledger.Client(sys.argv[1])
+run = client.start_run(experiment="signal-while-flushing")
+print("ready", flush=True)
+sys.stdin.readline()  # the test holds the database's write lock now: commits, and so acks, wait
+seen = []
+
+def handler(signum, frame):
+    try:
+        run.log_metrics({"x": 1.0}, step=1)
+        seen.append("ran")
+    except errors.FailedPrecondition as exc:
+        seen.append(exc.reason)
+
+signal.signal(signal.SIGUSR1, handler)
+main = threading.get_ident()
+threading.Timer(0.5, lambda: signal.pthread_kill(main, signal.SIGUSR1)).start()
+run.log_metrics({"loss": 0.5}, step=0)
+run.flush(timeout=60)  # waits in slices with SIGUSR1 held; the handler runs between two of them
+print(",".join(seen), flush=True)
+run.finish()
+client.close()
+"""
+
+
+def test_a_signal_handler_calling_the_client_while_flush_waits_is_refused_not_a_deadlock(
+    server: EmbeddedServer, tmp_path: Path
+) -> None:
+    """flush() waits in slices with the usual signals held; when one ended, the held signal's handler ran with
+    the run's lock taken again but not yet marked as its thread's, so its log_metrics waited for ever for a lock
+    its own thread held, and the sender with it. It is refused (REENTRANT_CALL), as the README says."""
+    import sqlite3
+
+    script = tmp_path / "trainer.py"
+    script.write_text(SIGNAL_WHILE_FLUSH_WAITS)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), server.address],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    holder = sqlite3.connect(server.settings.data_dir / "runledger.db", timeout=60, isolation_level=None)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline() == "ready\n"
+        holder.execute("BEGIN IMMEDIATE")
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        time.sleep(1.5)  # the signal lands while the flush waits for the commit
+        holder.execute("ROLLBACK")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if holder.in_transaction:
+            holder.execute("ROLLBACK")
+        holder.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert out.splitlines() == ["REENTRANT_CALL"], (out, err)
+
+
 def test_closing_the_client_reports_points_a_stopped_sender_lost_unless_already_reported(
     server: EmbeddedServer,
 ) -> None:

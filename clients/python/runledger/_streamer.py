@@ -288,7 +288,12 @@ class MetricStreamer:
         holder, self._holder = self._holder, None
         try:
             with _signals_deferred():
-                self._cond.wait(WAIT_SLICE_S if timeout is None else min(timeout, WAIT_SLICE_S))
+                try:
+                    self._cond.wait(WAIT_SLICE_S if timeout is None else min(timeout, WAIT_SLICE_S))
+                finally:
+                    # Back before the held signals are let through: their handler runs with the lock in hand, and
+                    # must find it held by its own thread (a call then is REENTRANT_CALL, not a wait for ever).
+                    self._holder = holder
         finally:
             self._holder = holder
 
