@@ -707,3 +707,77 @@ def test_a_colliding_batch_re_sent_after_a_restart_is_refused_not_counted_as_sto
     finally:
         client.close()
         server.stop()
+
+
+def test_finishing_with_the_server_away_says_what_it_waits_for_and_a_timeout_says_the_points_are_given_up(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A `with` block's normal end waits for the server (finish_timeout None): silently, it looked hung. After a
+    few seconds it now says on stderr what it holds. A close() that times out gives the points up, and says so
+    (its error said they were kept and still being sent)."""
+    server = ServerProcess(free_port(), tmp_path / "data", tmp_path / "server.log")
+    client = runledger.Client(server.start(), timeout=30)
+    try:
+        run = client.start_run(experiment="away")
+        run.log_metrics({"loss": 1.0}, step=0)
+        run.flush(timeout=30)
+        server.stop()
+        for step in range(1, 1_000):
+            run.log_metrics({"loss": 1.0}, step=step)
+        with pytest.raises(errors.DeadlineExceeded) as timed_out:
+            run.finish(timeout=4.0)
+        said = capsys.readouterr().err
+        assert f"runledger: run {run.run_id} (finishing): storing 999 points it still holds" in said, said
+        assert "up to 1 s more" in said and "Ctrl-C gives them up" in said, said
+        assert timed_out.value.reason == "FLUSH_TIMEOUT" and "given up" in str(timed_out.value)
+        assert "kept and still being sent" not in str(timed_out.value)
+        assert timed_out.value.metadata["pendingPoints"] == "999"
+    finally:
+        with contextlib.suppress(errors.RunledgerError):
+            client.close(timeout=1)
+        server.stop()
+
+
+EXIT_WITH_THE_SERVER_AWAY = """
+import sys
+import runledger
+from runledger import _process
+
+_process.EXIT_FLUSH_TIMEOUT = 5.0  # 30 s by default
+client = runledger.Client(sys.argv[1])
+run = client.start_run(experiment="exit-away")
+run.log_metrics({"loss": 1.0}, step=0)
+run.flush(timeout=30)
+print(run.run_id, flush=True)
+sys.stdin.readline()  # the server is gone now
+for step in range(1, 500):
+    run.log_metrics({"loss": 1.0}, step=step)
+"""
+
+
+@pytest.mark.slow
+def test_a_script_exiting_with_the_server_away_says_what_its_exit_waits_for(tmp_path: Path) -> None:
+    server = ServerProcess(free_port(), tmp_path / "data", tmp_path / "server.log")
+    script = tmp_path / "trainer.py"
+    script.write_text(EXIT_WITH_THE_SERVER_AWAY)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), server.start()],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        run_id = proc.stdout.readline().strip()
+        server.stop()
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        server.stop()
+    expected = f"runledger: run {run_id} (the process is exiting): storing 499 points it still holds; waiting up to"
+    assert expected in err, err

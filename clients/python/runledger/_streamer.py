@@ -13,6 +13,7 @@ import contextlib
 import logging
 import random
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -29,6 +30,8 @@ from runledger.v1 import tracking_service_pb2 as pb
 
 _LOGGER = logging.getLogger(__name__)
 
+_KEPT = "(they are kept and still being sent)"
+NOTICE_AFTER_S = 3.0  # how long a finishing or exiting flush waits before it says what it waits for
 WAIT_SLICE_S = 0.1  # the longest a caller's wait runs with signals held (see MetricStreamer._wait)
 
 # Opens one StreamMetrics call fed by the given serialized requests; returns the call (an iterator of acks).
@@ -138,6 +141,7 @@ class MetricStreamer:
         self._error_reported = False
         self._lost_at_failure = 0  # points the failure left unstored, counted when it happened
         self._last_transient: errors.RunledgerError | None = None
+        self.wait_said = False  # whether a finishing or exiting flush has said on stderr what it waits for
         self._closing = False
         self._stop_now = False
         self._call: Any = None
@@ -362,7 +366,7 @@ class MetricStreamer:
         why = f"; last error: {last}" if last is not None else ""
         return errors.DeadlineExceeded(
             f"flush of run {self.run_id} timed out after {timeout} s with {pending} points not yet acknowledged "
-            f"(they are kept and still being sent){why}",
+            f"{_KEPT}{why}",
             reason="FLUSH_TIMEOUT",
             metadata={"runId": self.run_id, "writerId": self.writer_id, "pendingPoints": str(pending)},
         )
@@ -376,7 +380,7 @@ class MetricStreamer:
         """
         self.check_not_reentered("finish")
         self.close_when_sent()
-        self.flush(timeout)
+        self._flush_saying_so(timeout, "finishing")
         self._thread.join(self._config.close_timeout)
         if self._thread.is_alive():
             _LOGGER.warning("metric sender of run %s did not end in time; cancelling its stream", self.run_id)
@@ -412,7 +416,45 @@ class MetricStreamer:
             finally:
                 self._holder = None
         _LOGGER.info("run %s was not finished: flushing its metrics before the process exits", self.run_id)
-        self.flush(timeout)
+        self._flush_saying_so(timeout, "the process is exiting")
+
+    def _flush_saying_so(self, timeout: float | None, why: str) -> None:
+        """A flush that, once it has waited NOTICE_AFTER_S, says on stderr what it holds and how long it waits:
+        someone is waiting for the run or the process to end (the library's log is silent unless the
+        application configures logging), and with the server away the wait can be long."""
+        if self.wait_said:  # the caller said it already (a Ctrl-C'd run's exit)
+            self.flush(timeout)
+            return
+        first = NOTICE_AFTER_S if timeout is None else min(timeout, NOTICE_AFTER_S)
+        try:
+            self.flush(first)
+            return
+        except errors.DeadlineExceeded:
+            if timeout is not None and timeout <= first:
+                raise
+        self.wait_said = True
+        left = None if timeout is None else timeout - first
+        last = self._last_transient
+        print(
+            f"runledger: run {self.run_id} ({why}): storing {self.logged_points - self.acked_points:,} points it "
+            f"still holds; waiting {'until the server takes them' if left is None else f'up to {left:.0f} s more'}"
+            f"{f' (last error: {last})' if last is not None else ''}; Ctrl-C gives them up",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.flush(left)
+
+    def abandon_after(self, failure: errors.RunledgerError) -> errors.RunledgerError:
+        """`abandon()` after a failed or timed-out close; the error to raise, which now says the points it
+        held are given up (a flush's timeout says they are kept, which is no longer so)."""
+        self.abandon()
+        if _KEPT not in failure.message:
+            return failure
+        given_up = errors.DeadlineExceeded(
+            failure.message.replace(_KEPT, "(they were given up)"), reason=failure.reason, metadata=failure.metadata
+        )
+        given_up.__cause__ = failure
+        return given_up
 
     def abandon(self) -> None:
         """Stop at once, dropping whatever is not acknowledged (used after a failed or timed-out close)."""

@@ -247,8 +247,7 @@ class Client:
                 try:
                     streamer.close(max(deadline - time.monotonic(), 0.0))
                 except errors.RunledgerError as exc:
-                    streamer.abandon()
-                    failure = failure or exc
+                    failure = failure or streamer.abandon_after(exc)
             with self._lock:
                 self._closed = True
                 channel, self._channel = self._channel, None

@@ -251,8 +251,8 @@ class Run:
         if stream is not None:
             try:
                 stream.close(timeout)
-            except errors.RunledgerError:
-                stream.abandon()
+            except errors.RunledgerError as exc:
+                failure = stream.abandon_after(exc)
                 with self._lock:
                     self._finished = True  # the points are given up: nothing a second call could change
                 if status is not None:  # a stop asked for (Ctrl-C, SIGTERM) stays KILLED; the server was just
@@ -260,7 +260,9 @@ class Run:
                     self._set_status_quietly(
                         "KILLED" if status == "KILLED" else "FAILED", timeout=_INTERRUPTED_STATUS_TIMEOUT
                     )
-                raise
+                if failure is exc:
+                    raise
+                raise failure from exc
             except (KeyboardInterrupt, SystemExit):
                 # Interrupted (Ctrl-C) while the points were being flushed: they stay queued, for the flush at
                 # exit to deliver, and the run is marked KILLED, briefly trying, since someone is waiting.
@@ -297,9 +299,10 @@ class Run:
             timeout = _DEFAULT_FAILED_EXIT_TIMEOUT
         stream = self._stream
         unsent = 0 if stream is None else stream.logged_points - stream.acked_points
-        if killed and unsent > 0:
+        if killed and unsent > 0 and stream is not None:
             # Someone is waiting for the process to end, and with the server away the wait can be long: say
-            # why (the library's log is silent unless the application configures logging).
+            # why at once (the library's log is silent unless the application configures logging).
+            stream.wait_said = True
             print(
                 f"runledger: run {self.run_id} stopped; storing up to {unsent:,} points it still holds (for up "
                 f"to {timeout:g} s; interrupt again to give them up)",
