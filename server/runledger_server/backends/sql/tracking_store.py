@@ -335,15 +335,16 @@ class SqlTrackingStore:
         attempt settles at least one batch and the whole group is retried rather than failed.
         """
         conflict: AlreadyExists | None = None
+        checksums = [b.checksum() for b in batches]  # once, and before the write lock (SQLite's) is taken
         for _ in range(len(batches) + 1):
             try:
-                return self._commit_group(batches)
+                return self._commit_group(batches, checksums)
             except AlreadyExists as exc:
                 conflict = exc
         assert conflict is not None
         return [conflict] * len(batches)
 
-    def _commit_group(self, batches: Sequence[Batch]) -> list[bool | Exception]:
+    def _commit_group(self, batches: Sequence[Batch], checksums: Sequence[int]) -> list[bool | Exception]:
         """One transaction for a whole group, in plain SQL: the per-commit cost is what small batches pay."""
         results: list[bool | Exception] = [False] * len(batches)
         with self.db.statements(write=True) as q:
@@ -379,7 +380,7 @@ class SqlTrackingStore:
                     results[i] = NotFound(f"runs/{b.run_id} not found", field="run_id")
                     continue
                 done = seen[(b.run_id, b.writer_id)]
-                crc = b.checksum()
+                crc = checksums[i]
                 if b.seq in done:
                     stored = done[b.seq]
                     results[i] = True if stored is None or stored == crc else metrics_rules.writer_id_reused(b)
