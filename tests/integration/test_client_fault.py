@@ -781,3 +781,58 @@ def test_a_script_exiting_with_the_server_away_says_what_its_exit_waits_for(tmp_
         server.stop()
     expected = f"runledger: run {run_id} (the process is exiting): storing 499 points it still holds; waiting up to"
     assert expected in err, err
+
+
+INTERRUPTED_TWICE = """
+import signal, sys, threading, time
+import runledger
+
+client = runledger.Client(sys.argv[1], timeout=30)
+run = client.start_run(experiment="interrupted-twice")
+print(run.run_id, flush=True)
+sys.stdin.readline()  # the server is gone now
+main = threading.get_ident()
+
+def second_ctrl_c():
+    time.sleep(1.0)  # while the first one's exit waits to store the points
+    signal.pthread_kill(main, signal.SIGINT)
+
+with run:
+    for step in range(1_000):
+        run.log_metrics({"loss": 1.0}, step=step)
+    threading.Thread(target=second_ctrl_c, daemon=True).start()
+    raise KeyboardInterrupt
+"""
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_gives_the_points_up_as_the_notice_says(tmp_path: Path) -> None:
+    """The first Ctrl-C's notice says "interrupt again to give them up"; the second one ended the finish, but the
+    exit flush then waited for the same points for up to 30 s more, without a word."""
+    server = ServerProcess(free_port(), tmp_path / "data", tmp_path / "server.log")
+    script = tmp_path / "trainer.py"
+    script.write_text(INTERRUPTED_TWICE)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), server.start()],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        run_id = proc.stdout.readline().strip()
+        server.stop()
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        started = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        took = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        server.stop()
+    assert f"runledger: run {run_id} stopped; storing up to 1,000 points" in err, err
+    assert f"runledger: run {run_id}: gave up 1,000 points" in err, err
+    assert took < 15, f"the process took {took:.1f} s to end after the second Ctrl-C"  # 1 s + 2 s status try

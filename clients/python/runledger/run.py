@@ -313,6 +313,13 @@ class Run:
             self.finish(status if self.owns_status else None, timeout=timeout)
         except errors.RunledgerError as err:
             _LOGGER.warning("run %s: %s (while handling %s)", self.run_id, err, exc_type.__name__)
+        except KeyboardInterrupt:
+            if killed and stream is not None:  # interrupted again, as the notice offered: give the points up
+                # now, or the exit flush would wait for them once more (a third Ctrl-C, with nothing said)
+                given_up = stream.logged_points - stream.acked_points
+                stream.abandon()
+                print(f"runledger: run {self.run_id}: gave up {given_up:,} points", file=sys.stderr, flush=True)
+            raise
 
     # ---- process lifecycle ---------------------------------------------------------------------------
     def _after_fork_in_child(self) -> None:
