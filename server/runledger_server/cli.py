@@ -85,11 +85,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _one_line(exc: BaseException) -> str:
     """The failure's own message: a driver's first line, without SQLAlchemy's statement and help link."""
     if isinstance(exc, DomainError):
-        return exc.message
+        return exc.message or type(exc).__name__
     if isinstance(exc, SQLAlchemyError):
         orig = getattr(exc, "orig", None)
-        text = str(orig) if orig is not None else str(exc)
-        return f"the metadata database refused the connection or the schema: {text.strip().splitlines()[0]}"
+        lines = (str(orig) if orig is not None else str(exc)).strip().splitlines()
+        first = lines[0] if lines else type(orig if orig is not None else exc).__name__
+        return f"the metadata database refused the connection or the schema: {first}"
     return str(exc)
 
 

@@ -247,7 +247,8 @@ def _database_url(url: str) -> str:
         )
     try:
         parsed = make_url(url)
-        parsed.port  # noqa: B018 (parsed on access: a port that is no number raises here)
+        if parsed.port is not None and not 0 < parsed.port < 65536:  # parsed on access: no number raises
+            raise ValueError(f"port {parsed.port} is not from 1 to 65535")
     except (ArgumentError, ValueError) as exc:
         raise ConfigError(f"--db (env RUNLEDGER_DB) {_masked(url)!r} is not a valid URL: {exc}") from None
     if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
@@ -259,13 +260,21 @@ def _database_url(url: str) -> str:
 
 
 def _masked(url: str) -> str:
-    """The URL with any password replaced, for messages: a mistyped URL still holds the real password."""
-    return re.sub(r"(?<=:)[^:/@]*(?=@)", "***", url)
+    """The URL with any password replaced, for messages: a mistyped URL still holds the real password, which
+    may itself hold '/', ':' or '@' (unencoded, as people type them): all from the user's ':' to the last '@'."""
+    at = url.rfind("@")
+    if at < 0:
+        return url
+    scheme = re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/*", url)
+    start = scheme.end() if scheme else 0
+    colon = url.find(":", start, at)
+    return url if colon < 0 else f"{url[: colon + 1]}***{url[at:]}"
 
 
 def _s3_endpoint(endpoint: str) -> str:
     """`host:port` (or a bare host); a port that is no number from 1 to 65535 is refused here, not at first use."""
-    host, sep, port = endpoint.rpartition(":")
+    bare = re.sub(r"^https?://", "", endpoint, flags=re.IGNORECASE).rstrip("/")  # as the S3 store takes it
+    host, sep, port = bare.rpartition(":")
     if sep and not host.endswith("]") and ":" in host:  # a bare IPv6 address: no port to check
         return endpoint
     if sep and not (port.isdigit() and 0 < int(port) < 65536):

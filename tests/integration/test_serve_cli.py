@@ -326,3 +326,37 @@ def test_two_servers_started_together_on_one_sqlite_file_both_come_up(tmp_path: 
             for proc in procs:
                 proc.send_signal(signal.SIGTERM)
                 _reap(proc)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://admin:Tr0ub/4dor@db.example:54x32/runs",  # a '/' in the password, unencoded
+        "postgresql://admin:pa:Tr0ub4dor@db.example:notaport/runs",  # a ':'
+        "postgresql://admin:p@Tr0ub4dor@db.example:notaport/runs",  # an '@'
+    ],
+)
+def test_a_refused_database_url_never_shows_any_part_of_its_password(url: str) -> None:
+    with pytest.raises(config.ConfigError) as info:
+        config.from_argv(["--db", url])
+    assert "Tr0ub" not in str(info.value) and "admin:***@" in str(info.value), info.value
+
+
+def test_s3_endpoints_as_the_store_takes_them_and_ports_out_of_range_are_refused() -> None:
+    for endpoint in ("https://s3.example.com", "http://minio:9000/", "minio:9000", "[::1]:9000"):
+        assert config.from_argv(["--s3-endpoint", endpoint, "--artifacts", "s3://models/p"]).s3.endpoint == endpoint
+    for argv in (
+        ["--s3-endpoint", "https://minio:0", "--artifacts", "s3://models/p"],
+        ["--db", "postgresql://u@h:70000/d"],
+    ):
+        with pytest.raises(config.ConfigError):
+            config.from_argv(argv)
+
+
+def test_a_start_up_failure_without_a_message_is_still_one_line() -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from runledger_server.cli import _one_line
+
+    said = _one_line(OperationalError("SELECT 1", {}, Exception()))
+    assert said == "the metadata database refused the connection or the schema: Exception"

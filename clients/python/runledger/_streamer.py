@@ -31,6 +31,7 @@ from runledger.v1 import tracking_service_pb2 as pb
 _LOGGER = logging.getLogger(__name__)
 
 _KEPT = "(they are kept and still being sent)"
+FINISHING, EXITING = "finishing", "the process is exiting"  # the waits that say what they wait for
 NOTICE_AFTER_S = 3.0  # how long a finishing or exiting flush waits before it says what it waits for
 WAIT_SLICE_S = 0.1  # the longest a caller's wait runs with signals held (see MetricStreamer._wait)
 
@@ -141,7 +142,7 @@ class MetricStreamer:
         self._error_reported = False
         self._lost_at_failure = 0  # points the failure left unstored, counted when it happened
         self._last_transient: errors.RunledgerError | None = None
-        self.wait_said = False  # whether a finishing or exiting flush has said on stderr what it waits for
+        self.wait_said = ""  # which wait (FINISHING, EXITING) has said on stderr what it waits for
         self._closing = False
         self._stop_now = False
         self._call: Any = None
@@ -380,7 +381,7 @@ class MetricStreamer:
         """
         self.check_not_reentered("finish")
         self.close_when_sent()
-        self._flush_saying_so(timeout, "finishing")
+        self._flush_saying_so(timeout, FINISHING)
         self._thread.join(self._config.close_timeout)
         if self._thread.is_alive():
             _LOGGER.warning("metric sender of run %s did not end in time; cancelling its stream", self.run_id)
@@ -416,13 +417,13 @@ class MetricStreamer:
             finally:
                 self._holder = None
         _LOGGER.info("run %s was not finished: flushing its metrics before the process exits", self.run_id)
-        self._flush_saying_so(timeout, "the process is exiting")
+        self._flush_saying_so(timeout, EXITING)
 
     def _flush_saying_so(self, timeout: float | None, why: str) -> None:
         """A flush that, once it has waited NOTICE_AFTER_S, says on stderr what it holds and how long it waits:
         someone is waiting for the run or the process to end (the library's log is silent unless the
         application configures logging), and with the server away the wait can be long."""
-        if self.wait_said:  # the caller said it already (a Ctrl-C'd run's exit)
+        if self.wait_said == why:  # the caller said it already (a Ctrl-C'd run's finish)
             self.flush(timeout)
             return
         first = NOTICE_AFTER_S if timeout is None else min(timeout, NOTICE_AFTER_S)
@@ -432,17 +433,21 @@ class MetricStreamer:
         except errors.DeadlineExceeded:
             if timeout is not None and timeout <= first:
                 raise
-        self.wait_said = True
+        self.wait_said = why
         left = None if timeout is None else timeout - first
         last = self._last_transient
+        at_exit = why == EXITING  # a Ctrl-C there ends the process; in a finish it keeps them for the exit
         print(
             f"runledger: run {self.run_id} ({why}): storing {self.logged_points - self.acked_points:,} points it "
             f"still holds; waiting {'until the server takes them' if left is None else f'up to {left:.0f} s more'}"
-            f"{f' (last error: {last})' if last is not None else ''}; Ctrl-C gives them up",
+            f"{f' (last error: {last})' if last is not None else ''}{'; Ctrl-C gives them up' if at_exit else ''}",
             file=sys.stderr,
             flush=True,
         )
-        self.flush(left)
+        try:
+            self.flush(left)
+        except errors.DeadlineExceeded as exc:  # timed out after the whole timeout, not the part left
+            raise self._timeout_error(timeout) from exc
 
     def abandon_after(self, failure: errors.RunledgerError) -> errors.RunledgerError:
         """`abandon()` after a failed or timed-out close; the error to raise, which now says the points it

@@ -247,7 +247,8 @@ class Client:
                 try:
                     streamer.close(max(deadline - time.monotonic(), 0.0))
                 except errors.RunledgerError as exc:
-                    failure = failure or streamer.abandon_after(exc)
+                    given_up = streamer.abandon_after(exc)  # every one, not only the first to fail
+                    failure = failure or given_up
             with self._lock:
                 self._closed = True
                 channel, self._channel = self._channel, None

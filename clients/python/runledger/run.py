@@ -18,7 +18,7 @@ import numpy as np
 
 from runledger import _convert, _ids, _process, _reentry, errors
 from runledger._buffer import INT64_MAX, INT64_MIN
-from runledger._streamer import MetricStreamer
+from runledger._streamer import FINISHING, MetricStreamer
 from runledger.artifacts import Progress
 from runledger.v1 import artifact_pb2, tracking_pb2, tracking_service_pb2 as pb
 
@@ -302,7 +302,7 @@ class Run:
         if killed and unsent > 0 and stream is not None:
             # Someone is waiting for the process to end, and with the server away the wait can be long: say
             # why at once (the library's log is silent unless the application configures logging).
-            stream.wait_said = True
+            stream.wait_said = FINISHING  # its finish below need not say it again
             print(
                 f"runledger: run {self.run_id} stopped; storing up to {unsent:,} points it still holds (for up "
                 f"to {timeout:g} s; interrupt again to give them up)",
