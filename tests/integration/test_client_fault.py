@@ -757,11 +757,12 @@ for step in range(1, 500):
 """
 
 
-@pytest.mark.slow
-def test_a_script_exiting_with_the_server_away_says_what_its_exit_waits_for(tmp_path: Path) -> None:
+def _run_losing_the_server(tmp_path: Path, source: str) -> tuple[str, str, float]:
+    """Run a trainer script that prints its run ID and then waits for a line; the server is stopped before the line
+    is sent. Returns the run ID, the script's stderr and the seconds it took to end after the server was gone."""
     server = ServerProcess(free_port(), tmp_path / "data", tmp_path / "server.log")
     script = tmp_path / "trainer.py"
-    script.write_text(EXIT_WITH_THE_SERVER_AWAY)
+    script.write_text(source)
     proc = subprocess.Popen(
         [sys.executable, str(script), server.start()],
         stdin=subprocess.PIPE,
@@ -775,12 +776,19 @@ def test_a_script_exiting_with_the_server_away_says_what_its_exit_waits_for(tmp_
         server.stop()
         proc.stdin.write("go\n")
         proc.stdin.flush()
-        _, err = proc.communicate(timeout=60)
+        started = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        return run_id, err, time.monotonic() - started
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
         server.stop()
+
+
+@pytest.mark.slow
+def test_a_script_exiting_with_the_server_away_says_what_its_exit_waits_for(tmp_path: Path) -> None:
+    run_id, err, _ = _run_losing_the_server(tmp_path, EXIT_WITH_THE_SERVER_AWAY)
     expected = f"runledger: run {run_id} (the process is exiting): storing 499 points it still holds; waiting up to"
     assert expected in err and "Ctrl-C gives them up" in err, err
 
@@ -811,30 +819,7 @@ with run:
 def test_a_second_ctrl_c_gives_the_points_up_as_the_notice_says(tmp_path: Path) -> None:
     """The first Ctrl-C's notice says "interrupt again to give them up"; the second one ended the finish, but the
     exit flush then waited for the same points for up to 30 s more, without a word."""
-    server = ServerProcess(free_port(), tmp_path / "data", tmp_path / "server.log")
-    script = tmp_path / "trainer.py"
-    script.write_text(INTERRUPTED_TWICE)
-    proc = subprocess.Popen(
-        [sys.executable, str(script), server.start()],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None and proc.stdin is not None
-        run_id = proc.stdout.readline().strip()
-        server.stop()
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-        started = time.monotonic()
-        _, err = proc.communicate(timeout=120)
-        took = time.monotonic() - started
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-        server.stop()
+    run_id, err, took = _run_losing_the_server(tmp_path, INTERRUPTED_TWICE)
     assert f"runledger: run {run_id} stopped; storing up to 1,000 points" in err, err
     assert f"runledger: run {run_id}: gave up 1,000 points" in err, err
     assert took < 15, f"the process took {took:.1f} s to end after the second Ctrl-C"  # 1 s + 2 s status try
