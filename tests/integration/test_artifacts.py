@@ -475,6 +475,64 @@ def test_a_blob_of_another_size_than_recorded_is_data_loss_at_the_end_not_ok(
     assert _download(artifacts, run_id=run_id, path="cut.bin")[1] == data
 
 
+@pytest.mark.parametrize("declared", [True, False], ids=["digest declared", "digest found by the server"])
+def test_a_blob_damaged_in_place_at_its_size_is_replaced_by_the_next_upload_of_that_content(
+    channel: grpc.Channel,
+    artifacts: Stub,
+    run_id: str,
+    backend: str,
+    declared: bool,
+    stored: Callable[[], int],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    """Size alone cannot tell bit rot from an intact copy: an upload of the same content must not be recorded
+    against the damaged bytes, but replace them."""
+    data = _blob(3 * MiB + 11, seed=6)
+    art = _upload(artifacts, run_id, "rot.bin", data)
+    damaged = bytearray(data)
+    damaged[MiB + 5] ^= 0x40  # one flipped bit at rest, same size
+    _overwrite_blob(art.uri, bytes(damaged), backend, request)
+    count = stored()
+    digest_and_size = {} if declared else {"sha256": None, "size": None}
+    again = _upload(artifacts, _new_run(request.getfixturevalue("tracking")), "again.bin", data, **digest_and_size)
+    assert (again.sha256, again.uri) == (art.sha256, art.uri)
+    assert _download(artifacts, run_id=run_id, path="rot.bin")[1] == data  # healed, under the first record too
+    client_artifacts.download(channel, run_id, "rot.bin", tmp_path / "rot.bin", progress=False)  # verifies
+    assert (tmp_path / "rot.bin").read_bytes() == data
+    assert stored() == count  # still one blob, no temporary copy left
+
+
+def test_an_intact_blob_is_not_rewritten_by_an_upload_of_the_same_content(
+    artifacts: Stub, tracking, run_id: str, backend: str, request: pytest.FixtureRequest
+) -> None:  # type: ignore[no-untyped-def]
+    data = _blob(2 * MiB + 3, seed=7)
+    art = _upload(artifacts, run_id, "w.bin", data)
+    if backend == "local":
+        blob = Path(art.uri.removeprefix("file://"))
+        written = lambda: (blob.stat().st_ino, blob.stat().st_mtime_ns)  # noqa: E731
+    else:
+        s3: S3Server = request.getfixturevalue("s3_server")
+        key = art.uri.removeprefix(f"s3://{s3.bucket}/")
+        written = lambda: s3.client().stat_object(s3.bucket, key).last_modified  # noqa: E731
+        time.sleep(1.1)  # S3 times an object's writes to the second
+    before = written()
+    assert _upload(artifacts, _new_run(tracking), "w.bin", data).uri == art.uri
+    assert written() == before
+
+
+def test_a_manifest_damaged_in_place_is_written_again_when_asked_for(
+    artifacts: Stub, run_id: str, backend: str, request: pytest.FixtureRequest
+) -> None:
+    _upload(artifacts, run_id, "adapter/a.bin", b"weights")
+    _upload(artifacts, run_id, "adapter/config.json", b"{}")
+    m = artifacts.GetArtifactManifest(pb.GetArtifactManifestRequest(run_id=run_id, path="adapter"))
+    listed, body = _download(artifacts, sha256=m.sha256)
+    _overwrite_blob(listed.uri, body.replace(b"a.bin", b"b.bin"), backend, request)  # same size, other bytes
+    assert artifacts.GetArtifactManifest(pb.GetArtifactManifestRequest(run_id=run_id, path="adapter")) == m
+    assert _download(artifacts, sha256=m.sha256)[1] == body
+
+
 def test_listing_pages_in_path_order(artifacts: Stub, run_id: str) -> None:
     paths = ["b/2", "a/1", "b/10", "c", "B/upper", "a/0"]
     for p in paths:

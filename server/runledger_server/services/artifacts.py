@@ -18,7 +18,8 @@ from typing import NamedTuple, Protocol
 
 from runledger_server.domain import artifact_paths, manifest as manifest_rule, names, paging
 from runledger_server.domain.errors import DataLoss, DomainError, InvalidArgument, NotFound
-from runledger_server.store.artifacts import ArtifactIndex, ArtifactRecord, BlobStore
+from runledger_server.services.duplicate_upload import DuplicateUpload
+from runledger_server.store.artifacts import ArtifactIndex, ArtifactRecord, BlobWriter, StreamingBlobStore
 from runledger_server.store.entities import Page
 
 _LOGGER = logging.getLogger(__name__)
@@ -27,32 +28,6 @@ MAX_CHUNK = 1 << 20
 DEFAULT_PAGE_SIZE = 1000
 MAX_PAGE_SIZE = 10_000
 NOT_FOUND = "ARTIFACT_NOT_FOUND"
-
-
-class BlobWriter(Protocol):
-    """One upload in progress: nothing is visible until `commit`, and `abort` leaves nothing behind."""
-
-    def write(self, data: bytes) -> None: ...
-
-    def commit(self, sha256: str) -> str:
-        """Publish the bytes under their digest (a no-op when that content is stored already at this size, a
-        replacement of a stored blob of another size); return the URI."""
-        ...
-
-    def abort(self) -> None: ...
-
-
-class StreamingBlobStore(BlobStore, Protocol):
-    """A blob store that takes content of unknown digest as a stream."""
-
-    def writer(self, sha256: str | None = None, size: int | None = None) -> BlobWriter:
-        """`sha256` and `size`, when the client declared them, let a store write straight to the final
-        address and choose its part size."""
-        ...
-
-    def presigned_get(self, sha256: str) -> str | None:
-        """A short-lived URL from which a client may GET the blob itself, or None."""
-        ...
 
 
 class CheckedIndex(ArtifactIndex, Protocol):
@@ -72,23 +47,6 @@ class Description(NamedTuple):
     is_directory: bool
 
 
-class _Discard:
-    """The writer used when the declared content is already stored at its declared size: the bytes are verified,
-    not kept."""
-
-    def __init__(self, uri: str) -> None:
-        self._uri = uri
-
-    def write(self, data: bytes) -> None:
-        pass
-
-    def commit(self, sha256: str) -> str:
-        return self._uri
-
-    def abort(self) -> None:
-        pass
-
-
 class ArtifactService:
     def __init__(self, index: CheckedIndex, blobs: StreamingBlobStore) -> None:
         self.index = index
@@ -105,8 +63,9 @@ class ArtifactService:
         self.index.check(run_id, path, declared)
         writer: BlobWriter
         if declared is not None and size is not None and self.blobs.size(declared) == size:
-            writer = _Discard(self.blobs.uri(declared))
-        else:  # a stored blob of another size is broken (cut short): this upload replaces it
+            # Stored once, unless the stored copy turns out damaged in place: then this upload replaces it.
+            writer = DuplicateUpload(self.blobs, declared, size, lambda: self.blobs.writer(declared, size))
+        else:  # new content, or a stored blob of another size, broken (cut short): this upload replaces it
             writer = self.blobs.writer(declared, size)
         return Upload(self.index, run_id, path, size, declared, writer)
 
@@ -207,9 +166,16 @@ class ArtifactService:
 
     def _publish(self, manifest: manifest_rule.Manifest) -> str:
         body = canonical_manifest(manifest)
-        if self.blobs.size(manifest.sha256) == len(body):
+        if self.blobs.size(manifest.sha256) == len(body) and self._stored_bytes(manifest.sha256) == body:
             return self.blobs.uri(manifest.sha256)
-        return self.blobs.put(manifest.sha256, io.BytesIO(body), len(body))
+        return self.blobs.put(manifest.sha256, io.BytesIO(body), len(body))  # new, or damaged: (re)written
+
+    def _stored_bytes(self, sha256: str) -> bytes | None:
+        """A small blob's stored bytes (a manifest's), or None when it cannot be read."""
+        try:
+            return b"".join(self.blobs.open_range(sha256, 0))
+        except DomainError:
+            return None
 
     def describe(
         self,

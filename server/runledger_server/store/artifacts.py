@@ -28,11 +28,12 @@ class BlobStore(Protocol):
 
     def size(self, sha256: str) -> int | None:
         """The stored blob's size, or None. Deduplication compares it with the content's size: a blob of another
-        size (cut short by a failed write) is replaced, never trusted."""
+        size (cut short by a failed write) is replaced, never trusted; one of the same size is re-hashed first."""
         ...
 
     def put(self, sha256: str, stream: BinaryIO, size: int) -> str:
-        """Store a fully known content under its digest (kept if stored already at this size); return its URI."""
+        """Store a fully known content under its digest, checked on the way in (a stored copy is replaced);
+        return its URI."""
         ...
 
     def open_range(self, sha256: str, offset: int) -> Iterator[bytes]: ...
@@ -40,6 +41,32 @@ class BlobStore(Protocol):
     def uri(self, sha256: str) -> str: ...
 
     def delete(self, sha256: str) -> None: ...
+
+
+class BlobWriter(Protocol):
+    """One upload in progress: nothing is visible until `commit`, and `abort` leaves nothing behind."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def commit(self, sha256: str) -> str:
+        """Publish the bytes under their digest, replacing what is stored there (they were checked against the
+        digest, what is stored may not be); return the URI."""
+        ...
+
+    def abort(self) -> None: ...
+
+
+class StreamingBlobStore(BlobStore, Protocol):
+    """A blob store that takes content of unknown digest as a stream."""
+
+    def writer(self, sha256: str | None = None, size: int | None = None) -> BlobWriter:
+        """`sha256` and `size`, when the client declared them, let a store write straight to the final
+        address and choose its part size."""
+        ...
+
+    def presigned_get(self, sha256: str) -> str | None:
+        """A short-lived URL from which a client may GET the blob itself, or None."""
+        ...
 
 
 class ArtifactIndex(Protocol):

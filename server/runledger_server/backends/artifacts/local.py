@@ -158,12 +158,11 @@ class LocalBlobWriter:
                 self._check_complete()
                 os.fsync(self._f.fileno())
                 self._f.close()
-                if _file_size(final) == self._received:  # identical content is stored once
-                    self._tmp.unlink()
-                else:  # absent, or a blob of the wrong size (cut short by an old failure): replaced
-                    _make_dirs(final.parent)
-                    os.replace(self._tmp, final)
-                    _fsync_dir(final.parent)
+                # Absent, or replaced: these bytes match the digest, a stored copy may not (damaged in place, or
+                # cut short by an old failure); a reader holding the old file keeps reading it.
+                _make_dirs(final.parent)
+                os.replace(self._tmp, final)
+                _fsync_dir(final.parent)
             except OSError as exc:
                 self._discard()
                 raise _store_error(self._store.root, exc) from exc

@@ -490,9 +490,9 @@ class S3BlobWriter:
         store = self._store
         try:
             with store.errors("publishing an upload"):
-                # Identical content is stored once; an object of another size under the address is broken.
-                if store._size(store.key(sha256)) != self._received:
-                    store.client.copy_object(store.bucket, store.key(sha256), CopySource(store.bucket, self._key))
+                # Copied over whatever the address holds: these bytes match the digest, a stored copy may not
+                # (damaged in place, or cut short); S3 replaces the object whole.
+                store.client.copy_object(store.bucket, store.key(sha256), CopySource(store.bucket, self._key))
         finally:
             self._remove_temp()
         return store.uri(sha256)

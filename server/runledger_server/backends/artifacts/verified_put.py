@@ -19,17 +19,14 @@ class _Writer(Protocol):
 
 
 class _Store(Protocol):
-    def size(self, sha256: str) -> int | None: ...
-
     def uri(self, sha256: str) -> str: ...
 
     def writer(self, sha256: str | None = None, size: int | None = None) -> _Writer: ...
 
 
 def put_verified(store: _Store, sha256: str, stream: BinaryIO, size: int) -> str:
-    """Copy `stream` into the store under `sha256`, published only if size and digest match; the URI."""
-    if store.size(sha256) == size:  # stored already; a blob of another size is broken and gets replaced
-        return store.uri(sha256)
+    """Copy `stream` into the store under `sha256`, published (over a stored copy) only if size and digest
+    match; the URI. Whether a stored copy is intact is for the caller to decide: its size alone cannot tell."""
     w = store.writer(sha256)
     try:
         digest, total = hashlib.sha256(), 0
