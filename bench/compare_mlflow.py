@@ -6,8 +6,9 @@ Workloads (runledger through its Python client, its fixtures through raw gRPC st
              points are durably stored (runledger: `run.log_metrics` per step, then `run.flush()`; MLflow:
              `log_batch` of 1,000), and again with `run.log_series` of 1,000 points per call. Also the
              training thread's time per step of 4 keys. runledger's figures: median of 3 runs.
-  ingest16   16 trainer processes at once, connected before the clock starts; aggregate points/s, per step
-             and with `log_series` of 1,000 points per call.
+  ingest16   16 trainer processes at once log 1,200,000 points together (75,000 each, on both systems),
+             connected before the clock starts; aggregate points/s, per step and with `log_series` of 1,000
+             points per call.
   history    read back one key of 1,000,000 points (runledger: `client.metric_history`, median of 3 reads;
              MLflow: `get_metric_history`, its rows written straight into its SQLite tables beforehand).
   lookup     GetModelVersionByAlias / get_model_version_by_alias, p50 and p99 over 5,000 calls, idle and
@@ -26,7 +27,7 @@ bench/results/comparison.{md,json,png}; the table is also printed. The ratio col
 better runledger is (above 1: runledger is ahead). Other work on the machine skews the figures: the report
 says how much CPU it took during the measurements.
 
-Run:  .venv/bin/python bench/compare_mlflow.py              (full run, ~35 minutes plus the first install)
+Run:  .venv/bin/python bench/compare_mlflow.py              (full run, ~40 minutes plus the first install)
       .venv/bin/python bench/compare_mlflow.py --quick      (smoke run with scaled-down sizes, ~8 minutes)
       .venv/bin/python bench/compare_mlflow.py --only ingest1,history --mlflow-servers uvicorn
       .venv/bin/python bench/compare_mlflow.py --replot     (draw the plot again from the last JSON)
@@ -104,8 +105,8 @@ MLFLOW_SERVERS: dict[str, list[str]] = {"uvicorn": [], "gunicorn": ["--gunicorn-
 
 @dataclass(frozen=True)
 class Sizes:
-    points: int  # ingest, one trainer (both systems); MLflow's 16-trainer total
-    multi_points: int  # runledger's 16-trainer total
+    points: int  # ingest, one trainer
+    multi_points: int  # ingest, all trainers together
     trainers: int
     history_points: int
     calls: int
@@ -719,9 +720,9 @@ def run_workloads(
         rl, mf = both(
             "ingest16",
             lambda a, _d: rl_ingest_many(a, s.multi_points, s.trainers),
-            lambda u, _db: run_mlflow("ingest", u, "--points", str(s.points), "--trainers", str(s.trainers)),
+            lambda u, _db: run_mlflow("ingest", u, "--points", str(s.multi_points), "--trainers", str(s.trainers)),
         )
-        label = f"ingest, {s.trainers} trainers (runledger {s.multi_points:,} points, MLflow {pts})"
+        label = f"ingest, {s.trainers} trainers, {s.multi_points:,} points"
         rows.append(fill(Row(label, "points/s", True), rl, mf, "points_per_s"))
         label = f"ingest, {s.trainers} trainers, 1,000 per call (runledger log_series, MLflow log_batch)"
         rows.append(fill(Row(label, "points/s", True), rl, mf, "series_points_per_s", "points_per_s"))
