@@ -503,10 +503,11 @@ def test_a_blob_damaged_in_place_at_its_size_is_replaced_by_the_next_upload_of_t
     assert stored() == count  # still one blob, no temporary copy left
 
 
+@pytest.mark.parametrize("size", [2 * MiB + 3, 20 * MiB + 3])
 def test_an_intact_blob_is_not_rewritten_by_an_upload_of_the_same_content(
-    artifacts: Stub, tracking, run_id: str, backend: str, request: pytest.FixtureRequest
+    artifacts: Stub, tracking, run_id: str, backend: str, size: int, request: pytest.FixtureRequest
 ) -> None:  # type: ignore[no-untyped-def]
-    data = _blob(2 * MiB + 3, seed=7)
+    data = _blob(size, seed=7)
     art = _upload(artifacts, run_id, "w.bin", data)
     if backend == "local":
         blob = Path(art.uri.removeprefix("file://"))

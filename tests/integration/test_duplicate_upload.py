@@ -1,5 +1,6 @@
-"""An upload of content already stored, against a real local blob store: whichever way the check of the stored
-copy and the upload's bytes interleave, the blob ends up intact, and an abandoned upload changes nothing."""
+"""An upload of content already stored, against a real local blob store: an intact stored copy is never
+written again, a damaged one (anywhere, or cut short, or grown) ends up replaced by the upload's bytes, and an
+abandoned upload changes nothing."""
 
 from __future__ import annotations
 
@@ -11,63 +12,107 @@ import pytest
 
 from runledger_server.backends.artifacts.local import LocalBlobStore
 from runledger_server.services.duplicate_upload import DuplicateUpload
+from runledger_server.store.artifacts import BlobWriter
 
-CHUNK = 64 << 10
+SIZE = 12 << 20  # larger than any chunk or read size on the way, so the comparison runs over many
 
 
-def _content(n: int) -> bytes:
+def _content(n: int = SIZE) -> bytes:
     return hashlib.shake_256(b"duplicate").digest(n)
 
 
-def _store_with(tmp_path: Path, content: bytes, damage: bool) -> tuple[LocalBlobStore, str]:
-    store = LocalBlobStore(tmp_path / "blobs")
-    digest = hashlib.sha256(content).hexdigest()
-    store.put(digest, io.BytesIO(content), len(content))
-    if damage:
-        path = store.path(digest)
-        path.chmod(0o644)
-        rotten = bytearray(content)
-        rotten[len(content) // 2] ^= 1
-        path.write_bytes(bytes(rotten))
-    return store, digest
+class _Store:
+    """A local blob store holding `content`, and the duplicate uploads made against it."""
+
+    def __init__(self, root: Path, content: bytes) -> None:
+        self.root = root
+        self.blobs = LocalBlobStore(root)
+        self.content = content
+        self.digest = hashlib.sha256(content).hexdigest()
+        self.blobs.put(self.digest, io.BytesIO(content), len(content))
+        self.writers_opened = 0
+
+    @property
+    def path(self) -> Path:
+        return self.blobs.path(self.digest)
+
+    def damage(self, stored: bytes) -> None:
+        self.path.chmod(0o644)
+        self.path.write_bytes(stored)
+
+    def upload(self) -> DuplicateUpload:
+        def new_writer() -> BlobWriter:
+            self.writers_opened += 1
+            return self.blobs.writer(self.digest, len(self.content))
+
+        return DuplicateUpload(self.blobs, self.digest, len(self.content), new_writer)
+
+    def temp_files(self) -> list[Path]:
+        return list((self.root / "tmp").iterdir())
 
 
-def _feed(writer: DuplicateUpload, content: bytes) -> None:
-    for i in range(0, len(content), CHUNK):
-        writer.write(content[i : i + CHUNK])
+def _feed(writer: DuplicateUpload, content: bytes, chunk: int) -> None:
+    for i in range(0, len(content), chunk):
+        writer.write(content[i : i + chunk])
 
 
-@pytest.mark.parametrize("damage", [False, True], ids=["intact", "damaged"])
-@pytest.mark.parametrize("hold", [0, CHUNK, 64 << 20], ids=["written at once", "held a little", "held whole"])
-def test_the_stored_blob_ends_up_intact_however_the_check_and_the_upload_interleave(
-    tmp_path: Path, damage: bool, hold: int
-) -> None:
-    content = _content(3 << 20)
-    store, digest = _store_with(tmp_path, content, damage)
-    writer = DuplicateUpload(store, digest, len(content), lambda: store.writer(digest, len(content)), hold)
-    _feed(writer, content)
-    assert writer.commit(digest) == store.uri(digest)
-    assert store.path(digest).read_bytes() == content
-    assert list((tmp_path / "blobs" / "tmp").iterdir()) == []  # no temporary copy left
+@pytest.fixture
+def store(tmp_path: Path) -> _Store:
+    return _Store(tmp_path / "blobs", _content())
 
 
-@pytest.mark.parametrize("hold", [0, 64 << 20], ids=["written at once", "held whole"])
-def test_an_abandoned_duplicate_upload_leaves_the_store_as_it_was(tmp_path: Path, hold: int) -> None:
-    content = _content(1 << 20)
-    store, digest = _store_with(tmp_path, content, damage=True)
-    before = store.path(digest).read_bytes()
-    writer = DuplicateUpload(store, digest, len(content), lambda: store.writer(digest, len(content)), hold)
-    _feed(writer, content[: len(content) // 2])
-    writer.abort()
-    assert store.path(digest).read_bytes() == before
-    assert list((tmp_path / "blobs" / "tmp").iterdir()) == []
+@pytest.mark.parametrize("chunk", [1 << 20, (64 << 10) + 7, SIZE], ids=["aligned", "misaligned", "one chunk"])
+def test_an_intact_stored_copy_is_not_written_again(store: _Store, chunk: int) -> None:
+    before = store.path.stat()
+    upload = store.upload()
+    _feed(upload, store.content, chunk)
+    assert upload.commit(store.digest) == store.blobs.uri(store.digest)
+    after = store.path.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert store.writers_opened == 0 and store.temp_files() == []
 
 
-def test_a_stored_copy_that_cannot_be_read_is_replaced(tmp_path: Path) -> None:
-    content = _content(1 << 20)
-    store, digest = _store_with(tmp_path, content, damage=False)
-    store.path(digest).unlink()  # gone between the size check and the read
-    writer = DuplicateUpload(store, digest, len(content), lambda: store.writer(digest, len(content)))
-    _feed(writer, content)
-    writer.commit(digest)
-    assert store.path(digest).read_bytes() == content
+@pytest.mark.parametrize("at", [0, (1 << 20) + 5, SIZE - 1], ids=["first byte", "middle", "last byte"])
+@pytest.mark.parametrize("chunk", [1 << 20, (64 << 10) + 7], ids=["aligned", "misaligned"])
+def test_a_stored_copy_damaged_anywhere_is_replaced_by_the_uploads_bytes(store: _Store, at: int, chunk: int) -> None:
+    rotten = bytearray(store.content)
+    rotten[at] ^= 0x10
+    store.damage(bytes(rotten))
+    upload = store.upload()
+    _feed(upload, store.content, chunk)
+    upload.commit(store.digest)
+    assert store.path.read_bytes() == store.content
+    assert store.writers_opened == 1 and store.temp_files() == []
+
+
+@pytest.mark.parametrize("change", ["cut short", "grown"])
+def test_a_stored_copy_that_changed_size_since_the_upload_began_is_replaced(store: _Store, change: str) -> None:
+    upload = store.upload()  # the sizes matched when the upload began
+    store.damage(store.content[: SIZE // 2] if change == "cut short" else store.content + b"tail")
+    _feed(upload, store.content, 1 << 20)
+    upload.commit(store.digest)
+    assert store.path.read_bytes() == store.content
+    assert store.temp_files() == []
+
+
+def test_a_stored_copy_gone_before_the_upload_is_written_anew(store: _Store) -> None:
+    upload = store.upload()
+    store.path.unlink()
+    _feed(upload, store.content, 1 << 20)
+    upload.commit(store.digest)
+    assert store.path.read_bytes() == store.content
+
+
+@pytest.mark.parametrize("damaged", [False, True])
+def test_an_abandoned_duplicate_upload_leaves_the_store_as_it_was(store: _Store, damaged: bool) -> None:
+    if damaged:
+        store.damage(store.content[:-1] + b"\x00")
+    before = store.path.read_bytes()
+    upload = store.upload()
+    _feed(upload, store.content[: SIZE - 100], 1 << 20)  # past the damage, if any: a new write is open
+    upload.abort()
+    assert store.path.read_bytes() == before
+    assert store.temp_files() == []
+    with pytest.raises(ValueError):  # nothing may reopen a write once aborted
+        upload.write(store.content[-100:])
+    assert store.temp_files() == []

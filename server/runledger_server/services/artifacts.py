@@ -171,10 +171,11 @@ class ArtifactService:
         return self.blobs.put(manifest.sha256, io.BytesIO(body), len(body))  # new, or damaged: (re)written
 
     def _stored_bytes(self, sha256: str) -> bytes | None:
-        """A small blob's stored bytes (a manifest's), or None when it cannot be read."""
+        """A small blob's stored bytes (a manifest's), or None when it cannot be read (then it is written again)."""
         try:
             return b"".join(self.blobs.open_range(sha256, 0))
-        except DomainError:
+        except Exception as exc:  # a missing blob, a bad sector, a store that is down: the write will tell
+            _LOGGER.warning("stored blob sha256 %s could not be read to compare it: %s", sha256, exc)
             return None
 
     def describe(

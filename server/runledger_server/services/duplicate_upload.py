@@ -2,126 +2,159 @@
 
 A blob damaged in place keeps its size (bit rot, a bad disk, an operator's mistake), so its size alone cannot
 tell an intact copy from a damaged one. Deduplicating against it would record every later upload of the same
-content against bytes that no longer match their digest, and the blob would never heal. So the stored blob is
-re-hashed while the upload streams in (reading it costs less than receiving it), and the upload's own verified
-bytes replace it when it does not match.
+content against bytes that no longer match their digest, and the blob would never heal.
 
-Until the check ends, incoming bytes are held in memory up to a bound; past it they go to a real blob writer,
-as for new content, and whichever way the check ends the upload is stored correctly.
+So the upload's bytes are compared with the stored copy as they arrive, at the same offsets. The upload itself
+checks that its bytes hash to the digest; a stored copy equal to them byte for byte is therefore intact, and
+nothing is written. At the first difference (or a stored copy that cannot be read, or that runs short or long),
+the upload becomes a write of new content: the bytes before that offset, which matched, are copied from the
+stored copy, the rest come from the upload, and the result replaces the stored copy.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import logging
 import threading
-from collections.abc import Callable
-from concurrent.futures import Future
+from collections.abc import Callable, Iterator
 
+import numpy as np
+
+from runledger_server.domain.errors import DomainError, Unavailable
 from runledger_server.store.artifacts import BlobStore, BlobWriter
 
 _LOGGER = logging.getLogger(__name__)
-
-# Incoming bytes held while the stored copy is checked; past this they are written out.
-HOLD_BYTES = 8 << 20
 
 
 class DuplicateUpload:
     """A BlobWriter for content whose digest and size match a stored blob.
 
-    `new_writer` opens the writer the upload would get as new content; it is opened only when the stored copy
-    turns out damaged, or when the check takes longer than `hold_bytes` of the upload."""
+    `new_writer` opens the writer the upload would get as new content; it is opened only when the upload's
+    bytes differ from the stored copy. Memory: at most one chunk of the stored copy beyond the upload's own."""
 
-    def __init__(
-        self,
-        blobs: BlobStore,
-        sha256: str,
-        size: int,
-        new_writer: Callable[[], BlobWriter],
-        hold_bytes: int = HOLD_BYTES,
-    ) -> None:
+    def __init__(self, blobs: BlobStore, sha256: str, size: int, new_writer: Callable[[], BlobWriter]) -> None:
         self._blobs = blobs
         self._sha256 = sha256
         self._size = size
         self._new_writer = new_writer
-        self._hold_bytes = hold_bytes
-        self._held: list[bytes] = []
-        self._held_size = 0
-        self._writer: BlobWriter | None = None
+        self._stored: Iterator[bytes] | None = None  # the stored copy, read as far as the upload has come
+        self._pending = memoryview(b"")  # read from the stored copy, not compared yet
+        self._matched = 0  # bytes of the upload equal to the stored copy so far
+        self._writer: BlobWriter | None = None  # set once the upload differs: from then on its bytes are kept
+        self._closed = False
         self._lock = threading.Lock()  # write and abort may come from different pool threads
-        self._cancelled = threading.Event()
-        self._intact: Future[bool] = Future()
-        threading.Thread(target=self._check, name="runledger-blob-check", daemon=True).start()
-
-    def _check(self) -> None:
-        """Whether the stored blob hashes to its digest. A blob that cannot be read counts as damaged: the
-        upload's bytes are then stored, and a store that is down fails that write with its own error."""
-        digest = hashlib.sha256()
-        seen = 0
-        try:
-            chunks = self._blobs.open_range(self._sha256, 0)
-            try:
-                for chunk in chunks:
-                    if self._cancelled.is_set():
-                        break
-                    digest.update(chunk)
-                    seen += len(chunk)
-                    if seen > self._size:
-                        break
-            finally:
-                close = getattr(chunks, "close", None)
-                if close is not None:
-                    close()
-            intact = not self._cancelled.is_set() and seen == self._size and digest.hexdigest() == self._sha256
-        except Exception as exc:  # the verdict is what matters; the write that follows reports a real failure
-            _LOGGER.warning("stored blob sha256 %s could not be read to check it: %s", self._sha256, exc)
-            intact = False
-        if not intact and not self._cancelled.is_set():
-            _LOGGER.warning(
-                "stored blob sha256 %s does not match its digest; the upload's verified bytes replace it", self._sha256
-            )
-        self._intact.set_result(intact)
 
     def write(self, data: bytes) -> None:
         with self._lock:
-            if self._writer is not None:
-                self._writer.write(data)
-            elif self._intact.done() and self._intact.result():
-                self._release()  # the stored copy is intact: these bytes are verified by the upload, not kept
-            else:
-                self._held.append(data)
-                self._held_size += len(data)
-                if self._intact.done() or self._held_size > self._hold_bytes:
-                    self._spill()
+            self._check_open()
+            if self._writer is None:
+                same = self._compare(memoryview(data))
+                if same == len(data):
+                    return
+                self._diverge()
+                data = data[same:]  # what matched is in the new write already
+            assert self._writer is not None
+            self._writer.write(data)
 
     def commit(self, sha256: str) -> str:
         with self._lock:
+            self._check_open()
+            self._closed = True
             if self._writer is None:
-                if self._intact.result():
-                    self._release()
+                if self._matched == self._size and self._at_end():
+                    self._close_stored()
                     return self._blobs.uri(sha256)
-                self._spill()
-            elif self._intact.done() and self._intact.result():
-                self._writer.abort()  # written out while the check ran, which then found the stored copy intact
-                return self._blobs.uri(sha256)
-            self._cancelled.set()  # the verified bytes replace the stored copy, whatever the check would find
+                self._diverge()  # the stored copy is longer than the upload
             assert self._writer is not None
             return self._writer.commit(sha256)
 
     def abort(self) -> None:
-        self._cancelled.set()
         with self._lock:
-            self._release()
+            self._closed = True
+            self._close_stored()
             if self._writer is not None:
                 self._writer.abort()
 
-    def _spill(self) -> None:
-        """From here on the upload's bytes are kept, those held so far first."""
-        self._writer = self._new_writer()
-        for chunk in self._held:
-            self._writer.write(chunk)
-        self._release()
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("the upload was already committed or aborted")
 
-    def _release(self) -> None:
-        self._held.clear()
-        self._held_size = 0
+    def _compare(self, data: memoryview) -> int:
+        """How many of the upload's next bytes equal the stored copy at the same offsets: all, or those before
+        the stretch that differs, the stored copy's end, or a read that failed."""
+        at = 0
+        try:
+            while at < len(data):
+                if not self._pending:
+                    self._pending = memoryview(self._next_stored())
+                    if not self._pending:
+                        break  # the stored copy is shorter than the upload
+                n = min(len(self._pending), len(data) - at)
+                if not _same(self._pending[:n], data[at : at + n]):
+                    break  # this stretch is written from the upload, with the rest
+                self._pending = self._pending[n:]
+                self._matched += n
+                at += n
+        except Exception as exc:  # unreadable: the upload's bytes are kept instead
+            _LOGGER.warning("stored blob sha256 %s could not be read to compare it: %s", self._sha256, exc)
+        return at
+
+    def _next_stored(self) -> bytes:
+        if self._stored is None:
+            self._stored = self._blobs.open_range(self._sha256, 0)
+        return next(self._stored, b"")
+
+    def _at_end(self) -> bool:
+        """Whether the stored copy ends where the upload did (no bytes past its size)."""
+        try:
+            return not self._pending and not self._next_stored()
+        except Exception as exc:
+            _LOGGER.warning("stored blob sha256 %s could not be read to compare it: %s", self._sha256, exc)
+            return False
+
+    def _diverge(self) -> None:
+        """From here on the upload's bytes are kept: start a new write with the matched prefix, read again from
+        the stored copy (those bytes equal the upload's), and replace the stored copy with the result."""
+        _LOGGER.warning(
+            "stored blob sha256 %s differs from an upload of that content after %d bytes; the upload replaces it",
+            self._sha256,
+            self._matched,
+        )
+        self._close_stored()
+        writer = self._new_writer()
+        try:
+            copied = 0
+            if self._matched:
+                for chunk in self._blobs.open_range(self._sha256, 0):
+                    take = min(len(chunk), self._matched - copied)
+                    writer.write(chunk[:take])
+                    copied += take
+                    if copied == self._matched:
+                        break
+            if copied != self._matched:
+                raise OSError(f"it ended after {copied} of the {self._matched} bytes that matched")
+        except DomainError:
+            writer.abort()
+            raise
+        except BaseException as exc:
+            writer.abort()
+            if not isinstance(exc, Exception):
+                raise
+            raise Unavailable(
+                f"the stored copy of sha256 {self._sha256} could not be read again ({exc}); nothing was stored",
+                reason="ARTIFACT_STORE_UNAVAILABLE",
+            ) from exc
+        self._writer = writer
+
+    def _close_stored(self) -> None:
+        stored, self._stored = self._stored, None
+        self._pending = memoryview(b"")
+        close = getattr(stored, "close", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                close()
+
+
+def _same(a: memoryview, b: memoryview) -> bool:
+    """Byte-for-byte equality at memory speed (memoryview's own comparison goes element by element)."""
+    return bool(np.array_equal(np.frombuffer(a, np.uint8), np.frombuffer(b, np.uint8)))

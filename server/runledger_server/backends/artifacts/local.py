@@ -158,11 +158,12 @@ class LocalBlobWriter:
                 self._check_complete()
                 os.fsync(self._f.fileno())
                 self._f.close()
-                # Absent, or replaced: these bytes match the digest, a stored copy may not (damaged in place, or
-                # cut short by an old failure); a reader holding the old file keeps reading it.
-                _make_dirs(final.parent)
-                os.replace(self._tmp, final)
-                _fsync_dir(final.parent)
+                if _file_size(final) == self._received and _same_content(self._tmp, final):
+                    self._tmp.unlink()  # identical content is stored once
+                else:  # absent, or other bytes (damaged in place, or cut short by an old failure): replaced
+                    _make_dirs(final.parent)
+                    os.replace(self._tmp, final)
+                    _fsync_dir(final.parent)
             except OSError as exc:
                 self._discard()
                 raise _store_error(self._store.root, exc) from exc
@@ -221,6 +222,17 @@ def _file_size(path: Path) -> int | None:
         return path.stat().st_size
     except FileNotFoundError:
         return None
+
+
+def _same_content(a: Path, b: Path) -> bool:
+    """Whether two files hold the same bytes (a stored blob's size alone does not say it is intact)."""
+    with a.open("rb") as fa, b.open("rb") as fb:
+        while True:
+            chunk = fa.read(READ_CHUNK)
+            if chunk != fb.read(READ_CHUNK):
+                return False
+            if not chunk:
+                return True
 
 
 def _store_error(root: Path, exc: OSError) -> Unavailable | ResourceExhausted:
