@@ -519,6 +519,14 @@ def test_search_filters(tracking, filter_text, expected) -> None:
     assert [r.display_name for r in found.runs] == expected
 
 
+def test_runs_are_searched_by_id_bare_or_by_their_resource_name(tracking) -> None:
+    exp, runs = _seed_runs(tracking)
+    for ref in (runs[2].run_id, f"runs/{runs[2].run_id}"):
+        for text in (f"run_id = '{ref}'", f"run_id IN ('{ref}', 'runs/nope')"):
+            found = tracking.SearchRuns(pb.SearchRunsRequest(experiments=[exp.name], filter=text))
+            assert [r.display_name for r in found.runs] == ["r2"], text
+
+
 def test_searching_an_experiment_that_does_not_exist_is_not_found(tracking) -> None:
     """A typo in an experiment name must not read as "no runs", alone or next to real experiments."""
     exp, _ = _seed_runs(tracking)

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import base64
+import time
 
 import pytest
 
 from runledger_server.domain import paging
 from runledger_server.domain.errors import InvalidArgument
-from runledger_server.domain.filters import Clause, OrderBy, parse_filter, parse_order_by
+from runledger_server.domain.filters import (
+    MAX_FILTER_CHARS,
+    MAX_IN_VALUES,
+    MAX_ORDER_BY_CHARS,
+    MAX_PATTERN_CHARS,
+    Clause,
+    OrderBy,
+    parse_filter,
+    parse_order_by,
+)
 
 
 @pytest.mark.parametrize(
@@ -82,6 +92,48 @@ def test_patterns_are_refused_on_metrics_with_the_reason(op: str) -> None:
         parse_filter(f"metrics.`train/loss` {op} '0.5%'")
     assert info.value.field == "filter"
     assert "a numeric comparison for metrics" in str(info.value)
+
+
+def test_a_long_run_of_digits_is_read_in_linear_time() -> None:
+    """A number pattern that could split a run of digits many ways took O(n^2) steps (16,000 digits: 4 s, with
+    the interpreter lock held): this input would take minutes. Bounded by a wide margin, not measured."""
+    text = "metrics.loss < " + "1" * 200_000 + "x"
+    start = time.perf_counter()
+    with pytest.raises(InvalidArgument) as info:
+        parse_filter(text)
+    assert time.perf_counter() - start < 2.0
+    assert info.value.field == "filter"
+    assert parse_filter("metrics.loss < " + "1" * 200_000)[0].values == (float("1" * 200_000),)
+
+
+def test_a_filter_beyond_its_length_is_refused_before_it_is_read() -> None:
+    text = "params.a IN (" + ",".join(["'x'"] * (MAX_FILTER_CHARS // 4 + 1)) + ")"
+    with pytest.raises(InvalidArgument) as info:
+        parse_filter(text)
+    assert info.value.field == "filter" and f"longer than {MAX_FILTER_CHARS} characters" in str(info.value)
+
+
+def test_a_filter_with_more_terms_than_any_valid_one_is_refused_while_it_is_read() -> None:
+    text = "metrics.m IN (" + ",".join(["1"] * 100_000) + ")"  # within the length: 200,000 tokens
+    assert len(text) <= MAX_FILTER_CHARS
+    with pytest.raises(InvalidArgument) as info:
+        parse_filter(text)
+    assert info.value.field == "filter" and "more terms than" in str(info.value)
+    widest = " AND ".join(f"params.p{i} IN (" + ",".join(["'v'"] * MAX_IN_VALUES) + ")" for i in range(5))
+    assert len(parse_filter(widest)) == 5  # the bound leaves room for every valid filter
+
+
+def test_like_patterns_are_bounded_because_each_row_costs_pattern_times_value() -> None:
+    assert parse_filter(f"params.t LIKE '%{'a' * (MAX_PATTERN_CHARS - 1)}'")[0].op == "LIKE"
+    with pytest.raises(InvalidArgument) as info:
+        parse_filter(f"params.t LIKE '%{'a' * MAX_PATTERN_CHARS}'")
+    assert info.value.field == "filter" and f"at most {MAX_PATTERN_CHARS} characters" in str(info.value)
+
+
+def test_an_order_by_beyond_its_length_is_refused() -> None:
+    with pytest.raises(InvalidArgument) as info:
+        parse_order_by("metrics." + "k" * MAX_ORDER_BY_CHARS)
+    assert info.value.field == "order_by" and "longer than" in str(info.value)
 
 
 @pytest.mark.parametrize(

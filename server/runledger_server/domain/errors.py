@@ -82,7 +82,8 @@ class Unavailable(DomainError):
 
 
 class ResourceExhausted(DomainError):
-    """Storage has no room (a full disk, a quota): retrying helps only once an operator makes room."""
+    """A limit was reached: storage has no room (a full disk, a quota), or a query ran out of its budget.
+    Retrying helps only once an operator makes room, or with a narrower request."""
 
     code = Code.RESOURCE_EXHAUSTED
     default_reason = "RESOURCE_EXHAUSTED"

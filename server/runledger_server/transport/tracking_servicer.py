@@ -27,6 +27,7 @@ _LOGGER = logging.getLogger(__name__)
 T = TypeVar("T")
 HISTORY_CHUNK_POINTS = 65_536
 MAX_IN_FLIGHT_PER_STREAM = 64
+CONCURRENT_SEARCHES = 4  # of the 16 worker threads (app.py)
 UNARY_WAITING_BUDGETS = 4  # LogMetrics calls may wait for room with this many budgets' worth of batches in all
 
 
@@ -94,6 +95,9 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
         self._budget = ingest_budget
         self._stopping = False
         self._readers: set[asyncio.Task[None]] = set()  # each open StreamMetrics call's request reader
+        # Searches at once on worker threads: costly filters (each stopped after its query budget) then wait
+        # here, on the loop, and cannot take every worker from the other calls.
+        self._searches = asyncio.Semaphore(CONCURRENT_SEARCHES)
 
     def shut_down(self) -> None:
         """Server stop (on the loop): every metric stream stops reading, acknowledges the batches it took once
@@ -149,7 +153,8 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
 
     @handle_errors
     async def ListExperiments(self, request: pb.ListExperimentsRequest, context: Any) -> pb.ListExperimentsResponse:
-        page = await self._call(self._svc.list_experiments, request.filter, request.page_size, request.page_token)
+        async with self._searches:
+            page = await self._call(self._svc.list_experiments, request.filter, request.page_size, request.page_token)
         return pb.ListExperimentsResponse(
             experiments=[convert.experiment_to_proto(e) for e in page.items], next_page_token=page.next_page_token
         )
@@ -191,14 +196,15 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
 
     @handle_errors
     async def SearchRuns(self, request: pb.SearchRunsRequest, context: Any) -> pb.SearchRunsResponse:
-        page = await self._call(
-            self._svc.search_runs,
-            list(request.experiments),
-            request.filter,
-            request.order_by,
-            request.page_size,
-            request.page_token,
-        )
+        async with self._searches:
+            page = await self._call(
+                self._svc.search_runs,
+                list(request.experiments),
+                request.filter,
+                request.order_by,
+                request.page_size,
+                request.page_token,
+            )
         return pb.SearchRunsResponse(
             runs=[convert.run_to_proto(r) for r in page.items], next_page_token=page.next_page_token
         )

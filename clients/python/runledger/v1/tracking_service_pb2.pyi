@@ -345,10 +345,14 @@ class SearchRunsRequest(_message.Message):
     database: in their patterns `%` matches any characters, `_` one
     character, and a backslash makes the next one literal (`\\%`, `\\_`,
     `\\\\`); inside the quotes a backslash is itself escaped, so
-    `params.opt LIKE 'a\\\\_b'` matches `a_b` and not `axb`.
+    `params.opt LIKE 'a\\\\_b'` matches `a_b` and not `axb`. A pattern holds
+    at most 256 characters, the filter at most 262,144. `run_id` takes the
+    bare ID or `runs/{run}`. A search that takes more than 10 s of database
+    work is stopped: RESOURCE_EXHAUSTED `QUERY_TOO_EXPENSIVE`.
     """
     order_by: _builtins.str
-    """Optional. One sort key, e.g. `metrics.eval/mmlu DESC`, `params.lr`,
+    """Optional. One sort key (at most 1024 characters), e.g.
+    `metrics.eval/mmlu DESC`, `params.lr`,
     `start_time DESC`. Default `create_time ASC`. Runs without the key (a
     running run's `end_time`) sort last. Params and tags sort as text
     (bytewise: `1e-05` before `2e-06`). Pages continue after the last run

@@ -23,6 +23,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
+from runledger_server.backends.sql.interrupter import Interrupter
 from runledger_server.domain.errors import AlreadyExists, ResourceExhausted, Unavailable
 
 _LOGGER = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ _LOGGER = logging.getLogger(__name__)
 SQLITE_CACHE_KIB = 4 * 1024  # per pooled connection, allocated as pages are used
 SQLITE_FULL = 13  # "database or disk is full": the disk, or the database's max_page_count
 PG_DISK_FULL = "53100"
+PG_QUERY_CANCELED = "57014"  # statement_timeout ran out
 PG_READ_ONLY = "25006"  # a standby, or a primary being switched over: writes fail until the failover ends
 POOL_TIMEOUT_S = 10.0  # waiting for a free connection longer than this is UNAVAILABLE, not an endless queue
 # A PostgreSQL host that goes silent (a partition, a dead host) fails calls within about a minute instead of
@@ -82,6 +84,7 @@ class Database:
         self._own = threading.local()  # a thread's own SQLite connection, for own_query()
         self._own_conns: list[Any] = []
         self._own_lock = threading.Lock()
+        self._interrupter = Interrupter()  # SQLite's bounded reads (its thread starts with the first one)
 
     @property
     def dialect(self) -> str:
@@ -96,6 +99,36 @@ class Database:
     def read(self) -> Iterator[Session]:
         with _translate(self.pool_timeout), Session(self.engine, expire_on_commit=False) as session, session.begin():
             yield session
+
+    @contextlib.contextmanager
+    def bounded_read(self, seconds: float, field: str) -> Iterator[Session]:
+        """A read transaction whose statements the database abandons after `seconds` of work in all, refused as
+        RESOURCE_EXHAUSTED `QUERY_TOO_EXPENSIVE` naming `field`: a search that would scan long values with a
+        costly pattern must not hold a worker and a connection without end.
+
+        SQLite's running statement is interrupted from another thread once the time is up (interrupter.py);
+        PostgreSQL runs the transaction under `statement_timeout`."""
+        with self.read() as session:
+            conn = session.connection()
+            if self.is_sqlite:
+                driver: Any = conn.connection.dbapi_connection
+                deadline = self._interrupter.arm(driver, seconds)
+                try:
+                    yield session
+                except OperationalError as exc:
+                    if self._interrupter.disarm(deadline):
+                        raise _too_expensive(seconds, field) from exc
+                    raise
+                finally:
+                    self._interrupter.disarm(deadline)
+            else:
+                conn.exec_driver_sql(f"SET LOCAL statement_timeout = {max(1, int(seconds * 1000))}")
+                try:
+                    yield session
+                except OperationalError as exc:
+                    if getattr(exc.orig, "sqlstate", None) == PG_QUERY_CANCELED:
+                        raise _too_expensive(seconds, field) from exc
+                    raise
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Session]:
@@ -238,6 +271,7 @@ class Database:
                 with contextlib.suppress(Exception):
                     conn.close()
             self._own_conns.clear()
+        self._interrupter.close()
         self.engine.dispose()
 
 
@@ -328,6 +362,15 @@ def _read_only(exc: BaseException | None) -> bool:
     """PostgreSQL refusing a write because it is (for now) a standby: a failover in progress, not a wrong
     statement (psycopg files it under InternalError)."""
     return getattr(exc, "sqlstate", None) == PG_READ_ONLY
+
+
+def _too_expensive(seconds: float, field: str) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"the query took more than {seconds:g} s of database work and was stopped; narrow the {field} "
+        "(fewer runs, or shorter LIKE patterns without a leading %)",
+        reason="QUERY_TOO_EXPENSIVE",
+        field=field,
+    )
 
 
 def pool_exhausted(timeout: float) -> Unavailable:

@@ -54,12 +54,18 @@ _IN_BATCH = 500  # values per IN list: far below the databases' parameter limits
 KNOWN_RUNS_LIMIT = 100_000  # run IDs a server remembers as existing (metric commits skip looking them up)
 # LIKE and ILIKE patterns escape with a backslash on both databases (PostgreSQL's default; SQLite has none).
 _LIKE_ESCAPE = "\\"
+# Database work one search may take before it is stopped (RESOURCE_EXHAUSTED), so that a costly filter cannot
+# hold a worker and a connection without end; a search over 100,000 runs with simple clauses takes well under.
+QUERY_BUDGET_S = 10.0
 _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 
 
 class SqlTrackingStore:
-    def __init__(self, db: Database, chunk_cache_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(
+        self, db: Database, chunk_cache_bytes: int = DEFAULT_MAX_BYTES, *, query_budget: float = QUERY_BUDGET_S
+    ) -> None:
         self.db = db
+        self.query_budget = query_budget
         self._known_runs: set[str] = set()  # runs are never deleted, so a positive cache is always valid
         self._chunks = ChunkCache(chunk_cache_bytes)
 
@@ -106,7 +112,7 @@ class SqlTrackingStore:
                 or_(ExperimentRow.create_time_us > ct, and_(ExperimentRow.create_time_us == ct, ExperimentRow.id > eid))
             )
         stmt = stmt.order_by(ExperimentRow.create_time_us, ExperimentRow.id).limit(page_size + 1)
-        with self.db.read() as s:
+        with self.db.bounded_read(self.query_budget, "filter") as s:
             rows = list(s.scalars(stmt))
             more = len(rows) > page_size
             rows = rows[:page_size]
@@ -243,7 +249,7 @@ class SqlTrackingStore:
             RunRow.create_time_us,
             RunRow.id,
         ).limit(page_size + 1)
-        with self.db.read() as s:
+        with self.db.bounded_read(self.query_budget, "filter") as s:
             _require_experiments(s, experiment_ids)
             result = [tuple(r) for r in s.execute(stmt)]
             more = len(result) > page_size
@@ -904,6 +910,8 @@ def _run_clause(c: Clause) -> ColumnElement[bool]:
     values = c.values
     if c.key == "experiment":
         values = tuple(str(v).removeprefix("experiments/") for v in values)
+    elif c.key == "run_id":  # as named in responses and requests elsewhere: `runs/{id}` or the bare ID
+        values = tuple(str(v).removeprefix("runs/") for v in values)
     if c.key in TIME_ATTRIBUTES:
         try:
             times = tuple(float(v) for v in values)
