@@ -16,7 +16,10 @@ from dataclasses import dataclass
 
 from runledger_server.domain.errors import InvalidArgument
 
-KINDS = ("params", "tags", "metrics")
+KINDS = ("params", "tags", "metrics", "lineage")
+# A run's lineage, as recorded (`fingerprint` is the sha256 the registry checks); unset fields match nothing.
+LINEAGE_KEYS = ("data_version", "code_commit", "config", "base_model", "seed", "fingerprint")
+MAX_SEED = 2**63 - 1
 TIME_ATTRIBUTES = ("create_time", "start_time", "end_time")  # milliseconds since the epoch in a filter
 ATTRIBUTES = ("status", "display_name", "run_id", "experiment", *TIME_ATTRIBUTES)
 OPS = ("=", "!=", "<", "<=", ">", ">=", "LIKE", "ILIKE", "IN")
@@ -37,13 +40,14 @@ MAX_ORDER_BY_CHARS = 1024
 MAX_TOKENS = MAX_CLAUSES * (2 * MAX_IN_VALUES + 6)
 MAX_TIME_MS = 9.2e15  # microseconds since the epoch must fit the database's 64-bit integer
 
+_INTEGER = re.compile(r"[-+]?\d{1,19}")
 _TOKEN = re.compile(
     r"""\s*(?:
         (?P<op><=|>=|!=|=|<|>)
       | (?P<str>'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")
       | (?P<num>(?>[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)(?![\w/]))
       | (?P<punct>[(),])
-      | (?P<field>(?:params|tags|metrics)\.(?:`[^`]+`|[\w./:-]+)|[A-Za-z_]\w*)
+      | (?P<field>(?:params|tags|metrics|lineage)\.(?:`[^`]+`|[\w./:-]+)|[A-Za-z_]\w*)
     )""",
     re.VERBOSE,
 )
@@ -51,8 +55,8 @@ _TOKEN = re.compile(
 
 @dataclass(frozen=True)
 class Clause:
-    kind: str  # params | tags | metrics | attribute
-    key: str  # param/tag/metric key, or the attribute name
+    kind: str  # params | tags | metrics | lineage | attribute
+    key: str  # param/tag/metric key, lineage field, or the attribute name
     op: str
     values: tuple[str | float, ...]
 
@@ -91,6 +95,10 @@ def _field(token: str, field: str) -> tuple[str, str]:
         kind, key = token.split(".", 1)
         if key.startswith("`"):
             key = key[1:-1]
+        if kind == "lineage" and key not in LINEAGE_KEYS:
+            raise InvalidArgument(
+                f"{field}: unknown lineage field {key!r}; use one of {', '.join(LINEAGE_KEYS)}", field=field
+            )
         return kind, key
     name = token.lower()
     if name not in ATTRIBUTES:
@@ -136,12 +144,14 @@ def parse_filter(text: str, field: str = "filter") -> tuple[Clause, ...]:
             op = tv
         i += 1
         values: list[str | float] = []
+        written: list[str] = []  # each value as written (a seed beyond 2**53 is exact only as text)
         if op in ("IN", "NOT IN"):
             need(i < len(toks) and toks[i][1] == "(", "'('")
             i += 1
             while True:
                 need(i < len(toks) and toks[i][0] in ("str", "num"), "a value")
                 values.append(_literal(*toks[i]))
+                written.append(toks[i][1])
                 i += 1
                 need(i < len(toks) and toks[i][1] in (",", ")"), "',' or ')'")
                 i += 1
@@ -150,6 +160,7 @@ def parse_filter(text: str, field: str = "filter") -> tuple[Clause, ...]:
         else:
             need(i < len(toks) and toks[i][0] in ("str", "num"), "a quoted string or a number")
             values.append(_literal(*toks[i]))
+            written.append(toks[i][1])
             i += 1
         # Bounds that keep a filter a query rather than a load on the database (SQLite refuses long patterns,
         # PostgreSQL more than 65,535 parameters, and neither takes NUL in text).
@@ -164,10 +175,15 @@ def parse_filter(text: str, field: str = "filter") -> tuple[Clause, ...]:
         if kind == "metrics":
             need(op not in PATTERN_OPS, "a numeric comparison for metrics")
             need(all(isinstance(v, float) for v in values), "a number for metrics")
-        elif kind in ("params", "tags"):
+        elif kind == "lineage" and key == "seed":
+            need(op not in PATTERN_OPS, "a numeric comparison for lineage.seed")
+            seeds = [int(w) if _INTEGER.fullmatch(w) else None for w in written]
+            need(all(v is not None and abs(v) <= MAX_SEED for v in seeds), "an integer for lineage.seed")
+            values = [v for v in seeds if v is not None]
+        elif kind in ("params", "tags", "lineage"):
             # Stored as the text that was logged ("2e-5", "0.10"): a number here would be compared as some other
             # text (2e-5 -> "2e-05", and "128" < "64"), silently matching the wrong runs, so it must be quoted.
-            need(all(isinstance(v, str) for v in values), f"a quoted value for {kind} (their values are text)")
+            need(all(isinstance(v, str) for v in values), f"a quoted value for {kind}.{key} (it is text)")
         else:
             need(key not in TIME_ATTRIBUTES or op not in PATTERN_OPS, f"a numeric comparison for {key}")
             if key in TIME_ATTRIBUTES:

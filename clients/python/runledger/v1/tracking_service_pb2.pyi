@@ -331,8 +331,10 @@ class SearchRunsRequest(_message.Message):
     filter: _builtins.str
     """Optional. At most 20 clauses joined by AND, each `<field> <op> <value>`
     where field is `params.<key>`, `tags.<key>`, `metrics.<key>` (latest
-    value), `status`, `display_name`, `run_id`, `experiment`, or
-    `create_time`, `start_time`, `end_time` (milliseconds since the epoch);
+    value), `lineage.<field>` (`data_version`, `code_commit`, `config`,
+    `base_model`, `seed` (an integer), or `fingerprint`; a run without the
+    field never matches), `status`, `display_name`, `run_id`, `experiment`,
+    or `create_time`, `start_time`, `end_time` (milliseconds since the epoch);
     op is one of `= != < <= > >=`, `IN (...)` or `NOT IN (...)` (at most 1000
     values), `LIKE` or `ILIKE`. Values are numbers for metrics and times,
     and quoted text ('...' or "...") for everything else, even when the
@@ -352,7 +354,7 @@ class SearchRunsRequest(_message.Message):
     """
     order_by: _builtins.str
     """Optional. One sort key (at most 1024 characters), e.g.
-    `metrics.eval/mmlu DESC`, `params.lr`,
+    `metrics.eval/mmlu DESC`, `params.lr`, `lineage.seed`,
     `start_time DESC`. Default `create_time ASC`. Runs without the key (a
     running run's `end_time`) sort last. Params and tags sort as text
     (bytewise: `1e-05` before `2e-06`). Pages continue after the last run

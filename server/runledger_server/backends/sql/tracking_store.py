@@ -880,6 +880,15 @@ def _experiment_clause(c: Clause) -> ColumnElement[bool]:
     )
 
 
+_LINEAGE_COLUMNS: dict[str, Any] = {
+    "data_version": RunRow.data_version,
+    "code_commit": RunRow.code_commit,
+    "config": RunRow.config,
+    "base_model": RunRow.base_model,
+    "fingerprint": RunRow.lineage_fingerprint,
+}
+
+
 def _run_clause(c: Clause) -> ColumnElement[bool]:
     if c.kind == "params":
         return exists().where(
@@ -898,6 +907,10 @@ def _run_clause(c: Clause) -> ColumnElement[bool]:
             LatestMetricRow.value.is_not(None),
             _compare(LatestMetricRow.value, c.op, c.values),
         )
+    if c.kind == "lineage":
+        if c.key == "seed":
+            return and_(RunRow.seed.is_not(None), _compare(RunRow.seed, c.op, c.values))
+        return and_(_LINEAGE_COLUMNS[c.key].is_not(None), _text_compare(_LINEAGE_COLUMNS[c.key], c.op, c.values))
     column: Any = {
         "status": RunRow.status,
         "display_name": RunRow.display_name,
@@ -987,6 +1000,8 @@ def _sort_expr(order: OrderBy) -> Any:
             .where(LatestMetricRow.run_id == RunRow.id, LatestMetricRow.key == order.key)
             .scalar_subquery()
         )
+    if order.kind == "lineage":
+        return RunRow.seed if order.key == "seed" else _Bytewise(_LINEAGE_COLUMNS[order.key])
     if order.key in TIME_ATTRIBUTES:
         return {
             "create_time": RunRow.create_time_us,
@@ -1007,7 +1022,10 @@ def _after(sort: Any, order_by: OrderBy, cursor: list[Any]) -> ColumnElement[boo
     # The sort value must have the type of the sort key: PostgreSQL refuses to compare a number with text.
     if order_by.kind == "metrics":
         kind: tuple[type, ...] = (int, float, type(None))
-    elif order_by.kind == "attribute" and order_by.key in TIME_ATTRIBUTES:
+    elif (order_by.kind == "attribute" and order_by.key in TIME_ATTRIBUTES) or (order_by.kind, order_by.key) == (
+        "lineage",
+        "seed",
+    ):
         kind = (int, type(None))
     else:
         kind = (str, type(None))
