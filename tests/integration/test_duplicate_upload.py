@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from runledger_server.backends.artifacts.local import LocalBlobStore
+from runledger_server.domain.errors import DataLoss
 from runledger_server.services.duplicate_upload import DuplicateUpload
 from runledger_server.store.artifacts import BlobWriter
 
@@ -115,4 +116,23 @@ def test_an_abandoned_duplicate_upload_leaves_the_store_as_it_was(store: _Store,
     assert store.temp_files() == []
     with pytest.raises(ValueError):  # nothing may reopen a write once aborted
         upload.write(store.content[-100:])
+    assert store.temp_files() == []
+
+
+def test_a_replacement_whose_matched_part_changed_meanwhile_is_refused_and_leaves_nothing(store: _Store) -> None:
+    """The bytes before the first difference are copied from the stored copy, read again: if that copy changed
+    in between, the replacement would not hold the content, so it is refused rather than stored."""
+    rotten = bytearray(store.content)
+    rotten[5 << 20] ^= 1  # the difference that makes the upload replace the copy
+    store.damage(bytes(rotten))
+    upload = store.upload()
+    _feed(upload, store.content[: 2 << 20], 1 << 20)  # compared and equal so far
+    rotten[7] ^= 1  # meanwhile the part already compared changes too
+    store.damage(bytes(rotten))
+    with pytest.raises(DataLoss) as info:
+        _feed(upload, store.content[2 << 20 :], 1 << 20)
+        upload.commit(store.digest)
+    upload.abort()  # what the upload's own cleanup does after a refused commit
+    assert info.value.reason == "BLOB_CHANGED"
+    assert store.path.read_bytes() == bytes(rotten)  # not replaced by bytes that do not match the digest
     assert store.temp_files() == []

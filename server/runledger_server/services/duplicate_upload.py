@@ -14,13 +14,14 @@ stored copy, the rest come from the upload, and the result replaces the stored c
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import threading
 from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from runledger_server.domain.errors import DomainError, Unavailable
+from runledger_server.domain.errors import DataLoss, DomainError, Unavailable
 from runledger_server.store.artifacts import BlobStore, BlobWriter
 
 _LOGGER = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class DuplicateUpload:
         self._pending = memoryview(b"")  # read from the stored copy, not compared yet
         self._matched = 0  # bytes of the upload equal to the stored copy so far
         self._writer: BlobWriter | None = None  # set once the upload differs: from then on its bytes are kept
+        self._written = hashlib.sha256()  # what the replacement holds, once there is one
         self._closed = False
         self._lock = threading.Lock()  # write and abort may come from different pool threads
 
@@ -53,8 +55,7 @@ class DuplicateUpload:
                     return
                 self._diverge()
                 data = data[same:]  # what matched is in the new write already
-            assert self._writer is not None
-            self._writer.write(data)
+            self._write(data)
 
     def commit(self, sha256: str) -> str:
         with self._lock:
@@ -66,6 +67,13 @@ class DuplicateUpload:
                     return self._blobs.uri(sha256)
                 self._diverge()  # the stored copy is longer than the upload
             assert self._writer is not None
+            if self._written.hexdigest() != sha256:  # the prefix read again changed under us (it matched)
+                raise DataLoss(
+                    f"the stored copy of sha256 {sha256} changed while an upload of that content replaced it; "
+                    "nothing was stored, upload it again",
+                    reason="BLOB_CHANGED",
+                    field="sha256",
+                )
             return self._writer.commit(sha256)
 
     def abort(self) -> None:
@@ -121,22 +129,28 @@ class DuplicateUpload:
             self._matched,
         )
         self._close_stored()
-        writer = self._new_writer()
+        self._writer = writer = self._new_writer()
         try:
             copied = 0
             if self._matched:
-                for chunk in self._blobs.open_range(self._sha256, 0):
-                    take = min(len(chunk), self._matched - copied)
-                    writer.write(chunk[:take])
-                    copied += take
-                    if copied == self._matched:
-                        break
+                chunks = self._blobs.open_range(self._sha256, 0)
+                try:
+                    for chunk in chunks:
+                        take = min(len(chunk), self._matched - copied)
+                        self._write(chunk[:take])
+                        copied += take
+                        if copied == self._matched:
+                            break
+                finally:
+                    _close_quietly(chunks)  # an S3 body goes back to its pool
             if copied != self._matched:
                 raise OSError(f"it ended after {copied} of the {self._matched} bytes that matched")
         except DomainError:
+            self._writer = None
             writer.abort()
             raise
         except BaseException as exc:
+            self._writer = None
             writer.abort()
             if not isinstance(exc, Exception):
                 raise
@@ -144,15 +158,24 @@ class DuplicateUpload:
                 f"the stored copy of sha256 {self._sha256} could not be read again ({exc}); nothing was stored",
                 reason="ARTIFACT_STORE_UNAVAILABLE",
             ) from exc
-        self._writer = writer
+
+    def _write(self, data: bytes | memoryview) -> None:
+        """Into the replacement, hashed on the way: what it holds is checked against the digest at commit."""
+        assert self._writer is not None
+        self._written.update(data)
+        self._writer.write(bytes(data) if isinstance(data, memoryview) else data)
 
     def _close_stored(self) -> None:
         stored, self._stored = self._stored, None
         self._pending = memoryview(b"")
-        close = getattr(stored, "close", None)
-        if close is not None:
-            with contextlib.suppress(Exception):
-                close()
+        _close_quietly(stored)
+
+
+def _close_quietly(chunks: object) -> None:
+    close = getattr(chunks, "close", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            close()
 
 
 def _same(a: memoryview, b: memoryview) -> bool:
