@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from runledger_server.backends.sql import migrate
 from runledger_server.backends.sql.database import Database
@@ -60,3 +61,51 @@ def test_a_costly_search_within_its_budget_answers(database: Database) -> None:
     store, experiment = _store_with_long_params(database, 60.0, 2, LONG_VALUE[:5_000])
     assert _search(store, experiment, COSTLY) == []  # no value holds a "b": every row is scanned to its end
     assert _search(store, experiment, "params.template LIKE 'aa%'") == ["r0", "r1"]
+
+
+def _slow_sql(db: Database) -> str:
+    """One statement that takes a few hundred milliseconds of database work on either database."""
+    if db.is_sqlite:
+        return (
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3000000) SELECT count(*) FROM c"
+        )
+    return "SELECT pg_sleep(0.3)"
+
+
+def test_the_budget_is_for_the_whole_read_not_each_statement(database: Database) -> None:
+    with pytest.raises(ResourceExhausted) as info, database.bounded_read(0.1, "filter") as s:
+        time.sleep(0.2)  # spent between statements (a page's details are fetched after its rows)
+        s.execute(text("SELECT 1"))
+    assert info.value.reason == "QUERY_TOO_EXPENSIVE"
+    start = time.monotonic()
+    with pytest.raises(ResourceExhausted), database.bounded_read(0.5, "filter") as s:
+        for _ in range(10):  # each statement alone is within the budget
+            s.execute(text(_slow_sql(database)))
+    assert time.monotonic() - start < 2.0
+    with database.read() as s:  # the pooled connections carry no budget afterwards
+        s.execute(text(_slow_sql(database)))
+
+
+def test_a_statement_on_the_drivers_own_cursor_is_stopped_as_too_expensive_not_unavailable(
+    database: Database,
+) -> None:
+    """A page's details are read on the driver's cursor, whose errors the store translates itself."""
+    store = SqlTrackingStore(database)
+    with pytest.raises(ResourceExhausted) as info, database.bounded_read(0.1, "filter") as s:
+        store._fetcher(s)(_slow_sql(database), ())
+    assert info.value.reason == "QUERY_TOO_EXPENSIVE" and info.value.field == "filter"
+
+
+def test_a_database_used_again_after_dispose_still_bounds_its_reads(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'again.db'}")
+    migrate.upgrade(db)
+    try:
+        with db.bounded_read(5.0, "filter") as s:
+            s.execute(text("SELECT 1"))
+        db.dispose()  # its deadline thread stops; a test or a tool may still use the engine afterwards
+        start = time.monotonic()
+        with pytest.raises(ResourceExhausted), db.bounded_read(0.1, "filter") as s:
+            s.execute(text(_slow_sql(db) + " -- again"))
+        assert time.monotonic() - start < 0.25  # interrupted mid-statement, not refused after it
+    finally:
+        db.dispose()

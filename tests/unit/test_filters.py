@@ -193,3 +193,10 @@ def test_a_page_cursor_of_another_shape_is_a_malformed_token(cursor: list[object
         paging.fields(cursor, int, str)
     assert info.value.field == "page_token"
     assert paging.fields([7, "r"], int, str) == [7, "r"]
+
+
+def test_lineage_seeds_take_the_whole_int64_range_exactly() -> None:
+    low, high = -(2**63), 2**63 - 1
+    assert parse_filter(f"lineage.seed IN ({low}, {high}, 9007199254740993)")[0].values == (low, high, 2**53 + 1)
+    with pytest.raises(InvalidArgument):
+        parse_filter(f"lineage.seed = {high + 1}")

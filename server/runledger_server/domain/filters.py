@@ -178,7 +178,7 @@ def parse_filter(text: str, field: str = "filter") -> tuple[Clause, ...]:
         elif kind == "lineage" and key == "seed":
             need(op not in PATTERN_OPS, "a numeric comparison for lineage.seed")
             seeds = [int(w) if _INTEGER.fullmatch(w) else None for w in written]
-            need(all(v is not None and abs(v) <= MAX_SEED for v in seeds), "an integer for lineage.seed")
+            need(all(v is not None and -MAX_SEED - 1 <= v <= MAX_SEED for v in seeds), "an integer for lineage.seed")
             values = [v for v in seeds if v is not None]
         elif kind in ("params", "tags", "lineage"):
             # Stored as the text that was logged ("2e-5", "0.10"): a number here would be compared as some other

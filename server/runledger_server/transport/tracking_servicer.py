@@ -95,8 +95,8 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
         self._budget = ingest_budget
         self._stopping = False
         self._readers: set[asyncio.Task[None]] = set()  # each open StreamMetrics call's request reader
-        # Searches at once on worker threads: costly filters (each stopped after its query budget) then wait
-        # here, on the loop, and cannot take every worker from the other calls.
+        # Searches (SearchRuns, ListExperiments, SelectWinner) at once on worker threads: costly filters (each
+        # stopped after its query budget) then wait here, on the loop, and cannot take every worker from the rest.
         self._searches = asyncio.Semaphore(CONCURRENT_SEARCHES)
 
     def shut_down(self) -> None:
@@ -142,6 +142,25 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
 
+    async def _search(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A search on a worker thread, holding one of the search permits until that thread is done with it:
+        a call its client cancels (a short deadline) leaves its query running until the query budget stops it,
+        and that query must still count."""
+        await self._searches.acquire()
+        try:
+            job = self._executor.submit(functools.partial(fn, *args, **kwargs))
+        except BaseException:
+            self._searches.release()
+            raise
+        loop = asyncio.get_running_loop()
+
+        def done(_: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: the server has stopped
+                loop.call_soon_threadsafe(self._searches.release)
+
+        job.add_done_callback(done)
+        return await asyncio.wrap_future(job)
+
     @handle_errors
     async def CreateExperiment(self, request: pb.CreateExperimentRequest, context: Any) -> tracking_pb2.Experiment:
         e = await self._call(self._svc.create_experiment, request.display_name, request.description, dict(request.tags))
@@ -153,8 +172,7 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
 
     @handle_errors
     async def ListExperiments(self, request: pb.ListExperimentsRequest, context: Any) -> pb.ListExperimentsResponse:
-        async with self._searches:
-            page = await self._call(self._svc.list_experiments, request.filter, request.page_size, request.page_token)
+        page = await self._search(self._svc.list_experiments, request.filter, request.page_size, request.page_token)
         return pb.ListExperimentsResponse(
             experiments=[convert.experiment_to_proto(e) for e in page.items], next_page_token=page.next_page_token
         )
@@ -196,15 +214,14 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
 
     @handle_errors
     async def SearchRuns(self, request: pb.SearchRunsRequest, context: Any) -> pb.SearchRunsResponse:
-        async with self._searches:
-            page = await self._call(
-                self._svc.search_runs,
-                list(request.experiments),
-                request.filter,
-                request.order_by,
-                request.page_size,
-                request.page_token,
-            )
+        page = await self._search(
+            self._svc.search_runs,
+            list(request.experiments),
+            request.filter,
+            request.order_by,
+            request.page_size,
+            request.page_token,
+        )
         return pb.SearchRunsResponse(
             runs=[convert.run_to_proto(r) for r in page.items], next_page_token=page.next_page_token
         )
@@ -350,7 +367,7 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
 
     @handle_errors
     async def SelectWinner(self, request: pb.SelectWinnerRequest, context: Any) -> pb.SelectWinnerResponse:
-        result = await self._call(
+        result = await self._search(
             self._svc.select_winner,
             run_ids=list(request.run_ids),
             experiment=request.experiment,

@@ -224,15 +224,21 @@ def _file_size(path: Path) -> int | None:
         return None
 
 
-def _same_content(a: Path, b: Path) -> bool:
-    """Whether two files hold the same bytes (a stored blob's size alone does not say it is intact)."""
-    with a.open("rb") as fa, b.open("rb") as fb:
-        while True:
-            chunk = fa.read(READ_CHUNK)
-            if chunk != fb.read(READ_CHUNK):
-                return False
-            if not chunk:
-                return True
+def _same_content(new: Path, stored: Path) -> bool:
+    """Whether a stored blob holds the same bytes as a new file (its size alone does not say it is intact);
+    one that cannot be read (a bad sector, gone meanwhile) does not, and is replaced."""
+    with new.open("rb") as fa:
+        try:
+            with stored.open("rb") as fb:
+                while True:
+                    chunk = fa.read(READ_CHUNK)
+                    if chunk != fb.read(READ_CHUNK):
+                        return False
+                    if not chunk:
+                        return True
+        except OSError as exc:
+            _LOGGER.warning("stored blob %s could not be read to compare it: %s; it is replaced", stored, exc)
+            return False
 
 
 def _store_error(root: Path, exc: OSError) -> Unavailable | ResourceExhausted:

@@ -23,6 +23,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
+from runledger_server.backends.sql import query_budget
 from runledger_server.backends.sql.interrupter import Interrupter
 from runledger_server.domain.errors import AlreadyExists, ResourceExhausted, Unavailable
 
@@ -31,7 +32,6 @@ _LOGGER = logging.getLogger(__name__)
 SQLITE_CACHE_KIB = 4 * 1024  # per pooled connection, allocated as pages are used
 SQLITE_FULL = 13  # "database or disk is full": the disk, or the database's max_page_count
 PG_DISK_FULL = "53100"
-PG_QUERY_CANCELED = "57014"  # statement_timeout ran out
 PG_READ_ONLY = "25006"  # a standby, or a primary being switched over: writes fail until the failover ends
 POOL_TIMEOUT_S = 10.0  # waiting for a free connection longer than this is UNAVAILABLE, not an endless queue
 # A PostgreSQL host that goes silent (a partition, a dead host) fails calls within about a minute instead of
@@ -80,6 +80,12 @@ class Database:
                 pool_pre_ping=True,
             )
             event.listen(self.engine, "handle_error", _pg_on_error)
+        postgres = not self.is_sqlite
+
+        @event.listens_for(self.engine, "before_cursor_execute")
+        def _budget(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+            query_budget.before_statement(conn.info, cursor, postgres)
+
         self._write_engine = self.engine.execution_options(runledger_write=True)
         self._own = threading.local()  # a thread's own SQLite connection, for own_query()
         self._own_conns: list[Any] = []
@@ -102,33 +108,31 @@ class Database:
 
     @contextlib.contextmanager
     def bounded_read(self, seconds: float, field: str) -> Iterator[Session]:
-        """A read transaction whose statements the database abandons after `seconds` of work in all, refused as
-        RESOURCE_EXHAUSTED `QUERY_TOO_EXPENSIVE` naming `field`: a search that would scan long values with a
-        costly pattern must not hold a worker and a connection without end.
-
-        SQLite's running statement is interrupted from another thread once the time is up (interrupter.py);
-        PostgreSQL runs the transaction under `statement_timeout`."""
+        """A read transaction refused as RESOURCE_EXHAUSTED `QUERY_TOO_EXPENSIVE` naming `field` once its
+        statements have taken `seconds` in all (query_budget.py): a search that would scan long values with a
+        costly pattern must not hold a worker and a connection without end."""
+        budget = query_budget.Budget.starting_now(seconds, field)
         with self.read() as session:
             conn = session.connection()
-            if self.is_sqlite:
-                driver: Any = conn.connection.dbapi_connection
-                deadline = self._interrupter.arm(driver, seconds)
-                try:
-                    yield session
-                except OperationalError as exc:
-                    if self._interrupter.disarm(deadline):
-                        raise _too_expensive(seconds, field) from exc
-                    raise
-                finally:
-                    self._interrupter.disarm(deadline)
-            else:
-                conn.exec_driver_sql(f"SET LOCAL statement_timeout = {max(1, int(seconds * 1000))}")
-                try:
-                    yield session
-                except OperationalError as exc:
-                    if getattr(exc.orig, "sqlstate", None) == PG_QUERY_CANCELED:
-                        raise _too_expensive(seconds, field) from exc
-                    raise
+            query_budget.hold(conn.info, budget)
+            driver: Any = conn.connection.dbapi_connection
+            armed = self._interrupter.arm(driver, seconds) if self.is_sqlite else None
+            try:
+                yield session
+            except Exception as exc:
+                interrupted = armed is not None and self._interrupter.disarm(armed)
+                if interrupted or query_budget.canceled_by_timeout(exc):
+                    raise budget.exceeded() from exc
+                raise
+            finally:
+                if armed is not None:
+                    self._interrupter.disarm(armed)
+                query_budget.release(conn.info)
+
+    def before_statement(self, info: dict[Any, Any], cursor: Any) -> None:
+        """For statements run on the driver's own cursors inside a transaction (they bypass SQLAlchemy's
+        events): what a bounded read asks of each statement."""
+        query_budget.before_statement(info, cursor, postgres=not self.is_sqlite)
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Session]:
@@ -362,15 +366,6 @@ def _read_only(exc: BaseException | None) -> bool:
     """PostgreSQL refusing a write because it is (for now) a standby: a failover in progress, not a wrong
     statement (psycopg files it under InternalError)."""
     return getattr(exc, "sqlstate", None) == PG_READ_ONLY
-
-
-def _too_expensive(seconds: float, field: str) -> ResourceExhausted:
-    return ResourceExhausted(
-        f"the query took more than {seconds:g} s of database work and was stopped; narrow the {field} "
-        "(fewer runs, or shorter LIKE patterns without a leading %)",
-        reason="QUERY_TOO_EXPENSIVE",
-        field=field,
-    )
 
 
 def pool_exhausted(timeout: float) -> Unavailable:

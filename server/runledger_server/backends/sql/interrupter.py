@@ -38,7 +38,8 @@ class Interrupter:
         """Interrupt `conn` `seconds` from now, unless `disarm` comes first."""
         deadline = Deadline(time.monotonic() + seconds, next(self._order), conn)
         with self._cond:
-            if self._thread is None and not self._closed:
+            if self._thread is None or not self._thread.is_alive():  # first use, or used again after close()
+                self._closed = False
                 self._thread = threading.Thread(target=self._run, name="runledger-sqlite-deadlines", daemon=True)
                 self._thread.start()
             heapq.heappush(self._pending, deadline)

@@ -619,6 +619,7 @@ class SqlTrackingStore:
         def fetch(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
             cursor = driver.cursor()
             try:
+                self.db.before_statement(driver.info, cursor)
                 cursor.execute(adapt(sql), tuple(params))
                 return [tuple(r) for r in cursor.fetchall()]
             except dbapi.OperationalError as exc:
