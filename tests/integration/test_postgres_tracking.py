@@ -486,3 +486,19 @@ def test_a_restarted_writer_asking_another_replica_leaves_the_numbers_of_batches
     assert (
         sorted(_history(a, run.run_id, "loss")[1]) == [111.0] * 5 + [222.0] * 5
     )  # both incarnations' points, each once
+
+
+def test_an_eval_score_of_minus_zero_reads_back_as_on_sqlite(pg_tracking: Stub) -> None:
+    """SQLite reads -0.0 back as 0.0; PostgreSQL kept the sign, so replicas on either answered differently."""
+    exp = pg_tracking.CreateExperiment(pb.CreateExperimentRequest(display_name="zero")).name
+    run = pg_tracking.CreateRun(pb.CreateRunRequest(experiment=exp)).run_id
+    logged = pg_tracking.LogEvalResult(
+        pb.LogEvalResultRequest(run_id=run, suite_fingerprint="suite@1", metrics={"loss": -0.0})
+    )
+    won = pg_tracking.SelectWinner(
+        pb.SelectWinnerRequest(experiment=exp, metric="loss", direction=common_pb2.DIRECTION_MINIMIZE)
+    )
+    assert won.winner_run_id == run
+    assert math.copysign(1.0, won.score) == 1.0 and math.copysign(1.0, logged.metrics["loss"]) == 1.0
+    again = pb.LogEvalResultRequest(run_id=run, suite_fingerprint="suite@1", metrics={"loss": 0.0})
+    assert pg_tracking.LogEvalResult(again).metrics["loss"] == 0.0  # the same score: a repeat, not a change

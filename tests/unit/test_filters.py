@@ -103,7 +103,7 @@ def test_a_long_run_of_digits_is_read_in_linear_time() -> None:
         parse_filter(text)
     assert time.perf_counter() - start < 2.0
     assert info.value.field == "filter"
-    assert parse_filter("metrics.loss < " + "1" * 200_000)[0].values == (float("1" * 200_000),)
+    assert parse_filter("metrics.loss < 0." + "1" * 200_000)[0].values == (float("0." + "1" * 200_000),)
 
 
 def test_a_filter_beyond_its_length_is_refused_before_it_is_read() -> None:
@@ -200,3 +200,15 @@ def test_lineage_seeds_take_the_whole_int64_range_exactly() -> None:
     assert parse_filter(f"lineage.seed IN ({low}, {high}, 9007199254740993)")[0].values == (low, high, 2**53 + 1)
     with pytest.raises(InvalidArgument):
         parse_filter(f"lineage.seed = {high + 1}")
+
+
+@pytest.mark.parametrize("number", ["1e-400", "-2.5e-999", "1e400", "-1e309"])
+def test_numbers_a_double_cannot_hold_are_refused_not_rounded_to_zero_or_infinity(number: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        parse_filter(f"metrics.m IN (1, {number})")
+    assert info.value.field == "filter" and "range of a double" in str(info.value)
+
+
+def test_numbers_at_the_edges_of_a_double_and_zero_are_taken() -> None:
+    values = parse_filter("metrics.m IN (5e-324, 1.7976931348623157e308, 0.0e5, -0)")[0].values
+    assert values == (5e-324, 1.7976931348623157e308, 0.0, 0.0)

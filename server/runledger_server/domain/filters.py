@@ -11,6 +11,7 @@ escaped, so `params.opt LIKE 'a\\\\_b'` matches `a_b` and not `axb`.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -165,6 +166,10 @@ def parse_filter(text: str, field: str = "filter") -> tuple[Clause, ...]:
         # Bounds that keep a filter a query rather than a load on the database (SQLite refuses long patterns,
         # PostgreSQL more than 65,535 parameters, and neither takes NUL in text).
         need(len(values) <= MAX_IN_VALUES, f"at most {MAX_IN_VALUES} values in IN (...)")
+        need(
+            all(isinstance(v, str) or _representable(v, w) for v, w in zip(values, written, strict=True)),
+            "numbers within the range of a double (1e-400 would read as 0, 1e400 as infinity)",
+        )
         need(not any(isinstance(v, str) and "\x00" in v for v in values), "no NUL in a value")
         need("\x00" not in key, "no NUL in a key")
         if op in PATTERN_OPS:
@@ -202,6 +207,12 @@ def parse_filter(text: str, field: str = "filter") -> tuple[Clause, ...]:
             return tuple(clauses)
         need(toks[i][0] == "field" and toks[i][1].upper() == "AND", "AND between clauses")
         i += 1
+
+
+def _representable(value: float, written: str) -> bool:
+    """Whether a number in a filter means what it says as a double: not rounded to infinity, nor to zero."""
+    mantissa = re.split("[eE]", written)[0]
+    return not math.isinf(value) and (value != 0 or not re.search("[1-9]", mantissa))
 
 
 def _escapes_closed(pattern: str) -> bool:

@@ -122,9 +122,12 @@ def _no_scored(metric: str, suite: str | None) -> FailedPrecondition:
     )
 
 
-def require_finite(value: float, field: str) -> None:
-    """Scores rank runs and gate versions; NaN or infinity cannot rank, so they are refused."""
+def require_finite(value: float, field: str) -> float:
+    """Scores rank runs and gate versions; NaN or infinity cannot rank, so they are refused. Returned as stored:
+    -0.0 becomes 0.0 (SQLite reads -0.0 back as 0.0, PostgreSQL keeps the sign, and every replica must answer
+    alike; the two are equal as scores either way)."""
     from runledger_server.domain.errors import InvalidArgument
 
     if not math.isfinite(value):
         raise InvalidArgument(f"{field} must be a finite number, got {value}", field=field)
+    return value + 0.0

@@ -173,7 +173,7 @@ class RegistryService:
         names.key(metric, "metric")
         if direction is None:
             raise InvalidArgument("direction is required: DIRECTION_MAXIMIZE or DIRECTION_MINIMIZE", field="direction")
-        require_finite(threshold, "threshold")
+        threshold = require_finite(threshold, "threshold")
         return self.store.create_gate(model_id, GateSpec(gate_id, suite_fingerprint, metric, direction, threshold))
 
     def get_gate(self, name: str) -> Gate:
@@ -187,7 +187,7 @@ class RegistryService:
         model_id = names.model_id(model)
         names.slug(gate_id, "gate_id")
         _check_version(version)
-        require_finite(score, "score")
+        score = require_finite(score, "score")
         return self.store.record_gate_result(model_id, gate_id, version, score, actor)
 
     # ---- aliases -----------------------------------------------------------------------------

@@ -172,10 +172,11 @@ class TrackingService:
         _suite(suite_fingerprint, "suite_fingerprint")
         if not metrics:
             raise InvalidArgument("metrics must not be empty", field="metrics")
+        scores = {}
         for metric, value in metrics.items():
             names.key(metric, "metrics")
-            sweeps.require_finite(value, f"metrics[{metric}]")
-        return self.store.log_eval_result(run_id, suite_fingerprint, metrics)
+            scores[metric] = sweeps.require_finite(value, f"metrics[{metric}]")
+        return self.store.log_eval_result(run_id, suite_fingerprint, scores)
 
     def select_winner(
         self,
@@ -229,12 +230,12 @@ class TrackingService:
             page = self.search_runs([experiment], filter_text, "create_time", paging.MAX_PAGE_SIZE, token)
             out.extend(r.run_id for r in page.items)
             token = page.next_page_token
-            if not token:
-                return out
-            if len(out) >= MAX_SELECT_CANDIDATES:
+            if len(out) > MAX_SELECT_CANDIDATES or (token and len(out) == MAX_SELECT_CANDIDATES):
                 raise InvalidArgument(
                     f"more than {MAX_SELECT_CANDIDATES} candidate runs; narrow them with filter", field="filter"
                 )
+            if not token:
+                return out
 
 
 def _check_map(values: dict[str, str], field: str) -> None:
