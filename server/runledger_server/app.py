@@ -126,7 +126,9 @@ async def build_server(settings: Settings) -> tuple[Server, int]:
         migrate.upgrade(db)
         executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="runledger-worker")
         closers.append(lambda: executor.shutdown(wait=True))
-        tracking_store = SqlTrackingStore(db, settings.metric_cache_mib << 20)
+        tracking_store = SqlTrackingStore(
+            db, settings.metric_cache_mib << 20, query_budget=float(settings.search_budget_seconds)
+        )
         ingest = MetricIngest(tracking_store)
         closers.append(ingest.close)
         tracking = TrackingService(tracking_store, ingest, settings.history_max_points)

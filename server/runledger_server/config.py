@@ -18,6 +18,7 @@ DEFAULT_DATA_DIR = "./runledger-data"
 DEFAULT_METRIC_CACHE_MIB = 128
 DEFAULT_INGEST_BUFFER_MIB = 256
 DEFAULT_HISTORY_MAX_POINTS = 10_000_000
+DEFAULT_SEARCH_BUDGET_SECONDS = 10
 # What the minio SDK accepts as a region name; anything else would fail later, inside the artifact backend.
 _REGION = re.compile(r"[a-z0-9](?:[a-z0-9_-]{0,61}[a-z0-9])?", re.IGNORECASE)
 
@@ -54,6 +55,9 @@ class Settings:
     ingest_buffer_mib: int = DEFAULT_INGEST_BUFFER_MIB
     # Points one GetMetricHistory call may read (~24 bytes each in memory); longer ranges are refused.
     history_max_points: int = DEFAULT_HISTORY_MAX_POINTS
+    # Database work one search (SearchRuns, ListExperiments, each page of SelectWinner) may take before it is
+    # stopped as RESOURCE_EXHAUSTED QUERY_TOO_EXPENSIVE.
+    search_budget_seconds: int = DEFAULT_SEARCH_BUDGET_SECONDS
 
     @property
     def database_url(self) -> str:
@@ -111,6 +115,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="points one metric history read may hold in memory (about 24 bytes each); a longer range is "
         "refused, and read in parts by the Python client "
         f"(env RUNLEDGER_HISTORY_MAX_POINTS, default {DEFAULT_HISTORY_MAX_POINTS})",
+    )
+    parser.add_argument(
+        "--search-budget-seconds",
+        help="database work one search may take before it is stopped and refused "
+        f"(env RUNLEDGER_SEARCH_BUDGET_SECONDS, default {DEFAULT_SEARCH_BUDGET_SECONDS})",
     )
 
 
@@ -183,6 +192,17 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
             "RUNLEDGER_HISTORY_MAX_POINTS",
             1_000_000,  # a stored chunk holds up to a batch, 1,000,000 points: any one must fit a read
             1 << 40,
+        ),
+        search_budget_seconds=_int_setting(
+            pick(
+                getattr(args, "search_budget_seconds", None),
+                "RUNLEDGER_SEARCH_BUDGET_SECONDS",
+                str(DEFAULT_SEARCH_BUDGET_SECONDS),
+            ),
+            "--search-budget-seconds",
+            "RUNLEDGER_SEARCH_BUDGET_SECONDS",
+            1,
+            3600,
         ),
     )
     _s3_endpoint(settings.s3.endpoint)

@@ -6,15 +6,19 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 from sqlalchemy import text
 
+from runledger.v1 import common_pb2, tracking_service_pb2 as tpb, tracking_service_pb2_grpc
 from runledger_server.backends.sql import migrate
 from runledger_server.backends.sql.database import Database
 from runledger_server.backends.sql.tracking_store import SqlTrackingStore
+from runledger_server.config import Settings
 from runledger_server.domain import filters, ids
 from runledger_server.domain.errors import ResourceExhausted
 from runledger_server.domain.lineage import Lineage
+from runledger_server.embedded import EmbeddedServer
 
 RUNS = 120
 LONG_VALUE = "a" * 200_000  # a long param (a prompt template, a serialized config): legal, up to 1 MiB
@@ -109,3 +113,35 @@ def test_a_database_used_again_after_dispose_still_bounds_its_reads(tmp_path: Pa
         assert time.monotonic() - start < 0.25  # interrupted mid-statement, not refused after it
     finally:
         db.dispose()
+
+
+def test_costly_searches_hold_at_most_four_workers_even_when_their_callers_give_up(tmp_path: Path) -> None:
+    """20 costly searches, each abandoned by its caller after 0.2 s: the server's 16 workers must not all be
+    left running them (each until its budget stops it) while other calls wait."""
+    settings = Settings(host="127.0.0.1", port=0, data_dir=tmp_path / "data", search_budget_seconds=2)
+    with EmbeddedServer(settings) as srv, grpc.insecure_channel(srv.address) as ch:
+        tracking = tracking_service_pb2_grpc.TrackingServiceStub(ch)
+        exp = tracking.CreateExperiment(tpb.CreateExperimentRequest(display_name="busy")).name
+        for i in range(12):
+            tracking.CreateRun(tpb.CreateRunRequest(experiment=exp, params={"template": "a" * (1 << 20), "i": str(i)}))
+        costly = "params.template LIKE '%" + "a_" * 127 + "b'"
+        calls = [
+            tracking.SearchRuns.future(tpb.SearchRunsRequest(experiments=[exp], filter=costly), timeout=0.2)
+            for _ in range(10)
+        ] + [
+            tracking.SelectWinner.future(
+                tpb.SelectWinnerRequest(
+                    experiment=exp, filter=costly, metric="m", direction=common_pb2.DIRECTION_MAXIMIZE
+                ),
+                timeout=0.2,
+            )
+            for _ in range(10)
+        ]
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as info:
+                call.result()
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        start = time.monotonic()
+        tracking.GetExperiment(tpb.GetExperimentRequest(name=exp), timeout=30)
+        waited = time.monotonic() - start
+        assert waited < 1.0, f"GetExperiment waited {waited:.2f} s for a worker"

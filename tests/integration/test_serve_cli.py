@@ -128,6 +128,12 @@ def test_bad_settings_are_refused_naming_the_flag_and_variable(tmp_path: Path) -
         ([], {"RUNLEDGER_METRIC_CACHE_MIB": "lots"}, "--metric-cache-mib (env RUNLEDGER_METRIC_CACHE_MIB)"),
         (["--port", "70000"], {}, "--port (env RUNLEDGER_PORT)"),
         (["--history-max-points", "5000"], {}, "--history-max-points (env RUNLEDGER_HISTORY_MAX_POINTS)"),
+        (["--search-budget-seconds", "0"], {}, "--search-budget-seconds (env RUNLEDGER_SEARCH_BUDGET_SECONDS)"),
+        (
+            [],
+            {"RUNLEDGER_SEARCH_BUDGET_SECONDS": "1.5"},
+            "--search-budget-seconds (env RUNLEDGER_SEARCH_BUDGET_SECONDS)",
+        ),
         ([], {"RUNLEDGER_PORT": "http"}, "--port (env RUNLEDGER_PORT)"),
         (["--port", "http"], {}, "--port (env RUNLEDGER_PORT)"),  # argparse's own refusal named no variable
         (["--s3-secure", "maybe"], {}, "--s3-secure (env RUNLEDGER_S3_SECURE)"),

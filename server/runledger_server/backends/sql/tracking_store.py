@@ -56,6 +56,7 @@ KNOWN_RUNS_LIMIT = 100_000  # run IDs a server remembers as existing (metric com
 _LIKE_ESCAPE = "\\"
 # Database work one search may take before it is stopped (RESOURCE_EXHAUSTED), so that a costly filter cannot
 # hold a worker and a connection without end; a search over 100,000 runs with simple clauses takes well under.
+# The server passes its --search-budget-seconds.
 QUERY_BUDGET_S = 10.0
 _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 
