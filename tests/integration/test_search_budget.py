@@ -3,6 +3,7 @@ RESOURCE_EXHAUSTED naming the filter, on SQLite and PostgreSQL; the same store a
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from runledger_server.backends.sql.database import Database
 from runledger_server.backends.sql.tracking_store import SqlTrackingStore
 from runledger_server.config import Settings
 from runledger_server.domain import filters, ids
-from runledger_server.domain.errors import ResourceExhausted
+from runledger_server.domain.errors import ResourceExhausted, Unavailable
 from runledger_server.domain.lineage import Lineage
 from runledger_server.embedded import EmbeddedServer
 
@@ -145,3 +146,37 @@ def test_costly_searches_hold_at_most_four_workers_even_when_their_callers_give_
         tracking.GetExperiment(tpb.GetExperimentRequest(name=exp), timeout=30)
         waited = time.monotonic() - start
         assert waited < 1.0, f"GetExperiment waited {waited:.2f} s for a worker"
+
+
+@pytest.mark.postgres
+def test_a_connection_lost_during_a_search_is_unavailable_not_internal(pg_database_url: str) -> None:
+    database = Database(pg_database_url)
+    try:
+        with pytest.raises(Unavailable), database.bounded_read(5.0, "filter") as s:
+            s.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))  # a failover, an admin's kill
+        with database.bounded_read(5.0, "filter") as s:  # the pool connects again
+            assert s.execute(text("SELECT 1")).scalar() == 1
+    finally:
+        database.dispose()
+
+
+def test_waiting_for_a_pooled_connection_is_not_charged_to_the_budget(database: Database) -> None:
+    """Under load a search may wait for a connection; that is no database work, and no reason to refuse it."""
+    release = threading.Event()
+    held = threading.Barrier(33)
+
+    def hold_one() -> None:
+        with database.read() as s:
+            s.execute(text("SELECT 1"))
+            held.wait()
+            release.wait()
+
+    threads = [threading.Thread(target=hold_one) for _ in range(32)]  # the whole pool: 16 plus 16 overflow
+    for t in threads:
+        t.start()
+    held.wait()
+    threading.Timer(0.6, release.set).start()
+    with database.bounded_read(0.3, "filter") as s:
+        assert s.execute(text("SELECT 1")).scalar() == 1
+    for t in threads:
+        t.join()

@@ -212,3 +212,10 @@ def test_numbers_a_double_cannot_hold_are_refused_not_rounded_to_zero_or_infinit
 def test_numbers_at_the_edges_of_a_double_and_zero_are_taken() -> None:
     values = parse_filter("metrics.m IN (5e-324, 1.7976931348623157e308, 0.0e5, -0)")[0].values
     assert values == (5e-324, 1.7976931348623157e308, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("text", ["metrics.m = \u0661e-400", "metrics.m = \u0661", "lineage.seed = \u0661"])
+def test_digits_are_ascii_digits(text: str) -> None:
+    with pytest.raises(InvalidArgument) as info:  # an Arabic-Indic one slipped past the range check as 0.0
+        parse_filter(text)
+    assert info.value.field == "filter"

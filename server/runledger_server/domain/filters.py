@@ -41,12 +41,12 @@ MAX_ORDER_BY_CHARS = 1024
 MAX_TOKENS = MAX_CLAUSES * (2 * MAX_IN_VALUES + 6)
 MAX_TIME_MS = 9.2e15  # microseconds since the epoch must fit the database's 64-bit integer
 
-_INTEGER = re.compile(r"[-+]?\d{1,19}")
+_INTEGER = re.compile(r"[-+]?[0-9]{1,19}")
 _TOKEN = re.compile(
     r"""\s*(?:
         (?P<op><=|>=|!=|=|<|>)
       | (?P<str>'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")
-      | (?P<num>(?>[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)(?![\w/]))
+      | (?P<num>(?>[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)(?![\w/]))
       | (?P<punct>[(),])
       | (?P<field>(?:params|tags|metrics|lineage)\.(?:`[^`]+`|[\w./:-]+)|[A-Za-z_]\w*)
     )""",

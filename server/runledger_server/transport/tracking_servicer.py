@@ -367,7 +367,9 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
 
     @handle_errors
     async def SelectWinner(self, request: pb.SelectWinnerRequest, context: Any) -> pb.SelectWinnerResponse:
-        result = await self._search(
+        # Candidates from an experiment are a search (a permit); listed run IDs are read by key.
+        call = self._search if request.experiment else self._call
+        result = await call(
             self._svc.select_winner,
             run_ids=list(request.run_ids),
             experiment=request.experiment,

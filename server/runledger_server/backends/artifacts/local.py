@@ -229,16 +229,25 @@ def _same_content(new: Path, stored: Path) -> bool:
     one that cannot be read (a bad sector, gone meanwhile) does not, and is replaced."""
     with new.open("rb") as fa:
         try:
-            with stored.open("rb") as fb:
-                while True:
-                    chunk = fa.read(READ_CHUNK)
-                    if chunk != fb.read(READ_CHUNK):
-                        return False
-                    if not chunk:
-                        return True
+            fb = stored.open("rb")
         except OSError as exc:
-            _LOGGER.warning("stored blob %s could not be read to compare it: %s; it is replaced", stored, exc)
-            return False
+            return _unreadable(stored, exc)
+        with fb:
+            while True:
+                chunk = fa.read(READ_CHUNK)  # the new file's errors are the upload's, raised as such
+                try:
+                    same = chunk == fb.read(READ_CHUNK)
+                except OSError as exc:
+                    return _unreadable(stored, exc)
+                if not same:
+                    return False
+                if not chunk:
+                    return True
+
+
+def _unreadable(stored: Path, exc: OSError) -> bool:
+    _LOGGER.warning("stored blob %s could not be read to compare it: %s; it is replaced", stored, exc)
+    return False
 
 
 def _store_error(root: Path, exc: OSError) -> Unavailable | ResourceExhausted:

@@ -111,13 +111,16 @@ class Database:
         """A read transaction refused as RESOURCE_EXHAUSTED `QUERY_TOO_EXPENSIVE` naming `field` once its
         statements have taken `seconds` in all (query_budget.py): a search that would scan long values with a
         costly pattern must not hold a worker and a connection without end."""
-        budget = query_budget.Budget.starting_now(seconds, field)
         with self.read() as session:
             conn = session.connection()
-            query_budget.hold(conn.info, budget)
+            # Read now: once SQLAlchemy drops a lost connection, reaching its info raises and would hide the error.
+            info = conn.info
             driver: Any = conn.connection.dbapi_connection
-            armed = self._interrupter.arm(driver, seconds) if self.is_sqlite else None
+            budget = query_budget.Budget.starting_now(seconds, field)  # after the pool's wait: no work in that
+            armed = None
             try:
+                query_budget.hold(info, budget)
+                armed = self._interrupter.arm(driver, seconds) if self.is_sqlite else None
                 yield session
             except Exception as exc:
                 interrupted = armed is not None and self._interrupter.disarm(armed)
@@ -127,7 +130,7 @@ class Database:
             finally:
                 if armed is not None:
                     self._interrupter.disarm(armed)
-                query_budget.release(conn.info)
+                query_budget.release(info)
 
     def before_statement(self, info: dict[Any, Any], cursor: Any) -> None:
         """For statements run on the driver's own cursors inside a transaction (they bypass SQLAlchemy's

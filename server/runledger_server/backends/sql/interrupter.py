@@ -26,24 +26,33 @@ class Deadline:
     done: bool = field(default=False, compare=False)
 
 
+class _Worker:
+    """One run of the deadline thread; `close` stops it for good, and a later `arm` starts another."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+        self.thread: threading.Thread | None = None
+
+
 class Interrupter:
     def __init__(self) -> None:
         self._pending: list[Deadline] = []
         self._cond = threading.Condition()
         self._order = itertools.count()
-        self._thread: threading.Thread | None = None
-        self._closed = False
+        self._worker: _Worker | None = None
 
     def arm(self, conn: sqlite3.Connection, seconds: float) -> Deadline:
         """Interrupt `conn` `seconds` from now, unless `disarm` comes first."""
         deadline = Deadline(time.monotonic() + seconds, next(self._order), conn)
         with self._cond:
-            if self._thread is None or not self._thread.is_alive():  # first use, or used again after close()
-                self._closed = False
-                self._thread = threading.Thread(target=self._run, name="runledger-sqlite-deadlines", daemon=True)
-                self._thread.start()
+            if self._worker is None:  # first use, or used again after close()
+                worker = self._worker = _Worker()
+                worker.thread = threading.Thread(
+                    target=self._run, args=(worker,), name="runledger-sqlite-deadlines", daemon=True
+                )
+                worker.thread.start()
             heapq.heappush(self._pending, deadline)
-            self._cond.notify()
+            self._cond.notify_all()
         return deadline
 
     def disarm(self, deadline: Deadline) -> bool:
@@ -54,14 +63,16 @@ class Interrupter:
 
     def close(self) -> None:
         with self._cond:
-            self._closed = True
-            self._cond.notify()
-        if self._thread is not None:
-            self._thread.join()
+            worker, self._worker = self._worker, None
+            if worker is not None:
+                worker.stopped = True
+            self._cond.notify_all()
+        if worker is not None and worker.thread is not None:
+            worker.thread.join()
 
-    def _run(self) -> None:
+    def _run(self, worker: _Worker) -> None:
         with self._cond:
-            while not self._closed:
+            while not worker.stopped:
                 while self._pending and self._pending[0].done:
                     heapq.heappop(self._pending)
                 if not self._pending:
