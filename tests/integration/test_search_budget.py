@@ -19,7 +19,10 @@ from runledger_server.config import Settings
 from runledger_server.domain import filters, ids
 from runledger_server.domain.errors import ResourceExhausted, Unavailable
 from runledger_server.domain.lineage import Lineage
+from runledger_server.domain.sweeps import Direction
 from runledger_server.embedded import EmbeddedServer
+from runledger_server.services.metric_ingest import MetricIngest
+from runledger_server.services.tracking import TrackingService
 
 RUNS = 120
 LONG_VALUE = "a" * 200_000  # a long param (a prompt template, a serialized config): legal, up to 1 MiB
@@ -180,3 +183,38 @@ def test_waiting_for_a_pooled_connection_is_not_charged_to_the_budget(database: 
         assert s.execute(text("SELECT 1")).scalar() == 1
     for t in threads:
         t.join()
+
+
+def test_the_pages_of_one_select_winner_share_one_budget(tmp_path: Path) -> None:
+    """SelectWinner reads an experiment's runs page by page; with a budget per page it could hold a worker for
+    ten budgets. Calibrated here: one page's cost is measured, and the budget set above it and below the
+    three pages' together."""
+    db = Database(f"sqlite:///{tmp_path / 'meta.db'}")
+    migrate.upgrade(db)
+    store = SqlTrackingStore(db, query_budget=600.0)
+    ingest = MetricIngest(store)
+    try:
+        service = TrackingService(store, ingest)
+        experiment = store.create_experiment("pages", "", {}).experiment_id
+        for i in range(2_500):  # pages of 1,000 candidates: 3 pages
+            store.create_run(ids.new_id(), experiment, f"r{i}", {}, {"t": "a" * 3_000 + "b"}, Lineage(), None)
+        costly = "params.t LIKE '%" + "a_" * 120 + "b'"  # every run matches, after trying ~2,800 places
+        start = time.monotonic()
+        first = service.search_runs([f"experiments/{experiment}"], costly, "create_time", 1_000, "")
+        store.query_budget = 1.6 * (time.monotonic() - start)
+        assert len(first.items) == 1_000 and first.next_page_token
+        with pytest.raises(ResourceExhausted) as info:
+            service.select_winner(
+                run_ids=[],
+                experiment=f"experiments/{experiment}",
+                filter_text=costly,
+                metric="m",
+                direction=Direction.MAXIMIZE,
+                suite_fingerprint=None,
+            )
+        assert info.value.reason == "QUERY_TOO_EXPENSIVE"
+        again = service.search_runs([f"experiments/{experiment}"], costly, "create_time", 1_000, "")
+        assert len(again.items) == 1_000  # one page alone still fits its budget
+    finally:
+        ingest.close()
+        db.dispose()

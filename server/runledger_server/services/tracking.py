@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
@@ -82,7 +83,14 @@ class TrackingService:
         return self.store.update_run(run_id, status, end_time_us, display_name)
 
     def search_runs(
-        self, experiments: Sequence[str], filter_text: str, order_by: str, page_size: int, page_token: str
+        self,
+        experiments: Sequence[str],
+        filter_text: str,
+        order_by: str,
+        page_size: int,
+        page_token: str,
+        *,
+        until: float | None = None,
     ) -> Page[Run]:
         if len(experiments) > filters.MAX_EXPERIMENTS:
             raise InvalidArgument(
@@ -96,6 +104,7 @@ class TrackingService:
             filters.parse_order_by(order_by),
             paging.page_size(page_size),
             page_token,
+            until=until,
         )
 
     # params, tags, lineage
@@ -226,8 +235,9 @@ class TrackingService:
             raise NotFound(f"experiments/{experiment_id} not found", field="experiment") from None
         out: list[str] = []
         token = ""
+        until = time.monotonic() + self.store.query_budget  # one budget for all the pages: one search
         while True:
-            page = self.search_runs([experiment], filter_text, "create_time", paging.MAX_PAGE_SIZE, token)
+            page = self.search_runs([experiment], filter_text, "create_time", paging.MAX_PAGE_SIZE, token, until=until)
             out.extend(r.run_id for r in page.items)
             token = page.next_page_token
             if len(out) > MAX_SELECT_CANDIDATES or (token and len(out) == MAX_SELECT_CANDIDATES):

@@ -14,6 +14,9 @@ from runledger_server.store.entities import EvalResult, Experiment, Page, Run
 class TrackingStore(Protocol):
     """Each method is one transaction; refusals raise DomainError and change nothing."""
 
+    # Seconds of database work one search may take (its pages together, for SelectWinner).
+    query_budget: float
+
     def create_experiment(self, display_name: str, description: str, tags: dict[str, str]) -> Experiment: ...
 
     def get_experiment(self, experiment_id: str) -> Experiment: ...
@@ -46,7 +49,12 @@ class TrackingStore(Protocol):
         order_by: OrderBy,
         page_size: int,
         page_token: str,
-    ) -> Page[Run]: ...
+        *,
+        until: float | None = None,
+    ) -> Page[Run]:
+        """Refused as RESOURCE_EXHAUSTED QUERY_TOO_EXPENSIVE past `query_budget` seconds of database work, or
+        at `until` (time.monotonic()) when that comes first."""
+        ...
 
     def log_params(self, run_id: str, params: dict[str, str]) -> dict[str, str]: ...
 

@@ -107,20 +107,21 @@ class Database:
             yield session
 
     @contextlib.contextmanager
-    def bounded_read(self, seconds: float, field: str) -> Iterator[Session]:
+    def bounded_read(self, seconds: float, field: str, *, until: float | None = None) -> Iterator[Session]:
         """A read transaction refused as RESOURCE_EXHAUSTED `QUERY_TOO_EXPENSIVE` naming `field` once its
-        statements have taken `seconds` in all (query_budget.py): a search that would scan long values with a
-        costly pattern must not hold a worker and a connection without end."""
+        statements have taken `seconds` in all, or at `until` (time.monotonic()) when that comes first
+        (query_budget.py): a search that would scan long values with a costly pattern must not hold a worker
+        and a connection without end."""
         with self.read() as session:
             conn = session.connection()
             # Read now: once SQLAlchemy drops a lost connection, reaching its info raises and would hide the error.
             info = conn.info
             driver: Any = conn.connection.dbapi_connection
-            budget = query_budget.Budget.starting_now(seconds, field)  # after the pool's wait: no work in that
+            budget = query_budget.Budget.starting_now(seconds, field, until)  # after the pool's wait: no work
             armed = None
             try:
                 query_budget.hold(info, budget)
-                armed = self._interrupter.arm(driver, seconds) if self.is_sqlite else None
+                armed = self._interrupter.arm(driver, max(0.0, budget.left())) if self.is_sqlite else None
                 yield session
             except Exception as exc:
                 interrupted = armed is not None and self._interrupter.disarm(armed)

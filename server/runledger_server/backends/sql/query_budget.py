@@ -26,8 +26,14 @@ class Budget:
     field: str
 
     @classmethod
-    def starting_now(cls, seconds: float, field: str) -> Budget:
-        return cls(time.monotonic() + seconds, seconds, field)
+    def starting_now(cls, seconds: float, field: str, until: float | None = None) -> Budget:
+        """`seconds` from now, or less when the work belongs to a larger one that must end by `until` (the
+        pages of one SelectWinner share one budget)."""
+        deadline = time.monotonic() + seconds
+        return cls(deadline if until is None else min(deadline, until), seconds, field)
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
 
     def exceeded(self) -> ResourceExhausted:
         return ResourceExhausted(
@@ -52,7 +58,7 @@ def before_statement(info: dict[Any, Any], cursor: Any, postgres: bool) -> None:
     budget: Budget | None = info.get(_KEY)
     if budget is None:
         return
-    left = budget.deadline - time.monotonic()
+    left = budget.left()
     if left <= 0:
         raise budget.exceeded()
     if postgres:

@@ -229,6 +229,8 @@ class SqlTrackingStore:
         order_by: OrderBy,
         page_size: int,
         page_token: str,
+        *,
+        until: float | None = None,
     ) -> Page[Run]:
         query = {
             "experiments": sorted(experiment_ids),
@@ -250,7 +252,7 @@ class SqlTrackingStore:
             RunRow.create_time_us,
             RunRow.id,
         ).limit(page_size + 1)
-        with self.db.bounded_read(self.query_budget, "filter") as s:
+        with self.db.bounded_read(self.query_budget, "filter", until=until) as s:
             _require_experiments(s, experiment_ids)
             result = [tuple(r) for r in s.execute(stmt)]
             more = len(result) > page_size
