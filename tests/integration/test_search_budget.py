@@ -218,3 +218,13 @@ def test_the_pages_of_one_select_winner_share_one_budget(tmp_path: Path) -> None
     finally:
         ingest.close()
         db.dispose()
+
+
+@pytest.mark.postgres
+def test_an_operators_cancel_with_time_left_is_not_blamed_on_the_filter(pg_database_url: str) -> None:
+    database = Database(pg_database_url)
+    try:
+        with pytest.raises(Unavailable), database.bounded_read(30.0, "filter") as s:
+            s.execute(text("SELECT pg_cancel_backend(pg_backend_pid()), pg_sleep(2)"))
+    finally:
+        database.dispose()

@@ -125,7 +125,9 @@ class Database:
                 yield session
             except Exception as exc:
                 interrupted = armed is not None and self._interrupter.disarm(armed)
-                if interrupted or query_budget.canceled_by_timeout(exc):
+                # A cancel with time left is someone else's (an operator's pg_cancel_backend): not the budget.
+                timed_out = query_budget.canceled_by_timeout(exc) and budget.left() < query_budget.TIMER_SLACK_S
+                if interrupted or timed_out:
                     raise budget.exceeded() from exc
                 raise
             finally:

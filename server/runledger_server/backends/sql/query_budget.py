@@ -16,6 +16,7 @@ from typing import Any
 from runledger_server.domain.errors import ResourceExhausted
 
 PG_QUERY_CANCELED = "57014"  # statement_timeout ran out (or a cancel request)
+TIMER_SLACK_S = 0.1  # a cancel this close to the deadline is the timeout's
 _KEY = "runledger_query_budget"  # in the pooled connection's info while a bounded read holds it
 
 
