@@ -93,15 +93,16 @@ def test_batches_another_replica_is_storing_at_the_same_moment_settle_as_duplica
     other = [psycopg.connect(dsn), psycopg.connect(dsn)]  # the other replica's two group transactions, open
     ingest = MetricIngest(store)
     try:
-        for conn, seq in zip(other, (1, 2), strict=True):
-            conn.execute(
-                "INSERT INTO metric_batches (run_id, writer_id, seq, points, commit_time_us) "
-                "VALUES (%s, 'w', %s, 1, 0)",
-                (run_id, seq),
-            )
 
         def batch(writer: str, seq: int) -> Batch:
             return Batch(run_id, writer, seq, (Series("loss", np.array([seq]), np.array([1.0]), np.array([7])),))
+
+        for conn, seq in zip(other, (1, 2), strict=True):  # the same batches, as that replica records them
+            conn.execute(
+                "INSERT INTO metric_batches (run_id, writer_id, seq, points, commit_time_us, content_crc) "
+                "VALUES (%s, 'w', %s, 1, 0, %s)",
+                (run_id, seq, batch("w", seq).checksum()),
+            )
 
         futures = [ingest.submit(batch("w", 1)), ingest.submit(batch("w", 2)), ingest.submit(batch("other", 0))]
         for conn in other:  # our insert waits on each in turn, then collides with its committed row

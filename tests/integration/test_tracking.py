@@ -310,11 +310,32 @@ def test_a_batch_under_a_stored_seq_with_other_points_is_refused_not_acknowledge
     steps, values, _ = _history(tracking, run.run_id, "loss")
     assert (steps, values) == ([0, 1], [0.5, 1.5])
     assert _history(tracking, run.run_id, "reward")[0] == []
-    # A batch stored before checksums were kept has none: any batch under its seq counts as a re-send.
+    # A batch stored before checksums were kept (what migration 0006 leaves) has none: its points are compared.
+    two = [_series("loss", [7, 8], [float("nan"), -0.0]), _series("reward", [7], [1.0])]
+    assert not tracking.LogMetrics(
+        pb.LogMetricsRequest(run_id=run.run_id, writer_id="rank0", seq=2, series=two)
+    ).duplicate
     with contextlib.closing(sqlite3.connect(settings.data_dir / "runledger.db")) as db, db:
-        db.execute("UPDATE metric_batches SET content_crc = NULL WHERE seq = 0")
-    assert tracking.LogMetrics(batch(0, 0.25)).duplicate
-    assert _history(tracking, run.run_id, "loss")[1] == [0.5, 1.5]
+        db.execute("UPDATE metric_batches SET content_crc = NULL WHERE seq IN (0, 2)")
+    r = refusal(lambda: tracking.LogMetrics(batch(0, 0.25)))
+    assert (r.code, r.reason) == (grpc.StatusCode.ALREADY_EXISTS, "WRITER_ID_REUSED")
+    assert tracking.LogMetrics(batch(0, 0.5)).duplicate
+    again = [two[1], _series("empty", [], []), two[0]]  # another order, and a key without points: the same points
+    assert tracking.LogMetrics(
+        pb.LogMetricsRequest(run_id=run.run_id, writer_id="rank0", seq=2, series=again)
+    ).duplicate
+    for other in (
+        two[:1],
+        [two[0], _series("reward", [7], [1.5])],
+        [_series("loss", [7, 8], [float("nan"), 0.0]), two[1]],
+    ):
+        r = refusal(
+            lambda o=other: tracking.LogMetrics(
+                pb.LogMetricsRequest(run_id=run.run_id, writer_id="rank0", seq=2, series=o)
+            )
+        )
+        assert (r.code, r.reason) == (grpc.StatusCode.ALREADY_EXISTS, "WRITER_ID_REUSED"), other
+    assert _history(tracking, run.run_id, "loss")[1][:2] == [0.5, 1.5]
 
 
 def test_get_metric_writer_says_where_a_writer_resumes(tracking) -> None:

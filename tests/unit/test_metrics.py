@@ -7,7 +7,15 @@ import pytest
 
 from runledger_server.domain import metrics
 from runledger_server.domain.errors import InvalidArgument
-from runledger_server.domain.metrics import Series, downsample, in_step_order, joined, validate_batch
+from runledger_server.domain.metrics import (
+    Batch,
+    Series,
+    downsample,
+    holds_same_points,
+    in_step_order,
+    joined,
+    validate_batch,
+)
 
 
 def _series(key: str, n: int, nv: int | None = None, nt: int | None = None) -> Series:
@@ -160,3 +168,22 @@ def test_a_resumed_writer_continues_its_drawn_number_of_gaps_past_its_highest_st
     for slot in (0, slots + 1):
         with pytest.raises(ValueError):
             metrics.resume_seq(7, slot)
+
+
+def test_a_batch_stored_without_a_checksum_is_compared_point_for_point() -> None:
+    def series(key: str, values: list[float]) -> Series:
+        n = len(values)
+        return Series(key, np.arange(n, dtype=np.int64), np.array(values, dtype=np.float64), np.zeros(n, np.int64))
+
+    stored = {"loss": series("loss", [float("nan"), -0.0]), "kl": series("kl", [1.0])}
+    batch = Batch("r", "w", 0, (series("kl", [1.0]), series("empty", []), series("loss", [float("nan"), -0.0])))
+    assert holds_same_points(batch, stored)  # order and keys without points do not matter
+    other_nan = np.array([float("nan"), -0.0]).view(np.int64)
+    other_nan[0] ^= 1  # another NaN payload: other bits, other points
+    for changed in (
+        Batch("r", "w", 0, (series("kl", [1.0]), series("loss", [float("nan"), 0.0]))),  # -0.0 is not 0.0 here
+        Batch("r", "w", 0, (series("kl", [1.0]), series("loss", list(other_nan.view(np.float64))))),
+        Batch("r", "w", 0, (series("kl", [1.0]),)),  # a key missing
+        Batch("r", "w", 0, (series("kl", [1.0]), series("loss", [float("nan"), -0.0]), series("x", [2.0]))),
+    ):
+        assert not holds_same_points(changed, stored)

@@ -392,7 +392,11 @@ class SqlTrackingStore:
                 crc = checksums[i]
                 if b.seq in done:
                     stored = done[b.seq]
-                    results[i] = True if stored is None or stored == crc else metrics_rules.writer_id_reused(b)
+                    if stored is None:  # stored before checksums were kept: its points are compared instead
+                        same = metrics_rules.holds_same_points(b, _stored_batch(q, b.run_id, b.writer_id, b.seq))
+                    else:
+                        same = stored == crc
+                    results[i] = True if same else metrics_rules.writer_id_reused(b)
                     continue
                 done[b.seq] = crc
                 batch_rows.append((b.run_id, b.writer_id, b.seq, b.points, now, crc))
@@ -638,6 +642,25 @@ class SqlTrackingStore:
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+def _stored_batch(q: Statements, run_id: str, writer_id: str, seq: int) -> dict[str, Series]:
+    """One stored batch's points by key, read from its chunks (rare: only re-sends of batches stored before
+    migration 0006 kept their checksum)."""
+    rows = q.all(
+        'SELECT "key", "count", min_step, max_step, steps, "values", timestamps_ms FROM metric_chunks '
+        "WHERE run_id = ? AND writer_id = ? AND seq = ?",
+        (run_id, writer_id, seq),
+    )
+    return {
+        key: Series(
+            key,
+            chunk_format.decode_steps(steps, n, low, high),
+            np.frombuffer(values, _VAL),
+            chunk_format.decode_timestamps(stamps, n),
+        )
+        for key, n, low, high, steps, values, stamps in rows
+    }
+
+
 _Fetch = Callable[[str, Sequence[Any]], list[tuple[Any, ...]]]
 _RUN_COLUMNS = (
     RunRow.id,
