@@ -309,18 +309,26 @@ def test_serve_listens_on_a_bare_ipv6_address(tmp_path: Path) -> None:
         _reap(proc)
 
 
-def test_two_servers_started_together_on_one_sqlite_file_both_come_up(tmp_path: Path) -> None:
-    """They migrate in turns (a file lock), as replicas do on PostgreSQL; one used to die of `database is locked`."""
+@pytest.mark.parametrize("reached", ["by one path", "by a symlink"])
+def test_two_servers_started_together_on_one_sqlite_file_both_come_up(tmp_path: Path, reached: str) -> None:
+    """They migrate in turns (a file lock), as replicas do on PostgreSQL; one used to die of `database is locked`.
+    The lock is the file's own, however a server names it (SQLite itself follows the symlink)."""
     for attempt in range(3):
         data = tmp_path / f"d{attempt}"
+        second = ["--data-dir", str(data)]
+        if reached == "by a symlink":
+            data.mkdir()
+            alias = tmp_path / f"alias{attempt}.db"
+            alias.symlink_to(data / "runledger.db")
+            second = ["--data-dir", str(tmp_path / f"other{attempt}"), "--db", f"sqlite:///{alias}"]
         procs = [
             subprocess.Popen(
-                [sys.executable, "-m", "runledger_server", "serve", "--port", "0", "--data-dir", str(data)],
+                [sys.executable, "-m", "runledger_server", "serve", "--port", "0", *flags],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
             )
-            for _ in range(2)
+            for flags in (["--data-dir", str(data)], second)
         ]
         try:
             for proc in procs:

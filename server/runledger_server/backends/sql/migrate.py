@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,7 +44,8 @@ def _sqlite_migration_lock(db: Database) -> Iterator[None]:
     if not path or path == ":memory:":
         yield
         return
-    with open(f"{path}.migrate-lock", "a+b") as lock:
+    # Named after the file itself: two servers that reach it by other paths (a symlink) still take turns.
+    with open(f"{os.path.realpath(path)}.migrate-lock", "a+b") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file closes, or the process dies
         yield
 
