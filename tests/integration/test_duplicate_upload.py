@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from runledger_server.backends.artifacts.local import LocalBlobStore
-from runledger_server.domain.errors import DataLoss
+from runledger_server.domain.errors import Aborted
 from runledger_server.services.duplicate_upload import DuplicateUpload
 from runledger_server.store.artifacts import BlobWriter
 
@@ -129,10 +129,30 @@ def test_a_replacement_whose_matched_part_changed_meanwhile_is_refused_and_leave
     _feed(upload, store.content[: 2 << 20], 1 << 20)  # compared and equal so far
     rotten[7] ^= 1  # meanwhile the part already compared changes too
     store.damage(bytes(rotten))
-    with pytest.raises(DataLoss) as info:
+    with pytest.raises(Aborted) as info:
         _feed(upload, store.content[2 << 20 :], 1 << 20)
         upload.commit(store.digest)
     upload.abort()  # what the upload's own cleanup does after a refused commit
     assert info.value.reason == "BLOB_CHANGED"
     assert store.path.read_bytes() == bytes(rotten)  # not replaced by bytes that do not match the digest
+    assert store.temp_files() == []
+
+
+@pytest.mark.parametrize("change", ["deleted", "cut short"])
+def test_a_copy_gone_or_cut_short_while_being_replaced_is_a_conflict_to_retry(store: _Store, change: str) -> None:
+    """Its matched part is read again to start the replacement: if it is gone or shorter, the upload is refused
+    as ABORTED BLOB_CHANGED (sent again, it is stored), not NOT_FOUND (final) nor UNAVAILABLE (the store is up)."""
+    rotten = bytearray(store.content)
+    rotten[5 << 20] ^= 1
+    store.damage(bytes(rotten))
+    upload = store.upload()
+    _feed(upload, store.content[: 2 << 20], 1 << 20)  # compared and equal so far
+    if change == "deleted":
+        store.path.unlink()
+    else:
+        store.damage(bytes(rotten[: 1 << 20]))
+    with pytest.raises(Aborted) as info:
+        _feed(upload, store.content[2 << 20 :], 1 << 20)
+    upload.abort()
+    assert info.value.reason == "BLOB_CHANGED" and info.value.field == "sha256"
     assert store.temp_files() == []

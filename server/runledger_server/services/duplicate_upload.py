@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from runledger_server.domain.errors import DataLoss, DomainError, Unavailable
+from runledger_server.domain.errors import Aborted, DomainError, NotFound, Unavailable
 from runledger_server.store.artifacts import BlobStore, BlobWriter
 
 _LOGGER = logging.getLogger(__name__)
@@ -68,12 +68,7 @@ class DuplicateUpload:
                 self._diverge()  # the stored copy is longer than the upload
             assert self._writer is not None
             if self._written.hexdigest() != sha256:  # the prefix read again changed under us (it matched)
-                raise DataLoss(
-                    f"the stored copy of sha256 {sha256} changed while an upload of that content replaced it; "
-                    "nothing was stored, upload it again",
-                    reason="BLOB_CHANGED",
-                    field="sha256",
-                )
+                raise self._changed()
             return self._writer.commit(sha256)
 
     def abort(self) -> None:
@@ -144,7 +139,11 @@ class DuplicateUpload:
                 finally:
                     _close_quietly(chunks)  # an S3 body goes back to its pool
             if copied != self._matched:
-                raise OSError(f"it ended after {copied} of the {self._matched} bytes that matched")
+                raise self._changed()  # cut short since it was compared
+        except NotFound:  # gone since it was compared
+            self._writer = None
+            writer.abort()
+            raise self._changed() from None
         except DomainError:
             self._writer = None
             writer.abort()
@@ -158,6 +157,16 @@ class DuplicateUpload:
                 f"the stored copy of sha256 {self._sha256} could not be read again ({exc}); nothing was stored",
                 reason="ARTIFACT_STORE_UNAVAILABLE",
             ) from exc
+
+    def _changed(self) -> Aborted:
+        """The stored copy changed (damaged again, cut short, deleted) while this upload was replacing it: a
+        conflict with whatever changed it, which the upload's bytes would settle if sent again."""
+        return Aborted(
+            f"the stored copy of sha256 {self._sha256} changed while an upload of that content replaced it; "
+            "nothing was stored, upload it again",
+            reason="BLOB_CHANGED",
+            field="sha256",
+        )
 
     def _write(self, data: bytes | memoryview) -> None:
         """Into the replacement, hashed on the way: what it holds is checked against the digest at commit."""
