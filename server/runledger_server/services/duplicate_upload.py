@@ -99,7 +99,7 @@ class DuplicateUpload:
                 self._matched += n
                 at += n
         except Exception as exc:  # unreadable: the upload's bytes are kept instead
-            _LOGGER.warning("stored blob sha256 %s could not be read to compare it: %s", self._sha256, exc)
+            self._unreadable(exc)
         return at
 
     def _next_stored(self) -> bytes:
@@ -112,8 +112,12 @@ class DuplicateUpload:
         try:
             return not self._pending and not self._next_stored()
         except Exception as exc:
-            _LOGGER.warning("stored blob sha256 %s could not be read to compare it: %s", self._sha256, exc)
-            return False
+            return self._unreadable(exc)
+
+    def _unreadable(self, exc: Exception) -> bool:
+        """A stored copy that cannot be read counts as different: the upload's own bytes are kept."""
+        _LOGGER.warning("stored blob sha256 %s could not be read to compare it: %s", self._sha256, exc)
+        return False
 
     def _diverge(self) -> None:
         """From here on the upload's bytes are kept: start a new write with the matched prefix, read again from
@@ -140,18 +144,12 @@ class DuplicateUpload:
                     _close_quietly(chunks)  # an S3 body goes back to its pool
             if copied != self._matched:
                 raise self._changed()  # cut short since it was compared
-        except NotFound:  # gone since it was compared
-            self._writer = None
-            writer.abort()
-            raise self._changed() from None
-        except DomainError:
-            self._writer = None
-            writer.abort()
-            raise
         except BaseException as exc:
             self._writer = None
             writer.abort()
-            if not isinstance(exc, Exception):
+            if isinstance(exc, NotFound):  # gone since it was compared
+                raise self._changed() from None
+            if isinstance(exc, DomainError) or not isinstance(exc, Exception):
                 raise
             raise Unavailable(
                 f"the stored copy of sha256 {self._sha256} could not be read again ({exc}); nothing was stored",
