@@ -20,6 +20,7 @@ import grpc
 import pytest
 from minio import Minio
 
+import runledger
 from runledger import artifacts as client_artifacts
 from runledger.errors import DataLoss
 from runledger.v1 import artifact_service_pb2 as pb, artifact_service_pb2_grpc, tracking_service_pb2 as tpb
@@ -532,6 +533,52 @@ def test_a_manifest_damaged_in_place_is_written_again_when_asked_for(
     _overwrite_blob(listed.uri, body.replace(b"a.bin", b"b.bin"), backend, request)  # same size, other bytes
     assert artifacts.GetArtifactManifest(pb.GetArtifactManifestRequest(run_id=run_id, path="adapter")) == m
     assert _download(artifacts, sha256=m.sha256)[1] == body
+
+
+def _delete_blob(uri: str, backend: str, request: pytest.FixtureRequest) -> None:
+    if backend == "local":
+        Path(uri.removeprefix("file://")).unlink()
+    else:
+        s3: S3Server = request.getfixturevalue("s3_server")
+        s3.client().remove_object(s3.bucket, uri.removeprefix(f"s3://{s3.bucket}/"))
+
+
+@pytest.mark.parametrize("how", ["Client.log_artifact", "artifacts.upload_file"])
+def test_an_upload_whose_stored_copy_vanishes_while_it_is_replaced_is_sent_again_and_stored(
+    channel: grpc.Channel,
+    server: Any,
+    artifacts: Stub,
+    tracking,  # type: ignore[no-untyped-def]
+    backend: str,
+    how: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    """The server refuses it as ABORTED BLOB_CHANGED (the matched part it would copy is gone); the client sends
+    the same bytes again, and they are stored."""
+    data = _blob(24 * MiB, seed=9)
+    art = _upload(artifacts, run_id := _new_run(tracking), "first.bin", data)
+    rotten = bytearray(data)
+    rotten[20 * MiB] ^= 1  # damaged late, so the upload compares for a while before it replaces the copy
+    _overwrite_blob(art.uri, bytes(rotten), backend, request)
+    local = tmp_path / "again.bin"
+    local.write_bytes(data)
+    gone = []
+
+    def progress(done: int, total: int) -> None:  # the client has sent 8 MiB: the server is comparing
+        if done >= 8 * MiB and not gone:
+            gone.append(done)
+            _delete_blob(art.uri, backend, request)
+
+    other = _new_run(tracking)
+    if how == "Client.log_artifact":
+        with runledger.Client(server.address) as client:
+            stored = client.log_artifact(other, local, "again.bin", progress=progress)[0]
+    else:
+        stored = client_artifacts.upload_file(channel, other, local, "again.bin", progress=progress)
+    assert gone and (stored.sha256, stored.size) == (art.sha256, len(data))
+    assert _download(artifacts, run_id=other, path="again.bin")[1] == data
+    assert _download(artifacts, run_id=run_id, path="first.bin")[1] == data  # the first record, healed too
 
 
 def test_listing_pages_in_path_order(artifacts: Stub, run_id: str) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
+import itertools
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import grpc
 
@@ -42,6 +43,8 @@ from runledger.v1 import artifact_pb2, artifact_service_pb2 as pb, artifact_serv
 _LOGGER = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # the server's limit per upload message
+BLOB_CHANGED_RESENDS = 2  # an upload whose stored copy changed under it is sent again this many times
+T = TypeVar("T")
 
 # How a unary call is made: (method, request) -> response, raising typed errors.
 Unary = Callable[[Callable[..., Any], Any], Any]
@@ -73,7 +76,9 @@ def upload_file(
     """Upload one file as `artifact_path` (default: its file name, in NFC) of the run; returns the recorded
     artifact. The path is checked before the file is read, so a refused name costs no hashing. `retrying(attempt)`
     runs `attempt(remaining seconds)` with the caller's deadline and retries (the Client's: a server restarting
-    meanwhile is waited for, and the file sent again from its start); one plain attempt by default."""
+    meanwhile is waited for, and the file sent again from its start); one plain attempt by default. Either way, an
+    upload refused because the stored copy it was replacing changed meanwhile (ABORTED BLOB_CHANGED) is sent again,
+    up to twice."""
     local = Path(local_path)
     target = check_path(artifact_path if artifact_path is not None else nfc(local.name))
     size, digest = file_digest(local)
@@ -308,17 +313,32 @@ def _upload(
                 meter.advance(len(chunk))
                 sent[0] += len(chunk)
 
-    def attempt(remaining: float) -> artifact_pb2.Artifact:
+    def send(**kw: Any) -> artifact_pb2.Artifact:
         meter.advance(-sent[0])
         sent[0] = 0
-        return stub.UploadArtifact(requests(), timeout=remaining, wait_for_ready=True)
+        return stub.UploadArtifact(requests(), **kw)
+
+    def attempt(remaining: float) -> artifact_pb2.Artifact:
+        return _sent_again_on_conflict(lambda: send(timeout=remaining, wait_for_ready=True))
 
     if retrying is None:
         try:
-            return stub.UploadArtifact(requests())
+            return _sent_again_on_conflict(send)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
     return retrying(attempt)
+
+
+def _sent_again_on_conflict(send: Callable[[], T]) -> T:
+    """An upload refused as ABORTED BLOB_CHANGED met a stored copy that changed while the upload replaced it
+    (damaged again, cut short, deleted): that conflict is over by then, and the same bytes sent again are stored."""
+    for conflicts in itertools.count():
+        try:
+            return send()
+        except grpc.RpcError as err:
+            if conflicts >= BLOB_CHANGED_RESENDS or from_rpc_error(err).reason != "BLOB_CHANGED":
+                raise
+    raise AssertionError("unreachable")
 
 
 def _download(
