@@ -142,14 +142,17 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
             return str(flag)
         return env.get(name) or default  # an empty variable counts as unset (RUNLEDGER_HOST= is no address)
 
+    def integer(setting: str, default: int, low: int, high: int) -> int:
+        """The setting's flag is --<setting with dashes>, its variable RUNLEDGER_<SETTING>."""
+        flag, variable = "--" + setting.replace("_", "-"), "RUNLEDGER_" + setting.upper()
+        return _int_setting(pick(getattr(args, setting, None), variable, str(default)), flag, variable, low, high)
+
     secure_flag = getattr(args, "s3_secure", None)
     if secure_flag is not None and not secure_flag.strip():  # not unset (that is the variable's empty value)
         raise ConfigError("--s3-secure (env RUNLEDGER_S3_SECURE) must be true or false, got ''")
     settings = Settings(
         host=pick(getattr(args, "host", None), "RUNLEDGER_HOST", DEFAULT_HOST),
-        port=_int_setting(
-            pick(getattr(args, "port", None), "RUNLEDGER_PORT", str(DEFAULT_PORT)), "--port", "RUNLEDGER_PORT", 0, 65535
-        ),
+        port=integer("port", DEFAULT_PORT, 0, 65535),
         data_dir=Path(pick(getattr(args, "data_dir", None), "RUNLEDGER_DATA_DIR", DEFAULT_DATA_DIR)),
         db_url=pick(getattr(args, "db", None), "RUNLEDGER_DB", ""),
         artifacts=pick(getattr(args, "artifacts", None), "RUNLEDGER_ARTIFACTS", ""),
@@ -166,44 +169,11 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
             region=_region_setting(env),
             session_token=env.get("AWS_SESSION_TOKEN", ""),
         ),
-        metric_cache_mib=_int_setting(
-            pick(getattr(args, "metric_cache_mib", None), "RUNLEDGER_METRIC_CACHE_MIB", str(DEFAULT_METRIC_CACHE_MIB)),
-            "--metric-cache-mib",
-            "RUNLEDGER_METRIC_CACHE_MIB",
-            0,
-            1 << 20,
-        ),
-        ingest_buffer_mib=_int_setting(
-            pick(
-                getattr(args, "ingest_buffer_mib", None), "RUNLEDGER_INGEST_BUFFER_MIB", str(DEFAULT_INGEST_BUFFER_MIB)
-            ),
-            "--ingest-buffer-mib",
-            "RUNLEDGER_INGEST_BUFFER_MIB",
-            1,
-            1 << 20,
-        ),
-        history_max_points=_int_setting(
-            pick(
-                getattr(args, "history_max_points", None),
-                "RUNLEDGER_HISTORY_MAX_POINTS",
-                str(DEFAULT_HISTORY_MAX_POINTS),
-            ),
-            "--history-max-points",
-            "RUNLEDGER_HISTORY_MAX_POINTS",
-            1_000_000,  # a stored chunk holds up to a batch, 1,000,000 points: any one must fit a read
-            1 << 40,
-        ),
-        search_budget_seconds=_int_setting(
-            pick(
-                getattr(args, "search_budget_seconds", None),
-                "RUNLEDGER_SEARCH_BUDGET_SECONDS",
-                str(DEFAULT_SEARCH_BUDGET_SECONDS),
-            ),
-            "--search-budget-seconds",
-            "RUNLEDGER_SEARCH_BUDGET_SECONDS",
-            1,
-            3600,
-        ),
+        metric_cache_mib=integer("metric_cache_mib", DEFAULT_METRIC_CACHE_MIB, 0, 1 << 20),
+        ingest_buffer_mib=integer("ingest_buffer_mib", DEFAULT_INGEST_BUFFER_MIB, 1, 1 << 20),
+        # A stored chunk holds up to a batch, 1,000,000 points: any one must fit a read.
+        history_max_points=integer("history_max_points", DEFAULT_HISTORY_MAX_POINTS, 1_000_000, 1 << 40),
+        search_budget_seconds=integer("search_budget_seconds", DEFAULT_SEARCH_BUDGET_SECONDS, 1, 3600),
     )
     _s3_endpoint(settings.s3.endpoint)
     s3_named = bool(settings.s3.endpoint) or settings.s3.secure
