@@ -6,22 +6,13 @@ import hashlib
 from typing import BinaryIO, Protocol
 
 from runledger_server.domain.errors import DataLoss
+from runledger_server.store.artifacts import BlobWriter
 
 READ_CHUNK = 1 << 20
 
 
-class _Writer(Protocol):
-    def write(self, data: bytes) -> None: ...
-
-    def commit(self, sha256: str) -> str: ...
-
-    def abort(self) -> None: ...
-
-
 class _Store(Protocol):
-    def uri(self, sha256: str) -> str: ...
-
-    def writer(self, sha256: str | None = None, size: int | None = None) -> _Writer: ...
+    def writer(self, sha256: str | None = None, size: int | None = None) -> BlobWriter: ...
 
 
 def put_verified(store: _Store, sha256: str, stream: BinaryIO, size: int) -> str:

@@ -507,13 +507,8 @@ class SqlTrackingStore:
                 f"FROM metric_chunks WHERE id IN ({_marks(len(some))})",
                 some,
             )
-            for chunk_id, writer_id, seq, n, low, high, steps, values, stamps in rows:
-                chunk = Series(
-                    key,
-                    chunk_format.decode_steps(steps, n, low, high),
-                    np.frombuffer(values, _VAL),  # a view of the fetched bytes
-                    chunk_format.decode_timestamps(stamps, n),
-                )
+            for chunk_id, writer_id, seq, *stored in rows:
+                chunk = _decoded(key, *stored)
                 self._chunks.put((run_id, key, writer_id, seq), chunk)
                 found[chunk_id] = chunk
         return found
@@ -650,15 +645,17 @@ def _stored_batch(q: Statements, run_id: str, writer_id: str, seq: int) -> dict[
         "WHERE run_id = ? AND writer_id = ? AND seq = ?",
         (run_id, writer_id, seq),
     )
-    return {
-        key: Series(
-            key,
-            chunk_format.decode_steps(steps, n, low, high),
-            np.frombuffer(values, _VAL),
-            chunk_format.decode_timestamps(stamps, n),
-        )
-        for key, n, low, high, steps, values, stamps in rows
-    }
+    return {key: _decoded(key, *stored) for key, *stored in rows}
+
+
+def _decoded(key: str, n: int, low: int, high: int, steps: bytes, values: bytes, stamps: bytes) -> Series:
+    """A metric chunk's row (count, min and max step, steps, values, timestamps) as the points it holds."""
+    return Series(
+        key,
+        chunk_format.decode_steps(steps, n, low, high),
+        np.frombuffer(values, _VAL),  # a view of the fetched bytes
+        chunk_format.decode_timestamps(stamps, n),
+    )
 
 
 _Fetch = Callable[[str, Sequence[Any]], list[tuple[Any, ...]]]
