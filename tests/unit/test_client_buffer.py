@@ -14,6 +14,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from decimal import Decimal
 from typing import Any
 
 import numpy as np
@@ -89,6 +90,9 @@ def test_nan_and_infinities_and_numeric_types_go_through_as_floats(new_buffer: C
     [
         ({"ok": 1.0, "bad": "not a number"}, "must be numbers"),
         ({"ok": 1.0, "bad": None}, "must be numbers"),
+        ({"ok": 1.0, "bad": "1.5"}, "must be numbers"),  # text that float() would parse is still text
+        ({"ok": 1.0, "bad": b"2"}, "must be numbers"),
+        ({"ok": 1.0, "bad": bytearray(b"3")}, "must be numbers"),
         ({"ok": 1.0, "bad": 10**400}, "must be numbers"),  # too large for a float (was a bare OverflowError)
         ({"ok": 1.0, "": 1.0}, "not valid"),
         ({"ok": 1.0, " padded": 1.0}, "not valid"),
@@ -110,6 +114,14 @@ def test_a_bad_key_or_value_adds_nothing(
     assert buffer.points == 2
     blocks, taken = buffer.cut(100)
     assert taken == 2 and _points(blocks) == {"ok": [(0, 0.5, 0), (2, 0.25, 0)]}
+
+
+def test_numeric_text_is_refused_naming_its_key(new_buffer: Callable[..., MetricBuffer]) -> None:
+    buffer = new_buffer()
+    _log(buffer, {"loss": 1.0, "lr": 0.1}, 0, 0)
+    with pytest.raises(errors.InvalidArgument, match="'lr': '2e-05'") as info:
+        _log(buffer, {"loss": 1.0, "lr": "2e-05"}, 1, 0)
+    assert info.value.metadata["field"] == "values[lr]" and buffer.points == 2
 
 
 def test_a_refused_call_with_new_keys_does_not_hold_up_later_points(new_buffer: Callable[..., MetricBuffer]) -> None:
@@ -204,14 +216,14 @@ def test_random_logging_matches_the_reference_order(new_buffer: Callable[..., Me
             elif rng.random() < 0.1:
                 keys = tuple(rng.sample(pool, rng.randint(1, 5)))
                 bad: dict[str, object] = {key: float(j) for j, key in enumerate(keys)}
-                bad[rng.choice(keys)] = rng.choice(["not a number", None, 10**400, [1.0]])
+                bad[rng.choice(keys)] = rng.choice(["not a number", "7.5", None, 10**400, [1.0]])
                 with pytest.raises(errors.InvalidArgument):
                     _log(buffer, bad, step, 0)
             else:
                 # Keys equal to the group's but other str objects, and every kind of number the fast path
                 # takes or leaves to Python: all must come out as the same floats.
                 keys = tuple("".join(list(k)) if rng.random() < 0.3 else k for k in rng.sample(pool, rng.randint(1, 5)))
-                number = rng.choice([float, int, np.float64, np.float32, bool, str])
+                number = rng.choice([float, int, np.float64, np.float32, bool, Decimal])
                 row = {key: number(step * 10 + j) for j, key in enumerate(keys)}
                 _log(buffer, row, step, step + 7)
                 for key, value in row.items():

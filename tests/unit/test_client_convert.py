@@ -144,3 +144,13 @@ def test_a_score_is_anything_float_takes() -> None:
     with pytest.raises(errors.InvalidArgument) as info:
         number("high", "score")
     assert info.value.metadata["field"] == "score"
+    with pytest.raises(errors.InvalidArgument, match="str") as info:
+        number("0.9", "threshold")  # float() would parse it; a score written as text is a mistake upstream
+    assert info.value.metadata["field"] == "threshold"
+
+
+def test_decimal_and_fraction_scores_are_numbers() -> None:
+    from decimal import Decimal
+    from fractions import Fraction
+
+    assert number(Decimal("0.25"), "score") == 0.25 and number(Fraction(1, 4), "score") == 0.25

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from runledger import errors
-from runledger._convert import sendable
+from runledger._convert import as_float, sendable
 
 native: ModuleType | None
 try:  # the fast path of log_metrics, built from _rowbuffer.c at install time when a C compiler is present
@@ -53,7 +53,7 @@ def check_key(key: object) -> str:
 
 def _is_number(value: Any) -> bool:
     try:
-        float(value)
+        as_float(value)
     except (TypeError, ValueError, OverflowError):
         return False
     return True
@@ -246,7 +246,7 @@ class MetricBuffer:
                 return 0
             group = self._group_for(keys)
         try:
-            values = list(map(float, metrics.values()))
+            values = list(map(as_float, metrics.values()))
         except (TypeError, ValueError, OverflowError) as exc:
             bad = next((k for k, v in metrics.items() if not _is_number(v)), None)
             named = f" ({bad!r}: {metrics[bad]!r})" if bad is not None else ""
@@ -359,7 +359,7 @@ def _block(keys: tuple[str, ...], steps: Any, stamps: Any, values: Any) -> RowBl
 
 def _as_float(value: Any) -> float:
     try:
-        return float(value)
+        return as_float(value)
     except (TypeError, ValueError, OverflowError) as exc:
         raise errors.InvalidArgument(
             f"metric values must be numbers: {exc}", reason="INVALID_ARGUMENT", metadata={"field": "values"}

@@ -40,11 +40,21 @@ def request(cls: type[M], **fields: Any) -> M:
         raise
 
 
+def as_float(value: Any) -> float:
+    """`float(value)` for numbers (numpy scalars, 0-d arrays, tensors, Decimal), but never text.
+
+    `float("1.5")` parses, so a string read from a config or a CSV column would be stored as a number without
+    anyone noticing; MLflow refuses such values too."""
+    if isinstance(value, (str, bytes, bytearray)):
+        raise TypeError(f"a number is required, not {type(value).__name__} {value[:40]!r}")
+    return float(value)
+
+
 def number(value: Any, field: str) -> float:
-    """`float(value)` (numpy scalars, 0-d arrays and tensors included), else InvalidArgument naming the field."""
+    """A number (see `as_float`), else InvalidArgument naming the field."""
     try:
-        return float(value)
-    except (TypeError, ValueError) as exc:
+        return as_float(value)
+    except (TypeError, ValueError, OverflowError) as exc:
         raise _invalid(f"{field} must be a number, got {type(value).__name__}: {exc}", field) from None
 
 

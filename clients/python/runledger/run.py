@@ -375,10 +375,12 @@ def _series_columns(
     values = np.empty((n, len(keys)), dtype=np.float64)
     for j, key in enumerate(keys):
         try:
-            column = np.asarray(metrics[key], dtype=np.float64)
-        except (TypeError, ValueError) as exc:
+            column = _float_column(metrics[key])
+        except (TypeError, ValueError, OverflowError) as exc:
             raise errors.InvalidArgument(
-                f"values of metric {key!r} must be numbers: {exc}", reason="INVALID_ARGUMENT"
+                f"values of metric {key!r} must be numbers: {exc}",
+                reason="INVALID_ARGUMENT",
+                metadata={"field": f"metrics[{key}]"},
             ) from None
         if column.shape != (n,):
             raise errors.InvalidArgument(
@@ -386,6 +388,16 @@ def _series_columns(
             )
         values[:, j] = column
     return keys, step_array, stamps, values
+
+
+def _float_column(data: Any) -> np.ndarray:
+    """float64 values from an array or a sequence of numbers; text is refused, as `log_metrics` refuses it."""
+    raw = np.asarray(data)
+    if raw.dtype.kind in "USV":
+        raise TypeError(f"a number is required, not {raw.dtype}")
+    if raw.dtype.kind == "O":  # Decimals, tensors, mixed objects: each converted as log_metrics converts it
+        return np.array([_convert.as_float(v) for v in raw.ravel()], dtype=np.float64).reshape(raw.shape)
+    return raw.astype(np.float64, copy=False)
 
 
 def _int64_array(data: Any, field: str) -> np.ndarray:
