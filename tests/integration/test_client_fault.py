@@ -400,6 +400,56 @@ def test_every_point_taken_while_finish_runs_is_stored(tmp_path: Path) -> None:
             assert history.steps.tolist() == taken, attempt
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("ending", ["finish", "close"])
+def test_a_call_waiting_for_room_when_the_run_ends_is_refused_and_takes_nothing(tmp_path: Path, ending: str) -> None:
+    """With the server away the buffer fills and log_metrics waits for room; the run is then finished (or its
+    client closed) from another thread. The waiting call is refused as RUN_CLOSED: its point must not be stored
+    too, or a caller that logs it again would store it twice."""
+    server = ServerProcess(free_port(), tmp_path / "data", tmp_path / "server.log")
+    address = server.start()
+    try:
+        client = runledger.Client(address, max_buffered_points=1_000, batch_points=100, timeout=None)
+        run = client.start_run(experiment="full-then-closed")
+        run.log_metrics({"a": -1.0}, step=-1)
+        run.flush()
+        server.kill()  # acknowledgements stop: the buffer fills
+        returned: list[int] = []
+        refused: list[int] = []
+
+        def trainer() -> None:
+            for step in range(10_000):
+                try:
+                    run.log_metrics({"a": float(step)}, step=step)
+                except errors.FailedPrecondition as exc:
+                    assert exc.reason == "RUN_CLOSED", exc
+                    refused.append(step)
+                    return
+                returned.append(step)
+
+        logger = threading.Thread(target=trainer, daemon=True)
+        logger.start()
+        wait_until(lambda: run.logged_points - run.acked_points >= 1_000)
+        time.sleep(0.3)  # the next call is waiting for room now
+        assert logger.is_alive() and not refused
+        end = (
+            threading.Thread(target=run.finish, kwargs={"timeout": 60})
+            if ending == "finish"
+            else threading.Thread(target=client.close, kwargs={"timeout": 60})
+        )
+        end.start()
+        logger.join(30)
+        assert not logger.is_alive() and len(refused) == 1
+        server.start()  # the ending's flush now stores what the calls that returned took
+        end.join(90)
+        assert not end.is_alive()
+        with runledger.Client(address) as reader:
+            stored = reader.metric_history(run.run_id, "a").steps.tolist()
+        assert stored == [-1, *returned], (refused, stored[-3:])
+    finally:
+        server.stop()
+
+
 TRAINER_INTERRUPTED_WHILE_FINISHING = """
 import os, signal, sys, threading, time
 from pathlib import Path

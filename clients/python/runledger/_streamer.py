@@ -218,8 +218,7 @@ class MetricStreamer:
             self._holder = me
             try:
                 lane = self._lane
-                if lane.unusable:
-                    self._raise_unusable()
+                self._check_room()
                 self._buffer.append(metrics, step, timestamp_ms)
                 if lane.points >= lane.slow_at:
                     self._after_append()
@@ -236,14 +235,24 @@ class MetricStreamer:
         append: Callable[[Mapping[str, Any], int, int | None], bool] | None = getattr(self._lane, "append", None)
         return append
 
+    def _check_room(self) -> None:
+        """Under the lock, before a call takes its points: refused when closed, else waiting while the buffer is
+        full. Waiting before taking them (not after) means a call refused while it waited (the run finished,
+        the client closed, Ctrl-C) took nothing, as its error says; a caller that logs it again stores it once."""
+        if self._lane.unusable:
+            self._raise_unusable()
+        if self._buffer.points + self._outbox.points >= self._cap:
+            self._wait_for_room()
+            if self._lane.unusable:  # closed while it waited (room came from the final acks)
+                self._raise_unusable()
+
     def _after_append(self) -> None:
-        """Under the lock, once the buffer reached `lane.slow_at`: wake the sender for a full batch, wait for room."""
+        """Under the lock, once the buffer reached `lane.slow_at`: wake the sender for a full batch. A full
+        buffer is waited on by the next call (`_check_room`); `slow_at` sends that call here."""
         buffer = self._buffer
         if buffer.points >= self._policy.max_points and not self._woken:
             self._woken = True  # once per batch: waking the sender costs more than the append
             self._cond.notify_all()
-        if buffer.points + self._outbox.points >= self._cap:
-            self._wait_for_room()
         self._reset_threshold()
 
     def _reset_threshold(self) -> None:
@@ -258,12 +267,7 @@ class MetricStreamer:
         with self._lock:
             self._holder = me
             try:
-                if self._lane.unusable:
-                    self._raise_unusable()
-                if self._buffer.points + self._outbox.points >= self._cap:
-                    self._wait_for_room()
-                    if self._lane.unusable:  # closed while it waited (room came from the final acks)
-                        self._raise_unusable()
+                self._check_room()
                 self._buffer.append_columns(keys, steps, stamps, values)
                 if self._buffer.points >= self._policy.max_points and not self._woken:
                     self._woken = True
