@@ -297,6 +297,41 @@ def test_typed_errors_for_eval_scores_params_and_names(client: runledger.Client)
     run.finish()
 
 
+def test_arguments_that_are_not_mappings_are_refused_naming_the_field(client: runledger.Client) -> None:
+    """A list of pairs, a "k=v" string or None where a dict belongs: InvalidArgument naming the argument, not a
+    bare TypeError or AttributeError from deep inside; nothing is stored."""
+    run = client.start_run(experiment="not-mappings")
+    calls: list[tuple[Callable[[], object], str]] = [
+        (lambda: run.log_metrics(None, step=0), "metrics"),  # type: ignore[arg-type]
+        (lambda: run.log_metrics(0.5, step=0), "metrics"),  # type: ignore[arg-type]
+        (lambda: run.log_series(None, steps=[0]), "metrics"),  # type: ignore[arg-type]
+        (lambda: run.log_params("lr=1"), "params"),  # type: ignore[arg-type]
+        (lambda: run.set_tags(["team"]), "tags"),  # type: ignore[arg-type]
+        (lambda: run.log_eval_result(suite_fingerprint="s@1", metrics=None), "metrics"),  # type: ignore[arg-type]
+        (lambda: client.start_run(experiment="not-mappings", params=[("lr", 1)]), "params"),  # type: ignore[arg-type]
+    ]
+    for call, field in calls:
+        with pytest.raises(errors.InvalidArgument) as info:
+            call()
+        assert info.value.metadata["field"] == field, call
+    run.log_metrics({"loss": 1.0}, step=1)
+    run.finish()
+    stored = client.get_run(run.run_id)
+    assert dict(stored.params) == {} and dict(stored.tags) == {} and run.logged_points == 1
+    assert len(list(client.search_runs(experiments="not-mappings"))) == 1  # start_run refused created none
+
+
+def test_a_bad_value_in_a_very_wide_call_is_named(client: runledger.Client) -> None:
+    run = client.start_run(experiment="wide-bad")
+    wide: dict[str, object] = {f"layer{i}/grad_norm": float(i) for i in range(12_000)}
+    wide["layer11999/grad_norm"] = "nan?"
+    with pytest.raises(errors.InvalidArgument) as info:
+        run.log_metrics(wide, step=0)
+    assert info.value.metadata["field"] == "values[layer11999/grad_norm]"
+    assert run.logged_points == 0
+    run.finish()
+
+
 def test_finish_with_a_bad_status_closes_nothing_and_can_be_called_again(client: runledger.Client) -> None:
     run = client.start_run(experiment="finish-again")
     run.log_metrics({"loss": 1.0}, step=0)

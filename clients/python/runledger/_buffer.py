@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from runledger import errors
-from runledger._convert import as_float, sendable
+from runledger._convert import as_float, mapping, sendable
 
 native: ModuleType | None
 try:  # the fast path of log_metrics, built from _rowbuffer.c at install time when a C compiler is present
@@ -236,7 +236,7 @@ class MetricBuffer:
 
     def append(self, metrics: Mapping[str, Any], step: int, timestamp_ms: int) -> int:
         """Append one point per key; all or nothing: a bad key or value raises InvalidArgument and adds none."""
-        keys = tuple(metrics)
+        keys = tuple(mapping(metrics, "metrics"))
         lane = self.lane
         group = lane.group
         if group is None or group.keys != keys:
@@ -265,7 +265,7 @@ class MetricBuffer:
         items = list(metrics.items())
         for key, value in items:  # validate everything first: all or nothing
             check_key(key)
-            _as_float(value)
+            _as_float(key, value)
         done = 0
         for lo in range(0, len(items), self.max_series):
             done += self.append(dict(items[lo : lo + self.max_series]), step, timestamp_ms)
@@ -357,12 +357,14 @@ def _block(keys: tuple[str, ...], steps: Any, stamps: Any, values: Any) -> RowBl
     return RowBlock(keys, steps, stamps, values)
 
 
-def _as_float(value: Any) -> float:
+def _as_float(key: str, value: Any) -> float:
     try:
         return as_float(value)
     except (TypeError, ValueError, OverflowError) as exc:
         raise errors.InvalidArgument(
-            f"metric values must be numbers: {exc}", reason="INVALID_ARGUMENT", metadata={"field": "values"}
+            f"metric values must be numbers ({key!r}: {value!r}): {exc}",
+            reason="INVALID_ARGUMENT",
+            metadata={"field": f"values[{key}]"},
         ) from None
 
 

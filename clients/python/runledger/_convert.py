@@ -40,6 +40,14 @@ def request(cls: type[M], **fields: Any) -> M:
         raise
 
 
+def mapping(value: Any, field: str) -> Mapping[Any, Any]:
+    """`value` when it is a mapping (a dict, usually), else InvalidArgument naming the field: a list of pairs or a
+    "k=v" string would otherwise fail deep inside with a bare TypeError or AttributeError."""
+    if type(value) is dict or isinstance(value, Mapping):
+        return value
+    raise _invalid(f"{field} must be a mapping (a dict of name to value), got {type(value).__name__}", field)
+
+
 def as_float(value: Any) -> float:
     """`float(value)` for numbers (numpy scalars, 0-d arrays, tensors, Decimal), but never text.
 
@@ -125,8 +133,9 @@ def direction(value: str | int) -> common_pb2.Direction.ValueType:
 
 def string_map(values: Mapping[str, Any] | None, field: str) -> dict[str, str]:
     """Params and tags are strings on the wire; numbers are sent as their str() (2e-05, 16, True)."""
-    if not values:
+    if values is None:
         return {}
+    values = mapping(values, field)
     out: dict[str, str] = {}
     for key, value in values.items():
         if not isinstance(key, str) or not sendable(key):
@@ -141,7 +150,7 @@ def string_map(values: Mapping[str, Any] | None, field: str) -> dict[str, str]:
 def number_map(values: Mapping[str, Any], field: str) -> dict[str, float]:
     """Scores by name: string names, number values, else InvalidArgument naming the entry."""
     out: dict[str, float] = {}
-    for key, value in values.items():
+    for key, value in mapping(values, field).items():
         if not isinstance(key, str) or not sendable(key):
             raise _invalid(f"{field} names must be strings of valid Unicode, got {key!r}", field)
         out[key] = number(value, f"{field}[{key}]")

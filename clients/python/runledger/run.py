@@ -371,7 +371,7 @@ def _series_columns(
             raise errors.InvalidArgument(
                 f"timestamps_ms has {stamps.shape[0]} entries for {n} steps", reason="INVALID_ARGUMENT"
             )
-    keys = tuple(metrics)
+    keys = tuple(_convert.mapping(metrics, "metrics"))
     values = np.empty((n, len(keys)), dtype=np.float64)
     for j, key in enumerate(keys):
         try:
