@@ -240,8 +240,17 @@ def test_lineage_fingerprint_matches_reference_and_is_immutable(tracking) -> Non
         pb.SetLineageRequest(run_id=run.run_id, lineage=common_pb2.Lineage(data_version="sft-mix-v3", seed=0))
     )
     assert partial.fingerprint == "" and list(partial.missing_fields) == ["code_commit", "config", "base_model"]
-    # while incomplete, fields may still be corrected
-    tracking.SetLineage(pb.SetLineageRequest(run_id=run.run_id, lineage=common_pb2.Lineage(code_commit="0000000")))
+    # a field once set keeps its value while the lineage is still incomplete too: two ranks that disagree on
+    # data_version are told, rather than the last one silently winning
+    r = refusal(
+        lambda: tracking.SetLineage(
+            pb.SetLineageRequest(run_id=run.run_id, lineage=common_pb2.Lineage(data_version="sft-mix-v2", seed=7))
+        )
+    )
+    assert r.code == grpc.StatusCode.ALREADY_EXISTS and r.reason == "LINEAGE_IMMUTABLE"
+    assert r.metadata["field"] == "lineage.data_version"
+    kept = tracking.GetRun(pb.GetRunRequest(run_id=run.run_id)).lineage
+    assert kept.data_version == "sft-mix-v3" and kept.seed == 0 and not kept.HasField("code_commit")
     full = tracking.SetLineage(pb.SetLineageRequest(run_id=run.run_id, lineage=EXAMPLE_LINEAGE))
     assert full.fingerprint == EXAMPLE_FINGERPRINT and not full.missing_fields
     # key order and spacing of the config JSON do not matter; the parsed values do

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -130,9 +131,15 @@ def test_the_same_config_spelt_otherwise_keeps_the_stored_text() -> None:
     assert again.config == '{"lr": 2e-5, "lora_r": 16}' and again.fingerprint() == stored.fingerprint()
 
 
-def test_complete_lineage_is_immutable_but_a_partial_one_merges() -> None:
-    partial = merge(Lineage(), Lineage(data_version="v1"))
-    complete = merge(partial, as_lineage({**BASE, "data_version": "v1"}))
+def test_complete_lineage_is_immutable_and_a_partial_one_only_fills_in() -> None:
+    partial = merge(Lineage(), Lineage(data_version="v1", seed=0))
+    assert merge(partial, Lineage(code_commit="abc")) == replace(partial, code_commit="abc")
+    for changed in (Lineage(data_version="v2"), Lineage(seed=5), Lineage(code_commit="abc", seed=5)):
+        with pytest.raises(AlreadyExists) as info:  # set fields keep their value before the lineage is complete too
+            merge(partial, changed)
+        assert info.value.reason == "LINEAGE_IMMUTABLE"
+        assert info.value.field in ("lineage.data_version", "lineage.seed")
+    complete = merge(partial, as_lineage({**BASE, "data_version": "v1", "seed": 0}))
     assert complete.is_complete()
     assert merge(complete, Lineage(seed=0)) == complete
     with pytest.raises(AlreadyExists) as info:

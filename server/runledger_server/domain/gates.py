@@ -84,8 +84,9 @@ def decide(
 
     Scores are the gate's own recorded results; a score a run reports about itself never reaches here.
     `incumbent_version` is None when the alias points at nothing; `current_revision` is 0 when it never
-    existed. The checks run in API.md's order: the gate result, the threshold, the incumbent, and last a
-    stale `expected_revision` (so a candidate that could never be promoted is told why, whatever it expected).
+    existed. The checks run in the order SetAliasRequest documents (registry_service.proto): the gate result,
+    the threshold, the incumbent, and last a stale `expected_revision` (so a candidate that could never be
+    promoted is told why, whatever it expected).
     """
 
     def out(promoted: bool, reason: str, message: str) -> Decision:

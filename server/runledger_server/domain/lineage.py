@@ -116,7 +116,8 @@ def validate(lineage: Lineage) -> None:
 
 
 def merge(current: Lineage, update: Lineage) -> Lineage:
-    """Apply an update. Fields merge while incomplete; once complete, a changed field is refused."""
+    """Apply an update: unset fields are filled in; a field already set keeps its value, as params do (a
+    different one is refused), so a lineage is never rewritten, complete or not."""
     validate(update)
     changes: dict[str, Any] = {}
     for f in fields(Lineage):
@@ -126,9 +127,9 @@ def merge(current: Lineage, update: Lineage) -> Lineage:
         old = getattr(current, f.name)
         if old is not None and _same(f.name, old, new):
             continue  # the same value (a config spelt otherwise): the stored text stays as it was
-        if old is not None and current.is_complete():
+        if old is not None:
             raise AlreadyExists(
-                f"lineage is complete and immutable: lineage.{f.name} is already set to a different value",
+                f"lineage is immutable once set: lineage.{f.name} is already set to a different value",
                 reason="LINEAGE_IMMUTABLE",
                 field=f"lineage.{f.name}",
             )

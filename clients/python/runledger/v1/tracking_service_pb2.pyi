@@ -621,7 +621,11 @@ class SetLineageRequest(_message.Message):
     """Required. The run ID."""
     @_builtins.property
     def lineage(self) -> _common_pb2.Lineage:
-        """Required. The fields to record; unset fields keep their value."""
+        """Required. The fields to record; unset fields keep their value. A field
+        already set keeps it too: the same value again changes nothing, a
+        different one is refused (ALREADY_EXISTS LINEAGE_IMMUTABLE naming the
+        field) and nothing of the call is recorded.
+        """
 
     def __init__(
         self,
