@@ -101,6 +101,11 @@ class Server:
             for close in reversed(self._closers):
                 close()
 
+    async def cut_short(self) -> None:
+        """End the grace period of a `stop()` under way now: the calls still running are cancelled (their clients
+        see UNAVAILABLE and retry elsewhere); `stop()` then finishes as usual, acknowledged writes included."""
+        await self.grpc_server.stop(0)
+
     async def wait_for_termination(self) -> None:
         await self.grpc_server.wait_for_termination()
 

@@ -31,8 +31,24 @@ async def serve(settings: config.Settings) -> None:
     await server.start()
     print(f"runledger listening on {settings.host}:{port}", flush=True)
     await stop.wait()
-    _LOGGER.info("shutting down: finishing in-flight requests and acknowledged writes")
-    await server.stop()
+    _LOGGER.info(
+        "shutting down: finishing in-flight requests (up to %g s; a second signal cuts them short) and "
+        "acknowledged writes",
+        settings.grace_seconds,
+    )
+    hurry = asyncio.Event()  # a second Ctrl-C or SIGTERM: the operator will not wait out the grace period
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, hurry.set)
+    stopping = asyncio.ensure_future(server.stop())
+    hurried = asyncio.ensure_future(hurry.wait())
+    try:
+        await asyncio.wait({stopping, hurried}, return_when=asyncio.FIRST_COMPLETED)
+        if hurried.done() and not stopping.done():
+            _LOGGER.warning("second signal: cancelling the requests still running; acknowledged writes are kept")
+            await server.cut_short()
+        await stopping
+    finally:
+        hurried.cancel()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,6 +7,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -14,7 +17,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from runledger.v1 import tracking_pb2, tracking_service_pb2 as pb, tracking_service_pb2_grpc
+from runledger.v1 import (
+    artifact_service_pb2,
+    artifact_service_pb2_grpc,
+    tracking_pb2,
+    tracking_service_pb2 as pb,
+    tracking_service_pb2_grpc,
+)
 from runledger_server import config
 
 
@@ -374,3 +383,41 @@ def test_a_start_up_failure_without_a_message_is_still_one_line() -> None:
 
     said = _one_line(OperationalError("SELECT 1", {}, Exception()))
     assert said == "the metadata database refused the connection or the schema: Exception"
+
+
+def test_a_second_signal_cuts_the_grace_period_short(tmp_path: Path) -> None:
+    """A call that would outlast the grace period (an upload its client stalled) holds the first stop for up to
+    10 s; a second Ctrl-C or SIGTERM ends it at once, and the server still exits cleanly."""
+    proc, address = _start(["--port", "0", "--data-dir", str(tmp_path / "d")])
+    try:
+        with grpc.insecure_channel(address) as ch:
+            tracking = tracking_service_pb2_grpc.TrackingServiceStub(ch)
+            exp = tracking.CreateExperiment(pb.CreateExperimentRequest(display_name="stalled"))
+            run = tracking.CreateRun(pb.CreateRunRequest(experiment=exp.name))
+            release = threading.Event()
+
+            def stalled() -> Iterator[artifact_service_pb2.UploadArtifactRequest]:
+                yield artifact_service_pb2.UploadArtifactRequest(
+                    header=artifact_service_pb2.UploadArtifactHeader(run_id=run.run_id, path="ckpt.bin")
+                )
+                yield artifact_service_pb2.UploadArtifactRequest(chunk=b"x" * 1024)
+                release.wait(60)  # the client goes quiet mid-upload
+
+            upload = artifact_service_pb2_grpc.ArtifactServiceStub(ch).UploadArtifact.future(stalled())
+            time.sleep(0.5)  # the upload is under way on the server
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(1.5)
+            assert proc.poll() is None  # the first signal waits for the upload (grace: 10 s)
+            second = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=30)
+            took = time.monotonic() - second
+            release.set()
+            with pytest.raises(grpc.RpcError) as info:
+                upload.result(timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert proc.returncode == 0, err
+        assert took < 5, took  # generous: well under the 10 s grace that remained
+        assert "second signal" in err
+    finally:
+        _reap(proc)
