@@ -535,6 +535,67 @@ def test_a_manifest_damaged_in_place_is_written_again_when_asked_for(
     assert _download(artifacts, sha256=m.sha256)[1] == body
 
 
+def test_a_manifests_digest_still_downloads_its_manifest_once_its_blob_is_damaged_or_gone(
+    artifacts: Stub, run_id: str, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """A model version of a directory is that manifest's digest; once the run's directory has grown, nothing
+    else could rebuild the list of files it stands for: the index keeps the manifest's bytes."""
+    _upload(artifacts, run_id, "adapter/a.bin", b"weights")
+    _upload(artifacts, run_id, "adapter/config.json", b"{}")
+    m = artifacts.GetArtifactManifest(pb.GetArtifactManifestRequest(run_id=run_id, path="adapter"))
+    listed, body = _download(artifacts, sha256=m.sha256)
+    _upload(artifacts, run_id, "adapter/extra.txt", b"added after the version was registered")
+    _overwrite_blob(listed.uri, body.replace(b"a.bin", b"b.bin"), backend, request)  # same size, other bytes
+    again, served = _download(artifacts, sha256=m.sha256)
+    assert served == body and again.sha256 == m.sha256 and again.size == len(body)
+    _delete_blob(listed.uri, backend, request)
+    assert _download(artifacts, sha256=m.sha256)[1] == body
+    assert _download(artifacts, sha256=m.sha256, offset=5)[1] == body[5:]
+
+
+def _plant_blob(like: pb.Artifact, data: bytes, backend: str, request: pytest.FixtureRequest) -> str:
+    """Put bytes at their content address in the store itself, beside an artifact's blob, without any record
+    (as an upload whose record was refused, or whose server died before recording it, leaves them)."""
+    digest = hashlib.sha256(data).hexdigest()
+    old, new = like.sha256, digest
+    uri = like.uri.replace(f"{old[:2]}/{old[2:4]}/{old}", f"{new[:2]}/{new[2:4]}/{new}").replace(old, new)
+    if backend == "local":
+        blob = Path(uri.removeprefix("file://"))
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+    else:
+        _overwrite_blob(uri, data, backend, request)
+    return digest
+
+
+def test_bytes_in_the_store_without_a_record_are_not_served_by_digest(
+    artifacts: Stub, run_id: str, backend: str, request: pytest.FixtureRequest
+) -> None:
+    art = _upload(artifacts, run_id, "model.bin", b"recorded")
+    orphan = _plant_blob(art, b"never recorded: an upload refused at its record", backend, request)
+    r = refusal(lambda: _download(artifacts, sha256=orphan))
+    assert r.code == grpc.StatusCode.NOT_FOUND and r.metadata["field"] == "sha256" and orphan in r.message
+    assert _download(artifacts, sha256=art.sha256)[1] == b"recorded"
+
+
+def test_a_manifest_published_before_the_index_kept_manifests_is_served_and_then_kept(
+    artifacts: Stub, run_id: str, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """Schema 0007 added the index's copy; a manifest published earlier exists only as a blob. It is served
+    when its bytes check out (and kept from then on), and a blob that only looks like a manifest is not."""
+    a = _upload(artifacts, run_id, "old/a.bin", b"weights")
+    c = _upload(artifacts, run_id, "old/config.json", b"{}")
+    entries = [manifest_rule.ManifestEntry(x.path.removeprefix("old/"), x.sha256, x.size) for x in (a, c)]
+    body = canonical_manifest(manifest_rule.build(entries))
+    digest = _plant_blob(a, body, backend, request)
+    assert _download(artifacts, sha256=digest)[1] == body
+    listed = _download(artifacts, sha256=digest)[0]
+    _delete_blob(listed.uri, backend, request)
+    assert _download(artifacts, sha256=digest)[1] == body  # kept by the index at its first download
+    lookalike = _plant_blob(a, body.replace(b"a.bin", b"b.bin") + b" ", backend, request)  # not canonical
+    assert refusal(lambda: _download(artifacts, sha256=lookalike)).code == grpc.StatusCode.NOT_FOUND
+
+
 def _delete_blob(uri: str, backend: str, request: pytest.FixtureRequest) -> None:
     if backend == "local":
         Path(uri.removeprefix("file://")).unlink()
@@ -824,6 +885,10 @@ def test_the_index_on_postgresql_orders_and_refuses_like_sqlite(pg_settings: Set
         assert (r.code, r.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "ARTIFACT_PATH_CONFLICT")
         m = stub.GetArtifactManifest(pb.GetArtifactManifestRequest(run_id=run, path="a"))
         assert [e.path for e in m.entries] == ["B", "b"]
+        assert stub.GetArtifactManifest(pb.GetArtifactManifestRequest(run_id=run, path="a")) == m  # kept once
+        listed, body = _download(stub, sha256=m.sha256)
+        Path(listed.uri.removeprefix("file://")).unlink()  # served from the index's copy
+        assert _download(stub, sha256=m.sha256)[1] == body and hashlib.sha256(body).hexdigest() == m.sha256
         assert _paths(stub, run) == sorted(paths)
 
 

@@ -31,3 +31,15 @@ def build(entries: Iterable[ManifestEntry]) -> Manifest:
         separators=(",", ":"),
     )
     return Manifest(ordered, hashlib.sha256(canonical.encode()).hexdigest(), sum(e.size for e in ordered))
+
+
+def parse(body: bytes) -> Manifest | None:
+    """Stored bytes back to the manifest they encode, or None when they are not a manifest in the canonical form
+    `build` hashes (another file's bytes, or a damaged copy): their sha256 then tells them apart."""
+    try:
+        items = json.loads(body)
+        entries = [ManifestEntry(str(i["path"]), str(i["sha256"]), int(i["size"])) for i in items]
+    except (ValueError, TypeError, KeyError):
+        return None
+    manifest = build(entries)
+    return manifest if manifest.sha256 == hashlib.sha256(body).hexdigest() else None

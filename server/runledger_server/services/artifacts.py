@@ -28,6 +28,8 @@ MAX_CHUNK = 1 << 20
 DEFAULT_PAGE_SIZE = 1000
 MAX_PAGE_SIZE = 10_000
 NOT_FOUND = "ARTIFACT_NOT_FOUND"
+# A manifest lists ~150 bytes per file: this is a directory of some 400,000 files.
+MAX_MANIFEST_BYTES = 64 << 20
 
 
 class CheckedIndex(ArtifactIndex, Protocol):
@@ -77,7 +79,7 @@ class ArtifactService:
         when the store can, a short-lived URL to fetch the bytes from the store directly instead."""
         if offset < 0:
             raise InvalidArgument(f"offset must be >= 0, got {offset}", field="offset")
-        record = self._locate(run_id, path, sha256)
+        record, body = self._locate(run_id, path, sha256)
         if offset > record.size:
             raise InvalidArgument(
                 f"offset {offset} is beyond the end of the artifact ({record.size} bytes)",
@@ -86,6 +88,8 @@ class ArtifactService:
             )
         if offset == record.size:
             return record, iter(()), None
+        if body is not None:  # a manifest: served from the index's copy, small, whatever the blob's state
+            return record, iter((body[offset:],)), None
         if presign:
             url = self.blobs.presigned_get(record.sha256)
             if url is not None:
@@ -103,7 +107,8 @@ class ArtifactService:
             ) from exc
         return record, _Exactly(chunks, record.size - offset, record), None
 
-    def _locate(self, run_id: str, path: str, sha256: str) -> ArtifactRecord:
+    def _locate(self, run_id: str, path: str, sha256: str) -> tuple[ArtifactRecord, bytes | None]:
+        """The artifact, and a manifest's bytes when the digest is a published manifest's."""
         if sha256 and path:
             raise InvalidArgument(
                 "sha256 and path both name an artifact: give run_id and path, or sha256 alone", field="sha256"
@@ -112,18 +117,34 @@ class ArtifactService:
             digest = artifact_paths.sha256_hex(sha256)
             found = self.index.by_digest(digest)
             if found is not None:
-                return ArtifactRecord("", "", found.sha256, found.size, found.uri, found.create_time_us)
-            size = self.blobs.size(digest)  # e.g. a directory manifest published by describe()
-            if size is None:
-                raise NotFound(f"no artifact has sha256 {digest}", field="sha256", reason=NOT_FOUND)
-            return ArtifactRecord("", "", digest, size, self.blobs.uri(digest), 0)
+                return ArtifactRecord("", "", found.sha256, found.size, found.uri, found.create_time_us), None
+            # Only recorded content: bytes in the store without a record (an upload refused at its record, one
+            # whose server died first) are not an artifact.
+            body = self.index.manifest_body(digest)
+            if body is None:
+                body = self._earlier_manifest(digest)
+            if body is None:
+                raise NotFound(f"no artifact or manifest has sha256 {digest}", field="sha256", reason=NOT_FOUND)
+            return ArtifactRecord("", "", digest, len(body), self.blobs.uri(digest), 0), body
         run_id = names.run_id(run_id)
         path = artifact_paths.file_path(path)
         record = self.index.get(run_id, path)
         if record is None:
             self._require_run(run_id)
             raise NotFound(f"runs/{run_id}/artifacts/{path} not found", field="path", reason=NOT_FOUND)
-        return record
+        return record, None
+
+    def _earlier_manifest(self, digest: str) -> bytes | None:
+        """A manifest published before the index kept manifests (schema 0007): its stored blob, if that is
+        intact and a manifest, which is then recorded. A blob of any other bytes is not served."""
+        size = self.blobs.size(digest)
+        if size is None or size > MAX_MANIFEST_BYTES:
+            return None
+        body = self._stored_bytes(digest)
+        if body is None or manifest_rule.parse(body) is None:
+            return None
+        self.index.record_manifest(digest, body)
+        return body
 
     def _require_run(self, run_id: str) -> None:
         if not self.index.run_exists(run_id):
@@ -165,7 +186,9 @@ class ArtifactService:
         return directory, manifest
 
     def _publish(self, manifest: manifest_rule.Manifest) -> str:
+        """Record the manifest's bytes in the index, then store its blob (written again when damaged)."""
         body = canonical_manifest(manifest)
+        self.index.record_manifest(manifest.sha256, body)
         if self.blobs.size(manifest.sha256) == len(body) and self._stored_bytes(manifest.sha256) == body:
             return self.blobs.uri(manifest.sha256)
         return self.blobs.put(manifest.sha256, io.BytesIO(body), len(body))  # new, or damaged: (re)written

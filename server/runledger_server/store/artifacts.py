@@ -78,6 +78,13 @@ class ArtifactIndex(Protocol):
 
     def by_digest(self, sha256: str) -> ArtifactRecord | None: ...
 
+    def record_manifest(self, sha256: str, body: bytes) -> None:
+        """Keep a published directory manifest's bytes (idempotent): the copy a download by its digest serves,
+        whatever happens to the blob."""
+        ...
+
+    def manifest_body(self, sha256: str) -> bytes | None: ...
+
     def list(self, run_id: str, prefix: str, page_size: int, page_token: str) -> Page[ArtifactRecord]: ...
 
     def under(self, run_id: str, directory: str) -> Sequence[ArtifactRecord]:

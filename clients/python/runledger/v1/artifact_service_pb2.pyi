@@ -105,7 +105,10 @@ class DownloadArtifactRequest(_message.Message):
     """The path within the run (with `run_id`)."""
     sha256: _builtins.str
     """Or the sha256 hex of the content, alone: with `path` as well, the request
-    is INVALID_ARGUMENT.
+    is INVALID_ARGUMENT. The digest of a file some run records, or of a
+    directory manifest the server published (GetArtifactManifest, a model
+    version of a directory; served without a presigned URL); other content is
+    NOT_FOUND, even when its bytes are in the store.
     """
     offset: _builtins.int
     """Optional. The byte offset to resume from."""

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
-from runledger_server.backends.sql.artifact_tables import ArtifactRow
+from runledger_server.backends.sql.artifact_tables import ArtifactRow, ManifestRow
 from runledger_server.backends.sql.base import now_us
 from runledger_server.backends.sql.database import Database
 from runledger_server.backends.sql.tracking_tables import RunRow
@@ -62,6 +62,16 @@ class SqlArtifactIndex:
                 select(ArtifactRow).where(ArtifactRow.sha256 == sha256).order_by(ArtifactRow.create_time_us).limit(1)
             ).first()
             return None if row is None else _record(row)
+
+    def record_manifest(self, sha256: str, body: bytes) -> None:
+        insert = self.db.insert(ManifestRow).values(sha256=sha256, body=body, create_time_us=now_us())
+        with self.db.write() as s:
+            s.execute(insert.on_conflict_do_nothing(index_elements=["sha256"]))
+
+    def manifest_body(self, sha256: str) -> bytes | None:
+        with self.db.statements(write=False) as q:
+            row = q.one("SELECT body FROM artifact_manifests WHERE sha256 = ?", (sha256,))
+        return None if row is None else bytes(row[0])
 
     def list(self, run_id: str, prefix: str, page_size: int, page_token: str) -> Page[ArtifactRecord]:
         query = {"run_id": run_id, "prefix": prefix}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, ForeignKey, Index, String
+from sqlalchemy import BigInteger, ForeignKey, Index, LargeBinary, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from runledger_server.backends.sql.base import Base
@@ -23,4 +23,18 @@ class ArtifactRow(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     size: Mapped[int] = mapped_column(BigInteger)
     uri: Mapped[str] = mapped_column(String(2048))
+    create_time_us: Mapped[int] = mapped_column(BigInteger)
+
+
+class ManifestRow(Base):
+    """A directory manifest the server published (for a registration or GetArtifactManifest), by its digest.
+
+    Its bytes are kept here as well as in the blob store: a model version of a directory stands for exactly
+    this list of files, and nothing else could rebuild it once the run's directory has grown; and a download
+    by digest serves only content the index knows (a file's record, or one of these)."""
+
+    __tablename__ = "artifact_manifests"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    body: Mapped[bytes] = mapped_column(LargeBinary)
     create_time_us: Mapped[int] = mapped_column(BigInteger)
