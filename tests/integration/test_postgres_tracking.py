@@ -23,7 +23,7 @@ from sqlalchemy.engine import make_url
 from runledger.v1 import common_pb2, tracking_pb2, tracking_service_pb2 as pb, tracking_service_pb2_grpc
 from runledger_server.config import Settings
 from runledger_server.embedded import EmbeddedServer
-from tests.integration.test_tracking import check_pattern_filters
+from tests.integration.test_tracking import check_paging_over_long_sort_values, check_pattern_filters
 from tests.support import outcome, refusal
 
 pytestmark = pytest.mark.postgres
@@ -502,3 +502,7 @@ def test_an_eval_score_of_minus_zero_reads_back_as_on_sqlite(pg_tracking: Stub) 
     assert math.copysign(1.0, won.score) == 1.0 and math.copysign(1.0, logged.metrics["loss"]) == 1.0
     again = pb.LogEvalResultRequest(run_id=run, suite_fingerprint="suite@1", metrics={"loss": 0.0})
     assert pg_tracking.LogEvalResult(again).metrics["loss"] == 0.0  # the same score: a repeat, not a change
+
+
+def test_pages_ordered_by_long_param_values_follow_each_other_on_postgresql(pg_tracking: Stub) -> None:
+    check_paging_over_long_sort_values(pg_tracking)

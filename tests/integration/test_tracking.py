@@ -705,6 +705,50 @@ def test_search_order_and_paging(tracking) -> None:
     assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "page_token"
 
 
+def check_paging_over_long_sort_values(tracking) -> None:
+    """Runs ordered by a param of up to 1 MiB: a page token must not carry such a value (tokens past 16 KiB are
+    refused unread), so the page after reads it again; pages still follow each other exactly."""
+    exp = _experiment(tracking)
+    common = "x" * 5000  # values alike over their first kilobytes: only the whole value orders them
+    values = [common + tail for tail in ("b", "a", "c")] + ["short", common[:1024], common[:1025]]
+    for i, v in enumerate(values):
+        _run(tracking, exp, display_name=f"r{i}", params={"blob": v})
+    for descending in (False, True):
+        order, token, longest = [], "", 0
+        while True:
+            page = tracking.SearchRuns(
+                pb.SearchRunsRequest(
+                    experiments=[exp.name],
+                    order_by=f"params.blob {'DESC' if descending else 'ASC'}",
+                    page_size=1,
+                    page_token=token,
+                )
+            )
+            order += [r.params["blob"] for r in page.runs]
+            token = page.next_page_token
+            longest = max(longest, len(token))
+            if not token:
+                break
+        assert order == sorted(values, reverse=descending)
+        assert longest < 2048
+
+
+def test_pages_ordered_by_long_param_values_follow_each_other(tracking) -> None:
+    check_paging_over_long_sort_values(tracking)
+
+
+def test_a_page_token_longer_than_any_the_server_issues_is_refused_unread(tracking) -> None:
+    exp = _experiment(tracking)
+    forged = "A" * (40 << 20)  # decoding it would take several times its size
+    for call in (
+        lambda: tracking.SearchRuns(pb.SearchRunsRequest(experiments=[exp.name], page_token=forged)),
+        lambda: tracking.ListExperiments(pb.ListExperimentsRequest(page_token=forged)),
+    ):
+        r = refusal(call)
+        assert r.code == grpc.StatusCode.INVALID_ARGUMENT and r.metadata["field"] == "page_token"
+        assert "longer than any token" in r.message  # refused for its length, before decoding
+
+
 @pytest.mark.parametrize(
     ("filter_text", "order_by", "field"),
     [

@@ -12,6 +12,12 @@ from runledger_server.domain.text import is_utf8
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+# Longer than any token the server issues (a cursor holds a few short values; see `long_value`), so a forged
+# one of megabytes is refused before it is decoded: decoding costs several times its size in memory.
+MAX_TOKEN_CHARS = 16 << 10
+# A text sort value longer than this goes into a token as a mark (`REREAD`), read again from the database.
+MAX_CURSOR_TEXT = 1024
+REREAD = {"reread": 1}
 
 
 def page_size(requested: int, default: int = DEFAULT_PAGE_SIZE, maximum: int = MAX_PAGE_SIZE) -> int:
@@ -33,6 +39,11 @@ def decode(token: str, query: Any) -> list[Any] | None:
     """The cursor of a token, or None for the first page; a token from another query is refused."""
     if not token:
         return None
+    if len(token) > MAX_TOKEN_CHARS:
+        raise InvalidArgument(
+            f"page_token is malformed (longer than any token the server issues: {len(token)} characters)",
+            field="page_token",
+        )
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         data = json.loads(raw)
@@ -46,6 +57,12 @@ def decode(token: str, query: Any) -> list[Any] | None:
     if not isinstance(cursor, list) or not cursor:  # every token names the row it continues after
         raise InvalidArgument("page_token is malformed", field="page_token")
     return cursor
+
+
+def long_value(value: Any) -> Any:
+    """`value` as a cursor holds it: text longer than MAX_CURSOR_TEXT (a param of up to 1 MiB, a config) becomes
+    the REREAD mark, and the page after it reads the value again by the row's key."""
+    return REREAD if isinstance(value, str) and len(value) > MAX_CURSOR_TEXT else value
 
 
 def fields(cursor: list[Any], *kinds: type | tuple[type, ...]) -> list[Any]:

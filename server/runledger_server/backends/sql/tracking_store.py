@@ -244,8 +244,6 @@ class SqlTrackingStore:
             stmt = stmt.where(RunRow.experiment_id.in_(experiment_ids))
         for c in clauses:
             stmt = stmt.where(_run_clause(c))
-        if cursor is not None:
-            stmt = stmt.where(_after(sort, order_by, cursor))
         stmt = stmt.order_by(
             sort.is_(None),
             sort.desc() if order_by.descending else sort.asc(),
@@ -254,6 +252,12 @@ class SqlTrackingStore:
         ).limit(page_size + 1)
         with self.db.bounded_read(self.query_budget, "filter", until=until) as s:
             _require_experiments(s, experiment_ids)
+            if cursor is not None:
+                if cursor[0] == paging.REREAD and len(cursor) == 3 and isinstance(cursor[2], str):
+                    # The last run's sort value was too long for a token: its current value, as the page ends
+                    # there (a value changed meanwhile moves the run, as on any mutable sort key).
+                    cursor = [s.execute(select(sort).where(RunRow.id == cursor[2])).scalar(), *cursor[1:]]
+                stmt = stmt.where(_after(sort, order_by, cursor))
             result = [tuple(r) for r in s.execute(stmt)]
             more = len(result) > page_size
             result = result[:page_size]
@@ -265,7 +269,7 @@ class SqlTrackingStore:
         token = ""
         if more:
             last = result[-1]
-            token = paging.encode([last[-1], last[_CREATE_TIME], last[_ID]], query)
+            token = paging.encode([paging.long_value(last[-1]), last[_CREATE_TIME], last[_ID]], query)
         return Page(runs, token)
 
     def runs_in_creation_order(self, run_ids: Sequence[str]) -> list[str]:
