@@ -175,3 +175,64 @@ def test_runs_the_store_forgot_are_looked_up_again(db: Database, monkeypatch: py
     assert len(store._known_runs) <= 2
     (refused,) = store.commit_metric_batches([batch("no-such-run")])
     assert isinstance(refused, NotFound)
+
+
+def test_a_stream_gone_quiet_does_not_keep_its_last_batch_in_memory(tmp_path: Path) -> None:
+    """The ingest budget is given back when a batch is committed; a stream that then sends nothing more must not
+    hold that batch's message (its points, and padding as large as the message limit) until its next one."""
+    import threading
+    import tracemalloc
+
+    from runledger import wire
+
+    pad = 16 << 20
+    streams = 3
+    settings = Settings(host="127.0.0.1", port=0, data_dir=tmp_path / "data")
+    tracemalloc.start()
+    try:
+        with (
+            EmbeddedServer(settings) as srv,
+            grpc.insecure_channel(srv.address, options=[("grpc.max_send_message_length", 64 << 20)]) as ch,
+        ):
+            tracking = tracking_service_pb2_grpc.TrackingServiceStub(ch)
+            exp = tracking.CreateExperiment(tpb.CreateExperimentRequest(display_name="quiet"))
+            run_id = tracking.CreateRun(tpb.CreateRunRequest(experiment=exp.name)).run_id
+            send = ch.stream_stream(
+                "/runledger.v1.TrackingService/StreamMetrics",
+                request_serializer=lambda b: b,
+                response_deserializer=tpb.StreamMetricsResponse.FromString,
+            )
+            quiet = threading.Event()
+
+            def one_padded_batch(writer: str) -> Iterator[bytes]:
+                steps = np.arange(1_000, dtype=np.int64)
+                series = wire.encode_series("loss", steps, steps.astype(np.float64), steps)
+                yield (
+                    wire.length_delimited(1, run_id.encode())
+                    + wire.length_delimited(2, writer.encode())
+                    + wire.varint_field(3, 0)
+                    + wire.length_delimited(4, series)
+                    + wire.length_delimited(15, bytes(pad))  # an unknown field: skipped, but part of the message
+                )
+                quiet.wait(60)  # then nothing more, with the stream left open
+
+            calls = [send(one_padded_batch(f"w{i}")) for i in range(streams)]
+            try:
+                for call in calls:
+                    assert next(call).seq == 0  # committed and acknowledged
+                import gc
+
+                gc.collect()
+                # What the server's code allocated and still holds (gRPC's client may keep the last request it
+                # sent while it waits for the next one: that copy is the client's).
+                snapshot = tracemalloc.take_snapshot().filter_traces(
+                    [tracemalloc.Filter(True, "*runledger_server*", all_frames=True)]
+                )
+                held = sum(stat.size for stat in snapshot.statistics("filename"))
+                assert held < pad, f"{held / 2**20:.0f} MiB held by {streams} quiet streams"
+            finally:
+                quiet.set()
+                for call in calls:
+                    call.cancel()
+    finally:
+        tracemalloc.stop()

@@ -20,6 +20,7 @@ from runledger_server.store.tracking import TrackingStore
 _LOGGER = logging.getLogger(__name__)
 
 _STOP = object()
+_Pending = tuple[Batch, "Future[bool]", "Callable[[], object] | None"]  # a batch, its result, its settle callback
 
 
 class _Barrier:
@@ -101,27 +102,34 @@ class MetricIngest:
             if isinstance(item, _Barrier):  # everything before it is committed already
                 item.resolve()
                 continue
-            group = [item]
-            points = item[0].points  # type: ignore[index]
-            barrier: _Barrier | None = None
-            while points < self._max_group_points:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is _STOP:
-                    stopping = True
-                    break
-                if isinstance(nxt, _Barrier):  # the group ends at the mark: batches after it are not awaited
-                    barrier = nxt
-                    break
-                group.append(nxt)
-                points += nxt[0].points  # type: ignore[index]
-            self._commit(group)  # type: ignore[arg-type]
+            group, barrier, stopping = self._group_from(item)  # type: ignore[arg-type]
+            # Nothing of a committed group stays referenced while the next batch is awaited: its requests
+            # (points, padding) were given back to the ingest budget at its commit.
+            del item
+            self._commit(group)
+            del group
             if barrier is not None:
                 barrier.resolve()
 
-    def _commit(self, group: list[tuple[Batch, Future[bool], Callable[[], object] | None]]) -> None:
+    def _group_from(self, first: _Pending) -> tuple[list[_Pending], _Barrier | None, bool]:
+        """The group `first` starts: whatever else is queued, up to the group's points; and the barrier that
+        ended it, and whether the stop mark did."""
+        group = [first]
+        points = first[0].points
+        while points < self._max_group_points:
+            try:
+                nxt = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is _STOP:
+                return group, None, True
+            if isinstance(nxt, _Barrier):  # the group ends at the mark: batches after it are not awaited
+                return group, nxt, False
+            group.append(nxt)  # type: ignore[arg-type]
+            points += nxt[0].points  # type: ignore[index]
+        return group, None, False
+
+    def _commit(self, group: list[_Pending]) -> None:
         # A caller that went away (its stream ended, its deadline passed) cancels its future while it waits
         # here; its batch is stored all the same (the client re-sends it with the same seq and learns it is a
         # duplicate), but only the futures still wanted get a result: resolving a cancelled one raises.

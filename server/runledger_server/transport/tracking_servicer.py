@@ -45,6 +45,9 @@ def add_to_server(servicer: TrackingServicer, server: Any) -> None:
     registration.register(tracking_service_pb2_grpc.add_TrackingServiceServicer_to_server, servicer, server, adjust)
 
 
+_EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]  # the end of a request stream (not in grpc's stubs)
+
+
 def _shutting_down() -> Unavailable:
     return Unavailable(
         "the server is shutting down; the batches acknowledged are stored: send the others again (to another "
@@ -258,7 +261,10 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
 
         async def reader() -> None:
             try:
-                async for req in request_iterator:
+                # context.read(), not `async for` over request_iterator: gRPC's iterator keeps the last message
+                # referenced while it waits for the next, so a stream gone quiet would hold its last batch (up to
+                # the message limit) after the commit gave its ingest budget back.
+                while (req := await context.read()) is not _EOF:
                     if isinstance(req, InvalidArgument):
                         raise req
                     batch = validate_batch(
@@ -271,6 +277,7 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
                         room.release()
                         raise
                     pending.put_nowait((req.writer_id, req.seq, fut))
+                    del req, batch  # not kept while the next message is awaited (see above)
             except BaseException as exc:  # surfaced to the client through the ack loop
                 failure.append(exc)
             pending.put_nowait(None)
