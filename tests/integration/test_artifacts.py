@@ -35,6 +35,7 @@ from runledger_server.domain.errors import NotFound
 from runledger_server.domain.lineage import Lineage
 from runledger_server.embedded import EmbeddedServer
 from runledger_server.services.artifacts import ArtifactService, canonical_manifest
+from runledger_server.transport import artifact_servicer
 from tests.fixtures.s3 import S3Server, moto_process
 from tests.fixtures.tcp_relay import CuttingRelay
 from tests.support import refusal
@@ -819,6 +820,57 @@ def test_an_abandoned_upload_leaves_nothing_behind(artifacts: Stub, run_id: str,
     call = artifacts.UploadArtifact.future(_held_upload(run_id, "never.bin", sent, hold))
     assert sent.wait(60)
     call.cancel()
+    hold.set()
+    assert _wait_until(lambda: stored() == 0), "the abandoned upload left data behind"
+    assert _paths(artifacts, run_id) == []
+
+
+def test_uploads_beyond_the_servers_limit_are_refused_busy_and_the_client_sends_again(
+    server: EmbeddedServer,
+    artifacts: Stub,
+    run_id: str,
+    stored: Callable[[], int],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each open upload holds a temporary file (or an S3 multipart upload) from its header on: clients that open
+    uploads and stall once took the server to its file-descriptor limit, and then it refused connections."""
+    monkeypatch.setattr(artifact_servicer, "MAX_OPEN_UPLOADS", 2)
+    held = [(threading.Event(), threading.Event()) for _ in range(2)]
+    calls = [
+        artifacts.UploadArtifact.future(_held_upload(run_id, f"held{i}.bin", sent, hold))
+        for i, (sent, hold) in enumerate(held)
+    ]
+    assert all(sent.wait(60) for sent, _ in held)
+    r = refusal(lambda: _upload(artifacts, run_id, "third.bin", b"refused while two are open"))
+    assert (r.code, r.reason) == (grpc.StatusCode.UNAVAILABLE, "UPLOADS_BUSY")
+    src = tmp_path / "later.bin"
+    src.write_bytes(b"sent again until a slot is free")
+    done: list[object] = []
+    client = runledger.Client(server.address, retry=runledger.RetryPolicy(initial_backoff=0.05, max_backoff=0.2))
+    sender = threading.Thread(target=lambda: done.append(client.log_artifact(run_id, src, progress=False)))
+    sender.start()
+    time.sleep(0.5)
+    assert not done  # still refused busy, and retried
+    calls[0].cancel()
+    held[0][1].set()
+    sender.join(60)
+    client.close()
+    assert done and _download(artifacts, run_id=run_id, path="later.bin")[1] == src.read_bytes()
+    calls[1].cancel()
+    held[1][1].set()
+    assert _wait_until(lambda: stored() == 1), "a held upload left data behind"  # later.bin's blob alone
+
+
+def test_an_upload_that_goes_quiet_is_abandoned_and_leaves_nothing_behind(
+    artifacts: Stub, run_id: str, stored: Callable[[], int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(artifact_servicer, "UPLOAD_IDLE_SECONDS", 0.5)
+    sent, hold = threading.Event(), threading.Event()
+    call = artifacts.UploadArtifact.future(_held_upload(run_id, "quiet.bin", sent, hold))
+    assert sent.wait(60)
+    r = refusal(lambda: call.result(timeout=60))
+    assert (r.code, r.reason) == (grpc.StatusCode.UNAVAILABLE, "UPLOAD_IDLE")
     hold.set()
     assert _wait_until(lambda: stored() == 0), "the abandoned upload left data behind"
     assert _paths(artifacts, run_id) == []

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import grpc
 
 from runledger.v1 import artifact_pb2, artifact_service_pb2 as pb, artifact_service_pb2_grpc
-from runledger_server.domain.errors import InvalidArgument
+from runledger_server.domain.errors import InvalidArgument, Unavailable
 from runledger_server.services.artifacts import ArtifactService, Upload
 from runledger_server.store.artifacts import ArtifactRecord
 from runledger_server.transport import convert
@@ -26,6 +26,24 @@ WRITE_BATCH_BYTES = 2 << 20  # chunks handed to the worker pool at once; one bat
 # What one chunk message counts toward a batch besides its bytes: empty or tiny chunks must not grow a batch
 # (and the memory it holds) without end before 2 MiB of content arrive.
 CHUNK_OVERHEAD_BYTES = 64
+# Uploads open at once on this server: each holds a temporary file or an S3 multipart upload from its header on.
+# Beyond it a new upload is refused as UNAVAILABLE `UPLOADS_BUSY` (clients send it again after a pause), so that
+# clients that open uploads and stall cannot use up the process's file descriptors.
+MAX_OPEN_UPLOADS = 512
+# An upload that receives nothing for this long is abandoned (its bytes removed) and its slot given back.
+UPLOAD_IDLE_SECONDS = 300.0
+_END = object()
+
+
+async def _next_or_idle(requests: AsyncIterator[Any]) -> Any:
+    """The upload's next message, or `_END`; refused once the client has sent nothing for UPLOAD_IDLE_SECONDS."""
+    try:
+        return await asyncio.wait_for(anext(requests, _END), UPLOAD_IDLE_SECONDS)
+    except TimeoutError:
+        raise Unavailable(
+            f"nothing of the upload arrived for {UPLOAD_IDLE_SECONDS:g} s; it was abandoned: send it again",
+            reason="UPLOAD_IDLE",
+        ) from None
 
 
 class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
@@ -33,6 +51,7 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
         self._svc = service
         self._executor = executor
         self._cleanups: set[asyncio.Task[None]] = set()
+        self._open_uploads = 0
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -60,7 +79,18 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
             raise first
         if first is None or first.WhichOneof("payload") != "header":
             raise InvalidArgument("the first message of an upload must be its header", field="header")
-        h = first.header
+        if self._open_uploads >= MAX_OPEN_UPLOADS:
+            raise Unavailable(
+                f"{MAX_OPEN_UPLOADS} uploads are open on this server; send this one again shortly",
+                reason="UPLOADS_BUSY",
+            )
+        self._open_uploads += 1
+        try:
+            return await self._upload(first.header, requests)
+        finally:
+            self._open_uploads -= 1
+
+    async def _upload(self, h: pb.UploadArtifactHeader, requests: AsyncIterator[Any]) -> artifact_pb2.Artifact:
         begin = self._start(self._svc.begin_upload, h.run_id, h.path, h.size if h.HasField("size") else None, h.sha256)
         try:
             upload = await asyncio.shield(begin)
@@ -71,7 +101,7 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
         try:
             batch: list[bytes] = []
             batched = 0
-            async for req in requests:
+            while (req := await _next_or_idle(requests)) is not _END:
                 if isinstance(req, InvalidArgument):
                     raise req
                 if req.WhichOneof("payload") != "chunk":
