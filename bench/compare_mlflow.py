@@ -781,11 +781,16 @@ def run_workloads(
     if "artifacts" in selected:
         mib = s.artifact_mib
         print(f"artifacts, {mib} MiB")
-        rl, mf = both(
-            "artifacts",
-            lambda a, d: (recycle_memory(d, 4 * mib), rl_artifacts(a, mib, d))[1],
-            lambda u, db: (recycle_memory(db.parent, 4 * mib), run_mlflow("artifacts", u, "--size-mib", str(mib)))[1],
-        )
+
+        def rl_transfers(address: str, scratch: Path) -> dict[str, Any]:
+            recycle_memory(scratch, 4 * mib)
+            return rl_artifacts(address, mib, scratch)
+
+        def mf_transfers(uri: str, db: Path) -> dict[str, Any]:
+            recycle_memory(db.parent, 4 * mib)
+            return run_mlflow("artifacts", uri, "--size-mib", str(mib))
+
+        rl, mf = both("artifacts", rl_transfers, mf_transfers)
         rows.append(fill(Row(f"artifact upload, {mib} MiB", "MiB/s", True), rl, mf, "upload_mib_s"))
         rows.append(fill(Row(f"artifact download, {mib} MiB", "MiB/s", True), rl, mf, "download_mib_s"))
     return rows
