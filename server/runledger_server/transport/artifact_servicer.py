@@ -38,7 +38,8 @@ _END = object()
 async def _next_or_idle(requests: AsyncIterator[Any]) -> Any:
     """The upload's next message, or `_END`; refused once the client has sent nothing for UPLOAD_IDLE_SECONDS."""
     try:
-        return await asyncio.wait_for(anext(requests, _END), UPLOAD_IDLE_SECONDS)
+        async with asyncio.timeout(UPLOAD_IDLE_SECONDS):  # in this task: a stop's cancel reaches the handler at once
+            return await anext(requests, _END)
     except TimeoutError:
         raise Unavailable(
             f"nothing of the upload arrived for {UPLOAD_IDLE_SECONDS:g} s; it was abandoned: send it again",
@@ -188,9 +189,10 @@ class ArtifactServicer(artifact_service_pb2_grpc.ArtifactServiceServicer):
         the artifact pool, which must not shut down before them, or a cancelled upload's bytes stay behind."""
         for _ in range(100):
             await asyncio.sleep(0)  # let cancelled handlers reach their cleanup
-            if not self._cleanups:
+            if not self._cleanups and not self._open_uploads:
                 return
-            await asyncio.gather(*self._cleanups, return_exceptions=True)
+            if self._cleanups:
+                await asyncio.gather(*self._cleanups, return_exceptions=True)
 
     @handle_errors
     async def ListArtifacts(self, request: pb.ListArtifactsRequest, context: Any) -> pb.ListArtifactsResponse:
