@@ -731,6 +731,49 @@ def check_paging_over_long_sort_values(tracking) -> None:
                 break
         assert order == sorted(values, reverse=descending)
         assert longest < 2048
+    # A tag of 1,024 characters outside the BMP: 12 characters each in the token's JSON.
+    emoji = [chr(0x1F600) * 1023 + tail for tail in "bca"]
+    for i, v in enumerate(emoji):
+        _run(tracking, exp, display_name=f"e{i}", tags={"mood": v})
+    assert _all_pages(tracking, exp, "tags.mood") == sorted(emoji)
+    # The run a page ended at changes its (long) sort value before the next page: refused, not a silent skip.
+    long_tags = ["a" * 2000, "b" * 2000, "c" * 2000]
+    moved = [_run(tracking, exp, display_name=f"t{i}", tags={"stage": v}) for i, v in enumerate(long_tags)]
+    first = tracking.SearchRuns(pb.SearchRunsRequest(experiments=[exp.name], order_by="tags.stage", page_size=1))
+    assert [r.tags["stage"] for r in first.runs] == long_tags[:1]
+    tracking.SetTags(pb.SetTagsRequest(run_id=moved[0].run_id, tags={"stage": "z" * 2000}))
+    r = refusal(
+        lambda: tracking.SearchRuns(
+            pb.SearchRunsRequest(
+                experiments=[exp.name], order_by="tags.stage", page_size=1, page_token=first.next_page_token
+            )
+        )
+    )
+    assert (r.code, r.reason, r.metadata["field"]) == (grpc.StatusCode.ABORTED, "PAGE_CURSOR_CHANGED", "page_token")
+    # A forged cursor in that form is checked before it reaches the database.
+    data = json.loads(base64.urlsafe_b64decode(first.next_page_token + "=" * (-len(first.next_page_token) % 4)))
+    for run_id in (r"\ud800", r"a\u0000"):  # JSON escapes: a lone surrogate, a NUL
+        forged = json.dumps({**data, "c": [data["c"][0], 0, "RUN"]}).replace("RUN", run_id)
+        token = base64.urlsafe_b64encode(forged.encode()).decode().rstrip("=")
+        r = refusal(
+            lambda t=token: tracking.SearchRuns(
+                pb.SearchRunsRequest(experiments=[exp.name], order_by="tags.stage", page_size=1, page_token=t)
+            )
+        )
+        assert (r.code, r.metadata["field"]) == (grpc.StatusCode.INVALID_ARGUMENT, "page_token")
+
+
+def _all_pages(tracking, exp, order_by: str) -> list[str]:
+    key = order_by.split(".", 1)[1]
+    out, token = [], ""
+    while True:
+        page = tracking.SearchRuns(
+            pb.SearchRunsRequest(experiments=[exp.name], order_by=order_by, page_size=1, page_token=token)
+        )
+        out += [r.tags[key] for r in page.runs if key in r.tags]
+        token = page.next_page_token
+        if not token:
+            return out
 
 
 def test_pages_ordered_by_long_param_values_follow_each_other(tracking) -> None:

@@ -15,9 +15,10 @@ MAX_PAGE_SIZE = 1000
 # Longer than any token the server issues (a cursor holds a few short values; see `long_value`), so a forged
 # one of megabytes is refused before it is decoded: decoding costs several times its size in memory.
 MAX_TOKEN_CHARS = 16 << 10
-# A text sort value longer than this goes into a token as a mark (`REREAD`), read again from the database.
+# A text sort value whose JSON form is longer than this goes into a token as its digest (`long_value`), and the
+# value is read again from the database.
 MAX_CURSOR_TEXT = 1024
-REREAD = {"reread": 1}
+_REREAD = "reread"
 
 
 def page_size(requested: int, default: int = DEFAULT_PAGE_SIZE, maximum: int = MAX_PAGE_SIZE) -> int:
@@ -60,9 +61,26 @@ def decode(token: str, query: Any) -> list[Any] | None:
 
 
 def long_value(value: Any) -> Any:
-    """`value` as a cursor holds it: text longer than MAX_CURSOR_TEXT (a param of up to 1 MiB, a config) becomes
-    the REREAD mark, and the page after it reads the value again by the row's key."""
-    return REREAD if isinstance(value, str) and len(value) > MAX_CURSOR_TEXT else value
+    """`value` as a cursor holds it: text whose JSON form is longer than MAX_CURSOR_TEXT (a param of up to 1 MiB;
+    a non-BMP character takes 12) becomes its sha256, and the page after it reads the value again by the row's key
+    (`reread_digest`)."""
+    if isinstance(value, str) and len(json.dumps(value)) > MAX_CURSOR_TEXT:
+        return {_REREAD: text_digest(value)}
+    return value
+
+
+def reread_digest(value: Any) -> str | None:
+    """The digest a cursor holds in place of a long sort value, or None for a value held as it is."""
+    if not isinstance(value, dict):
+        return None
+    digest = value.get(_REREAD)
+    if len(value) != 1 or not isinstance(digest, str) or len(digest) != 64:
+        raise InvalidArgument("page_token is malformed", field="page_token")
+    return digest
+
+
+def text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def fields(cursor: list[Any], *kinds: type | tuple[type, ...]) -> list[Any]:

@@ -34,7 +34,7 @@ from runledger_server.backends.sql.tracking_tables import (
     RunTagRow,
 )
 from runledger_server.domain import ids, lineage as lineage_rules, metrics as metrics_rules, names, paging, run_status
-from runledger_server.domain.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from runledger_server.domain.errors import Aborted, AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from runledger_server.domain.filters import TIME_ATTRIBUTES, Clause, OrderBy
 from runledger_server.domain.lineage import Lineage
 from runledger_server.domain.metrics import Batch, Series
@@ -253,10 +253,20 @@ class SqlTrackingStore:
         with self.db.bounded_read(self.query_budget, "filter", until=until) as s:
             _require_experiments(s, experiment_ids)
             if cursor is not None:
-                if cursor[0] == paging.REREAD and len(cursor) == 3 and isinstance(cursor[2], str):
-                    # The last run's sort value was too long for a token: its current value, as the page ends
-                    # there (a value changed meanwhile moves the run, as on any mutable sort key).
-                    cursor = [s.execute(select(sort).where(RunRow.id == cursor[2])).scalar(), *cursor[1:]]
+                digest = paging.reread_digest(cursor[0])
+                if digest is not None:  # the last run's sort value was too long for a token: read it again
+                    _, create_time, run_id = paging.fields(cursor, dict, int, str)  # checked before any query
+                    value = s.execute(select(sort).where(RunRow.id == run_id)).scalar()
+                    if not isinstance(value, str) or paging.text_digest(value) != digest:
+                        # Changed since (a tag): where the page ended is lost, and going on from its new value
+                        # would skip every run in between.
+                        raise Aborted(
+                            f"the sort value ({order_by.key!r}) of runs/{run_id}, where the last page ended, has "
+                            "changed since; search again from the first page",
+                            reason="PAGE_CURSOR_CHANGED",
+                            field="page_token",
+                        )
+                    cursor = [value, create_time, run_id]
                 stmt = stmt.where(_after(sort, order_by, cursor))
             result = [tuple(r) for r in s.execute(stmt)]
             more = len(result) > page_size
