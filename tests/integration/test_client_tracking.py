@@ -414,6 +414,7 @@ def test_log_series_keeps_what_was_logged_when_the_caller_reuses_its_arrays(clie
         ({"a": ["1.0", "2.0"]}, [1, 2], None, "must be numbers"),  # text float() would parse is still text
         ({"a": np.array([b"1", b"2"])}, [1, 2], None, "must be numbers"),
         ({"a": np.array([1.0, "2"], dtype=object)}, [1, 2], None, "must be numbers"),
+        ({"a": np.array([1.0, np.array("2")], dtype=object)}, [1, 2], None, "must be numbers"),
         ({"a": [1.0]}, [1.5], None, "must be integers"),
         ({"a": [1.0]}, [1 << 63], None, "int64"),
         ({"a": [[1.0]]}, [[1]], None, "one-dimensional"),

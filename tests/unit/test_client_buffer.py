@@ -93,6 +93,9 @@ def test_nan_and_infinities_and_numeric_types_go_through_as_floats(new_buffer: C
         ({"ok": 1.0, "bad": "1.5"}, "must be numbers"),  # text that float() would parse is still text
         ({"ok": 1.0, "bad": b"2"}, "must be numbers"),
         ({"ok": 1.0, "bad": bytearray(b"3")}, "must be numbers"),
+        ({"ok": 1.0, "bad": np.array("1.5")}, "must be numbers"),  # 0-d numpy arrays of text
+        ({"ok": 1.0, "bad": np.array(b"1.5")}, "must be numbers"),
+        ({"ok": 1.0, "bad": np.array("1.5", dtype=object)}, "must be numbers"),
         ({"ok": 1.0, "bad": 10**400}, "must be numbers"),  # too large for a float (was a bare OverflowError)
         ({"ok": 1.0, "": 1.0}, "not valid"),
         ({"ok": 1.0, " padded": 1.0}, "not valid"),

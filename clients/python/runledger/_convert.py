@@ -55,6 +55,9 @@ def as_float(value: Any) -> float:
     anyone noticing; MLflow refuses such values too."""
     if isinstance(value, (str, bytes, bytearray)):
         raise TypeError(f"a number is required, not {type(value).__name__} {value[:40]!r}")
+    kind = getattr(getattr(value, "dtype", None), "kind", None)  # a 0-d numpy array holding text
+    if kind in ("U", "S") or (kind == "O" and isinstance(value.item(), (str, bytes, bytearray))):
+        raise TypeError(f"a number is required, not an array of {value.dtype}")
     return float(value)
 
 
