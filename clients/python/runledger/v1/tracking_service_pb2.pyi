@@ -360,7 +360,9 @@ class SearchRunsRequest(_message.Message):
     (bytewise: `1e-05` before `2e-06`). Pages continue after the last run
     of the previous page by its sort value, so a run whose sort value
     changes between pages (renamed, a new metric) may be seen twice or not
-    at all.
+    at all. When the last run of a page has a long text sort value (over
+    about 1 KiB, e.g. a tag) that changes before the next page is asked for,
+    that page is ABORTED `PAGE_CURSOR_CHANGED`: search again from the first.
     """
     page_size: _builtins.int
     """Optional. At most this many runs (default 100, max 1000)."""
