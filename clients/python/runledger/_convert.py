@@ -8,6 +8,7 @@ import operator
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+import numpy as np
 from google.protobuf.message import Message
 
 from runledger import errors
@@ -55,8 +56,9 @@ def as_float(value: Any) -> float:
     anyone noticing; MLflow refuses such values too."""
     if isinstance(value, (str, bytes, bytearray)):
         raise TypeError(f"a number is required, not {type(value).__name__} {value[:40]!r}")
-    kind = getattr(getattr(value, "dtype", None), "kind", None)  # a 0-d numpy array holding text
-    if kind in ("U", "S") or (kind == "O" and isinstance(value.item(), (str, bytes, bytearray))):
+    if isinstance(value, np.ndarray) and (  # a 0-d array holding text (numpy's scalars of text are str/bytes)
+        value.dtype.kind in "US" or (value.dtype.kind == "O" and isinstance(value.item(), (str, bytes, bytearray)))
+    ):
         raise TypeError(f"a number is required, not an array of {value.dtype}")
     return float(value)
 
