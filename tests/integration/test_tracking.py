@@ -752,8 +752,11 @@ def check_paging_over_long_sort_values(tracking) -> None:
     assert (r.code, r.reason, r.metadata["field"]) == (grpc.StatusCode.ABORTED, "PAGE_CURSOR_CHANGED", "page_token")
     # A forged cursor in that form is checked before it reaches the database.
     data = json.loads(base64.urlsafe_b64decode(first.next_page_token + "=" * (-len(first.next_page_token) % 4)))
-    for run_id in (r"\ud800", r"a\u0000"):  # JSON escapes: a lone surrogate, a NUL
-        forged = json.dumps({**data, "c": [data["c"][0], 0, "RUN"]}).replace("RUN", run_id)
+    forgeries = [  # run IDs in JSON escapes: a lone surrogate, a NUL
+        json.dumps({**data, "c": [data["c"][0], 0, "RUN"]}).replace("RUN", run_id) for run_id in (r"\ud800", r"a\u0000")
+    ]
+    forgeries.append(json.dumps({**data, "c": [{"reread": "Z" * 64}, *data["c"][1:]]}))  # not a digest
+    for forged in forgeries:
         token = base64.urlsafe_b64encode(forged.encode()).decode().rstrip("=")
         r = refusal(
             lambda t=token: tracking.SearchRuns(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 from typing import Any
 
 from runledger_server.domain.errors import InvalidArgument
@@ -74,9 +75,12 @@ def reread_digest(value: Any) -> str | None:
     if not isinstance(value, dict):
         return None
     digest = value.get(_REREAD)
-    if len(value) != 1 or not isinstance(digest, str) or len(digest) != 64:
+    if len(value) != 1 or not isinstance(digest, str) or not _SHA256_HEX.fullmatch(digest):
         raise InvalidArgument("page_token is malformed", field="page_token")
     return digest
+
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def text_digest(text: str) -> str:

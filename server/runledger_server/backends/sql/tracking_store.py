@@ -257,7 +257,9 @@ class SqlTrackingStore:
                 if digest is not None:  # the last run's sort value was too long for a token: read it again
                     _, create_time, run_id = paging.fields(cursor, dict, int, str)  # checked before any query
                     value = s.execute(select(sort).where(RunRow.id == run_id)).scalar()
-                    if not isinstance(value, str) or paging.text_digest(value) != digest:
+                    if value is not None and not isinstance(value, str):  # only text is ever carried this way
+                        raise InvalidArgument("page_token is malformed", field="page_token")
+                    if value is None or paging.text_digest(value) != digest:
                         # Changed since (a tag): where the page ended is lost, and going on from its new value
                         # would skip every run in between.
                         raise Aborted(
