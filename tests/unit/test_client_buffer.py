@@ -36,6 +36,13 @@ def new_buffer(request: pytest.FixtureRequest) -> Callable[..., MetricBuffer]:
     return make
 
 
+def _holding(inner: object) -> np.ndarray:
+    """A 0-d object array whose one element is `inner`."""
+    outer = np.empty((), dtype=object)
+    outer[()] = inner
+    return outer
+
+
 def _log(buffer: MetricBuffer, metrics: Any, step: Any, stamp: Any) -> None:
     """As Run.log_metrics: the C fast path when it takes the call, else the Python path."""
     fast = getattr(buffer.lane, "append", None)
@@ -96,6 +103,7 @@ def test_nan_and_infinities_and_numeric_types_go_through_as_floats(new_buffer: C
         ({"ok": 1.0, "bad": np.array("1.5")}, "must be numbers"),  # 0-d numpy arrays of text
         ({"ok": 1.0, "bad": np.array(b"1.5")}, "must be numbers"),
         ({"ok": 1.0, "bad": np.array("1.5", dtype=object)}, "must be numbers"),
+        ({"ok": 1.0, "bad": _holding(np.array("1.5"))}, "must be numbers"),  # text inside an object array
         ({"ok": 1.0, "bad": 10**400}, "must be numbers"),  # too large for a float (was a bare OverflowError)
         ({"ok": 1.0, "": 1.0}, "not valid"),
         ({"ok": 1.0, " padded": 1.0}, "not valid"),

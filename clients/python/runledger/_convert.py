@@ -56,10 +56,11 @@ def as_float(value: Any) -> float:
     anyone noticing; MLflow refuses such values too."""
     if isinstance(value, (str, bytes, bytearray)):
         raise TypeError(f"a number is required, not {type(value).__name__} {value[:40]!r}")
-    if isinstance(value, np.ndarray) and (  # a 0-d array holding text (numpy's scalars of text are str/bytes)
-        value.dtype.kind in "US" or (value.dtype.kind == "O" and isinstance(value.item(), (str, bytes, bytearray)))
-    ):
-        raise TypeError(f"a number is required, not an array of {value.dtype}")
+    if isinstance(value, np.ndarray):  # a 0-d array holding text (numpy's scalars of text are str/bytes)
+        if value.dtype.kind in "US":
+            raise TypeError(f"a number is required, not an array of {value.dtype}")
+        if value.dtype.kind == "O":
+            return as_float(value.item())  # what it holds, checked the same way
     return float(value)
 
 
