@@ -16,7 +16,6 @@ from grpc_reflection.v1alpha import reflection
 
 from runledger.v1 import (
     artifact_service_pb2,
-    artifact_service_pb2_grpc,
     registry_service_pb2,
     registry_service_pb2_grpc,
     tracking_service_pb2,
@@ -35,7 +34,7 @@ from runledger_server.services.metric_ingest import MetricIngest
 from runledger_server.services.registry import RegistryService
 from runledger_server.services.tracking import TrackingService
 from runledger_server.transport import registration, tracking_servicer
-from runledger_server.transport.artifact_servicer import ArtifactServicer
+from runledger_server.transport.artifact_servicer import ArtifactServicer, add_to_server as add_artifact_service
 from runledger_server.transport.ingest_budget import POINT_BYTES, PointBudget
 from runledger_server.transport.registry_servicer import RegistryServicer
 from runledger_server.transport.tracking_servicer import TrackingServicer
@@ -150,9 +149,7 @@ async def build_server(settings: Settings) -> tuple[Server, int]:
         closers.append(alias_watch.close)
         registry.on_alias_change(alias_watch.notify)
         artifact_servicer = ArtifactServicer(artifacts, artifact_executor)
-        registration.register(
-            artifact_service_pb2_grpc.add_ArtifactServiceServicer_to_server, artifact_servicer, grpc_server
-        )
+        add_artifact_service(artifact_servicer, grpc_server)
         registration.register(
             registry_service_pb2_grpc.add_RegistryServiceServicer_to_server,
             RegistryServicer(registry, alias_watch, executor),

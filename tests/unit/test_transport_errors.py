@@ -22,3 +22,14 @@ def test_metadata_over_its_budget_clips_the_longest_values_and_keeps_the_short_o
     assert list(fitted) == list(metadata) and _size(fitted) <= MAX_METADATA_BYTES
     assert fitted["field"] == "path" and fitted["runId"] == "r1"
     assert fitted["key"].endswith("(5000 characters in all)") and fitted["conflictingPath"].startswith("d/d/")
+
+
+def test_a_download_chunk_serialized_by_hand_is_the_message_protobuf_would_write() -> None:
+    from runledger.v1 import artifact_service_pb2
+    from runledger_server.transport.artifact_servicer import _chunk_message
+
+    for size in (1, 127, 128, 16_383, 16_384, 1 << 20):
+        chunk = bytes(range(256)) * (size // 256) + bytes(size % 256)
+        written = _chunk_message(chunk)
+        assert written == artifact_service_pb2.DownloadArtifactResponse(chunk=chunk).SerializeToString()
+        assert artifact_service_pb2.DownloadArtifactResponse.FromString(written).chunk == chunk
