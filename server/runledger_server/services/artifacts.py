@@ -188,7 +188,8 @@ class ArtifactService:
     def _publish(self, manifest: manifest_rule.Manifest) -> str:
         """Record the manifest's bytes in the index, then store its blob (written again when damaged)."""
         body = canonical_manifest(manifest)
-        self.index.record_manifest(manifest.sha256, body)
+        if self.index.manifest_body(manifest.sha256) is None:  # a read: published again, it takes no write lock
+            self.index.record_manifest(manifest.sha256, body)
         if self.blobs.size(manifest.sha256) == len(body) and self._stored_bytes(manifest.sha256) == body:
             return self.blobs.uri(manifest.sha256)
         return self.blobs.put(manifest.sha256, io.BytesIO(body), len(body))  # new, or damaged: (re)written
