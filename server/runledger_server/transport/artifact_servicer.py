@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from runledger import wire
 from runledger.v1 import artifact_pb2, artifact_service_pb2 as pb, artifact_service_pb2_grpc
 from runledger_server.domain.errors import InvalidArgument, Unavailable
 from runledger_server.services.artifacts import ArtifactService, Upload
@@ -228,7 +229,7 @@ def add_to_server(servicer: ArtifactServicer, server: Any) -> None:
     serialized by `_chunk_message` and go to the wire as they are."""
 
     def adjust(handlers: registration.Handlers) -> None:
-        handlers["DownloadArtifact"] = handlers["DownloadArtifact"]._replace(response_serializer=_bytes_or_message)
+        registration.pass_serialized(handlers, "DownloadArtifact")
 
     registration.register(artifact_service_pb2_grpc.add_ArtifactServiceServicer_to_server, servicer, server, adjust)
 
@@ -236,19 +237,10 @@ def add_to_server(servicer: ArtifactServicer, server: Any) -> None:
 def _chunk_message(chunk: bytes) -> bytes:
     """A serialized DownloadArtifactResponse holding `chunk`: its bytes copied once, where building the message
     and serializing it copies them twice (a megabyte per message)."""
-    n, size = len(chunk), bytearray()
-    while n > 0x7F:
-        size.append((n & 0x7F) | 0x80)
-        n >>= 7
-    size.append(n)
-    return b"".join((_CHUNK_TAG, size, chunk))
+    return wire.length_delimited(_CHUNK_FIELD, chunk)
 
 
-_CHUNK_TAG = bytes([(pb.DownloadArtifactResponse.DESCRIPTOR.fields_by_name["chunk"].number << 3) | 2])
-
-
-def _bytes_or_message(message: Any) -> bytes:
-    return message if isinstance(message, bytes) else message.SerializeToString()
+_CHUNK_FIELD = pb.DownloadArtifactResponse.DESCRIPTOR.fields_by_name["chunk"].number
 
 
 def _next_chunk(chunks: Iterator[bytes]) -> bytes | None:

@@ -63,3 +63,13 @@ def checked(method: str, deserialize: Callable[[bytes], Any] | None) -> Callable
             return InvalidArgument(f"the {method} request is not a valid message: {exc}", field="request")
 
     return decode
+
+
+def pass_serialized(handlers: Handlers, method: str) -> None:
+    """Let `method` yield messages already serialized (history pieces, download chunks): they go to the wire as
+    they are, and messages still go through SerializeToString."""
+    handlers[method] = handlers[method]._replace(response_serializer=_bytes_or_message)
+
+
+def _bytes_or_message(message: Any) -> bytes:
+    return message if isinstance(message, bytes) else message.SerializeToString()

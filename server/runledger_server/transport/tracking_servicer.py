@@ -36,7 +36,7 @@ def add_to_server(servicer: TrackingServicer, server: Any) -> None:
     GetMetricHistory may yield already serialized MetricSeries bytes, which go to the wire as they are."""
 
     def adjust(handlers: registration.Handlers) -> None:
-        handlers["GetMetricHistory"] = handlers["GetMetricHistory"]._replace(response_serializer=_bytes_or_message)
+        registration.pass_serialized(handlers, "GetMetricHistory")
         # Metric batches are decoded straight into numpy views (wire.decode_metrics_batch): building protobuf
         # arrays and copying them out again cost ~0.7 ms of the event loop per 16,000-point batch.
         for method in ("StreamMetrics", "LogMetrics"):
@@ -63,10 +63,6 @@ def _decode_batch(data: bytes) -> wire.MetricsBatch | InvalidArgument:
         return wire.decode_metrics_batch(data)
     except ValueError as exc:  # UnicodeDecodeError included
         return InvalidArgument(f"the metrics batch is not a valid message: {exc}", field="request")
-
-
-def _bytes_or_message(message: Any) -> bytes:
-    return message if isinstance(message, bytes) else message.SerializeToString()
 
 
 def history_messages(key: str, pieces: list[Series], limit: int) -> Iterator[bytes]:
